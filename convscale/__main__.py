@@ -1,0 +1,5 @@
+import sys
+
+from convscale.cli.main import main
+
+sys.exit(main())

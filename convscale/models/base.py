@@ -1,0 +1,81 @@
+"""What every model family provides, and the one FLOP convention used everywhere.
+
+FLOP convention (the same for every family, stated once):
+    FLOPs = 2 x multiply-accumulates (MACs) of convolutions, linear layers and matmuls
+            (attention's QK^T and AV included); element-wise ops, norms and activations are not counted.
+    training FLOPs per image = 3 x forward FLOPs per image (forward + backward ~ 2 x forward).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, ClassVar, Protocol, TypeVar, runtime_checkable
+
+from torch import nn
+
+TRAIN_FLOPS_PER_FORWARD_FLOP = 3
+FLOPS_PER_MAC = 2
+
+C = TypeVar("C")
+
+
+def train_flops_per_image(forward_flops_per_image: float) -> float:
+    """Training FLOPs for one image given its forward FLOPs (the 3x convention)."""
+    return TRAIN_FLOPS_PER_FORWARD_FLOP * forward_flops_per_image
+
+
+@runtime_checkable
+class ModelConfig(Protocol):
+    """A frozen dataclass that fully determines a model (num_classes included).
+
+    Implementations: ``NFNetConfig`` (models/nfnet.py) and ``ViTConfig`` (models/vit.py).
+    The classifier of every model is ``model.classifier`` (an ``nn.Linear``), so training code
+    can select it by the parameter names ``classifier.weight`` / ``classifier.bias``.
+    """
+
+    family: ClassVar[str]
+    num_classes: int
+
+    @property
+    def name(self) -> str:
+        """Canonical, file-system-safe name, e.g. ``nfnet-f0`` or ``vit-w64-d4-p4``."""
+        ...
+
+    def build(self) -> nn.Module:
+        """Construct the model (parameters on the current default device)."""
+        ...
+
+    def forward_flops(self, resolution: int) -> int:
+        """Analytic forward FLOPs (2 x MACs) for one image of ``resolution`` x ``resolution``."""
+        ...
+
+    def check_resolution(self, resolution: int) -> None:
+        """Raise ``UserError`` if the model cannot take images of this size."""
+        ...
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """JSON-ready dict of a model config, with its family so it can be rebuilt."""
+    d = dataclasses.asdict(cfg)
+    for k, v in d.items():
+        if isinstance(v, tuple):
+            d[k] = list(v)
+    return {"family": type(cfg).family, **d}
+
+
+def config_from_dict(cls: type[C], d: dict[str, Any]) -> C:
+    """Rebuild a config dataclass from ``config_to_dict`` output (lists become tuples)."""
+    d = {k: v for k, v in d.items() if k != "family"}
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(d) - set(fields))
+    if unknown:
+        from convscale.errors import UserError
+
+        raise UserError(f"unknown {cls.__name__} field(s) {unknown}; valid fields: {sorted(fields)}")
+    kw = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+    return cls(**kw)  # type: ignore[call-arg]
+
+
+def config_json(cfg: Any) -> str:
+    return json.dumps(config_to_dict(cfg), sort_keys=True)
