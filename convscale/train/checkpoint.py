@@ -1,0 +1,181 @@
+"""Atomic files and checkpoints that survive SIGKILL at any moment.
+
+A checkpoint is a directory ``checkpoints/step-00000123/`` holding
+  * ``model.safetensors`` (and ``ema.safetensors`` when EMA is on): the state dicts;
+  * ``optimizer.safetensors``: per-parameter optimizer tensors, keyed ``<state key>/<param name>``,
+    plus the torch RNG states (``rng/cpu``, ``rng/cuda``);
+  * ``state.json``: step, images seen, wall seconds, first-step loss, optimizer scalars. Written last.
+It is written under a temporary name and renamed into place, so a directory named ``step-*`` is
+always complete; older checkpoints are removed only after a newer one is in place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+CHECKPOINT_DIR = "checkpoints"
+STEP_PREFIX = "step-"
+TMP_PREFIX = ".tmp-"
+
+
+def is_main_process() -> bool:
+    """True on the process that writes files (rank 0; always True without torch.distributed)."""
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # some platforms cannot open directories
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file in the same directory, fsync, os.replace."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=TMP_PREFIX + path.name)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def atomic_save_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor]) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=TMP_PREFIX + path.name)
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    # clone: safetensors refuses tensors that share storage (e.g. tied weights)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _param_names(model: nn.Module) -> dict[torch.Tensor, str]:
+    return {p: n for n, p in model.named_parameters()}
+
+
+def save_checkpoint(
+    run_dir: str | os.PathLike,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: dict[str, Any],
+    ema_model: Optional[nn.Module] = None,
+    keep: int = 1,
+) -> Path:
+    """Write checkpoint ``step`` atomically, then delete all but the newest ``keep`` checkpoints."""
+    root = Path(run_dir) / CHECKPOINT_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"{STEP_PREFIX}{step:08d}"
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=TMP_PREFIX))
+    try:
+        atomic_save_safetensors(tmp / "model.safetensors", _model_tensors(model))
+        if ema_model is not None:
+            atomic_save_safetensors(tmp / "ema.safetensors", _model_tensors(ema_model))
+        names = _param_names(model)
+        opt_tensors: dict[str, torch.Tensor] = {"rng/cpu": torch.get_rng_state()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            opt_tensors["rng/cuda"] = torch.cuda.get_rng_state()
+        opt_scalars: dict[str, Any] = {}
+        for p, pstate in optimizer.state.items():
+            for key, value in pstate.items():
+                if torch.is_tensor(value):
+                    opt_tensors[f"{key}/{names[p]}"] = value.detach().clone()
+                else:
+                    opt_scalars[f"{key}/{names[p]}"] = value
+        atomic_save_safetensors(tmp / "optimizer.safetensors", opt_tensors)
+        atomic_write_json(tmp / "state.json", {**state, "step": step, "optimizer_scalars": opt_scalars})
+        if final.exists():  # same step written twice (a resumed run re-saving): replace it
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints, oldest first (temporary leftovers of a killed write are ignored)."""
+    root = Path(run_dir) / CHECKPOINT_DIR
+    if not root.is_dir():
+        return []
+    done = [d for d in root.iterdir() if d.name.startswith(STEP_PREFIX) and (d / "state.json").is_file()]
+    return sorted(done, key=lambda d: int(d.name[len(STEP_PREFIX):]))
+
+
+def remove_partial_checkpoints(run_dir: str | os.PathLike) -> None:
+    root = Path(run_dir) / CHECKPOINT_DIR
+    if root.is_dir():
+        for d in root.iterdir():
+            if d.name.startswith(TMP_PREFIX):
+                shutil.rmtree(d, ignore_errors=True) if d.is_dir() else d.unlink(missing_ok=True)
+
+
+def load_checkpoint(
+    path: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    ema_model: Optional[nn.Module] = None,
+) -> dict[str, Any]:
+    """Restore model, EMA, optimizer and RNG state in place; returns ``state.json``'s dict."""
+    state = json.loads((path / "state.json").read_text())
+    model.load_state_dict(load_file(path / "model.safetensors"))
+    if ema_model is not None:
+        ema_model.load_state_dict(load_file(path / "ema.safetensors"))
+    tensors = load_file(path / "optimizer.safetensors")
+    params = dict(model.named_parameters())
+    # torch keeps Adam's "step" on the CPU unless the optimizer is fused/capturable
+    step_on_device = any(g.get("fused") or g.get("capturable") for g in optimizer.param_groups)
+    for key, value in tensors.items():
+        if key == "rng/cpu":
+            torch.set_rng_state(value)
+        elif key == "rng/cuda":
+            if torch.cuda.is_available():
+                torch.cuda.set_rng_state(value)
+        else:
+            skey, pname = key.split("/", 1)
+            p = params[pname]
+            on_device = skey != "step" or step_on_device
+            optimizer.state[p][skey] = value.to(p.device) if on_device else value
+    for key, value in state.pop("optimizer_scalars", {}).items():
+        skey, pname = key.split("/", 1)
+        optimizer.state[params[pname]][skey] = value
+    return state

@@ -1,0 +1,241 @@
+"""TrainConfig: everything that determines a pre-training run, and the budget -> steps conversion.
+
+A run's length is given as exactly one of ``epochs``, ``steps``, ``images`` or ``train_flops``
+and converted to optimizer steps by ``budget_to_steps`` (the one place that does it). Training
+FLOPs follow the project convention (models/base.py): 3 x forward FLOPs per image, at the
+training resolution ``data.resolution``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from convscale.data.config import DataConfig
+from convscale.errors import UserError
+
+#: Images in one "epoch" of an unlimited stream (procedural data): ImageNet-1k's training set
+#: size, so that "0.25 epochs" means the same number of images as in the papers' ImageNet terms.
+#: Real data sources use their own ``num_train_images`` instead.
+IMAGENET_TRAIN_IMAGES = 1_281_167
+
+BUDGET_FIELDS = ("epochs", "steps", "images", "train_flops")
+OPTIMIZERS = ("sgd_agc", "adamw")
+LOSSES = ("softmax", "sigmoid")
+PRECISIONS = ("bf16", "fp32")
+
+#: Fields that do not change a run's numbers: a run directory may be resumed with other values.
+RUNTIME_ONLY_FIELDS = frozenset(
+    {"run_dir", "quiet", "checkpoint_every_steps", "checkpoint_every_seconds", "threads"}
+)
+
+
+@dataclass
+class TrainConfig:
+    """One pre-training run. Defaults are the NFNet reference recipe where one exists (paper.md B.7/B.8)."""
+
+    run_dir: str = "runs/default"
+    model: str = "nfnet-tiny"
+    model_overrides: dict[str, Any] = field(default_factory=dict)  # any ModelConfig field
+    data: DataConfig = field(default_factory=DataConfig)
+    batch_size: int = 128  # global batch (images per optimizer step)
+    grad_accum_steps: int = 1  # micro-batches per step; batch_size must divide evenly
+    # budget: exactly one of these is set
+    epochs: Optional[float] = None
+    steps: Optional[int] = None
+    images: Optional[int] = None
+    train_flops: Optional[float] = None
+    epoch_images: int = IMAGENET_TRAIN_IMAGES  # images per epoch of an unlimited stream
+    # optimizer
+    optimizer: str = "sgd_agc"  # "sgd_agc" (NFNets) | "adamw" (ViTs)
+    lr: float = 0.1  # peak learning rate
+    warmup_fraction: float = 0.05  # linear warm-up over this share of the steps ...
+    warmup_steps: Optional[int] = None  # ... or over exactly this many steps (wins when set)
+    momentum: float = 0.9  # SGD: Nesterov momentum; AdamW: beta1
+    beta2: float = 0.999  # AdamW only
+    weight_decay: float = 2e-5  # SGD: coupled L2; AdamW: decoupled (torch convention, x lr)
+    agc_clip: float = 0.01  # lambda; 0 disables AGC
+    agc_eps: float = 1e-3
+    agc_exempt_scalar_gains: bool = False  # True: scalar gains (SkipInit) unclipped; short runs need it
+    grad_clip_norm: float = 1.0  # AdamW only: global-norm clipping; 0 disables
+    classifier_lr_scale: float = 1.0  # multiplies lr for classifier.weight/bias
+    # loss and numerics
+    label_smoothing: float = 0.0
+    loss: str = "softmax"  # "softmax" | "sigmoid" (one-hot targets, bias init -log(classes))
+    precision: str = "bf16"  # autocast dtype for activations; params stay fp32
+    channels_last: bool = True  # NFNet convs are faster in NHWC; ignored for ViTs
+    compile: bool = False
+    ema_decay: float = 0.0  # 0 = off; else EMA weights are also evaluated
+    # bookkeeping
+    seed: int = 0  # model init and any training randomness (data order is data.seed)
+    eval_every_steps: int = 0  # 0: evaluate only at the end
+    eval_batch_size: int = 0  # 0: same as batch_size
+    log_every_steps: int = 10
+    checkpoint_every_steps: int = 0  # 0: by time only
+    checkpoint_every_seconds: float = 600.0  # 0: by steps only
+    divergence_loss_factor: float = 3.0  # stop if loss > factor x first-step loss; 0 = NaN/inf only
+    threads: int = 0  # torch intra-op threads; 0 = torch default
+    quiet: bool = False  # one line per evaluation instead of a progress bar
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["data"] = dataclasses.asdict(self.data)
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        d = dict(d)
+        _check_fields(cls, d, "TrainConfig")
+        data = d.pop("data", {})
+        if isinstance(data, dict):
+            _check_fields(DataConfig, data, "DataConfig")
+            data = DataConfig(**data)
+        return cls(data=data, **d)
+
+    @classmethod
+    def from_json(cls, text: str) -> "TrainConfig":
+        return cls.from_dict(json.loads(text))
+
+    def replace(self, **kw) -> "TrainConfig":
+        return dataclasses.replace(self, **kw)
+
+    def validate(self) -> None:
+        """Raise UserError for settings no run can use."""
+        given = [f for f in BUDGET_FIELDS if getattr(self, f) is not None]
+        if len(given) != 1:
+            raise UserError(
+                f"give exactly one budget of --epochs/--steps/--images/--train-flops (got {given or 'none'})"
+            )
+        for name, allowed in (("optimizer", OPTIMIZERS), ("loss", LOSSES), ("precision", PRECISIONS)):
+            if getattr(self, name) not in allowed:
+                raise UserError(f"{name} must be one of {list(allowed)}, not {getattr(self, name)!r}")
+        if self.batch_size < 1 or self.grad_accum_steps < 1 or self.batch_size % self.grad_accum_steps:
+            raise UserError(
+                f"batch_size ({self.batch_size}) must be a positive multiple of grad_accum_steps "
+                f"({self.grad_accum_steps})"
+            )
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise UserError(f"ema_decay must be in [0, 1), not {self.ema_decay}")
+        if not 0.0 <= self.warmup_fraction < 1.0:
+            raise UserError(f"warmup_fraction must be in [0, 1), not {self.warmup_fraction}")
+        if self.lr <= 0:
+            raise UserError(f"lr must be positive, not {self.lr}")
+
+
+def _check_fields(cls: type, d: dict[str, Any], what: str) -> None:
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise UserError(f"unknown {what} field(s) {unknown}; valid fields: {sorted(names)}")
+
+
+def budget_to_steps(
+    cfg: TrainConfig, train_flops_per_image: float, num_train_images: Optional[int] = None
+) -> int:
+    """Optimizer steps for the run's budget (rounded to the nearest step).
+
+    ``train_flops_per_image``: 3 x forward FLOPs at the training resolution.
+    ``num_train_images``: images in one epoch of real data; ``None`` for an unlimited stream,
+    whose epoch is ``cfg.epoch_images``.
+    """
+    if cfg.steps is not None:
+        steps = int(cfg.steps)
+    else:
+        if cfg.epochs is not None:
+            images = cfg.epochs * (num_train_images or cfg.epoch_images)
+        elif cfg.images is not None:
+            images = float(cfg.images)
+        elif cfg.train_flops is not None:
+            images = cfg.train_flops / train_flops_per_image
+        else:
+            raise UserError("give one budget: --epochs, --steps, --images or --train-flops")
+        steps = int(math.floor(images / cfg.batch_size + 0.5))
+    if steps < 1:
+        raise UserError(
+            f"the budget is less than one step of {cfg.batch_size} images; raise the budget or lower --batch-size"
+        )
+    return steps
+
+
+def resolve_warmup_steps(cfg: TrainConfig, total_steps: int) -> int:
+    """Warm-up steps: ``warmup_steps`` if set, else ``round(warmup_fraction * total_steps)``."""
+    if cfg.warmup_steps is not None:
+        return min(int(cfg.warmup_steps), total_steps)
+    return int(round(cfg.warmup_fraction * total_steps))
+
+
+# ---------------------------------------------------------------------------------------------
+# "key=value" overrides (CLI --set and config files share them)
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Turn a CLI string (or JSON value) into the field's type."""
+    origin = typing.get_origin(annotation)
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if origin is typing.Union or origin is types.UnionType:
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        return _coerce(value, args[0], key)
+    if not isinstance(value, str):
+        if annotation is float and isinstance(value, int):
+            return float(value)
+        return value
+    try:
+        if annotation is bool:
+            if value.lower() in ("1", "true", "yes", "on"):
+                return True
+            if value.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        if annotation is int:
+            f = float(value)
+            if f != int(f):
+                raise ValueError(value)
+            return int(f)
+        if annotation is float:
+            return float(value)
+    except ValueError:
+        raise UserError(f"{key}={value!r} is not a valid {annotation.__name__}") from None
+    return value
+
+
+def _parse_json_or_str(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def apply_overrides(cfg: TrainConfig, overrides: dict[str, Any]) -> TrainConfig:
+    """Set fields by dotted name: ``lr``, ``data.resolution``, ``model_overrides.width``.
+
+    String values (from the command line) are converted to each field's type.
+    """
+    top: dict[str, Any] = {}
+    data_kw: dict[str, Any] = {}
+    model_kw = dict(cfg.model_overrides)
+    hints = typing.get_type_hints(TrainConfig)
+    data_hints = typing.get_type_hints(DataConfig)
+    for key, value in overrides.items():
+        head, _, rest = key.partition(".")
+        if head == "data" and rest:
+            if rest not in data_hints:
+                raise UserError(f"unknown data field {rest!r} in {key!r}; valid: {sorted(data_hints)}")
+            data_kw[rest] = _coerce(value, data_hints[rest], key)
+        elif head == "model_overrides" and rest:
+            model_kw[rest] = _parse_json_or_str(value) if isinstance(value, str) else value
+        elif head in hints and not rest and head not in ("data", "model_overrides"):
+            top[head] = _coerce(value, hints[head], key)
+        else:
+            raise UserError(
+                f"unknown field {key!r}; use a TrainConfig field, data.<field> or model_overrides.<field>"
+            )
+    return dataclasses.replace(cfg, data=cfg.data.replace(**data_kw), model_overrides=model_kw, **top)

@@ -1,0 +1,288 @@
+"""The training loop: one run from a TrainConfig to result.json, resumable from its run directory.
+
+Run directory:
+  config.json     resolved TrainConfig + model config + steps + flops_per_image (written first)
+  metrics.jsonl   one row per log step ("kind": "train") and per evaluation ("kind": "eval")
+  checkpoints/    the latest checkpoint (see checkpoint.py)
+  result.json     written last: status "done" | "diverged" and the final held-out metrics
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import resource
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from convscale import __version__
+from convscale.data import build_source
+from convscale.data.config import DataSource
+from convscale.errors import UserError
+from convscale.models import get_config
+from convscale.models.base import config_to_dict, train_flops_per_image
+from convscale.train.checkpoint import (
+    atomic_write_json,
+    is_main_process,
+    list_checkpoints,
+    load_checkpoint,
+    remove_partial_checkpoints,
+    save_checkpoint,
+)
+from convscale.train.config import RUNTIME_ONLY_FIELDS, TrainConfig, budget_to_steps, resolve_warmup_steps
+from convscale.train.evaluate import autocast, evaluate, training_loss
+from convscale.train.metrics import MetricsWriter, Progress
+from convscale.train.optim import build_optimizer, clip_global_norm_, set_lr
+from convscale.train.schedule import lr_at
+
+EXIT_DIVERGED = 3  # `convscale train` exit code of a run that diverged (0 done, 2 user error)
+CONFIG_FILE = "config.json"
+RESULT_FILE = "result.json"
+
+
+def _comparable(resolved: dict[str, Any]) -> dict[str, Any]:
+    train = {k: v for k, v in resolved["train"].items() if k not in RUNTIME_ONLY_FIELDS}
+    return {**resolved, "train": train, "convscale_version": None}
+
+
+def prepare_run_dir(run_dir: Path, resolved: dict[str, Any], restart: bool) -> Optional[dict[str, Any]]:
+    """Create or check the run directory; returns the stored result if the run already finished."""
+    if restart and run_dir.exists():
+        shutil.rmtree(run_dir)
+    config_path = run_dir / CONFIG_FILE
+    if config_path.is_file():
+        stored = json.loads(config_path.read_text())
+        if _comparable(stored) != _comparable(resolved):
+            old, new = _comparable(stored), _comparable(resolved)
+            diff = sorted(
+                f"train.{k}" for k in set(old["train"]) | set(new["train"]) if old["train"].get(k) != new["train"].get(k)
+            ) + sorted(k for k in set(old) | set(new) if k != "train" and old.get(k) != new.get(k))
+            raise UserError(
+                f"{run_dir} holds a run with a different config (differs in {', '.join(diff[:6])}); "
+                f"use a new --run-dir, or --restart to wipe it"
+            )
+        result_path = run_dir / RESULT_FILE
+        if result_path.is_file():
+            return json.loads(result_path.read_text())
+    elif run_dir.exists() and any(run_dir.iterdir()):
+        raise UserError(f"{run_dir} is not empty and has no {CONFIG_FILE}; use a new --run-dir, or --restart to wipe it")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if is_main_process():
+        atomic_write_json(config_path, resolved)
+    return None
+
+
+@torch.no_grad()
+def update_ema(ema_model: nn.Module, model: nn.Module, decay: float, step: int) -> None:
+    """EMA of the weights with the NFNet reference warm-up: min(decay, (1 + t) / (10 + t))."""
+    d = min(decay, (1.0 + step) / (10.0 + step))
+    ema_p = [p for p in ema_model.parameters()]
+    torch._foreach_lerp_(ema_p, [p.detach() for p in model.parameters()], 1.0 - d)
+    for eb, b in zip(ema_model.buffers(), model.buffers()):
+        eb.copy_(b)
+
+
+def _peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+
+
+def run(cfg: TrainConfig, restart: bool = False, source: Optional[DataSource] = None) -> dict[str, Any]:
+    """Train (or resume, or just report) the run ``cfg`` describes; returns the result dict.
+
+    ``source``: an already built data source for ``cfg.data`` (a sweep can share one); else built
+    here. ``restart``: wipe the run directory first. Raises ``UserError`` for bad input.
+    """
+    cfg.validate()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    run_dir = Path(cfg.run_dir)
+
+    # ---- resolve: data, model, budget -----------------------------------------------------
+    get_config(cfg.model, **cfg.model_overrides)  # a bad model name fails before data is loaded
+    source = source if source is not None else build_source(cfg.data)
+    overrides = dict(cfg.model_overrides)
+    probe = get_config(cfg.model, num_classes=source.num_classes)
+    if "image_size" in {f.name for f in dataclasses.fields(probe)} and "image_size" not in overrides:
+        overrides["image_size"] = cfg.data.resolution  # ViTs are built for their input size
+    model_cfg = get_config(cfg.model, num_classes=source.num_classes, **overrides)
+    model_cfg.check_resolution(cfg.data.resolution)
+    flops_per_image = train_flops_per_image(model_cfg.forward_flops(cfg.data.resolution))
+    steps = budget_to_steps(cfg, flops_per_image, source.num_train_images)
+    warmup_steps = resolve_warmup_steps(cfg, steps)
+    eval_batch_size = cfg.eval_batch_size or cfg.batch_size
+    resolved = {
+        "train": cfg.to_dict(),
+        "model": config_to_dict(model_cfg),
+        "model_name": model_cfg.name,
+        "steps": steps,
+        "warmup_steps": warmup_steps,
+        "flops_per_image": flops_per_image,  # training FLOPs per image (3 x forward)
+        "train_flops": flops_per_image * cfg.batch_size * steps,
+        "num_classes": source.num_classes,
+        "num_train_images": source.num_train_images,
+        "convscale_version": __version__,
+    }
+    progress = Progress(steps, cfg.quiet)
+    finished = prepare_run_dir(run_dir, resolved, restart)
+    if finished is not None:
+        progress.message(f"{run_dir}: already finished ({finished['status']}); result: {json.dumps(finished)}")
+        return finished
+
+    # ---- model, optimizer, state ----------------------------------------------------------
+    torch.manual_seed(cfg.seed)
+    model = model_cfg.build().to(device)
+    if cfg.loss == "sigmoid":  # start at the prior p = 1/C per class instead of 0.5
+        with torch.no_grad():
+            model.classifier.bias.fill_(-math.log(source.num_classes))
+    channels_last = cfg.channels_last and model_cfg.family == "nfnet"
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    ema_model = copy.deepcopy(model).requires_grad_(False) if cfg.ema_decay > 0 else None
+    optimizer = build_optimizer(model, cfg)
+    state: dict[str, Any] = {"images_seen": 0, "wall_seconds": 0.0, "first_loss": None, "step": 0}
+    remove_partial_checkpoints(run_dir)
+    checkpoints = list_checkpoints(run_dir)
+    if checkpoints:
+        state = load_checkpoint(checkpoints[-1], model, optimizer, ema_model)
+        progress.message(f"{run_dir}: resuming from step {state['step']}/{steps}")
+    start_step = state["step"]
+    metrics = MetricsWriter(run_dir, start_step) if is_main_process() else None
+    train_model = torch.compile(model) if cfg.compile else model
+
+    def log(row: dict[str, Any]) -> None:
+        if metrics is not None:
+            metrics.write(row)
+
+    def heldout() -> dict[str, Any]:
+        out = {}
+        for prefix, m in (("", model), ("ema_", ema_model)):
+            if m is None:
+                continue
+            r = evaluate(m, source.heldout_batches(eval_batch_size), device, cfg.precision,
+                         channels_last, sigmoid=cfg.loss == "sigmoid")
+            out.update({f"{prefix}heldout_{k}": v for k, v in r.items()})
+        return out
+
+    def position(step: int) -> dict[str, Any]:
+        return {"step": step, "images_seen": step * cfg.batch_size,
+                "train_flops": step * cfg.batch_size * flops_per_image,
+                "wall_seconds": state["wall_seconds"] + time.monotonic() - t_start}
+
+    # ---- the loop -------------------------------------------------------------------------
+    model.train()
+    micro_batches = cfg.grad_accum_steps
+    batches = source.train_batches(cfg.batch_size, start_step=start_step)
+    t_start = t_log = t_ckpt = time.monotonic()
+    loss_sum = torch.zeros((), device=device)
+    steps_since_log = 0
+    status = "done"
+    step = start_step
+    for step in range(start_step, steps):
+        images, labels = next(batches)
+        lr = lr_at(step, steps, warmup_steps, cfg.lr)
+        set_lr(optimizer, lr)
+        for x, y in zip(images.chunk(micro_batches), labels.chunk(micro_batches)):
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast(device.type, cfg.precision):
+                logits = train_model(x)
+            # equal micro-batches: the mean of their mean losses is the full batch's mean loss
+            loss = training_loss(logits, y, cfg.loss, cfg.label_smoothing) / micro_batches
+            loss.backward()
+            loss_sum += loss.detach()
+        if cfg.optimizer == "adamw" and cfg.grad_clip_norm > 0:
+            clip_global_norm_(model, cfg.grad_clip_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if ema_model is not None:
+            update_ema(ema_model, model, cfg.ema_decay, step)
+        steps_since_log += 1
+        if state["first_loss"] is None:
+            state["first_loss"] = float(loss_sum)
+        done = step + 1
+        if done % cfg.log_every_steps == 0 or done == steps:
+            mean_loss = float(loss_sum) / steps_since_log
+            now = time.monotonic()
+            ips = steps_since_log * cfg.batch_size / max(now - t_log, 1e-9)
+            log({"kind": "train", **position(done), "loss": mean_loss, "lr": lr, "images_per_second": ips})
+            progress.update(done, mean_loss, ips, (now - t_log) / steps_since_log)
+            t_log, steps_since_log = now, 0
+            loss_sum.zero_()
+            factor = cfg.divergence_loss_factor
+            if not math.isfinite(mean_loss) or (factor > 0 and mean_loss > factor * state["first_loss"]):
+                status = "diverged"
+                progress.message(f"{run_dir}: diverged at step {done} (loss {mean_loss:.4g}, "
+                                 f"first-step loss {state['first_loss']:.4g}); lower --lr")
+                break
+        if cfg.eval_every_steps and done % cfg.eval_every_steps == 0 and done < steps:
+            ev = heldout()
+            log({"kind": "eval", **position(done), **ev})
+            progress.message(_eval_line(done, steps, ev))
+        due_steps = cfg.checkpoint_every_steps and done % cfg.checkpoint_every_steps == 0
+        due_time = cfg.checkpoint_every_seconds and time.monotonic() - t_ckpt >= cfg.checkpoint_every_seconds
+        if (due_steps or due_time) and done < steps and is_main_process():
+            save_checkpoint(run_dir, done, model, optimizer,
+                            {**state, **position(done)}, ema_model)
+            t_ckpt = time.monotonic()
+
+    # ---- the end: final evaluation, final checkpoint, result ------------------------------
+    done = step + 1 if steps > start_step else start_step
+    if status == "done":
+        if "final_eval" in state:  # killed after the final checkpoint: its evaluation is stored there
+            final_eval = state["final_eval"]
+        else:
+            final_eval = heldout()
+            log({"kind": "eval", **position(done), **final_eval})
+            progress.message(_eval_line(done, steps, final_eval))
+            if is_main_process():
+                save_checkpoint(run_dir, done, model, optimizer,
+                                {**state, **position(done), "final_eval": final_eval}, ema_model)
+    else:
+        final_eval = {"heldout_loss": None, "heldout_top1": None, "heldout_top5": None}
+    wall_seconds = position(done)["wall_seconds"]
+    result = {
+        "status": status,
+        **final_eval,
+        "model": model_cfg.name,
+        "params": sum(p.numel() for p in model.parameters()),
+        "steps": done,
+        "planned_steps": steps,
+        "images_seen": done * cfg.batch_size,
+        "flops_per_image": flops_per_image,
+        "train_flops": done * cfg.batch_size * flops_per_image,
+        "wall_seconds": wall_seconds,
+        "skipped_images": int(source.skipped_images),
+        "peak_memory_bytes": _peak_memory_bytes(device),
+        "device": device.type,
+    }
+    if metrics is not None:
+        metrics.close()
+    if is_main_process():
+        atomic_write_json(run_dir / RESULT_FILE, result)
+    progress.message(f"{run_dir}: {status} after {done} steps, {wall_seconds:.1f} s; "
+                     f"held-out loss {_fmt(result.get('heldout_loss'))} top-1 {_fmt(result.get('heldout_top1'))}")
+    return result
+
+
+def _fmt(v: Any) -> str:
+    return "n/a" if v is None else f"{v:.4f}"
+
+
+def _eval_line(step: int, steps: int, ev: dict[str, Any]) -> str:
+    line = (f"step {step}/{steps}: held-out loss {ev['heldout_loss']:.4f} "
+            f"top-1 {ev['heldout_top1']:.3f} top-5 {ev['heldout_top5']:.3f}")
+    if "ema_heldout_loss" in ev:
+        line += f" | EMA loss {ev['ema_heldout_loss']:.4f} top-1 {ev['ema_heldout_top1']:.3f}"
+    return line
+

@@ -1,0 +1,191 @@
+"""Optimizers: SGD + Nesterov + Adaptive Gradient Clipping (NFNet reference), and AdamW.
+
+Parameter groups are decided by parameter NAME, never by position:
+  * no weight decay: biases, gains (``...gain``, SkipInit ``...skip_gain``), normalisation layers,
+    position embeddings and class tokens (``NO_DECAY_RE``);
+  * no AGC: the classifier weight ``classifier.weight`` (always better unclipped, paper.md B.7), and,
+    with ``agc_exempt_scalar_gains``, every scalar gain (0-dim tensor named ``...gain``: SkipInit);
+  * ``classifier_lr_scale``: ``classifier.weight`` and ``classifier.bias``.
+
+AGC (paper.md B.7): unit i of a tensor is one output unit: a conv weight [O, I, kh, kw] has O units
+(norm over I, kh, kw), a linear weight [O, I] has O units (norm over I), a scalar or vector is one
+unit (whole-tensor norm). A unit's gradient G_i is rescaled to lambda * max(|W_i|, eps) / |G_i|
+when |G_i| / max(|W_i|, eps) > lambda, with |G_i| guarded below by 1e-6.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+from torch import nn
+
+CLASSIFIER_WEIGHT = "classifier.weight"
+CLASSIFIER_PREFIX = "classifier."
+NO_DECAY_RE = re.compile(
+    r"(bias$|gain$|(^|\.)(norm|ln|bn)[^.]*\.|pos_embed|position_embed|cls_token|class_token|probe$)"
+)
+GRAD_NORM_FLOOR = 1e-6  # DM reference: max(|G|, 1e-6) in the AGC division
+
+
+def no_weight_decay(name: str) -> bool:
+    return bool(NO_DECAY_RE.search(name))
+
+
+def is_scalar_gain(name: str, p: torch.Tensor) -> bool:
+    return p.ndim == 0 and name.endswith("gain")
+
+
+@dataclass(frozen=True)
+class GroupSpec:
+    """How one parameter group is treated."""
+
+    weight_decay: bool
+    agc: bool
+    lr_scale: float
+
+
+def parameter_groups(
+    model: nn.Module,
+    weight_decay: float,
+    agc: bool,
+    agc_exempt_scalar_gains: bool,
+    classifier_lr_scale: float = 1.0,
+) -> list[dict]:
+    """Optimizer param groups keyed by how each parameter (by name) is treated.
+
+    Each group dict has ``params``, ``names``, ``weight_decay``, ``agc`` and ``lr_scale``.
+    """
+    groups: dict[GroupSpec, dict] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        clip = agc and name != CLASSIFIER_WEIGHT and not (agc_exempt_scalar_gains and is_scalar_gain(name, p))
+        spec = GroupSpec(
+            weight_decay=not no_weight_decay(name),
+            agc=clip,
+            lr_scale=classifier_lr_scale if name.startswith(CLASSIFIER_PREFIX) else 1.0,
+        )
+        g = groups.setdefault(
+            spec,
+            {
+                "params": [],
+                "names": [],
+                "weight_decay": weight_decay if spec.weight_decay else 0.0,
+                "agc": spec.agc,
+                "lr_scale": spec.lr_scale,
+            },
+        )
+        g["params"].append(p)
+        g["names"].append(name)
+    # A stable order (by first parameter's position) keeps checkpoints readable; names decide content.
+    return list(groups.values())
+
+
+def _unit_counts(params: Iterable[torch.Tensor]) -> list[int]:
+    """Units per tensor: output units for ndim >= 2, one unit for scalars and vectors."""
+    return [p.shape[0] if p.ndim >= 2 else 1 for p in params]
+
+
+def unitwise_norms(tensors: list[torch.Tensor], unit_lengths: torch.Tensor) -> torch.Tensor:
+    """Frobenius norm of every unit of every tensor, concatenated (one vectorised reduction)."""
+    flat = torch.cat([t.reshape(-1) for t in tensors]).float()
+    return torch.segment_reduce(flat.square_(), "sum", lengths=unit_lengths).sqrt_()
+
+
+def adaptive_grad_clip_(
+    params: list[torch.Tensor], grads: list[torch.Tensor], clip: float, eps: float
+) -> None:
+    """AGC in place on ``grads`` (paper.md B.7), vectorised over all tensors of the list."""
+    counts = _unit_counts(params)
+    device = params[0].device
+    unit_lengths = torch.repeat_interleave(
+        torch.tensor([p.numel() // c for p, c in zip(params, counts)], device=device),
+        torch.tensor(counts, device=device),
+    )
+    p_norm = unitwise_norms([p.detach() for p in params], unit_lengths).clamp_min_(eps)
+    g_norm = unitwise_norms(grads, unit_lengths)
+    max_norm = p_norm.mul_(clip)
+    scale = torch.where(g_norm > max_norm, max_norm / g_norm.clamp_min(GRAD_NORM_FLOOR), 1.0)
+    # One scale per unit, shaped to broadcast over the unit's elements: [O, 1, 1, ...] or [1...].
+    scales = [
+        s.view((c,) + (1,) * (g.ndim - 1)) if g.ndim >= 2 else s.view([1] * g.ndim)
+        for s, c, g in zip(scale.split(counts), counts, grads)
+    ]
+    torch._foreach_mul_(grads, [s.to(g.dtype) for s, g in zip(scales, grads)])
+
+
+class SGDAGC(torch.optim.Optimizer):
+    """SGD with Nesterov momentum, coupled L2 weight decay and AGC, in the DM reference's order:
+    clip raw gradient -> g += wd * p -> m = mu * m + g -> g = g + mu * m -> p -= lr * g.
+
+    Groups carry ``agc`` (bool) and ``weight_decay`` (see ``parameter_groups``); a group's ``lr``
+    already includes its ``lr_scale`` (``set_lr``).
+    All maths uses ``torch._foreach_*`` over a group's tensors. Gradients are modified in place.
+    """
+
+    def __init__(self, params, lr: float, momentum: float = 0.9, nesterov: bool = True,
+                 agc_clip: float = 0.01, agc_eps: float = 1e-3):
+        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=0.0,
+                        agc=True, agc_clip=agc_clip, agc_eps=agc_eps, lr_scale=1.0)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            if group["agc"] and group["agc_clip"] > 0:
+                adaptive_grad_clip_(params, grads, group["agc_clip"], group["agc_eps"])
+            if group["weight_decay"]:
+                torch._foreach_add_(grads, params, alpha=group["weight_decay"])
+            mu = group["momentum"]
+            if mu:
+                bufs = []
+                for p in params:  # bookkeeping only: fetch or create each tensor's buffer
+                    state = self.state[p]
+                    if "momentum_buffer" not in state:
+                        state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    bufs.append(state["momentum_buffer"])
+                torch._foreach_mul_(bufs, mu)
+                torch._foreach_add_(bufs, grads)
+                if group["nesterov"]:
+                    torch._foreach_add_(grads, bufs, alpha=mu)
+                else:
+                    grads = bufs
+            torch._foreach_add_(params, grads, alpha=-group["lr"])
+        return loss
+
+
+def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
+    """The run's optimizer from a TrainConfig (lr is set every step by the schedule)."""
+    if cfg.optimizer == "sgd_agc":
+        groups = parameter_groups(model, cfg.weight_decay, cfg.agc_clip > 0, cfg.agc_exempt_scalar_gains,
+                                  cfg.classifier_lr_scale)
+        return SGDAGC(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True,
+                      agc_clip=cfg.agc_clip, agc_eps=cfg.agc_eps)
+    if cfg.optimizer == "adamw":
+        groups = parameter_groups(model, cfg.weight_decay, False, False, cfg.classifier_lr_scale)
+        fused = all(p.is_cuda for g in groups for p in g["params"])
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.momentum, cfg.beta2),
+                                 foreach=not fused, fused=fused or None)
+    raise ValueError(f"unknown optimizer {cfg.optimizer!r}")  # validated earlier: a bug if reached
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set every group's lr to ``lr`` times the group's ``lr_scale``."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+def clip_global_norm_(model: nn.Module, max_norm: float) -> torch.Tensor:
+    """Global-norm gradient clipping (AdamW runs); returns the pre-clip norm."""
+    return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm, foreach=True)
