@@ -35,7 +35,10 @@ class ArrayReader:
 def check_arrays(images: np.ndarray, labels: np.ndarray, where: str) -> tuple[np.ndarray, np.ndarray]:
     """Validate and normalise to (uint8 ``[N, H, W, C]`` with C in 1/3/4, int64 ``[N]``)."""
     if images.dtype != np.uint8:
-        raise UserError(f"{where}: 'images' must be uint8 0..255, got {images.dtype}; convert with images.astype(np.uint8)")
+        raise UserError(
+            f"{where}: 'images' must be uint8 0..255, got {images.dtype}; "
+            "convert with images.astype(np.uint8)"
+        )
     if images.ndim == 3:
         images = images[..., None]
     if images.ndim != 4 or images.shape[-1] not in (1, 3, 4):
@@ -63,10 +66,16 @@ def load_npz(path: str, what: str = "path") -> tuple[np.ndarray, np.ndarray]:
         with np.load(p, allow_pickle=False) as z:
             missing = [k for k in ("images", "labels") if k not in z.files]
             if missing:
-                raise UserError(f"{p} lacks {' and '.join(repr(m) for m in missing)}; save it with np.savez(path, images=..., labels=...)")
+                raise UserError(
+                    f"{p} lacks {' and '.join(repr(m) for m in missing)}; "
+                    "save it with np.savez(path, images=..., labels=...)"
+                )
             images, labels = z["images"], z["labels"]
     except (OSError, ValueError) as e:
-        raise UserError(f"cannot read {p} as .npz ({type(e).__name__}); save it with np.savez(path, images=..., labels=...)") from None
+        raise UserError(
+            f"cannot read {p} as .npz ({type(e).__name__}); "
+            "save it with np.savez(path, images=..., labels=...)"
+        ) from None
     return check_arrays(images, labels, str(p))
 
 
@@ -95,7 +104,8 @@ class ArraySource(IndexedSource):
             held_images, held_labels = load_npz(cfg.heldout_path, "heldout_path")
             if held_labels.max() >= num_classes:
                 raise UserError(
-                    f"held-out labels out of range: {held_labels.max()} >= {num_classes} training classes; fix {cfg.heldout_path}"
+                    f"held-out labels out of range: {held_labels.max()} >= {num_classes} training classes; "
+                    f"fix {cfg.heldout_path}"
                 )
             reader = ArrayReader([images, held_images])
             train_refs = [(0, i) for i in range(len(images))]

@@ -40,7 +40,8 @@ def scan_folder(root: str, what: str = "path") -> tuple[list[str], list[str], np
             )
         if not found:
             raise UserError(
-                f"class folder {top / name} has no images ({', '.join(IMAGE_EXTENSIONS)}); add images or remove the folder"
+                f"class folder {top / name} has no images ({', '.join(IMAGE_EXTENSIONS)}); "
+                "add images or remove the folder"
             )
         paths.extend(found)
         labels.extend([label] * len(found))
@@ -61,7 +62,8 @@ class FolderSource(IndexedSource):
             unknown = sorted(set(held_classes) - set(classes))
             if unknown:
                 raise UserError(
-                    f"held-out class folder '{unknown[0]}' is not a training class; rename or remove it in {cfg.heldout_path}"
+                    f"held-out class folder '{unknown[0]}' is not a training class; "
+                    f"rename or remove it in {cfg.heldout_path}"
                 )
             remap = np.asarray([classes.index(c) for c in held_classes], dtype=np.int64)
             train_idx, train_paths = np.arange(len(paths)), paths

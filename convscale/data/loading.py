@@ -122,11 +122,15 @@ class BatchBuilder(torch.utils.data.Dataset):
         decoded = [self.reader.read(s.ref, draft) for s in plan.samples]
         skipped = tuple(self.reader.describe(s.ref) for s, img in zip(plan.samples, decoded) if img is None)
         if skipped and self.strict:
-            return _error_batch(f"cannot decode image {skipped[0]}; remove or replace it, or set strict=False to skip corrupt images")
+            return _error_batch(
+                f"cannot decode image {skipped[0]}; "
+                "remove or replace it, or set strict=False to skip corrupt images"
+            )
         good = [i for i, img in enumerate(decoded) if img is not None]
         if plan.train and skipped and not good:
             return _error_batch(
-                f"no image of a {len(plan.samples)}-image batch could be decoded (first: {skipped[0]}); check the data files"
+                f"no image of a {len(plan.samples)}-image batch could be decoded (first: {skipped[0]}); "
+                "check the data files"
             )
         arrays, labels = [], []
         for i, (sample, img) in enumerate(zip(plan.samples, decoded)):

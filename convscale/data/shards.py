@@ -55,11 +55,17 @@ def resolve_shards(path: str, what: str = "path") -> list[str]:
     if p.is_dir():
         found = sorted(str(f) for f in p.iterdir() if f.is_file() and f.name.endswith(".tar"))
         if not found:
-            raise UserError(f"data {what} {p} holds no .tar shards; write WebDataset-style key.jpg + key.cls tars there")
+            raise UserError(
+                f"data {what} {p} holds no .tar shards; "
+                "write WebDataset-style key.jpg + key.cls tars there"
+            )
         return found
     matched = sorted(f for f in glob.glob(str(p)) if os.path.isfile(f))
     if not matched:
-        raise UserError(f"data {what} {path} matches no shard file; point it at a .tar, a folder of .tar files or a glob")
+        raise UserError(
+            f"data {what} {path} matches no shard file; "
+            "point it at a .tar, a folder of .tar files or a glob"
+        )
     return matched
 
 
@@ -122,7 +128,10 @@ def _read_label(tf: tarfile.TarFile, member: tarfile.TarInfo, path: str) -> int:
     try:
         label = int(text)
     except ValueError:
-        raise UserError(f"{path}: {member.name} holds {text!r}, not an integer class id; write the label as text like '7'") from None
+        raise UserError(
+            f"{path}: {member.name} holds {text!r}, not an integer class id; "
+            "write the label as text like '7'"
+        ) from None
     if label < 0:
         raise UserError(f"{path}: {member.name} holds label {label}; class ids must be 0..num_classes-1")
     return label
@@ -176,7 +185,10 @@ class ShardSource(PlannedSource):
     def __init__(self, cfg: DataConfig, flip: bool = True, shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER):
         super().__init__()
         if cfg.path is None:
-            raise UserError("data kind 'shards' needs a path; set data.path to a .tar, a folder of .tar files or a glob")
+            raise UserError(
+                "data kind 'shards' needs a path; "
+                "set data.path to a .tar, a folder of .tar files or a glob"
+            )
         check_heldout_fraction(cfg.heldout_fraction)
         if shuffle_buffer < 1:
             raise ValueError(f"shuffle_buffer must be >= 1, got {shuffle_buffer}")
@@ -199,7 +211,8 @@ class ShardSource(PlannedSource):
                     self.num_heldout_images += 1
             if usable == 0:
                 raise UserError(
-                    f"shard {self._paths[shard]} has no usable samples; each needs key.jpg|png plus key.cls with an integer label"
+                    f"shard {self._paths[shard]} has no usable samples; "
+                    "each needs key.jpg|png plus key.cls with an integer label"
                 )
         if self.num_train_images == 0:
             raise UserError(f"no training samples in {cfg.path}; lower heldout_fraction or add shards")

@@ -134,4 +134,8 @@ def normalize_batch(images_uint8: list[np.ndarray]) -> torch.Tensor:
 
 def to_rgb(img: Image.Image) -> Image.Image:
     """RGB view of any Pillow image (greyscale, palette, RGBA, CMYK ...)."""
-    return img if img.mode == "RGB" else img.convert("RGB")
+    if img.mode == "RGB":
+        return img
+    if img.mode == "P" and "transparency" in img.info:  # direct P->RGB warns for such palettes
+        img = img.convert("RGBA")
+    return img.convert("RGB")
