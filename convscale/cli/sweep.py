@@ -1,0 +1,242 @@
+"""`convscale sweep plan|run|collect`: compute-matched sweeps of a study (TOML) into a sweep directory.
+
+    convscale sweep plan studies/example.toml            # cells, FLOPs, measured time estimate
+    convscale sweep run studies/example.toml --jobs 2    # run here (skips finished cells)
+    convscale sweep run STUDY.toml --executor slurm --partition gpu --gpus-per-node 1 --time 4:00:00
+    convscale sweep collect sweeps/example               # results.parquet / results.csv
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from convscale.errors import UserError
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("sweep", help="plan, run and collect a compute-matched sweep (study TOML)",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="sweep_command", metavar="plan|run|collect")
+
+    plan = sub.add_parser("plan", help="list the cells, their FLOPs and an estimate of the wall time")
+    plan.add_argument("study", help="study TOML file")
+    plan.add_argument("--dir", help="sweep directory (default sweeps/<study name>)")
+    plan.add_argument("--jobs", type=int, default=1, help="cells at once the estimate assumes (default 1)")
+    plan.add_argument("--no-probe", action="store_true", help="skip the throughput probe (no time estimate)")
+    plan.add_argument("--probe-seconds", type=float, default=1.0, help="seconds of timed steps per model")
+    plan.add_argument("--mfu", type=float, default=None, help="assumed MFU on reference hardware (default 0.4)")
+    plan.add_argument("--commands", action="store_true", help="also print each cell's `convscale train` command")
+    plan.set_defaults(func=cmd_plan)
+
+    run = sub.add_parser("run", help="run every unfinished cell (finished ones are skipped)")
+    run.add_argument("study", help="study TOML file")
+    run.add_argument("--dir", help="sweep directory (default sweeps/<study name>)")
+    run.add_argument("--executor", choices=["local", "slurm"], default="local")
+    run.add_argument("--jobs", type=int, default=1, help="local: cells at once (one GPU each, or cores/N threads)")
+    run.add_argument("--partition", help="slurm: partition")
+    run.add_argument("--gpus-per-node", type=int, default=0, help="slurm: GPUs per cell")
+    run.add_argument("--cpus-per-task", type=int, default=4, help="slurm: CPU cores per cell")
+    run.add_argument("--time", default="60", help="slurm: time limit per cell, minutes or [D-]HH:MM:SS")
+    run.add_argument("--cluster", default=None, help="submitit cluster (default: detect; 'local' runs here)")
+    run.add_argument("--only", action="append", default=[], metavar="TEXT",
+                     help="run only cells whose id contains TEXT (repeatable)")
+    run.add_argument("--dry-run", action="store_true",
+                     help="write the sweep dir and print each cell's command, run nothing")
+    run.set_defaults(func=cmd_run)
+
+    col = sub.add_parser("collect", help="write results.parquet / results.csv of a sweep dir and print them")
+    col.add_argument("dir", help="sweep directory")
+    col.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    col.set_defaults(func=cmd_collect)
+    p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
+
+
+def _sweep_dir(args, study) -> Path:
+    return Path(args.dir) if args.dir else Path("sweeps") / study.name
+
+
+def parse_minutes(text: str) -> int:
+    """'90' -> 90; '1:30:00' -> 90; '2-00:00:00' -> 2880 (Slurm's time formats)."""
+    try:
+        days = 0
+        if "-" in text:
+            d, text = text.split("-", 1)
+            days = int(d)
+        parts = [int(x) for x in text.split(":")]
+        if len(parts) == 1:
+            minutes = parts[0]
+        elif len(parts) == 3:
+            minutes = parts[0] * 60 + parts[1] + (1 if parts[2] else 0)
+        elif len(parts) == 2:
+            minutes = parts[0] + (1 if parts[1] else 0)
+        else:
+            raise ValueError(text)
+    except ValueError:
+        raise UserError(f"--time {text!r}: give minutes (90) or [D-]HH:MM:SS (1:30:00)") from None
+    if days * 1440 + minutes < 1:
+        raise UserError("--time must be at least 1 minute")
+    return days * 1440 + minutes
+
+
+def _fmt_seconds(s: float) -> str:
+    if s < 120:
+        return f"{s:.0f} s"
+    if s < 7200:
+        return f"{s / 60:.1f} min"
+    return f"{s / 3600:.1f} h"
+
+
+def _print_table(header: list[str], rows: list[list[str]], right_from: int = 2) -> None:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+    fmt = lambda r: "  ".join(c.ljust(w) if i < right_from else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+    print(fmt(header))
+    print("  ".join("-" * w for w in widths))
+    for r in rows:
+        print(fmt(r))
+
+
+def cmd_plan(args) -> int:
+    from convscale.sweep import probe as probe_mod
+    from convscale.sweep.planner import base_train_config, data_facts, plan_study
+    from convscale.sweep.study import load_study
+    from convscale.sweep.sweepdir import SweepDir
+
+    if args.jobs < 1:
+        raise UserError(f"--jobs must be >= 1, got {args.jobs}")
+    study = load_study(args.study)
+    plan = plan_study(study)
+    sweep = SweepDir(_sweep_dir(args, study))
+    mfu = args.mfu if args.mfu is not None else probe_mod.DEFAULT_MFU
+    if not 0 < mfu <= 1:
+        raise UserError(f"--mfu must be in (0, 1], got {mfu}")
+
+    seconds: dict[str, float] = {}
+    probes: dict[tuple[str, str], probe_mod.ModelProbe] = {}
+    data_ips = None
+    if not args.no_probe:
+        threads = probe_mod.default_threads(args.jobs)
+        _, num_classes = data_facts(study)
+        fams = {f.name: f for f in study.families}
+        for c in plan.cells:
+            key = (c.family, c.model)
+            if key not in probes:
+                base = base_train_config(study, fams[c.family])
+                probes[key] = probe_mod.probe_model(
+                    c.model, c.batch_size, c.resolution, num_classes, base.precision, base.channels_last,
+                    base.model_overrides, seconds=args.probe_seconds, threads=threads)
+        data_ips = probe_mod.probe_data(study.data, plan.cells[0].batch_size, threads=threads)
+        for c in plan.cells:
+            seconds[c.cell_id] = probe_mod.estimate_cell_seconds(c.images, probes[(c.family, c.model)].images_per_second, data_ips)
+
+    print(f"study {study.name}: {len(plan.cells)} cells, {study.budgets.kind} budgets "
+          f"[{', '.join(f'{b:g}' for b in study.budgets.values)}], {study.data.kind} data at {study.data.resolution} px, "
+          f"batch {plan.cells[0].batch_size}; sweep dir {sweep.root}")
+    header = ["family", "model", "params", "MFLOPs/img", "images", "epochs", "steps", "lr", "train FLOPs", "budget"]
+    if seconds:
+        header.append("est. time")
+    rows = []
+    for c in plan.cells:
+        r = [c.family, c.model, f"{c.params / 1e6:.3f}M", f"{c.flops_per_image / 1e6:.3g}", str(c.images),
+             f"{c.epochs:.3g}", str(c.steps), f"{c.lr:g}", f"{c.train_flops:.3e}", f"{c.budget:g}"]
+        if seconds:
+            r.append(_fmt_seconds(seconds[c.cell_id]))
+        rows.append(r)
+    _print_table(header, rows)
+    if plan.skipped:
+        print("\nleft out (cannot meet the budget):")
+        for s in plan.skipped:
+            print(f"  {s.family} {s.model} at {study.budgets.kind}={s.budget:g}: {s.reason}")
+    total_flops = sum(c.train_flops for c in plan.cells)
+    print(f"\ntotal: {len(plan.cells)} cells, {total_flops:.3e} training FLOPs "
+          f"(FLOPs = 2 x MACs; training = 3 x forward per image)")
+    if probes:
+        print(f"probe on this machine ({next(iter(probes.values())).device}, "
+              f"{probe_mod.default_threads(args.jobs)} threads per job, {args.jobs} job(s) at once):")
+        for (fam, model), pr in probes.items():
+            print(f"  {model}: {pr.images_per_second:.0f} images/s ({pr.steps_timed} steps, {pr.precision})")
+        print(f"  data ({study.data.kind}): {data_ips:.0f} images/s")
+        total = sum(seconds.values())
+        print(f"  estimated wall time: {_fmt_seconds(total / args.jobs)} with --jobs {args.jobs} "
+              f"(serial sum {_fmt_seconds(total)}; excludes evaluation and checkpoints; "
+              f"{probe_mod.STARTUP_SECONDS:.0f} s start-up per cell)")
+    for dev, (peak, desc) in probe_mod.REFERENCE_DEVICES.items():
+        hours = probe_mod.reference_device_hours(total_flops, dev, mfu)
+        print(f"reference: {hours:.3g} {dev}-hours at MFU {mfu:g} ({desc})")
+    if args.commands:
+        print("\neach cell by hand (after `convscale sweep run --dry-run` has written the configs):")
+        for c in plan.cells:
+            print("  " + sweep.train_command_text(c.cell_id))
+    return 0
+
+
+def cmd_run(args) -> int:
+    from convscale.sweep.executors import LocalExecutor, SlurmExecutor
+    from convscale.sweep.planner import plan_study
+    from convscale.sweep.results import collect, write_results
+    from convscale.sweep.study import load_study
+    from convscale.sweep.sweepdir import SweepDir
+
+    if args.jobs < 1:
+        raise UserError(f"--jobs must be >= 1, got {args.jobs}")
+    study = load_study(args.study)
+    plan = plan_study(study)
+    sweep = SweepDir(_sweep_dir(args, study))
+    sweep.prepare(plan)
+    cells = [c for c in plan.cells if not args.only or any(t in c.cell_id for t in args.only)]
+    if not cells:
+        raise UserError(f"--only {args.only} matches no cell id; run `convscale sweep plan` to see the ids")
+    states = {c.cell_id: sweep.state(c.cell_id) for c in cells}
+    finished = [c for c in cells if states[c.cell_id] in ("done", "diverged")]
+    todo = [c.cell_id for c in cells if states[c.cell_id] not in ("done", "diverged")]
+    print(f"sweep {sweep.root}: {len(cells)} cells, {len(finished)} finished, {len(todo)} to run", flush=True)
+    if args.dry_run:
+        for cid in todo:
+            print("  " + sweep.train_command_text(cid))
+        return 0
+
+    def report(o, i, n) -> None:
+        extra = f" ({o.seconds:.1f} s)" if o.seconds else ""
+        msg = f": {o.message}" if o.message else ""
+        print(f"[{i}/{n}] {o.status:<11} {o.cell_id}{extra}{msg}", flush=True)
+
+    if args.executor == "local":
+        outcomes = LocalExecutor(jobs=args.jobs, on_outcome=report).run(sweep.root, todo)
+    else:
+        ex = SlurmExecutor(partition=args.partition, gpus_per_node=args.gpus_per_node,
+                           cpus_per_task=args.cpus_per_task, timeout_minutes=parse_minutes(args.time),
+                           cluster=args.cluster)
+        outcomes = ex.run(sweep.root, todo, on_outcome=report)
+    df = collect(sweep.root)
+    parquet, _ = write_results(sweep.root, df)
+    counts = df["status"].value_counts().to_dict()
+    locked = [o.cell_id for o in outcomes if o.status == "locked"]
+    print(f"results: {parquet} ({', '.join(f'{v} {k}' for k, v in sorted(counts.items()))})")
+    if locked:
+        print(f"{len(locked)} cell(s) skipped because another sweep holds their lock: {', '.join(locked)}")
+    failed = [o for o in outcomes if o.status == "failed"]
+    if failed:
+        print(f"{len(failed)} cell(s) failed; logs in {sweep.root / 'logs'}; rerun the same command to retry them",
+              file=sys.stderr)
+        return 1
+    return 130 if any(o.status == "interrupted" for o in outcomes) else 0
+
+
+def cmd_collect(args) -> int:
+    from convscale.sweep.results import collect, write_results
+
+    df = collect(args.dir)
+    write_results(args.dir, df)
+    if args.format == "csv":
+        df.to_csv(sys.stdout, index=False)
+    elif args.format == "json":
+        print(df.to_json(orient="records", indent=2))
+    else:
+        import pandas as pd
+
+        cols = ["family", "model", "params", "lr", "budget_flops", "images_seen", "loss", "top1", "status", "wall_hours"]
+        with pd.option_context("display.width", 200, "display.max_rows", 500):
+            print(df[cols].to_string(index=False))
+        print(f"\nwritten: {Path(args.dir) / 'results.parquet'} and results.csv ({len(df)} cells)")
+    return 0

@@ -1,0 +1,285 @@
+"""Run a sweep's cells: here (one after another, or N at once) or on Slurm through submitit.
+
+Every cell is one `convscale train` subprocess on its own run dir, guarded by its lock file:
+finished cells (done / diverged) are skipped, a cell locked by another sweep is skipped and
+reported, anything else runs (a crashed or killed run resumes from its last checkpoint). A cell
+whose process exits with a code other than 0 (done) or 3 (diverged) is recorded as failed, with
+the last line it wrote to stderr, and the sweep goes on.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import socket
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+from convscale.sweep.fsutil import atomic_write_json
+from convscale.sweep.locking import CellLock
+from convscale.sweep.sweepdir import FINISHED, SweepDir
+
+EXIT_DONE, EXIT_DIVERGED = 0, 3
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What one cell's process gets: CPU threads, or one GPU."""
+
+    threads: int = 1
+    gpu: Optional[str] = None  # value for CUDA_VISIBLE_DEVICES; None = CPU run
+
+    @property
+    def devices(self) -> int:
+        """Devices counted for device-hours: 1 GPU, or the CPU cores used."""
+        return 1 if self.gpu is not None else self.threads
+
+    @property
+    def device_kind(self) -> str:
+        return "gpu" if self.gpu is not None else "cpu-core"
+
+    def env(self) -> dict[str, str]:
+        env = {"OMP_NUM_THREADS": str(self.threads), "MKL_NUM_THREADS": str(self.threads)}
+        if self.gpu is not None:
+            env["CUDA_VISIBLE_DEVICES"] = self.gpu
+        return env
+
+
+@dataclass(frozen=True)
+class CellOutcome:
+    """What happened to one cell in this sweep invocation."""
+
+    cell_id: str
+    status: str  # done | diverged | failed | interrupted | skipped (finished before) | locked (runs elsewhere)
+    exit_code: Optional[int] = None
+    seconds: float = 0.0
+    message: str = ""
+
+
+def _last_line(path: Path, offset: int) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            text = f.read().decode(errors="replace")
+    except FileNotFoundError:
+        return ""
+    # progress bars end lines with \r; the last real message is the last non-empty piece
+    lines = [ln.strip() for ln in text.replace("\r", "\n").splitlines() if ln.strip()]
+    return lines[-1] if lines else ""
+
+
+def run_cell(
+    root: str | Path,
+    cell_id: str,
+    resources: Resources = Resources(),
+    train_command: Optional[list[str]] = None,
+) -> CellOutcome:
+    """Run (or resume, or skip) one cell in the sweep dir ``root``. Safe to call from many processes."""
+    sweep = SweepDir(root)
+    state = sweep.state(cell_id)
+    if state in FINISHED:
+        return CellOutcome(cell_id, "skipped", message=f"already {state}")
+    lock = CellLock(sweep.lock_path(cell_id))
+    if not lock.acquire():
+        return CellOutcome(cell_id, "locked", message=f"running elsewhere (lock {sweep.lock_path(cell_id)} is held)")
+    try:
+        res = sweep.result(cell_id)  # another sweep may have finished it just before we took the lock
+        if res is not None and res.get("status") in FINISHED:
+            return CellOutcome(cell_id, "skipped", message=f"already {res['status']}")
+        out_path, err_path = sweep.log_paths(cell_id)
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(
+            sweep.launch_path(cell_id),
+            {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time(),
+             "threads": resources.threads, "gpu": resources.gpu,
+             "devices": resources.devices, "device_kind": resources.device_kind},
+        )
+        cmd = sweep.train_command(cell_id, train_command)
+        env = {**os.environ, **resources.env()}
+        start = time.monotonic()
+        with open(out_path, "ab") as out, open(err_path, "ab") as err:
+            err_offset = err.tell()
+            # the lock descriptor goes to the child too: if this sweep dies, the cell stays locked
+            # until the training process itself ends
+            proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=err, stdin=subprocess.DEVNULL,
+                                    pass_fds=(lock.fd,))
+            try:
+                rc = proc.wait()
+            except BaseException:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                raise
+        seconds = time.monotonic() - start
+        last = _last_line(err_path, err_offset)
+        if rc in (EXIT_DONE, EXIT_DIVERGED):
+            res = sweep.result(cell_id)
+            if res is not None and res.get("status") in FINISHED:
+                sweep.failure_path(cell_id).unlink(missing_ok=True)
+                loss = res.get("heldout_loss")
+                msg = f"held-out loss {loss:.4f}" if isinstance(loss, (int, float)) else ""
+                return CellOutcome(cell_id, res["status"], rc, seconds, msg)
+            last = f"exit code {rc} but no finished result.json in {sweep.run_dir(cell_id)}" + (f"; {last}" if last else "")
+        if rc < 0 or rc == 130:  # killed by a signal / Ctrl-C: not the cell's fault, resumes next time
+            return CellOutcome(cell_id, "interrupted", rc, seconds, last)
+        atomic_write_json(sweep.failure_path(cell_id),
+                          {"exit_code": rc, "last_stderr_line": last, "seconds": seconds, "time": time.time(),
+                           "stderr_log": str(err_path)})
+        return CellOutcome(cell_id, "failed", rc, seconds, last)
+    finally:
+        lock.release()
+
+
+@dataclass
+class LocalExecutor:
+    """Cells on this machine: ``jobs`` at once; with GPUs one per job, else cores // jobs threads each."""
+
+    jobs: int = 1
+    gpus: Optional[int] = None  # None: detect (torch.cuda.device_count())
+    threads: Optional[int] = None  # per job; None: cpu_count // jobs
+    train_command: Optional[list[str]] = None
+    on_outcome: Callable[[CellOutcome, int, int], None] = field(default=lambda o, i, n: None)
+
+    def resources(self, slot: int) -> Resources:
+        gpus = self.gpus if self.gpus is not None else _cuda_device_count()
+        threads = self.threads or max(1, (os.cpu_count() or 1) // max(1, self.jobs))
+        if gpus > 0:
+            return Resources(threads=threads, gpu=str(slot % gpus))
+        return Resources(threads=threads)
+
+    def run(self, root: str | Path, cell_ids: list[str]) -> list[CellOutcome]:
+        """Run the cells; outcomes in completion order. Ctrl-C stops launching and ends running cells."""
+        todo: queue.Queue[str] = queue.Queue()
+        for cid in cell_ids:
+            todo.put(cid)
+        outcomes: list[CellOutcome] = []
+        stop = threading.Event()
+        lock = threading.Lock()
+        errors: list[BaseException] = []
+
+        def worker(slot: int) -> None:
+            while not stop.is_set():
+                try:
+                    cid = todo.get_nowait()
+                except queue.Empty:
+                    return
+                try:
+                    o = run_cell(root, cid, self.resources(slot), self.train_command)
+                except BaseException as e:  # our bug: stop the sweep, keep the traceback
+                    errors.append(e)
+                    stop.set()
+                    return
+                with lock:
+                    outcomes.append(o)
+                    self.on_outcome(o, len(outcomes), len(cell_ids))
+                if o.status == "interrupted":
+                    stop.set()
+
+        threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(max(1, self.jobs))]
+        for t in threads:
+            t.start()
+        try:
+            for t in threads:
+                while t.is_alive():
+                    t.join(timeout=0.2)
+        except KeyboardInterrupt:
+            # the children got the same SIGINT from the terminal; wait for them to checkpoint and exit
+            stop.set()
+            for t in threads:
+                t.join(timeout=60)
+            raise
+        if errors:
+            raise errors[0]
+        return outcomes
+
+
+def _cuda_device_count() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count()
+    except Exception:  # torch missing or broken CUDA: run on CPU
+        return 0
+
+
+def _array_task(root: str, cell_id: str, resources: Resources, train_command: Optional[list[str]]) -> CellOutcome:
+    """One Slurm array task (module-level so submitit can pickle it)."""
+    return run_cell(root, cell_id, resources, train_command)
+
+
+@dataclass
+class SlurmExecutor:
+    """One submitit array task per cell. ``cluster="local"`` runs the tasks here (for tests)."""
+
+    partition: Optional[str] = None
+    gpus_per_node: int = 0
+    cpus_per_task: int = 4
+    timeout_minutes: int = 60
+    array_parallelism: int = 64
+    cluster: Optional[str] = None  # None: submitit's detection (slurm when sbatch exists)
+    train_command: Optional[list[str]] = None
+    extra_parameters: dict = field(default_factory=dict)
+
+    def submit(self, root: str | Path, cell_ids: list[str]) -> list:
+        """Submit the cells as one job array; returns submitit jobs (``job.result()`` is a CellOutcome)."""
+        import submitit
+
+        root = str(Path(root).resolve())
+        executor = submitit.AutoExecutor(folder=str(Path(root) / "submitit" / "%j"), cluster=self.cluster)
+        params = dict(timeout_min=self.timeout_minutes, cpus_per_task=self.cpus_per_task,
+                      slurm_array_parallelism=self.array_parallelism, name=f"convscale-{Path(root).name}")
+        if self.gpus_per_node:
+            params["gpus_per_node"] = self.gpus_per_node
+        if self.partition:
+            params["slurm_partition"] = self.partition
+        params.update(self.extra_parameters)
+        executor.update_parameters(**params)
+        # Slurm sets CUDA_VISIBLE_DEVICES itself; keep it (gpu="") out of our env unless on CPU
+        res = Resources(threads=self.cpus_per_task, gpu=None)
+        if self.gpus_per_node:
+            res = _SlurmGpuResources(threads=self.cpus_per_task, gpus=self.gpus_per_node)
+        n = len(cell_ids)
+        return executor.map_array(_array_task, [root] * n, list(cell_ids), [res] * n, [self.train_command] * n)
+
+    def run(self, root: str | Path, cell_ids: list[str], on_outcome=None) -> list[CellOutcome]:
+        """Submit and wait for every task; a task that died without an outcome is recorded as failed."""
+        sweep = SweepDir(root)
+        outcomes = []
+        jobs = self.submit(root, cell_ids)
+        for i, (cid, job) in enumerate(zip(cell_ids, jobs)):
+            try:
+                o = job.result()
+            except Exception as e:  # killed by Slurm (time limit, pre-emption) or the task crashed
+                last = (str(e).strip().splitlines() or [""])[-1]
+                atomic_write_json(sweep.failure_path(cid),
+                                  {"exit_code": None, "last_stderr_line": f"slurm job {job.job_id}: {last}",
+                                   "time": time.time()})
+                o = CellOutcome(cid, "failed", None, 0.0, f"slurm job {job.job_id}: {last}")
+            outcomes.append(o)
+            if on_outcome:
+                on_outcome(o, i + 1, len(cell_ids))
+        return outcomes
+
+
+@dataclass(frozen=True)
+class _SlurmGpuResources(Resources):
+    """GPU resources whose CUDA_VISIBLE_DEVICES is set by Slurm, not by us."""
+
+    gpus: int = 1
+
+    @property
+    def devices(self) -> int:
+        return self.gpus
+
+    @property
+    def device_kind(self) -> str:
+        return "gpu"
+
+    def env(self) -> dict[str, str]:
+        return {"OMP_NUM_THREADS": str(self.threads), "MKL_NUM_THREADS": str(self.threads)}

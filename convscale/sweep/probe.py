@@ -1,0 +1,144 @@
+"""How long a sweep will take: a short measured throughput probe, and device-hours on reference hardware.
+
+The probe times a few real training steps (forward + backward + SGD update, the study's precision
+and batch size, random images) of each model on this machine, plus a few batches of the study's data
+source, and extrapolates to each cell's images. It ignores evaluation and checkpoints (small for
+these runs), so it is a lower bound on wall time; `convscale sweep plan` reports it as an estimate.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Optional
+
+#: Peak dense throughput (FLOP/s) of reference devices. Sources: NVIDIA H100 SXM datasheet
+#: (989.4 TFLOP/s bf16 dense tensor core; 1979 is with 2:4 sparsity), Google Cloud TPU v4 docs
+#: (275 TFLOP/s bf16 per chip, two TensorCores per chip -> 137.5 per core; the paper counts cores).
+REFERENCE_DEVICES: dict[str, tuple[float, str]] = {
+    "h100": (989.4e12, "NVIDIA H100 SXM GPU, bf16 dense peak 989.4 TFLOP/s"),
+    "tpu-v4-core": (137.5e12, "TPU-v4 core, bf16 peak 137.5 TFLOP/s (275 per chip, 2 cores per chip)"),
+}
+#: Model FLOPs utilisation assumed for reference hardware; large ConvNets/ViTs typically reach 30-50 %.
+DEFAULT_MFU = 0.4
+#: Seconds a `convscale train` subprocess spends starting (python + torch import, model build).
+STARTUP_SECONDS = 3.0
+
+
+@dataclass(frozen=True)
+class ModelProbe:
+    """Measured training throughput of one model on this machine."""
+
+    model: str
+    images_per_second: float
+    steps_timed: int
+    seconds_timed: float
+    threads: int
+    device: str
+    precision: str
+
+
+def reference_device_hours(train_flops: float, device: str, mfu: float = DEFAULT_MFU) -> float:
+    """Device-hours to do ``train_flops`` on a reference device at ``mfu`` of its peak."""
+    peak, _ = REFERENCE_DEVICES[device]
+    return train_flops / (peak * mfu) / 3600.0
+
+
+def default_threads(jobs: int) -> int:
+    """Torch threads per job when ``jobs`` CPU runs share this machine."""
+    return max(1, (os.cpu_count() or 1) // max(1, jobs))
+
+
+def probe_model(
+    name: str,
+    batch_size: int,
+    resolution: int,
+    num_classes: int,
+    precision: str = "bf16",
+    channels_last: bool = True,
+    model_overrides: Optional[dict[str, Any]] = None,
+    seconds: float = 1.0,
+    max_steps: int = 20,
+    threads: Optional[int] = None,
+) -> ModelProbe:
+    """Time training steps of ``name`` for about ``seconds`` (after one untimed warm-up step)."""
+    import torch
+
+    from convscale.models import get_config
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    old_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        cfg = get_config(name, num_classes=num_classes, **(model_overrides or {}))
+        torch.manual_seed(0)
+        model = cfg.build().to(device)
+        x = torch.randn(batch_size, 3, resolution, resolution, device=device)
+        if channels_last and cfg.family == "nfnet":
+            model = model.to(memory_format=torch.channels_last)
+            x = x.contiguous(memory_format=torch.channels_last)
+        y = torch.randint(0, num_classes, (batch_size,), device=device)
+        opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+        dtype = torch.bfloat16 if precision == "bf16" else None
+
+        def step() -> None:
+            with torch.autocast(device_type=device, dtype=dtype or torch.float32, enabled=dtype is not None):
+                loss = torch.nn.functional.cross_entropy(model(x).float(), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        def sync() -> None:
+            if device == "cuda":
+                torch.cuda.synchronize()
+
+        step()  # warm-up: allocations, kernel selection
+        sync()
+        start = time.perf_counter()
+        n = 0
+        while n < max_steps and (n < 2 or time.perf_counter() - start < seconds):
+            step()
+            n += 1
+        sync()
+        elapsed = time.perf_counter() - start
+    finally:
+        torch.set_num_threads(old_threads)
+    return ModelProbe(
+        model=cfg.name,
+        images_per_second=n * batch_size / elapsed,
+        steps_timed=n,
+        seconds_timed=elapsed,
+        threads=threads or old_threads,
+        device=device,
+        precision=precision,
+    )
+
+
+def probe_data(data_cfg, batch_size: int, batches: int = 4, threads: Optional[int] = None) -> float:
+    """Images per second the study's training data source delivers (after one untimed batch)."""
+    import torch
+
+    from convscale.data import build_source
+
+    old_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        it = iter(build_source(data_cfg).train_batches(batch_size))
+        next(it)
+        start = time.perf_counter()
+        for _ in range(batches):
+            next(it)
+        return batches * batch_size / (time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(old_threads)
+
+
+def estimate_cell_seconds(images: int, model_images_per_second: float, data_images_per_second: Optional[float]) -> float:
+    """Wall seconds of one cell: start-up plus each image's model step and data time (serial)."""
+    per_image = 1.0 / model_images_per_second
+    if data_images_per_second:
+        per_image += 1.0 / data_images_per_second
+    return STARTUP_SECONDS + images * per_image

@@ -1,0 +1,90 @@
+"""The results table of a sweep: one row per cell, the input of the `scaling` stage.
+
+Columns (units in the names or here): study, family, model, params, flops_per_image (forward
+FLOPs per image at ``resolution``), resolution, batch_size, images_seen, epochs, lr,
+budget_flops, train_flops, wall_hours, device_hours (wall hours x devices the run used: GPUs,
+or CPU cores), loss / top1 / top5 (final held-out; top-k as fractions), status
+(done / diverged / failed / pending), run_dir; then cell_id, optimizer, budget_kind, budget,
+steps, device_kind, error (last stderr line of a failed cell).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from convscale.sweep.fsutil import atomic_write, read_json
+from convscale.sweep.sweepdir import SweepDir
+
+COLUMNS = (
+    "study", "family", "model", "params", "flops_per_image", "resolution", "batch_size",
+    "images_seen", "epochs", "lr", "budget_flops", "train_flops", "wall_hours", "device_hours",
+    "loss", "top1", "top5", "status", "run_dir",
+)
+EXTRA_COLUMNS = ("cell_id", "optimizer", "budget_kind", "budget", "steps", "device_kind", "error")
+STATUSES = ("done", "diverged", "failed", "pending")
+
+
+def _num(v: Any) -> float:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else math.nan
+
+
+def collect(root: str | Path):
+    """The results table (a pandas DataFrame) of the sweep in ``root``; UserError if it holds no sweep."""
+    import pandas as pd
+
+    sweep = SweepDir(root)
+    study, cells = sweep.load()
+    epoch_images = (read_json(sweep.plan_path) or {}).get("epoch_images") or 0
+    rows = []
+    for c in cells:
+        state = sweep.state(c.cell_id)
+        res = sweep.result(c.cell_id) or {}
+        launch = read_json(sweep.launch_path(c.cell_id)) or {}
+        failure = read_json(sweep.failure_path(c.cell_id)) or {}
+        finished = state in ("done", "diverged")
+        images_seen = res.get("images_seen") if finished else None
+        wall_hours = _num(res.get("wall_seconds")) / 3600.0 if finished else math.nan
+        devices = launch.get("devices") or 1
+        rows.append({
+            "study": study.name,
+            "family": c.family,
+            "model": c.model,
+            "params": c.params,
+            "flops_per_image": c.flops_per_image,
+            "resolution": c.resolution,
+            "batch_size": c.batch_size,
+            "images_seen": images_seen if images_seen is not None else pd.NA,
+            "epochs": _num(images_seen) / epoch_images if (epoch_images and images_seen is not None) else math.nan,
+            "lr": c.lr,
+            "budget_flops": c.budget_flops,
+            "train_flops": _num(res.get("train_flops")) if finished else math.nan,
+            "wall_hours": wall_hours,
+            "device_hours": wall_hours * devices,
+            "loss": _num(res.get("heldout_loss")) if finished else math.nan,
+            "top1": _num(res.get("heldout_top1")) if finished else math.nan,
+            "top5": _num(res.get("heldout_top5")) if finished else math.nan,
+            # a running cell has no result yet: for the table it is pending
+            "status": state if state in STATUSES else "pending",
+            "run_dir": str(sweep.run_dir(c.cell_id)),
+            "cell_id": c.cell_id,
+            "optimizer": c.optimizer,
+            "budget_kind": c.budget_kind,
+            "budget": c.budget,
+            "steps": c.steps,
+            "device_kind": launch.get("device_kind", ""),
+            "error": failure.get("last_stderr_line", "") if state == "failed" else "",
+        })
+    df = pd.DataFrame(rows, columns=[*COLUMNS, *EXTRA_COLUMNS])
+    df["images_seen"] = df["images_seen"].astype("Int64")
+    return df
+
+
+def write_results(root: str | Path, df) -> tuple[Path, Path]:
+    """Write ``results.parquet`` and ``results.csv`` atomically (readers never see half a file)."""
+    root = Path(root)
+    parquet, csv = root / "results.parquet", root / "results.csv"
+    atomic_write(parquet, lambda p: df.to_parquet(p, index=False))
+    atomic_write(csv, lambda p: df.to_csv(p, index=False))
+    return parquet, csv

@@ -1,0 +1,139 @@
+"""The sweep directory: where a study's plan, cell configs, run dirs, locks and results live.
+
+    SWEEP_DIR/
+      study.json            the resolved study (StudyConfig.to_json)
+      plan.json             every cell with its planned images, steps and FLOPs
+      configs/<cell>.json   the cell's TrainConfig: `convscale train --config` reads it
+      runs/<cell>/          an ordinary `convscale train` run dir (config.json, metrics.jsonl, result.json)
+      locks/<cell>.lock     flock-held while the cell runs
+      logs/<cell>.out|.err  the training subprocess's stdout/stderr (appended across attempts)
+      launches/<cell>.json  how the last attempt ran (devices, threads, host): for device-hours
+      failures/<cell>.json  exit code and last stderr line of a failed attempt (removed on success)
+      results.parquet|.csv  one row per cell (`convscale sweep collect`)
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+from convscale.errors import UserError
+from convscale.sweep.fsutil import atomic_write_json, atomic_write_text, read_json
+from convscale.sweep.locking import is_locked
+from convscale.sweep.planner import Cell, Plan, cell_train_config
+from convscale.sweep.study import StudyConfig
+
+FINISHED = ("done", "diverged")  # train's result.json statuses: such a cell never runs again
+
+
+def _numbers_part(train_config: dict[str, Any]) -> dict[str, Any]:
+    """The fields of a TrainConfig dict that change a run's numbers (not run_dir, threads, ...)."""
+    from convscale.train.config import RUNTIME_ONLY_FIELDS
+
+    return {k: v for k, v in train_config.items() if k not in RUNTIME_ONLY_FIELDS}
+
+
+class SweepDir:
+    """Paths and state of one sweep directory."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    # --- paths ---------------------------------------------------------------------------
+    @property
+    def study_path(self) -> Path:
+        return self.root / "study.json"
+
+    @property
+    def plan_path(self) -> Path:
+        return self.root / "plan.json"
+
+    def config_path(self, cell_id: str) -> Path:
+        return self.root / "configs" / f"{cell_id}.json"
+
+    def run_dir(self, cell_id: str) -> Path:
+        return self.root / "runs" / cell_id
+
+    def lock_path(self, cell_id: str) -> Path:
+        return self.root / "locks" / f"{cell_id}.lock"
+
+    def log_paths(self, cell_id: str) -> tuple[Path, Path]:
+        return self.root / "logs" / f"{cell_id}.out", self.root / "logs" / f"{cell_id}.err"
+
+    def launch_path(self, cell_id: str) -> Path:
+        return self.root / "launches" / f"{cell_id}.json"
+
+    def failure_path(self, cell_id: str) -> Path:
+        return self.root / "failures" / f"{cell_id}.json"
+
+    # --- writing the plan ----------------------------------------------------------------
+    def prepare(self, plan: Plan) -> None:
+        """Write study.json, plan.json and every cell's TrainConfig.
+
+        A cell whose run has started may not change its config (its run dir would resume a
+        different run); that is a UserError naming the fix. Cells are only ever added.
+        """
+        configs: dict[str, str] = {}
+        for cell in plan.cells:
+            cfg = cell_train_config(plan.study, cell, str(self.run_dir(cell.cell_id)))
+            text = cfg.to_json() + "\n"
+            old = read_json(self.config_path(cell.cell_id))
+            if old is not None and _numbers_part(old) != _numbers_part(cfg.to_dict()) and self.run_dir(cell.cell_id).exists():
+                raise UserError(
+                    f"cell {cell.cell_id} already started in {self.root} with different settings; "
+                    f"use a new --dir for the changed study, or delete {self.run_dir(cell.cell_id)} to rerun it"
+                )
+            configs[cell.cell_id] = text
+        for cell_id, text in configs.items():
+            if not self.config_path(cell_id).is_file() or self.config_path(cell_id).read_text() != text:
+                atomic_write_text(self.config_path(cell_id), text)
+        # keep cells of earlier versions of the study that have runs: their results stay collectable
+        old_plan = read_json(self.plan_path) or {}
+        new_ids = {c.cell_id for c in plan.cells}
+        kept = [c for c in old_plan.get("cells", []) if c["cell_id"] not in new_ids and self.run_dir(c["cell_id"]).exists()]
+        d = plan.to_dict()
+        d["cells"] = d["cells"] + kept
+        plan.study.write(self.study_path)
+        atomic_write_json(self.plan_path, d)
+
+    # --- reading -------------------------------------------------------------------------
+    def exists(self) -> bool:
+        return self.study_path.is_file() and self.plan_path.is_file()
+
+    def load(self) -> tuple[StudyConfig, list[Cell]]:
+        """The study and cells written by ``prepare``; UserError if this is not a sweep dir."""
+        if not self.exists():
+            raise UserError(
+                f"{self.root} holds no sweep (no study.json/plan.json); run "
+                f"`convscale sweep run STUDY.toml --dir {self.root}` first, or give the sweep's directory"
+            )
+        study = StudyConfig.from_json(self.study_path.read_text())
+        plan = read_json(self.plan_path)
+        if plan is None:
+            raise UserError(f"{self.plan_path} is unreadable; rerun `convscale sweep run` to rewrite it")
+        return study, [Cell.from_dict(c) for c in plan["cells"]]
+
+    def result(self, cell_id: str) -> Optional[dict[str, Any]]:
+        """The cell's result.json (written by train at the end of the run), if any."""
+        return read_json(self.run_dir(cell_id) / "result.json")
+
+    def state(self, cell_id: str) -> str:
+        """done | diverged (finished), failed (last attempt failed), running (locked) or pending."""
+        res = self.result(cell_id)
+        if res is not None and res.get("status") in FINISHED:
+            return res["status"]
+        if is_locked(self.lock_path(cell_id)):
+            return "running"
+        if self.failure_path(cell_id).is_file():
+            return "failed"
+        return "pending"
+
+    def train_command(self, cell_id: str, prefix: Optional[list[str]] = None) -> list[str]:
+        """The command that runs (or resumes) the cell, exactly as a human could type it."""
+        prefix = prefix or [sys.executable, "-m", "convscale", "train"]
+        return [*prefix, "--config", str(self.config_path(cell_id)), "--run-dir", str(self.run_dir(cell_id))]
+
+    def train_command_text(self, cell_id: str) -> str:
+        return shlex.join(["python", "-m", "convscale", "train"] + self.train_command(cell_id)[4:])

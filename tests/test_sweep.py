@@ -1,0 +1,334 @@
+"""convscale.sweep: study parsing, planning arithmetic, locking, resume semantics, executors, results."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from convscale.errors import UserError
+from convscale.sweep import (
+    COLUMNS,
+    LocalExecutor,
+    SlurmExecutor,
+    SweepDir,
+    collect,
+    load_study,
+    parse_study,
+    plan_study,
+    write_results,
+)
+from convscale.sweep.locking import CellLock, is_locked
+from convscale.sweep.study import StudyConfig
+
+REPO = Path(__file__).resolve().parents[1]
+
+STUDY = """
+name = "t"
+[data]
+kind = "procedural"
+resolution = 16
+num_classes = 10
+heldout_images = 64
+[train]
+batch_size = 32
+precision = "fp32"
+[[family]]
+name = "nfnet"
+models = ["nfnet-tiny"]
+optimizer = "sgd_agc"
+lr_center = 0.2
+lr_factors = [0.5, 2]
+[family.train]
+agc_exempt_scalar_gains = true
+[[family]]
+name = "vit"
+models = ["vit-tiny"]
+optimizer = "adamw"
+lrs = [0.004]
+[budgets]
+{budgets}
+"""
+
+
+def study_from(tmp_path: Path, budgets: str = "images = [64, 128]", text: str = STUDY) -> StudyConfig:
+    p = tmp_path / "study.toml"
+    p.write_text(text.replace("{budgets}", budgets))
+    return load_study(p)
+
+
+# ---------------------------------------------------------------------------------------------
+# study files
+
+
+def test_example_study_parses_and_round_trips_through_json():
+    study = load_study(REPO / "studies" / "example.toml")
+    assert study.name == "example"
+    assert study.data.resolution == 16 and study.data.num_classes == 100
+    nf, vit = study.families
+    assert nf.learning_rates() == [0.1, 0.2, 0.4]  # 0.2 x [0.5, 1, 2]
+    assert vit.learning_rates() == [0.002, 0.004]
+    assert nf.train["agc_exempt_scalar_gains"] is True
+    assert study.budgets.kind == "train_flops" and study.budgets.values == (1e11, 3e11, 1e12)
+    again = StudyConfig.from_json(study.to_json())
+    assert again == study
+
+
+@pytest.mark.parametrize(
+    "edit, field, where",
+    [
+        (("name = \"t\"", "name = \"t\"\nnmae = 1"), "nmae", "study"),
+        (("num_classes = 10", "num_clases = 10"), "num_clases", "[data]"),
+        (("batch_size = 32", "batchsize = 32"), "batchsize", "[train]"),
+        (("lr_factors = [0.5, 2]", "lr_factor = [0.5, 2]"), "lr_factor", "[[family]]"),
+        (("agc_exempt_scalar_gains = true", "agc_exempt = true"), "agc_exempt", "train"),
+    ],
+)
+def test_unknown_fields_are_user_errors_naming_field_and_valid_ones(tmp_path, edit, field, where):
+    with pytest.raises(UserError) as e:
+        study_from(tmp_path, text=STUDY.replace(*edit))
+    msg = str(e.value)
+    assert field in msg and where in msg and "valid fields" in msg and "\n" not in msg
+
+
+def test_unknown_budget_field_and_budget_count(tmp_path):
+    with pytest.raises(UserError, match="valid fields.*train_flops"):
+        study_from(tmp_path, budgets="flops = [1e9]")
+    with pytest.raises(UserError, match="exactly one of"):
+        study_from(tmp_path, budgets="images = [64]\nepochs = [1]")
+
+
+def test_cell_fields_in_train_table_are_refused(tmp_path):
+    with pytest.raises(UserError, match="sets per cell"):
+        study_from(tmp_path, text=STUDY.replace("batch_size = 32", "batch_size = 32\nlr = 0.1"))
+    with pytest.raises(UserError, match="either lr_center"):
+        study_from(tmp_path, text=STUDY.replace("lrs = [0.004]", "lrs = [0.004]\nlr_center = 0.1"))
+    with pytest.raises(UserError, match="optimizer must be one of"):
+        study_from(tmp_path, text=STUDY.replace('"adamw"', '"adam"'))
+
+
+# ---------------------------------------------------------------------------------------------
+# planner
+
+
+def test_isoflop_planner_arithmetic(tmp_path):
+    from convscale.models import get_config
+
+    budgets = (3e9, 1e10)
+    study = study_from(tmp_path, budgets=f"train_flops = {list(budgets)}")
+    plan = plan_study(study)
+    assert len(plan.cells) == 2 * (2 + 1)  # 2 budgets x (nfnet 2 lrs + vit 1 lr)
+    for c in plan.cells:
+        fwd = get_config(c.model, num_classes=10).forward_flops(16)
+        assert c.flops_per_image == fwd
+        per_image = 3 * fwd
+        # images = budget / (3 x forward FLOPs), rounded to whole batches of 32
+        assert c.steps == math.floor(c.budget / per_image / 32 + 0.5)
+        assert c.images == c.steps * 32
+        assert c.train_flops == per_image * c.images
+        assert abs(c.train_flops - c.budget) <= 0.5 * 32 * per_image  # within half a batch
+        assert c.budget_flops == c.budget
+    ids = [c.cell_id for c in plan.cells]
+    assert "nfnet-tiny__C3e+09__lr0.1" in ids and "vit-tiny__C1e+10__lr0.004" in ids
+    assert all(all(ch.isalnum() or ch in "._+-" for ch in i) for i in ids)
+    assert len(set(ids)) == len(ids)
+
+
+def test_model_that_cannot_meet_a_budget_is_left_out_and_infeasible_budget_errors(tmp_path):
+    from convscale.models import get_config
+
+    fwd = {m: get_config(m, num_classes=10).forward_flops(16) for m in ("nfnet-tiny", "vit-tiny")}
+    small, big = sorted(fwd, key=fwd.get)
+    # a budget between one batch of the small model and one batch of the big one
+    budget = 32 * 3 * (fwd[small] + fwd[big]) / 2
+    plan = plan_study(study_from(tmp_path, budgets=f"train_flops = [{budget!r}]"))
+    assert {c.model for c in plan.cells} == {small}
+    assert [(s.model, s.budget) for s in plan.skipped] == [(big, budget)]
+    assert "less than one batch" in plan.skipped[0].reason
+    tiny = 0.5 * 32 * 3 * fwd[small]
+    with pytest.raises(UserError) as e:
+        plan_study(study_from(tmp_path, budgets=f"train_flops = [{tiny!r}, {budget!r}]"))
+    assert f"{tiny:g}" in str(e.value) and "raise it" in str(e.value)
+
+
+def test_epoch_budgets_and_max_epochs(tmp_path):
+    from convscale.models import get_config
+
+    text = STUDY.replace("precision = \"fp32\"", "precision = \"fp32\"\nepoch_images = 1000")
+    plan = plan_study(study_from(tmp_path, budgets="epochs = [0.5]", text=text))
+    # 0.5 epochs = 500 images = 15.6 batches of 32 -> 16 steps, 512 images
+    assert all(c.steps == 16 and c.images == 512 and c.epochs == 0.512 for c in plan.cells)
+    assert all(c.budget_flops == c.train_flops for c in plan.cells) and len(plan.cells) == 3
+    with pytest.raises(UserError, match="epochs=2 .*max_epochs"):
+        plan_study(study_from(tmp_path, budgets="epochs = [0.5, 2]\nmax_epochs = 1", text=text))
+    # a FLOP budget that needs > 1 epoch of the smaller model only: the smaller model is left out
+    fwd = {m: get_config(m, num_classes=10).forward_flops(16) for m in ("nfnet-tiny", "vit-tiny")}
+    budget = 3 * 1000 * math.sqrt(fwd["nfnet-tiny"] * fwd["vit-tiny"])
+    plan = plan_study(study_from(tmp_path, budgets=f"train_flops = [{budget!r}]\nmax_epochs = 1", text=text))
+    small = min(fwd, key=fwd.get)
+    assert small not in {c.model for c in plan.cells} and [s.model for s in plan.skipped] == [small]
+    assert "more than max_epochs=1" in plan.skipped[0].reason
+
+
+# ---------------------------------------------------------------------------------------------
+# executors with a fake `convscale train` (no torch): behaviour per cell from behaviour.json
+
+FAKE_TRAIN = r"""
+import json, os, sys, time
+args = dict(zip(sys.argv[1::2], sys.argv[2::2]))
+run_dir = args["--run-dir"]
+cell = os.path.basename(run_dir)
+sweep = os.path.dirname(os.path.dirname(run_dir))
+with open(os.path.join(sweep, "calls.log"), "a") as f:
+    f.write(cell + "\n")
+behaviour = json.load(open(os.path.join(sweep, "behaviour.json"))).get(cell, "done")
+os.makedirs(run_dir, exist_ok=True)
+cfg = json.load(open(args["--config"]))
+json.dump(cfg, open(os.path.join(run_dir, "config.json"), "w"))
+if behaviour == "crash":
+    print("Traceback...\nRuntimeError: boom", file=sys.stderr)
+    sys.exit(1)
+if behaviour == "sleep":
+    time.sleep(1.5)
+status = "diverged" if behaviour == "diverged" else "done"
+images = cfg["images"]
+json.dump({"status": status, "heldout_loss": 1.5 if status == "done" else None,
+           "heldout_top1": 0.25 if status == "done" else None, "heldout_top5": 0.75 if status == "done" else None,
+           "images_seen": images, "train_flops": 3.0 * images, "wall_seconds": 36.0,
+           "threads": os.environ.get("OMP_NUM_THREADS")},
+          open(os.path.join(run_dir, "result.json"), "w"))
+sys.exit(3 if status == "diverged" else 0)
+"""
+
+
+@pytest.fixture
+def fake(tmp_path):
+    script = tmp_path / "fake_train.py"
+    script.write_text(FAKE_TRAIN)
+    study = study_from(tmp_path)
+    sweep = SweepDir(tmp_path / "sweep")
+    plan = plan_study(study)
+    sweep.prepare(plan)
+
+    def behave(**b):
+        (sweep.root / "behaviour.json").write_text(json.dumps(b))
+
+    def calls():
+        log = sweep.root / "calls.log"
+        return log.read_text().split() if log.exists() else []
+
+    behave()
+    return sweep, [c.cell_id for c in plan.cells], [sys.executable, str(script)], behave, calls
+
+
+def test_resume_semantics_done_skipped_crashed_rerun_failed_recorded(fake):
+    sweep, ids, cmd, behave, calls = fake
+    assert len(ids) == 6
+    crash, div = ids[0], ids[1]
+    behave(**{crash: "crash", div: "diverged"})
+    out = {o.cell_id: o for o in LocalExecutor(jobs=1, threads=1, train_command=cmd).run(sweep.root, ids)}
+    assert out[crash].status == "failed" and out[crash].exit_code == 1
+    assert out[crash].message == "RuntimeError: boom"  # the last stderr line
+    assert json.loads(sweep.failure_path(crash).read_text())["last_stderr_line"] == "RuntimeError: boom"
+    assert out[div].status == "diverged" and out[div].exit_code == 3
+    assert sum(o.status == "done" for o in out.values()) == 4
+    assert sweep.state(crash) == "failed" and sweep.state(div) == "diverged"
+
+    behave()  # the bug is fixed: the crashed cell now finishes
+    out2 = {o.cell_id: o for o in LocalExecutor(jobs=1, threads=1, train_command=cmd).run(sweep.root, ids)}
+    assert out2[crash].status == "done"
+    assert all(out2[i].status == "skipped" for i in ids if i != crash)  # done and diverged never rerun
+    assert calls().count(crash) == 2 and all(calls().count(i) == 1 for i in ids if i != crash)
+    assert not sweep.failure_path(crash).exists()
+
+
+def test_locked_cell_is_skipped(fake):
+    sweep, ids, cmd, behave, calls = fake
+    lock = CellLock(sweep.lock_path(ids[2]))
+    assert lock.acquire()  # "another sweep" is running this cell
+    try:
+        assert is_locked(sweep.lock_path(ids[2])) and sweep.state(ids[2]) == "running"
+        out = {o.cell_id: o for o in LocalExecutor(jobs=2, threads=1, train_command=cmd).run(sweep.root, ids)}
+    finally:
+        lock.release()
+    assert out[ids[2]].status == "locked" and ids[2] not in calls()
+    assert sum(o.status == "done" for o in out.values()) == 5
+    assert not is_locked(sweep.lock_path(ids[2]))
+
+
+def test_parallel_jobs_split_threads_and_run_at_once(fake):
+    sweep, ids, cmd, behave, calls = fake
+    behave(**{i: "sleep" for i in ids[:2]})
+    import time
+
+    t0 = time.monotonic()
+    out = LocalExecutor(jobs=2, threads=3, gpus=0, train_command=cmd).run(sweep.root, ids[:2])
+    assert time.monotonic() - t0 < 2.9  # two 1.5 s cells side by side, not one after the other
+    assert [o.status for o in out] == ["done", "done"]
+    assert json.loads((sweep.run_dir(ids[0]) / "result.json").read_text())["threads"] == "3"
+
+
+def test_results_table_columns_and_values(fake):
+    sweep, ids, cmd, behave, calls = fake
+    behave(**{ids[0]: "crash"})
+    LocalExecutor(jobs=1, threads=2, gpus=0, train_command=cmd).run(sweep.root, ids[:3])
+    df = collect(sweep.root)
+    assert list(df.columns[: len(COLUMNS)]) == list(COLUMNS)
+    assert len(df) == 6
+    by = df.set_index("cell_id")
+    assert by.loc[ids[0], "status"] == "failed" and by.loc[ids[0], "error"] == "RuntimeError: boom"
+    assert (by.loc[ids[3:], "status"] == "pending").all()
+    done = by.loc[ids[1]]
+    assert done["status"] == "done" and done["loss"] == 1.5 and done["top5"] == 0.75
+    assert done["wall_hours"] == pytest.approx(0.01) and done["device_hours"] == pytest.approx(0.02)  # 2 cores
+    assert done["images_seen"] == done["budget"] == 64 and done["study"] == "t"
+    parquet, csv = write_results(sweep.root, df)
+    import pandas as pd
+
+    back = pd.read_parquet(parquet)
+    assert list(back.columns) == list(df.columns) and len(pd.read_csv(csv)) == 6
+
+
+def test_empty_sweep_dir_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="convscale sweep run"):
+        collect(tmp_path)
+
+
+def test_changed_config_of_a_started_cell_is_a_user_error(fake, tmp_path):
+    sweep, ids, cmd, behave, calls = fake
+    LocalExecutor(jobs=1, threads=1, train_command=cmd).run(sweep.root, ids[:1])
+    changed = study_from(tmp_path, text=STUDY.replace("heldout_images = 64", "heldout_images = 128"))
+    with pytest.raises(UserError, match="different settings"):
+        sweep.prepare(plan_study(changed))
+
+
+def test_submitit_local_executor_runs_cells(fake):
+    sweep, ids, cmd, behave, calls = fake
+    behave(**{ids[1]: "crash"})
+    ex = SlurmExecutor(cluster="local", cpus_per_task=1, timeout_minutes=2, train_command=cmd)
+    out = {o.cell_id: o for o in ex.run(sweep.root, ids[:2])}
+    assert out[ids[0]].status == "done" and out[ids[1]].status == "failed"
+    assert sweep.state(ids[0]) == "done" and sweep.state(ids[1]) == "failed"
+    assert (sweep.root / "submitit").is_dir()
+
+
+# ---------------------------------------------------------------------------------------------
+# the command line
+
+
+def test_cli_plan_and_collect(tmp_path, capsys):
+    from convscale.cli.main import main
+
+    p = tmp_path / "s.toml"
+    p.write_text(STUDY.replace("{budgets}", "train_flops = [3e9]"))
+    assert main(["sweep", "plan", str(p), "--no-probe", "--dir", str(tmp_path / "sw"), "--commands"]) == 0
+    out = capsys.readouterr().out
+    assert "nfnet-tiny" in out and "vit-tiny" in out and "h100-hours" in out and "tpu-v4-core-hours" in out
+    assert f"--run-dir {tmp_path / 'sw' / 'runs' / 'nfnet-tiny__C3e+09__lr0.1'}" in out
+    assert main(["sweep", "collect", str(tmp_path / "nothing")]) == 2
+    assert "convscale sweep run" in capsys.readouterr().err
