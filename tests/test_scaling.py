@@ -248,3 +248,15 @@ def test_format_text_names_skipped_items():
     text = format_text(fit)
     assert "all: lr_trend not fitted:" in text and "[no bootstrap]" in text
     assert math.isnan(fit.families["all"].power_law.a.low)
+
+
+def test_load_results_reads_parquet_sweep_dir(tmp_path, sweep):
+    from convscale.scaling import load_results
+
+    sweep.to_parquet(tmp_path / "results.parquet")
+    pd.DataFrame({"params": [1.0]}).to_csv(tmp_path / "results.csv", index=False)  # parquet wins
+    got = load_results(tmp_path)
+    assert len(got) == len(sweep) and got["loss"].tolist() == sweep["loss"].tolist()
+    with pytest.raises(UserError, match="holds no results.parquet or results.csv"):
+        (tmp_path / "empty").mkdir()
+        load_results(tmp_path / "empty")

@@ -151,6 +151,12 @@ def _fit_family(
         if method == "pareto":
             fam.skipped[item] = "no compute budgets to group runs by (pareto frontier); IsoFLOP parabolas need >= 3 sizes per budget"
             continue
+        if len(iso) < 3:
+            fam.skipped[item] = (
+                f"IsoFLOP parabolas found an interior optimum at {len(iso)} budget(s), need >= 3: "
+                "sweep >= 3 model sizes per budget that bracket the best one"
+            )
+            continue
         attempt(
             item,
             lambda r, col=col, target=target: fit_allocation(
@@ -201,8 +207,13 @@ def fit_results(path: str | Path, **kwargs: Any) -> StudyFit:
     return fit_table(load_results(path), **kwargs)
 
 
+def _g(x: float) -> str:
+    # round-off (1e-16 slopes from exactly flat data) prints as 0
+    return f"{0.0 if abs(x) < 1e-10 else x:.3g}"
+
+
 def _iv(e: Any) -> str:
-    return f"[{e.low:.3g}, {e.high:.3g}]" if np.isfinite(e.low) else "[no bootstrap]"
+    return f"[{_g(e.low)}, {_g(e.high)}]" if np.isfinite(e.low) and np.isfinite(e.high) else "[no bootstrap]"
 
 
 def format_text(fit: StudyFit) -> str:
@@ -224,14 +235,14 @@ def format_text(fit: StudyFit) -> str:
             a = getattr(f, item)
             if a:
                 sym = "N_opt" if a.quantity == "params" else "D_opt"
-                lines.append(f"{name}: {sym} ~ C^{a.exponent.value:.3g} (in {_iv(a.exponent)}; {a.method}, {a.n_points} budgets)")
+                lines.append(f"{name}: {sym} ~ C^{_g(a.exponent.value)} (in {_iv(a.exponent)}; {a.method}, {a.n_points} budgets)")
         if f.lr_trend:
             t = f.lr_trend
-            s = f"{name}: log lr_opt = {t.intercept.value:.3g} + {t.slope_duration.value:.3g} log {t.duration_column}"
+            s = f"{name}: log lr_opt = {_g(t.intercept.value)} + {_g(t.slope_duration.value)} log {t.duration_column}"
             s += f" (in {_iv(t.slope_duration)}, {t.sign_duration})"
             if t.slope_params:
-                s += f" + {t.slope_params.value:.3g} log N (in {_iv(t.slope_params)}, {t.sign_params})"
-            lines.append(s)
+                s += f" + {_g(t.slope_params.value)} log N (in {_iv(t.slope_params)}, {t.sign_params})"
+            lines.append(s + f"; {t.n_at_grid_edge} of {t.n_points} optima at the edge of their lr grid")
         if f.parametric:
             p = f.parametric
             lines.append(f"{name}: {p.equation()} (alpha in {_iv(p.alpha)}, beta in {_iv(p.beta)})")

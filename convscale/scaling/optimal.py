@@ -67,6 +67,7 @@ def fit_allocation(
     y = np.log(v)
 
     def solve(idx: np.ndarray) -> np.ndarray | None:
+        # a resample needs only 2 distinct budgets to define a line (ols returns None below that)
         coef = ols(design[idx], y[idx])
         if coef is None:
             return None

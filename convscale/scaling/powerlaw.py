@@ -27,7 +27,10 @@ from convscale.scaling.robust import (
 
 FORM_PURE = "A*C^-a"
 FORM_IRREDUCIBLE = "E + A*C^-a"
+# A fit needs one point more than it has parameters; a bootstrap resample only as many as it has
+# parameters, else with 3 budgets every accepted resample is the full set and the interval collapses.
 MIN_POINTS = {FORM_PURE: 3, FORM_IRREDUCIBLE: 4}
+N_PARAMS = {FORM_PURE: 2, FORM_IRREDUCIBLE: 3}
 
 
 @dataclasses.dataclass
@@ -140,7 +143,7 @@ def fit_power_law_samples(
     theta_hat = solve(np.arange(len(c)))
 
     def refit(idx: np.ndarray) -> np.ndarray | None:
-        if len(np.unique(c[idx])) < need:
+        if len(np.unique(c[idx])) < N_PARAMS[form]:
             return None
         return to_raw(solve(idx, extra=theta_hat))
 
