@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -28,3 +31,139 @@ class DropPath(nn.Module):
 
     def extra_repr(self) -> str:
         return f"rate={self.rate}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Normalizer-free layers (NFNets). Numerics follow DeepMind's reference (nfnets/base.py).
+# ---------------------------------------------------------------------------------------------
+
+# gamma such that gamma * f(x) has unit variance for x ~ N(0, 1) (the reference's constants).
+# "gelu" is the tanh approximation, as jax.nn.gelu's default that the constant was computed for.
+ACTIVATION_GAMMAS: dict[str, float] = {
+    "identity": 1.0,
+    "celu": 1.270926833152771,
+    "elu": 1.2716004848480225,
+    "gelu": 1.7015043497085571,
+    "leaky_relu": 1.70590341091156,
+    "log_sigmoid": 1.9193484783172607,
+    "relu": 1.7139588594436646,
+    "relu6": 1.7131484746932983,
+    "selu": 1.0008515119552612,
+    "sigmoid": 4.803835391998291,
+    "silu": 1.7881293296813965,
+    "soft_sign": 2.338853120803833,
+    "softplus": 1.9203323125839233,
+    "tanh": 1.5939117670059204,
+}
+
+_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "identity": lambda x: x,
+    "celu": F.celu,
+    "elu": F.elu,
+    "gelu": lambda x: F.gelu(x, approximate="tanh"),
+    "leaky_relu": F.leaky_relu,
+    "log_sigmoid": F.logsigmoid,
+    "relu": F.relu,
+    "relu6": F.relu6,
+    "selu": F.selu,
+    "sigmoid": torch.sigmoid,
+    "silu": F.silu,
+    "soft_sign": F.softsign,
+    "softplus": F.softplus,
+    "tanh": torch.tanh,
+}
+
+
+class GammaAct(nn.Module):
+    """``f(x) * gamma * scale``: a variance-preserving activation; ``scale`` folds in a constant
+    multiplier (an NFNet block's beta) so it costs no extra pass over the tensor."""
+
+    def __init__(self, name: str = "gelu", scale: float = 1.0):
+        super().__init__()
+        self.name = name
+        self.fn = _ACTIVATIONS[name]
+        self.multiplier = float(ACTIVATION_GAMMAS[name] * scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x) * self.multiplier
+
+    def extra_repr(self) -> str:
+        return f"{self.name}, multiplier={self.multiplier:.6g}"
+
+
+def same_padding(size: int, kernel: int, stride: int, dilation: int = 1) -> tuple[int, int]:
+    """TF "SAME" padding (before, after) along one axis: output size is ceil(size / stride),
+    the odd pixel of an uneven total goes after (bottom/right)."""
+    effective = (kernel - 1) * dilation + 1
+    out = -(-size // stride)
+    total = max((out - 1) * stride + effective - size, 0)
+    return total // 2, total - total // 2
+
+
+class ScaledStdConv2d(nn.Conv2d):
+    """Conv2d with Scaled Weight Standardization, a learnable per-channel ``gain`` (init 1) and
+    ``bias`` (init 0), and TF "SAME" padding, as DeepMind's ``WSConv2D``:
+
+        W_hat = (W - mean) * gain / sqrt(max(fan_in * var, eps)),   eps = 1e-4
+
+    (mean/var over each output channel's fan-in, population variance). Convolutions with stride
+    1 and an odd kernel get static symmetric padding; others pad from the input size at run time,
+    so odd image sizes work exactly as in the reference.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 1, stride: int = 1,
+                 groups: int = 1, dilation: int = 1, eps: float = 1e-4):
+        total = (kernel_size - 1) * dilation
+        self.dynamic_pad = stride > 1 or total % 2 == 1
+        super().__init__(in_channels, out_channels, kernel_size, stride=stride,
+                         padding=0 if self.dynamic_pad else total // 2, dilation=dilation,
+                         groups=groups, bias=True)
+        self.gain = nn.Parameter(torch.ones(out_channels))
+        self.eps = eps
+        self.fan_in = (in_channels // groups) * kernel_size * kernel_size
+        # The reference's VarianceScaling(1.0, "fan_in", "normal"); WS makes the choice minor.
+        nn.init.normal_(self.weight, std=self.fan_in**-0.5)
+        nn.init.zeros_(self.bias)
+
+    def standardized_weight(self) -> torch.Tensor:
+        var, mean = torch.var_mean(self.weight, dim=(1, 2, 3), keepdim=True, correction=0)
+        scale = torch.rsqrt(torch.clamp(var * self.fan_in, min=self.eps)) * self.gain.view(-1, 1, 1, 1)
+        return (self.weight - mean) * scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.dynamic_pad:
+            kh, kw = self.kernel_size
+            sh, sw = self.stride
+            dh, dw = self.dilation
+            x = F.pad(x, same_padding(x.shape[-1], kw, sw, dw) + same_padding(x.shape[-2], kh, sh, dh))
+        return F.conv2d(x, self.standardized_weight(), self.bias, self.stride, self.padding,
+                        self.dilation, self.groups)
+
+
+def avg_pool_same_2x(x: torch.Tensor) -> torch.Tensor:
+    """2x2 average pool, stride 2, TF "SAME": on odd sizes the last window holds only real
+    pixels and is averaged over them (ceil_mode without counting the overhang)."""
+    return F.avg_pool2d(x, 2, 2, ceil_mode=True, count_include_pad=False)
+
+
+class SqueezeExcite(nn.Module):
+    """``x * gain * sigmoid(fc1(relu(fc0(mean_hw(x)))))`` with plain (not standardized) linears.
+
+    As DeepMind's NFNet code: ReLU without gamma inside, output gain 2 so the block is
+    variance-preserving at init (sigmoid ~ 0.5); linears use Haiku's default init
+    (truncated normal, std 1/sqrt(fan_in), cut at 2 std; bias 0).
+    """
+
+    def __init__(self, channels: int, hidden: int, gain: float = 2.0):
+        super().__init__()
+        self.fc0 = nn.Linear(channels, hidden)
+        self.fc1 = nn.Linear(hidden, channels)
+        self.gain = float(gain)
+        for fc in (self.fc0, self.fc1):
+            std = fc.in_features**-0.5
+            nn.init.trunc_normal_(fc.weight, std=std, a=-2 * std, b=2 * std)
+            nn.init.zeros_(fc.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.fc1(F.relu(self.fc0(x.mean((2, 3)))))
+        return x * (torch.sigmoid(s) * self.gain)[:, :, None, None]

@@ -1,0 +1,313 @@
+"""NFNets: published sizes, analytic FLOPs vs torch's counter, reference numerics, names."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from convscale.errors import UserError
+from convscale.models.base import config_from_dict, config_json, config_to_dict
+from convscale.models.layers import (
+    ACTIVATION_GAMMAS,
+    GammaAct,
+    ScaledStdConv2d,
+    avg_pool_same_2x,
+    same_padding,
+)
+from convscale.models.nfnet import VARIANTS, NFNetConfig, parse_name
+
+# [B] Table 3: parameters (M) and MACs (G) at the test resolution.
+PUBLISHED = {
+    "nfnet-f0": (71.5, 12.38, 256),
+    "nfnet-f1": (132.6, 35.54, 320),
+    "nfnet-f2": (193.8, 62.59, 352),
+    "nfnet-f3": (254.9, 114.76, 416),
+    "nfnet-f4": (316.1, 215.24, 512),
+    "nfnet-f5": (377.2, 289.76, 544),
+    "nfnet-f6": (438.4, 377.28, 576),
+}
+
+
+def n_params(cfg: NFNetConfig) -> int:
+    with torch.device("meta"):
+        return sum(p.numel() for p in cfg.build().parameters())
+
+
+def counted_flops(cfg: NFNetConfig, resolution: int, device: str = "meta") -> int:
+    with torch.device(device):
+        model = cfg.build()
+        x = torch.randn(2, 3, resolution, resolution)
+    with FlopCounterMode(display=False) as counter:
+        model(x)
+    return counter.get_total_flops() // 2  # per image
+
+
+def tiny(**kw) -> NFNetConfig:
+    return dataclasses.replace(VARIANTS["nfnet-tiny"], num_classes=10, **kw)
+
+
+# --- published numbers --------------------------------------------------------------------------
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_param_counts_match_paper(name):
+    params_m, _, _ = PUBLISHED[name]
+    assert abs(n_params(VARIANTS[name]) / 1e6 - params_m) < 0.1
+
+
+def test_plus_variant_param_counts():
+    # F4+ is 525.0M in a recount of [B] App. A.5 (paper prints 527M); "+" widens every stage.
+    assert abs(n_params(VARIANTS["nfnet-f4+"]) / 1e6 - 525.0) < 0.1
+    assert n_params(VARIANTS["nfnet-f7+"]) > n_params(VARIANTS["nfnet-f7"]) > n_params(VARIANTS["nfnet-f6"])
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_analytic_flops_match_paper(name):
+    _, gmacs, test_px = PUBLISHED[name]
+    macs = VARIANTS[name].forward_flops(test_px) / 2
+    assert abs(macs / 1e9 / gmacs - 1) < 0.005
+
+
+@pytest.mark.parametrize(
+    "name,resolution",
+    [("nfnet-f0", 224), ("nfnet-f0", 257), ("nfnet-f1+", 193), ("nfnet-w0.5-d2.1", 99)],
+)
+def test_analytic_flops_equal_flop_counter_meta(name, resolution):
+    cfg = parse_name(name)
+    assert counted_flops(cfg, resolution) == pytest.approx(cfg.forward_flops(resolution), rel=0.01)
+
+
+@pytest.mark.parametrize("resolution", [16, 17, 31, 47])
+def test_analytic_flops_equal_flop_counter_real(resolution):
+    cfg = parse_name("nfnet-w0.0625-d1.2.1")
+    assert counted_flops(cfg, resolution, "cpu") == pytest.approx(cfg.forward_flops(resolution), rel=0.01)
+
+
+def test_flops_grow_with_resolution_and_classes():
+    cfg = VARIANTS["nfnet-f0"]
+    assert cfg.forward_flops(256) > cfg.forward_flops(224)
+    more = dataclasses.replace(cfg, num_classes=2000)
+    assert more.forward_flops(224) - cfg.forward_flops(224) == 2 * 3072 * 1000
+
+
+# --- architecture details of the reference ------------------------------------------------------
+def test_reference_shapes_and_widths():
+    f0, f3p = VARIANTS["nfnet-f0"], VARIANTS["nfnet-f3+"]
+    assert f0.depths == (1, 2, 6, 3) and VARIANTS["nfnet-f7"].depths == (8, 16, 48, 24)
+    assert f0.stem_widths == (16, 32, 64, 128) and f3p.stem_widths == (16, 32, 64, 192)
+    assert f3p.widths == (384, 768, 2048, 2048) and f3p.final_width == 4096
+    # "+" stage 1: 384 * 0.5 = 192 -> one group of 128 channels, as the reference rounds.
+    assert [(b.mid_ch, b.groups) for b in f3p.blocks()][:5] == [(128, 1)] * 4 + [(384, 3)]
+    assert VARIANTS["nfnet-f0"].drop_rate == 0.2 and VARIANTS["nfnet-f7+"].drop_rate == 0.5
+    assert VARIANTS["nfnet-f2"].drop_path_rate == 0.25 and parse_name("nfnet-w1-d1.1").drop_path_rate == 0
+
+
+def test_scaled_width_keeps_group_count():
+    cfg = parse_name("nfnet-w0.0625-d1.1.1")
+    assert cfg.widths == (16, 32, 96) and cfg.stem_widths == (1, 2, 4, 8)
+    assert [(b.mid_ch, b.groups) for b in cfg.blocks()] == [(8, 1), (16, 2), (48, 6)]
+
+
+def test_betas_and_stochastic_depth_rates():
+    cfg = VARIANTS["nfnet-f0"]
+    blocks = cfg.blocks()
+    betas = [round(b.beta**-2, 6) for b in blocks]
+    # A stage's first block sees the previous stage's variance; after it the expected
+    # variance restarts at 1 + alpha^2 and grows by alpha^2 per block (depths 1, 2, 6, 3).
+    assert betas == [1.0, 1.04, 1.04, 1.08, 1.04, 1.08, 1.12, 1.16, 1.2, 1.24, 1.04, 1.08]
+    assert [b.drop_path_rate for b in blocks] == pytest.approx([0.25 * i / 12 for i in range(12)])
+    assert [b.stride for b in blocks] == [1, 2, 1, 2, 1, 1, 1, 1, 1, 2, 1, 1]
+
+
+def test_parameter_names_and_inits():
+    model = tiny(drop_rate=0.1).build()
+    names = dict(model.named_parameters())
+    assert isinstance(model.classifier, torch.nn.Linear)
+    assert float(model.classifier.weight.detach().std()) == pytest.approx(0.01, rel=0.2)
+    assert torch.all(model.classifier.bias == 0)
+    gains = [n for n in names if n.endswith(".gain")]
+    skips = [n for n in names if n.endswith("skip_gain")]
+    assert len(skips) == 3 and all(names[n].item() == 0 for n in skips)
+    assert len(gains) == 4 + 3 * 4 + 3 + 1  # stem, 4 convs per block, 3 shortcuts, final conv
+    assert all(torch.all(names[n] == 1) for n in gains)
+    assert "stages.2.0.conv1b.weight" in names and "stages.0.0.se.fc0.bias" in names
+
+
+def test_gelu_gamma_makes_unit_variance():
+    x = torch.randn(1_000_000, generator=torch.Generator().manual_seed(0))
+    assert float(GammaAct("gelu")(x).var()) == pytest.approx(1.0, abs=0.01)
+    assert float(GammaAct("relu")(x).var()) == pytest.approx(1.0, abs=0.01)
+    assert ACTIVATION_GAMMAS["gelu"] == 1.7015043497085571
+
+
+def test_weight_standardization_matches_reference_formula():
+    conv = ScaledStdConv2d(8, 4, 3, groups=2)
+    with torch.no_grad():
+        conv.gain.copy_(torch.tensor([1.0, 2.0, 0.5, 3.0]))
+        conv.weight[3] = 0.5  # constant filter: variance 0, so eps = 1e-4 takes over
+    w = conv.weight.detach().double()
+    mean = w.mean(dim=(1, 2, 3), keepdim=True)
+    var = w.var(dim=(1, 2, 3), keepdim=True, unbiased=False)
+    ref = (w - mean) / torch.sqrt(torch.clamp(var * 36, min=1e-4)) * conv.gain.detach().double().view(-1, 1, 1, 1)
+    got = conv.standardized_weight().detach().double()
+    assert torch.allclose(got, ref, atol=1e-6)
+    assert torch.allclose((got[:3] ** 2).sum(dim=(1, 2, 3)), conv.gain[:3].double() ** 2, rtol=1e-4)
+
+
+def test_same_padding_is_tensorflow_same():
+    assert same_padding(6, 3, 2) == (0, 1) and same_padding(5, 3, 2) == (1, 1)
+    assert same_padding(7, 3, 1) == (1, 1) and same_padding(8, 1, 2) == (0, 0)
+    conv = ScaledStdConv2d(1, 1, 3, stride=2)
+    for size, first_row in ((6, 0), (5, -1)):  # TF windows start at 0 (even) or -1 (odd)
+        x = torch.randn(1, 1, size, size)
+        w = conv.standardized_weight().detach()[0, 0]
+        xpad = torch.nn.functional.pad(x, (2, 2, 2, 2))[0, 0]
+        out = conv(x).detach()[0, 0]
+        assert out.shape == (-(-size // 2),) * 2
+        for i in range(out.shape[0]):
+            for j in range(out.shape[1]):
+                r, c = 2 * i + first_row + 2, 2 * j + first_row + 2
+                assert float(out[i, j]) == pytest.approx(float((xpad[r : r + 3, c : c + 3] * w).sum()), abs=1e-5)
+
+
+def test_avg_pool_same_excludes_padding():
+    x = torch.arange(25.0).view(1, 1, 5, 5)
+    out = avg_pool_same_2x(x)[0, 0]
+    assert out.shape == (3, 3)
+    assert float(out[0, 0]) == (0 + 1 + 5 + 6) / 4
+    assert float(out[0, 2]) == (4 + 9) / 2 and float(out[2, 2]) == 24
+
+
+# --- real forward/backward on the tiny variant --------------------------------------------------
+def test_tiny_forward_backward():
+    torch.manual_seed(0)
+    model = tiny(drop_rate=0.1, drop_path_rate=0.2).build()
+    assert sum(p.numel() for p in model.parameters()) < 20_000
+    x = torch.randn(4, 3, 33, 33)
+    logits = model(x)
+    assert logits.shape == (4, 10)
+    logits.logsumexp(-1).mean().backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    # Under SkipInit only the skip gains (and head) learn at step 0; the gains do get signal.
+    assert all(float(b.skip_gain.grad.abs()) > 0 for s in model.stages for b in s)
+
+
+def test_skipinit_blocks_are_identity_on_shortcut_at_init():
+    model = tiny().build().eval()
+    x = model.stem(torch.randn(2, 3, 32, 32))
+    for stage in model.stages:
+        for block in stage:
+            residual, shortcut = block.branches(x)
+            out = block(x)
+            assert torch.equal(out, shortcut) and residual.abs().sum() > 0
+            x = out
+
+
+def test_stochastic_depth_is_per_sample_without_rescale():
+    torch.manual_seed(0)
+    block = tiny(drop_path_rate=0.5).build().stages[2][0]  # rate 0.5 * 2 / 3
+    block.skip_gain.data.fill_(1.0)
+    x = torch.randn(64, block.conv0.in_channels, 8, 8)
+    residual, shortcut = block.branches(x)
+    out = block.train()(x)
+    kept = torch.isclose(out, shortcut + block.alpha * residual, atol=1e-6).flatten(1).all(1)
+    dropped = torch.equal(out[~kept], shortcut[~kept])
+    assert dropped and 0 < int(kept.sum()) < 64
+    assert torch.allclose(block.eval()(x), shortcut + block.alpha * residual, atol=1e-6)
+
+
+def test_signal_propagation_at_init():
+    """Residual stream within a stage of 12 blocks fed N(0,1), skip gains 1: variance after
+    block k is 1 + (k+1) alpha^2 and every residual branch sees ~unit variance. A wrong
+    alpha or gamma breaks the first, a missing beta makes the branch variance grow with depth."""
+    torch.manual_seed(0)
+    cfg = NFNetConfig(depths=(12,), width_mult=0.25)
+    stage = cfg.build().stages[0]
+    x = torch.randn(32, cfg.stem_widths[-1], 16, 16)
+    stream, res = [], []
+    with torch.no_grad():
+        for block in stage:
+            block.skip_gain.fill_(1.0)
+            r, _ = block.branches(x)
+            x = block(x)
+            res.append(float(r.var(dim=(0, 2, 3)).mean()))
+            stream.append(float(x.var(dim=(0, 2, 3)).mean()))
+    expected = [1 + (k + 1) * 0.2**2 for k in range(12)]
+    assert max(abs(s / e - 1) for s, e in zip(stream, expected)) < 0.08
+    assert 0.75 < sum(res) / 12 < 1.1
+    assert 0.85 < sum(res[-4:]) / sum(res[:4]) < 1.15
+
+
+def test_signal_stats_report():
+    model = tiny().build()
+    rows = model.signal_stats(torch.randn(4, 3, 32, 32))
+    assert len(rows) == 1 + 3 and all("res_avg_var" in r for r in rows[1:])
+    assert rows[0]["expected_var"] == 1.0 and 0.1 < rows[0]["avg_var"] < 10
+
+
+def test_channels_last_same_output():
+    model = tiny().build().eval()
+    x = torch.randn(2, 3, 35, 35)
+    ref = model(x)
+    out = model.to(memory_format=torch.channels_last)(x.to(memory_format=torch.channels_last))
+    assert torch.allclose(ref, out, atol=1e-6)
+
+
+def test_compiles_without_graph_breaks():
+    explain = torch._dynamo.explain(tiny(drop_path_rate=0.1).build())(torch.randn(2, 3, 32, 32))
+    assert explain.graph_break_count == 0
+
+
+# --- names and user errors ----------------------------------------------------------------------
+@pytest.mark.parametrize("alias,canonical", [
+    ("NFNet-F7+", "nfnet-f7+"), ("NFNet F0", "nfnet-f0"), ("nfnet_f1", "nfnet-f1"),
+    ("nfnetf3plus", "nfnet-f3+"), ("NFNET-TINY", "nfnet-tiny"),
+])
+def test_aliases(alias, canonical):
+    assert parse_name(alias) == VARIANTS[canonical]
+
+
+def test_round_trips():
+    for name, cfg in VARIANTS.items():
+        assert cfg.name == name and parse_name(name) == cfg
+    for name in ("nfnet-w0.0625-d1.1.1", "nfnet-w0.5+-d2.3", "nfnet-w2-d1.1.1.1"):
+        assert parse_name(name).name == name
+    odd = NFNetConfig(depths=(3, 1), width_mult=1 / 3, num_classes=7)
+    assert parse_name(odd.name).shape_key() == odd.shape_key()
+    assert NFNetConfig(depths=[2, 4, 12, 6], plus=True).name == "nfnet-f1+"
+    assert parse_name("nfnet-w1-d4.8.24.12").name == "nfnet-f3"
+    cfg = dataclasses.replace(VARIANTS["nfnet-f3+"], num_classes=10)
+    assert config_from_dict(NFNetConfig, config_to_dict(cfg)) == cfg
+    assert '"family": "nfnet"' in config_json(cfg)
+
+
+def test_scaled_name_fields():
+    cfg = parse_name("nfnet-w0.0625-d1.1.1")
+    assert (cfg.depths, cfg.width_mult, cfg.plus) == ((1, 1, 1), 0.0625, False)
+    assert parse_name("NFNet-W0.25+-D2.2").plus
+
+
+@pytest.mark.parametrize("name", ["vit-b16", "resnet50", "", "nf-resnet50"])
+def test_not_nfnet_names(name):
+    assert parse_name(name) is None
+
+
+@pytest.mark.parametrize("name", ["nfnet-f9", "nfnet-f0x", "nfnet-w-d1", "nfnet-w0.5-d", "nfnet-w0-d1.1",
+                                  "nfnet-w1-d1.1.1.1.1", "nfnet-w1-d0.1", "nfnets"])
+def test_malformed_names(name):
+    with pytest.raises(UserError) as e:
+        parse_name(name)
+    assert "\n" not in str(e.value) and "nfnet-" in str(e.value)
+
+
+def test_resolution_check_and_bad_configs():
+    VARIANTS["nfnet-f0"].check_resolution(32)
+    with pytest.raises(UserError, match="at least 32"):
+        VARIANTS["nfnet-f0"].check_resolution(31)
+    with pytest.raises(UserError, match="at least 16"):
+        parse_name("nfnet-w0.5-d1.1.1").check_resolution(8)
+    for bad in (dict(activation="swish"), dict(depths=()), dict(drop_rate=1.0), dict(width_mult=-1)):
+        with pytest.raises(UserError):
+            NFNetConfig(**bad)
