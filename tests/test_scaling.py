@@ -200,7 +200,10 @@ def test_fit_is_deterministic_under_seed_and_round_trips(sweep):
     [
         (pd.DataFrame(columns=["params", "data", "loss"]), "the results table is empty"),
         (pd.DataFrame({"params": [1.0], "loss": [2.0]}), "missing column(s) images_seen (or data)"),
-        (pd.DataFrame({"params": [1.0], "data": [1.0], "loss": [2.0], "status": ["failed"]}), "no runs with status 'done'"),
+        (
+            pd.DataFrame({"params": [1.0], "data": [1.0], "loss": [2.0], "status": ["failed"]}),
+            "no runs with status 'done'",
+        ),
     ],
 )
 def test_bad_input_is_a_user_error(df, message):

@@ -9,7 +9,7 @@ import numpy as np
 
 from convscale.errors import UserError
 from convscale.scaling.powerlaw import MIN_POINTS, FORM_IRREDUCIBLE, FORM_PURE, fit_power_law_samples, predict_samples
-from convscale.scaling.robust import DEFAULT_LEVEL, Estimate, estimate
+from convscale.scaling.robust import DEFAULT_LEVEL, Estimate, estimate, single_threaded_blas
 
 
 @dataclasses.dataclass
@@ -38,6 +38,7 @@ class ExtrapolationCheck:
         return cls(**{**d, "predicted": Estimate.from_dict(d["predicted"])})
 
 
+@single_threaded_blas
 def extrapolation_check(
     compute_flops: np.ndarray,
     loss: np.ndarray,

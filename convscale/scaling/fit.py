@@ -22,7 +22,7 @@ from convscale.scaling.frontier import budget_groups, frontier, frontier_records
 from convscale.scaling.optimal import AllocationFit, LrTrendFit, fit_allocation, fit_lr_trend, isoflop_optima
 from convscale.scaling.parametric import ParametricFit, fit_parametric
 from convscale.scaling.powerlaw import PowerLawFit, fit_power_law
-from convscale.scaling.robust import DEFAULT_LEVEL, json_clean
+from convscale.scaling.robust import DEFAULT_LEVEL, json_clean, single_threaded_blas
 from convscale.scaling.table import flops_per_param_sample, load_results, prepare_table
 
 DEFAULT_BOOTSTRAP = 200
@@ -149,7 +149,9 @@ def _fit_family(
     for quantity, col, target in (("params", "params_opt", "params"), ("images", "images_opt", "images_seen")):
         item = f"optimal_{quantity}_parabola"
         if method == "pareto":
-            fam.skipped[item] = "no compute budgets to group runs by (pareto frontier); IsoFLOP parabolas need >= 3 sizes per budget"
+            fam.skipped[item] = (
+                "no compute budgets to group runs by (pareto frontier); IsoFLOP parabolas need >= 3 sizes per budget"
+            )
             continue
         if len(iso) < 3:
             fam.skipped[item] = (
@@ -160,7 +162,12 @@ def _fit_family(
         attempt(
             item,
             lambda r, col=col, target=target: fit_allocation(
-                iso["compute_flops"].to_numpy(), iso[col].to_numpy(), quantity=target, method="parabola", rng=r, **common
+                iso["compute_flops"].to_numpy(),
+                iso[col].to_numpy(),
+                quantity=target,
+                method="parabola",
+                rng=r,
+                **common,
             ),
         )
     attempt("lr_trend", lambda r: fit_lr_trend(runs, rng=r, **common))
@@ -170,6 +177,7 @@ def _fit_family(
     return fam
 
 
+@single_threaded_blas
 def fit_table(
     df: pd.DataFrame, *, bootstrap: int = DEFAULT_BOOTSTRAP, seed: int = 0, level: float = DEFAULT_LEVEL
 ) -> StudyFit:
@@ -189,7 +197,8 @@ def fit_table(
         raise UserError(first.skipped.get("power_law") or next(iter(first.skipped.values())))
     notes = list(table.notes)
     ks = {name: f.flops_per_param_sample for name, f in families.items()}
-    notes.append("k in C = k*N*D (median train_flops/(params*images_seen)): " + ", ".join(f"{n}={v:.3g}" for n, v in ks.items()))
+    ks_text = ", ".join(f"{n}={v:.3g}" for n, v in ks.items())
+    notes.append(f"k in C = k*N*D (median train_flops/(params*images_seen)): {ks_text}")
     return StudyFit(
         n_runs=table.n_runs,
         status_counts=table.status_counts,
@@ -220,22 +229,30 @@ def format_text(fit: StudyFit) -> str:
     """A compact human-readable summary, one block per family."""
     pct = f"{100 * fit.level:g}%"
     counts = ", ".join(f"{v} {k}" for k, v in fit.status_counts.items())
-    lines = [f"{fit.n_runs} runs ({counts}); compute from {fit.compute_source}; {pct} bootstrap intervals ({fit.bootstrap} resamples)"]
+    lines = [
+        f"{fit.n_runs} runs ({counts}); compute from {fit.compute_source}; "
+        f"{pct} bootstrap intervals ({fit.bootstrap} resamples)"
+    ]
     lines += [f"note: {n}" for n in fit.notes]
     for name, f in fit.families.items():
         lines.append("")
-        lines.append(f"{name}: {f.n_done}/{f.n_runs} runs fitted, frontier of {len(f.frontier)} points ({f.frontier_method})")
+        lines.append(
+            f"{name}: {f.n_done}/{f.n_runs} runs fitted, frontier of {len(f.frontier)} points ({f.frontier_method})"
+        )
         if f.power_law:
             p = f.power_law
             lines.append(f"{name}: {p.equation()} (a in {_iv(p.a)}, R^2 log {p.r2_log:.3f})")
         if f.power_law_irreducible:
             p = f.power_law_irreducible
             lines.append(f"{name}: {p.equation()} (E in {_iv(p.E)}, a in {_iv(p.a)})")
-        for item in ("optimal_params_best_run", "optimal_images_best_run", "optimal_params_parabola", "optimal_images_parabola"):
-            a = getattr(f, item)
-            if a:
-                sym = "N_opt" if a.quantity == "params" else "D_opt"
-                lines.append(f"{name}: {sym} ~ C^{_g(a.exponent.value)} (in {_iv(a.exponent)}; {a.method}, {a.n_points} budgets)")
+        for method in ("best_run", "parabola"):
+            for a in (getattr(f, f"optimal_params_{method}"), getattr(f, f"optimal_images_{method}")):
+                if a:
+                    sym = "N_opt" if a.quantity == "params" else "D_opt"
+                    lines.append(
+                        f"{name}: {sym} ~ C^{_g(a.exponent.value)} (in {_iv(a.exponent)}; "
+                        f"{a.method}, {a.n_points} budgets)"
+                    )
         if f.lr_trend:
             t = f.lr_trend
             s = f"{name}: log lr_opt = {_g(t.intercept.value)} + {_g(t.slope_duration.value)} log {t.duration_column}"
@@ -248,13 +265,15 @@ def format_text(fit: StudyFit) -> str:
             lines.append(f"{name}: {p.equation()} (alpha in {_iv(p.alpha)}, beta in {_iv(p.beta)})")
             lines.append(
                 f"{name}:   N_opt ~ C^{p.n_opt_exponent.value:.3g} (in {_iv(p.n_opt_exponent)}), "
-                f"D_opt ~ C^{p.d_opt_exponent.value:.3g} (in {_iv(p.d_opt_exponent)}), k = {p.flops_per_param_sample:.3g}"
+                f"D_opt ~ C^{p.d_opt_exponent.value:.3g} (in {_iv(p.d_opt_exponent)}), "
+                f"k = {p.flops_per_param_sample:.3g}"
             )
         for item in ("extrapolation", "extrapolation_irreducible"):
             x = getattr(f, item)
             if x:
                 lines.append(
-                    f"{name}: extrapolation ({x.form}) to C={x.held_out_compute_flops:.3g}: predicted {x.predicted.value:.4g}"
+                    f"{name}: extrapolation ({x.form}) to C={x.held_out_compute_flops:.3g}: "
+                    f"predicted {x.predicted.value:.4g}"
                     f" {_iv(x.predicted)}, actual {x.actual_loss:.4g}, error {100 * x.relative_error:+.1f}%"
                 )
         for item, reason in f.skipped.items():

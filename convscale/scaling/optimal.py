@@ -16,7 +16,15 @@ import numpy as np
 import pandas as pd
 
 from convscale.errors import UserError
-from convscale.scaling.robust import DEFAULT_LEVEL, Estimate, bootstrap, estimate, ols, slope_sign
+from convscale.scaling.robust import (
+    DEFAULT_LEVEL,
+    Estimate,
+    bootstrap,
+    estimate,
+    ols,
+    single_threaded_blas,
+    slope_sign,
+)
 
 MIN_BUDGETS = 3
 MIN_SIZES_PER_PARABOLA = 3
@@ -46,6 +54,7 @@ class AllocationFit:
         return cls(**{**d, "coef": Estimate.from_dict(d["coef"]), "exponent": Estimate.from_dict(d["exponent"])})
 
 
+@single_threaded_blas
 def fit_allocation(
     compute_flops: np.ndarray,
     values: np.ndarray,
@@ -61,7 +70,9 @@ def fit_allocation(
     v = np.asarray(values, dtype=float)
     n_distinct = len(np.unique(c))
     if n_distinct < MIN_BUDGETS:
-        raise UserError(f"need >= {MIN_BUDGETS} distinct compute budgets per family to fit optimal {quantity}; got {n_distinct}")
+        raise UserError(
+            f"need >= {MIN_BUDGETS} distinct compute budgets per family to fit optimal {quantity}; got {n_distinct}"
+        )
     x_ref = float(np.mean(np.log(c)))
     design = np.column_stack([np.ones_like(c), np.log(c) - x_ref])
     y = np.log(v)
@@ -191,6 +202,7 @@ def lr_optima(runs: pd.DataFrame, duration_column: str) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["model", "params", "duration", "lr_opt", "lr_best_grid", "loss", "at_edge"])
 
 
+@single_threaded_blas
 def fit_lr_trend(
     runs: pd.DataFrame,
     *,
@@ -205,7 +217,9 @@ def fit_lr_trend(
         raise UserError("no (model, duration) cell has >= 2 learning rates; sweep lr to fit the optimal-lr trend")
     n_durations = opt["duration"].nunique()
     if n_durations < 2:
-        raise UserError(f"need >= 2 distinct {duration_column} values with an lr sweep to fit the lr trend; got {n_durations}")
+        raise UserError(
+            f"need >= 2 distinct {duration_column} values with an lr sweep to fit the lr trend; got {n_durations}"
+        )
     with_params = opt["params"].nunique() >= 2
     cols = [np.ones(len(opt)), np.log(opt["duration"].to_numpy())]
     if with_params:
@@ -214,11 +228,12 @@ def fit_lr_trend(
     y = np.log(opt["lr_opt"].to_numpy())
     if len(opt) <= design.shape[1] or ols(design, y) is None:
         raise UserError(
-            f"need > {design.shape[1]} lr optima spanning several {duration_column} values to fit the lr trend; got {len(opt)}"
+            f"need > {design.shape[1]} lr optima spanning several {duration_column} values to fit the lr trend; "
+            f"got {len(opt)}"
         )
     hat = ols(design, y)
-    s = bootstrap(lambda idx: ols(design[idx], y[idx]), len(y), bootstrap_count, rng) if bootstrap_count > 0 else np.empty(0)
-    s = s if s.size else np.empty((0, design.shape[1]))
+    s = bootstrap(lambda idx: ols(design[idx], y[idx]), len(y), bootstrap_count, rng) if bootstrap_count > 0 else None
+    s = s if s is not None and s.size else np.empty((0, design.shape[1]))
     slope_d = estimate(hat[1], s[:, 1], level)
     slope_p = estimate(hat[2], s[:, 2], level) if with_params else None
     return LrTrendFit(

@@ -27,6 +27,7 @@ from scipy.special import logsumexp
 
 from convscale.errors import UserError
 from convscale.scaling.robust import (
+    single_threaded_blas,
     DEFAULT_LEVEL,
     HUBER_DELTA,
     Estimate,
@@ -140,6 +141,7 @@ def best_per_nd(runs: pd.DataFrame) -> pd.DataFrame:
     return runs.loc[idx.to_numpy()].reset_index(drop=True)
 
 
+@single_threaded_blas
 def fit_parametric(
     runs: pd.DataFrame,
     *,

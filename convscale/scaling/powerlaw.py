@@ -15,6 +15,7 @@ import numpy as np
 
 from convscale.errors import UserError
 from convscale.scaling.robust import (
+    single_threaded_blas,
     DEFAULT_LEVEL,
     HUBER_DELTA,
     Estimate,
@@ -104,6 +105,7 @@ def _inits(x: np.ndarray, log_l: np.ndarray, irreducible: bool) -> np.ndarray:
     return np.array(rows)
 
 
+@single_threaded_blas
 def fit_power_law_samples(
     compute_flops: np.ndarray,
     loss: np.ndarray,
@@ -121,7 +123,9 @@ def fit_power_law_samples(
     need = MIN_POINTS[form]
     n_distinct = len(np.unique(c))
     if n_distinct < need:
-        raise UserError(f"need >= {need} distinct compute budgets per family for an {form} power-law fit; got {n_distinct}")
+        raise UserError(
+            f"need >= {need} distinct compute budgets per family for an {form} power-law fit; got {n_distinct}"
+        )
     rng = rng if rng is not None else np.random.default_rng(0)
     x_ref = float(np.mean(np.log(c)))
     x_all = np.log(c) - x_ref

@@ -56,7 +56,8 @@ def load_results(path: str | Path) -> pd.DataFrame:
         if suffix == ".csv":
             return pd.read_csv(p)
     except (OSError, ValueError, pd.errors.ParserError) as e:
-        raise UserError(f"cannot read {p} ({type(e).__name__}: {str(e).splitlines()[0]}); pass a valid .parquet or .csv") from e
+        first_line = (str(e).splitlines() or [""])[0]
+        raise UserError(f"cannot read {p} ({type(e).__name__}: {first_line}); pass a valid .parquet or .csv") from e
     raise UserError(f"{p} is neither .parquet nor .csv; pass a results .parquet/.csv file or a sweep directory")
 
 
