@@ -204,7 +204,7 @@ def run(cfg: TrainConfig, restart: bool = False, source: Optional[DataSource] = 
         if cfg.optimizer == "adamw" and cfg.grad_clip_norm > 0:
             clip_global_norm_(model, cfg.grad_clip_norm)
         optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=False)  # in place: SGDAGC reuses its views of the grads
         if ema_model is not None:
             update_ema(ema_model, model, cfg.ema_decay, step)
         steps_since_log += 1

@@ -2,7 +2,7 @@
 
 Parameter groups are decided by parameter NAME, never by position:
   * no weight decay: biases, gains (``...gain``, SkipInit ``...skip_gain``), normalisation layers,
-    position embeddings and class tokens (``NO_DECAY_RE``);
+    position embeddings, class tokens and the MAP probe (``NO_DECAY_RE``);
   * no AGC: the classifier weight ``classifier.weight`` (always better unclipped, paper.md B.7), and,
     with ``agc_exempt_scalar_gains``, every scalar gain (0-dim tensor named ``...gain``: SkipInit);
   * ``classifier_lr_scale``: ``classifier.weight`` and ``classifier.bias``.
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, Optional
 
 import torch
 from torch import nn
@@ -89,24 +89,28 @@ def _unit_counts(params: Iterable[torch.Tensor]) -> list[int]:
     return [p.shape[0] if p.ndim >= 2 else 1 for p in params]
 
 
-def unitwise_norms(tensors: list[torch.Tensor], unit_lengths: torch.Tensor) -> torch.Tensor:
-    """Frobenius norm of every unit of every tensor, concatenated (one vectorised reduction)."""
-    flat = torch.cat([t.reshape(-1) for t in tensors]).float()
-    return torch.segment_reduce(flat.square_(), "sum", lengths=unit_lengths).sqrt_()
+def unit_views(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Every AGC unit as a view: rows along dim 0 for ndim >= 2 (any memory format), else the tensor."""
+    return [u for t in tensors for u in (t.unbind(0) if t.ndim >= 2 else (t,))]
 
 
 def adaptive_grad_clip_(
-    params: list[torch.Tensor], grads: list[torch.Tensor], clip: float, eps: float
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    clip: float,
+    eps: float,
+    param_units: Optional[list[torch.Tensor]] = None,
+    grad_units: Optional[list[torch.Tensor]] = None,
 ) -> None:
-    """AGC in place on ``grads`` (paper.md B.7), vectorised over all tensors of the list."""
+    """AGC in place on ``grads`` (paper.md B.7), vectorised over all units of all tensors.
+
+    ``param_units``/``grad_units``: ``unit_views`` of params/grads, if the caller caches them.
+    """
     counts = _unit_counts(params)
-    device = params[0].device
-    unit_lengths = torch.repeat_interleave(
-        torch.tensor([p.numel() // c for p, c in zip(params, counts)], device=device),
-        torch.tensor(counts, device=device),
-    )
-    p_norm = unitwise_norms([p.detach() for p in params], unit_lengths).clamp_min_(eps)
-    g_norm = unitwise_norms(grads, unit_lengths)
+    p_units = param_units if param_units is not None else unit_views(params)
+    g_units = grad_units if grad_units is not None else unit_views(grads)
+    p_norm = torch.stack(torch._foreach_norm(p_units)).float().clamp_min_(eps)
+    g_norm = torch.stack(torch._foreach_norm(g_units)).float()
     max_norm = p_norm.mul_(clip)
     scale = torch.where(g_norm > max_norm, max_norm / g_norm.clamp_min(GRAD_NORM_FLOOR), 1.0)
     # One scale per unit, shaped to broadcast over the unit's elements: [O, 1, 1, ...] or [1...].
@@ -131,6 +135,16 @@ class SGDAGC(torch.optim.Optimizer):
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=0.0,
                         agc=True, agc_clip=agc_clip, agc_eps=agc_eps, lr_scale=1.0)
         super().__init__(params, defaults)
+        # Unit views of params and grads per group, rebuilt only when a grad tensor is replaced
+        # (the loop zeroes grads in place, so after the first step they are reused). Not saved.
+        self._units: dict[int, tuple[list, list, list]] = {}
+
+    def _unit_views(self, index: int, params: list, grads: list) -> tuple[list, list]:
+        cached = self._units.get(index)
+        if cached is None or len(cached[0]) != len(grads) or any(a is not b for a, b in zip(cached[0], grads)):
+            cached = (list(grads), unit_views(params), unit_views(grads))
+            self._units[index] = cached
+        return cached[1], cached[2]
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -138,13 +152,14 @@ class SGDAGC(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
+        for index, group in enumerate(self.param_groups):
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
             grads = [p.grad for p in params]
             if group["agc"] and group["agc_clip"] > 0:
-                adaptive_grad_clip_(params, grads, group["agc_clip"], group["agc_eps"])
+                p_units, g_units = self._unit_views(index, params, grads)
+                adaptive_grad_clip_(params, grads, group["agc_clip"], group["agc_eps"], p_units, g_units)
             if group["weight_decay"]:
                 torch._foreach_add_(grads, params, alpha=group["weight_decay"])
             mu = group["momentum"]
