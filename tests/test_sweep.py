@@ -307,6 +307,28 @@ def test_changed_config_of_a_started_cell_is_a_user_error(fake, tmp_path):
         sweep.prepare(plan_study(changed))
 
 
+def test_shared_procedural_stream_is_generated_once_and_used_by_every_cell(tmp_path):
+    study = study_from(tmp_path, text="share_procedural_data = true\n" + STUDY)
+    plan = plan_study(study)
+    sweep = SweepDir(tmp_path / "sweep")
+    sweep.prepare(plan)
+    sweep.ensure_shared_data(plan, log=lambda *a, **k: None)
+    meta = json.loads((sweep.data_path / "meta.json").read_text())
+    assert meta["num_images"] == 128  # the longest cell's images
+    for c in plan.cells:
+        cfg = json.loads(sweep.config_path(c.cell_id).read_text())
+        assert cfg["data"]["path"] == str(sweep.data_path.resolve())
+    from convscale.data import build_source
+
+    # the cache serves exactly the images the generator makes
+    cached = next(iter(build_source(study.data.replace(path=str(sweep.data_path))).train_batches(32, start_step=3)))
+    fresh = next(iter(build_source(study.data).train_batches(32, start_step=3)))
+    assert all((a == b).all() for a, b in zip(cached, fresh))
+    stamp = (sweep.data_path / "meta.json").stat().st_mtime_ns
+    sweep.ensure_shared_data(plan, log=lambda *a, **k: None)  # already there: not regenerated
+    assert (sweep.data_path / "meta.json").stat().st_mtime_ns == stamp
+
+
 def test_submitit_local_executor_runs_cells(fake):
     sweep, ids, cmd, behave, calls = fake
     behave(**{ids[1]: "crash"})
@@ -332,3 +354,53 @@ def test_cli_plan_and_collect(tmp_path, capsys):
     assert f"--run-dir {tmp_path / 'sw' / 'runs' / 'nfnet-tiny__C3e+09__lr0.1'}" in out
     assert main(["sweep", "collect", str(tmp_path / "nothing")]) == 2
     assert "convscale sweep run" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# one real sweep: 4 cells of `convscale train` subprocesses (tiny models, digits, 2-4 steps each)
+
+REAL_STUDY = """
+name = "real"
+[data]
+kind = "digits"
+resolution = 16
+[train]
+batch_size = 32
+precision = "fp32"
+[[family]]
+name = "nfnet"
+models = ["nfnet-tiny"]
+optimizer = "sgd_agc"
+lrs = [0.2]
+[[family]]
+name = "vit"
+models = ["vit-tiny"]
+optimizer = "adamw"
+lrs = [0.004]
+[budgets]
+images = [64, 128]
+"""
+
+
+@pytest.mark.slow  # ~25 s on 2 idle cores (4 subprocesses, mostly torch import); ~50 s on a loaded machine
+def test_real_end_to_end_sweep(tmp_path, capsys):
+    from convscale.cli.main import main
+
+    p = tmp_path / "real.toml"
+    p.write_text(REAL_STUDY)
+    d = tmp_path / "sw"
+    assert main(["sweep", "run", str(p), "--dir", str(d), "--jobs", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "4 to run" in out and "[4/4]" in out
+    df = collect(d)
+    assert len(df) == 4 and (df["status"] == "done").all(), df[["cell_id", "status", "error"]]
+    assert sorted(df["images_seen"].tolist()) == [64, 64, 128, 128]
+    # the run's own FLOP count agrees with the plan (3 x forward FLOPs x images seen)
+    assert (df["train_flops"] == 3 * df["flops_per_image"] * df["images_seen"]).all()
+    assert (df["loss"] > 0).all() and df["top1"].between(0, 1).all()
+    cores_per_job = max(1, (os.cpu_count() or 1) // 2)  # 2 jobs share the machine's cores
+    assert ((df["device_hours"] - cores_per_job * df["wall_hours"]).abs() < 1e-12).all()
+    assert (d / "results.parquet").is_file() and (d / "runs" / "vit-tiny__I128__lr0.004" / "metrics.jsonl").is_file()
+    # a second run of the same study finds everything finished and starts nothing
+    assert main(["sweep", "run", str(p), "--dir", str(d)]) == 0
+    assert "4 finished, 0 to run" in capsys.readouterr().out

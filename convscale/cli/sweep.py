@@ -127,8 +127,12 @@ def cmd_plan(args) -> int:
                     c.model, c.batch_size, c.resolution, num_classes, base.precision, base.channels_last,
                     base.model_overrides, seconds=args.probe_seconds, threads=threads)
         data_ips = probe_mod.probe_data(study.data, plan.cells[0].batch_size, threads=threads)
+        from convscale.sweep.planner import cell_train_config
+
+        startup = probe_mod.probe_startup(cell_train_config(study, plan.cells[0], "probe"), threads)
         for c in plan.cells:
-            seconds[c.cell_id] = probe_mod.estimate_cell_seconds(c.images, probes[(c.family, c.model)].images_per_second, data_ips)
+            seconds[c.cell_id] = probe_mod.estimate_cell_seconds(
+                c.images, probes[(c.family, c.model)].images_per_second, data_ips, startup)
 
     print(f"study {study.name}: {len(plan.cells)} cells, {study.budgets.kind} budgets "
           f"[{', '.join(f'{b:g}' for b in study.budgets.values)}], {study.data.kind} data at {study.data.resolution} px, "
@@ -159,8 +163,8 @@ def cmd_plan(args) -> int:
         print(f"  data ({study.data.kind}): {data_ips:.0f} images/s")
         total = sum(seconds.values())
         print(f"  estimated wall time: {_fmt_seconds(total / args.jobs)} with --jobs {args.jobs} "
-              f"(serial sum {_fmt_seconds(total)}; excludes evaluation and checkpoints; "
-              f"{probe_mod.STARTUP_SECONDS:.0f} s start-up per cell)")
+              f"(serial sum {_fmt_seconds(total)}; "
+              f"{startup:.1f} s per cell measured for a one-step run)")
     for dev, (peak, desc) in probe_mod.REFERENCE_DEVICES.items():
         hours = probe_mod.reference_device_hours(total_flops, dev, mfu)
         print(f"reference: {hours:.3g} {dev}-hours at MFU {mfu:g} ({desc})")
@@ -195,6 +199,9 @@ def cmd_run(args) -> int:
         for cid in todo:
             print("  " + sweep.train_command_text(cid))
         return 0
+
+    if todo:
+        sweep.ensure_shared_data(plan)
 
     def report(o, i, n) -> None:
         extra = f" ({o.seconds:.1f} s)" if o.seconds else ""

@@ -100,10 +100,14 @@ def base_train_config(study: StudyConfig, fam: FamilySpec):
     return cfg.replace(model_overrides=model_overrides, optimizer=fam.optimizer)
 
 
-def cell_train_config(study: StudyConfig, cell: Cell, run_dir: str):
-    """The full TrainConfig of one cell: what `convscale train --config` receives."""
+def cell_train_config(study: StudyConfig, cell: Cell, run_dir: str, data_path: Optional[str] = None):
+    """The full TrainConfig of one cell: what `convscale train --config` receives.
+
+    ``data_path``: a shared procedural-stream cache (``share_procedural_data``) the cell reads."""
     fam = next(f for f in study.families if f.name == cell.family)
     cfg = base_train_config(study, fam)
+    if data_path is not None:
+        cfg = cfg.replace(data=cfg.data.replace(path=data_path))
     # quiet: one line per evaluation instead of a progress bar, since the output goes to a log file
     return cfg.replace(run_dir=str(run_dir), model=cell.model, lr=cell.lr, quiet=True,
                        **{cell.budget_kind: cell.budget})

@@ -1,9 +1,10 @@
 """How long a sweep will take: a short measured throughput probe, and device-hours on reference hardware.
 
 The probe times a few real training steps (forward + backward + SGD update, the study's precision
-and batch size, random images) of each model on this machine, plus a few batches of the study's data
-source, and extrapolates to each cell's images. It ignores evaluation and checkpoints (small for
-these runs), so it is a lower bound on wall time; `convscale sweep plan` reports it as an estimate.
+and batch size, random images) of each model on this machine, a few batches of the study's data
+source, and one whole one-step `convscale train` run (the fixed cost of each cell: start-up, set-up,
+final evaluation). A cell's estimate is that fixed cost plus its images at the measured rates. It
+assumes the machine's load stays as it was during the probe, and that N jobs at once scale N-fold.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ REFERENCE_DEVICES: dict[str, tuple[float, str]] = {
 }
 #: Model FLOPs utilisation assumed for reference hardware; large ConvNets/ViTs typically reach 30-50 %.
 DEFAULT_MFU = 0.4
-#: Seconds a `convscale train` subprocess spends starting (python + torch import, model build).
+#: Seconds a `convscale train` subprocess spends starting when not measured (``probe_startup``).
 STARTUP_SECONDS = 3.0
 
 
@@ -94,22 +95,25 @@ def probe_model(
             if device == "cuda":
                 torch.cuda.synchronize()
 
-        step()  # warm-up: allocations, kernel selection
-        sync()
-        start = time.perf_counter()
-        n = 0
-        while n < max_steps and (n < 2 or time.perf_counter() - start < seconds):
+        for _ in range(2):  # warm-up: allocations, kernel selection (the first steps are slow)
             step()
-            n += 1
         sync()
-        elapsed = time.perf_counter() - start
+        times: list[float] = []
+        start = time.perf_counter()
+        while len(times) < max_steps and (len(times) < 3 or time.perf_counter() - start < seconds):
+            t = time.perf_counter()
+            step()
+            sync()
+            times.append(time.perf_counter() - t)
+        # the median step, not the mean: on a shared machine a few steps stall behind other processes
+        step_seconds = sorted(times)[len(times) // 2]
     finally:
         torch.set_num_threads(old_threads)
     return ModelProbe(
         model=cfg.name,
-        images_per_second=n * batch_size / elapsed,
-        steps_timed=n,
-        seconds_timed=elapsed,
+        images_per_second=batch_size / step_seconds,
+        steps_timed=len(times),
+        seconds_timed=sum(times),
         threads=threads or old_threads,
         device=device,
         precision=precision,
@@ -136,9 +140,38 @@ def probe_data(data_cfg, batch_size: int, batches: int = 4, threads: Optional[in
         torch.set_num_threads(old_threads)
 
 
-def estimate_cell_seconds(images: int, model_images_per_second: float, data_images_per_second: Optional[float]) -> float:
+def probe_startup(train_config, threads: Optional[int] = None) -> float:
+    """Seconds of a whole one-step `convscale train` run of ``train_config`` in a fresh process:
+    import, data and model set-up, the final held-out evaluation, result files. Each cell pays it once."""
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+    with tempfile.TemporaryDirectory(prefix="convscale-probe-") as tmp:
+        run_dir = Path(tmp) / "run"
+        cfg = train_config.replace(run_dir=str(run_dir), steps=1, epochs=None, images=None, train_flops=None,
+                                   warmup_steps=0, quiet=True)
+        (Path(tmp) / "config.json").write_text(cfg.to_json())
+        start = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-m", "convscale", "train", "--config", str(Path(tmp) / "config.json"),
+                               "--run-dir", str(run_dir)], env=env, capture_output=True, text=True)
+        seconds = time.perf_counter() - start
+    if proc.returncode not in (0, 3):
+        last = (proc.stderr.strip().splitlines() or ["(no stderr)"])[-1]
+        raise RuntimeError(f"one-step probe run failed with exit code {proc.returncode}: {last}")
+    return seconds
+
+
+def estimate_cell_seconds(
+    images: int,
+    model_images_per_second: float,
+    data_images_per_second: Optional[float],
+    startup_seconds: float = STARTUP_SECONDS,
+) -> float:
     """Wall seconds of one cell: start-up plus each image's model step and data time (serial)."""
     per_image = 1.0 / model_images_per_second
     if data_images_per_second:
         per_image += 1.0 / data_images_per_second
-    return STARTUP_SECONDS + images * per_image
+    return startup_seconds + images * per_image

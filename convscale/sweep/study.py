@@ -22,6 +22,9 @@ Study file (every table and field is checked; an unknown one is a ``UserError`` 
     [budgets]                           # exactly one of train_flops / epochs / images
     train_flops = [1e11, 3e11, 1e12]    # IsoFLOP: images = budget / (3 x forward FLOPs per image)
     max_epochs = 100                    # optional: leave out cells that would need more epochs
+
+A top-level ``share_procedural_data = true`` makes `sweep run` generate the procedural training
+stream once (as many images as the longest cell needs) and point every cell's ``data.path`` at it.
 """
 
 from __future__ import annotations
@@ -99,6 +102,9 @@ class StudyConfig:
     families: tuple[FamilySpec, ...]
     budgets: Budgets
     train: dict[str, Any] = field(default_factory=dict)  # TrainConfig defaults for every cell
+    #: procedural data only: generate the training stream once into SWEEP_DIR/data and let every
+    #: cell read it (same images by construction; saves regenerating them in each of many cells)
+    share_procedural_data: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -249,7 +255,7 @@ def _parse_budgets(d: Any) -> Budgets:
 
 def parse_study(raw: dict[str, Any], where: str = "study") -> StudyConfig:
     """Validate a parsed study (TOML or JSON) and build the typed config."""
-    top = ("name", "data", "train", "family", "families", "budgets")
+    top = ("name", "data", "train", "family", "families", "budgets", "share_procedural_data")
     _check_keys(raw, top, where)
     name = raw.get("name")
     if not isinstance(name, str) or not _SAFE_NAME.match(name):
@@ -271,7 +277,11 @@ def parse_study(raw: dict[str, Any], where: str = "study") -> StudyConfig:
     if "budgets" not in raw:
         raise UserError(f"{where}: add a [budgets] table with train_flops, epochs or images")
     budgets = _parse_budgets(raw["budgets"])
-    study = StudyConfig(name=name, data=data, families=families, budgets=budgets, train=train)
+    share = raw.get("share_procedural_data", False)
+    if not isinstance(share, bool):
+        raise UserError(f"{where}: share_procedural_data must be true or false, got {share!r}")
+    study = StudyConfig(name=name, data=data, families=families, budgets=budgets, train=train,
+                        share_procedural_data=share)
     _check_types(study)
     return study
 

@@ -32,7 +32,10 @@ def _numbers_part(train_config: dict[str, Any]) -> dict[str, Any]:
     """The fields of a TrainConfig dict that change a run's numbers (not run_dir, threads, ...)."""
     from convscale.train.config import RUNTIME_ONLY_FIELDS
 
-    return {k: v for k, v in train_config.items() if k not in RUNTIME_ONLY_FIELDS}
+    d = {k: v for k, v in train_config.items() if k not in RUNTIME_ONLY_FIELDS}
+    if d.get("data", {}).get("kind") == "procedural":  # a stream cache holds the same images as no cache
+        d["data"] = {k: v for k, v in d["data"].items() if k != "path"}
+    return d
 
 
 class SweepDir:
@@ -49,6 +52,13 @@ class SweepDir:
     @property
     def plan_path(self) -> Path:
         return self.root / "plan.json"
+
+    @property
+    def data_path(self) -> Path:
+        return self.root / "data"
+
+    def shares_data(self, study: StudyConfig) -> bool:
+        return study.share_procedural_data and study.data.kind == "procedural" and not study.data.path
 
     def config_path(self, cell_id: str) -> Path:
         return self.root / "configs" / f"{cell_id}.json"
@@ -76,8 +86,9 @@ class SweepDir:
         different run); that is a UserError naming the fix. Cells are only ever added.
         """
         configs: dict[str, str] = {}
+        data_path = str(self.data_path.resolve()) if self.shares_data(plan.study) else None
         for cell in plan.cells:
-            cfg = cell_train_config(plan.study, cell, str(self.run_dir(cell.cell_id)))
+            cfg = cell_train_config(plan.study, cell, str(self.run_dir(cell.cell_id)), data_path)
             text = cfg.to_json() + "\n"
             old = read_json(self.config_path(cell.cell_id))
             if old is not None and _numbers_part(old) != _numbers_part(cfg.to_dict()) and self.run_dir(cell.cell_id).exists():
@@ -97,6 +108,40 @@ class SweepDir:
         d["cells"] = d["cells"] + kept
         plan.study.write(self.study_path)
         atomic_write_json(self.plan_path, d)
+
+    def ensure_shared_data(self, plan: Plan, log=print) -> None:
+        """Generate the shared procedural stream (once; again only if a longer cell was added)."""
+        if not self.shares_data(plan.study) or not plan.cells:
+            return
+        import shutil
+        import time
+
+        from convscale.data.procedural import materialize
+        from convscale.sweep.locking import CellLock
+
+        need = max(c.images for c in plan.cells)
+        lock = CellLock(self.root / "locks" / "data.lock")
+        while not lock.acquire():  # another sweep is generating it: wait, then use its result
+            time.sleep(2)
+        try:
+            have = (read_json(self.data_path / "meta.json") or {}).get("num_images", 0)
+            if have >= need:
+                return
+            log(f"generating the shared procedural stream: {need} images at {plan.study.data.resolution} px "
+                f"into {self.data_path}", flush=True)
+            start = time.monotonic()
+            tmp = self.root / "data.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            materialize(plan.study.data, need, str(tmp))
+            old = self.root / "data.old"
+            shutil.rmtree(old, ignore_errors=True)
+            if self.data_path.exists():  # running cells keep reading their open (memory-mapped) files
+                self.data_path.rename(old)
+            tmp.rename(self.data_path)
+            shutil.rmtree(old, ignore_errors=True)
+            log(f"  done in {time.monotonic() - start:.0f} s", flush=True)
+        finally:
+            lock.release()
 
     # --- reading -------------------------------------------------------------------------
     def exists(self) -> bool:
