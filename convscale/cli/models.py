@@ -1,0 +1,61 @@
+"""`convscale models`: the zoo as a table (name, family, params, forward/training GFLOPs per image)."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("models", help="list the model zoo with parameter and FLOP counts")
+    p.add_argument("names", nargs="*", help="models to show (default: every named variant)")
+    p.add_argument("--resolution", type=int, default=224, help="image side in pixels (default 224)")
+    p.add_argument("--num-classes", type=int, default=1000, help="classifier classes (default 1000)")
+    p.add_argument("--family", choices=["nfnet", "vit"], help="only this family")
+    p.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    p.set_defaults(func=run)
+
+
+def _fmt_params(n: int) -> str:
+    return f"{n / 1e6:.1f}M" if n >= 1e5 else f"{n / 1e3:.1f}k"
+
+
+def run(args: argparse.Namespace) -> int:
+    from convscale.errors import UserError
+    from convscale.models import get_config, model_names, zoo_table
+
+    if args.num_classes < 1:
+        raise UserError(f"--num-classes must be >= 1, got {args.num_classes}")
+    if args.resolution < 1:
+        raise UserError(f"--resolution must be a positive number of pixels, got {args.resolution}")
+    names = args.names or model_names(args.family)
+    if args.names and args.family:
+        names = [n for n in names if get_config(n).family == args.family]
+    rows = zoo_table(names, args.resolution, args.num_classes)
+    out = sys.stdout
+    if args.format == "json":
+        json.dump(rows, out, indent=2)
+        out.write("\n")
+    elif args.format == "csv":
+        w = csv.DictWriter(out, fieldnames=list(rows[0]) if rows else ["name"])
+        w.writeheader()
+        w.writerows(rows)
+    else:
+        header = ("model", "family", "params", f"GFLOPs/img fwd @{args.resolution}px", "train GFLOPs/img")
+        table = [
+            (r["name"], r["family"], _fmt_params(r["params"]), f"{r['gflops']:.3f}", f"{r['train_gflops']:.3f}")
+            for r in rows
+        ]
+        widths = [max(len(h), *(len(t[i]) for t in table)) for i, h in enumerate(header)]
+        line = "  ".join(h.ljust(w) if i < 2 else h.rjust(w) for i, (h, w) in enumerate(zip(header, widths)))
+        print(line)
+        print("  ".join("-" * w for w in widths))
+        for t in table:
+            print("  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(t, widths))))
+        print(
+            f"\nFLOPs = 2 x multiply-accumulates; training FLOPs per image = 3 x forward; "
+            f"{args.num_classes} classes."
+        )
+    return 0
