@@ -208,7 +208,9 @@ def cmd_run(args) -> int:
         msg = f": {o.message}" if o.message else ""
         print(f"[{i}/{n}] {o.status:<11} {o.cell_id}{extra}{msg}", flush=True)
 
-    if args.executor == "local":
+    if not todo:
+        outcomes = []
+    elif args.executor == "local":
         outcomes = LocalExecutor(jobs=args.jobs, on_outcome=report).run(sweep.root, todo)
     else:
         ex = SlurmExecutor(partition=args.partition, gpus_per_node=args.gpus_per_node,
