@@ -176,60 +176,32 @@ def cmd_plan(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from convscale.sweep.executors import LocalExecutor, SlurmExecutor
-    from convscale.sweep.planner import plan_study
-    from convscale.sweep.results import collect, write_results
+    from convscale.sweep.run import run_sweep
     from convscale.sweep.study import load_study
-    from convscale.sweep.sweepdir import SweepDir
 
-    if args.jobs < 1:
-        raise UserError(f"--jobs must be >= 1, got {args.jobs}")
     study = load_study(args.study)
-    plan = plan_study(study)
-    sweep = SweepDir(_sweep_dir(args, study))
-    sweep.prepare(plan)
-    cells = [c for c in plan.cells if not args.only or any(t in c.cell_id for t in args.only)]
-    if not cells:
-        raise UserError(f"--only {args.only} matches no cell id; run `convscale sweep plan` to see the ids")
-    states = {c.cell_id: sweep.state(c.cell_id) for c in cells}
-    finished = [c for c in cells if states[c.cell_id] in ("done", "diverged")]
-    todo = [c.cell_id for c in cells if states[c.cell_id] not in ("done", "diverged")]
-    print(f"sweep {sweep.root}: {len(cells)} cells, {len(finished)} finished, {len(todo)} to run", flush=True)
+    root = _sweep_dir(args, study)
     if args.dry_run:
-        for cid in todo:
-            print("  " + sweep.train_command_text(cid))
+        from convscale.sweep.planner import plan_study
+        from convscale.sweep.sweepdir import SweepDir
+
+        plan = plan_study(study)
+        sweep = SweepDir(root)
+        sweep.prepare(plan)
+        for c in plan.cells:
+            if (not args.only or any(t in c.cell_id for t in args.only)) and \
+                    sweep.state(c.cell_id) not in ("done", "diverged"):
+                print("  " + sweep.train_command_text(c.cell_id))
         return 0
-
-    if todo:
-        sweep.ensure_shared_data(plan)
-
-    def report(o, i, n) -> None:
-        extra = f" ({o.seconds:.1f} s)" if o.seconds else ""
-        msg = f": {o.message}" if o.message else ""
-        print(f"[{i}/{n}] {o.status:<11} {o.cell_id}{extra}{msg}", flush=True)
-
-    if not todo:
-        outcomes = []
-    elif args.executor == "local":
-        outcomes = LocalExecutor(jobs=args.jobs, on_outcome=report).run(sweep.root, todo)
-    else:
-        ex = SlurmExecutor(partition=args.partition, gpus_per_node=args.gpus_per_node,
-                           cpus_per_task=args.cpus_per_task, timeout_minutes=parse_minutes(args.time),
-                           cluster=args.cluster)
-        outcomes = ex.run(sweep.root, todo, on_outcome=report)
-    df = collect(sweep.root)
-    parquet, _ = write_results(sweep.root, df)
-    counts = df["status"].value_counts().to_dict()
-    locked = [o.cell_id for o in outcomes if o.status == "locked"]
-    print(f"results: {parquet} ({', '.join(f'{v} {k}' for k, v in sorted(counts.items()))})")
-    if locked:
-        print(f"{len(locked)} cell(s) skipped because another sweep holds their lock: {', '.join(locked)}")
-    failed = [o for o in outcomes if o.status == "failed"]
-    if failed:
-        print(f"{len(failed)} cell(s) failed; logs in {sweep.root / 'logs'}; rerun the same command to retry them",
-              file=sys.stderr)
+    slurm = None
+    if args.executor == "slurm":
+        slurm = dict(partition=args.partition, gpus_per_node=args.gpus_per_node,
+                     cpus_per_task=args.cpus_per_task, timeout_minutes=parse_minutes(args.time),
+                     cluster=args.cluster)
+    out = run_sweep(study, root, executor=args.executor, jobs=args.jobs, only=args.only, slurm=slurm)
+    if out.failed:
         return 1
-    return 130 if any(o.status == "interrupted" for o in outcomes) else 0
+    return 130 if out.interrupted else 0
 
 
 def cmd_collect(args) -> int:
