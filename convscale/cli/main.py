@@ -21,6 +21,10 @@ COMMAND_MODULES = (
     "sweep",
     "fit",
     "report",
+    "compare",
+    "finetune",
+    "study",
+    "demo",
 )
 
 

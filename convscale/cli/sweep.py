@@ -137,13 +137,16 @@ def cmd_plan(args) -> int:
     print(f"study {study.name}: {len(plan.cells)} cells, {study.budgets.kind} budgets "
           f"[{', '.join(f'{b:g}' for b in study.budgets.values)}], {study.data.kind} data at {study.data.resolution} px, "
           f"batch {plan.cells[0].batch_size}; sweep dir {sweep.root}")
-    header = ["family", "model", "params", "MFLOPs/img", "images", "epochs", "steps", "lr", "train FLOPs", "budget"]
+    header = ["family", "model", "params", "MFLOPs/img", "images", "epochs", "steps", "lr", "train FLOPs", "budget",
+              "H100-h", "TPUv4 core-h"]
     if seconds:
         header.append("est. time")
     rows = []
     for c in plan.cells:
         r = [c.family, c.model, f"{c.params / 1e6:.3f}M", f"{c.flops_per_image / 1e6:.3g}", str(c.images),
-             f"{c.epochs:.3g}", str(c.steps), f"{c.lr:g}", f"{c.train_flops:.3e}", f"{c.budget:g}"]
+             f"{c.epochs:.3g}", str(c.steps), f"{c.lr:g}", f"{c.train_flops:.3e}", f"{c.budget:g}",
+             f"{probe_mod.reference_device_hours(c.train_flops, 'h100', mfu):.3g}",
+             f"{probe_mod.reference_device_hours(c.train_flops, 'tpu-v4-core', mfu):.3g}"]
         if seconds:
             r.append(_fmt_seconds(seconds[c.cell_id]))
         rows.append(r)
@@ -165,6 +168,7 @@ def cmd_plan(args) -> int:
         print(f"  estimated wall time: {_fmt_seconds(total / args.jobs)} with --jobs {args.jobs} "
               f"(serial sum {_fmt_seconds(total)}; "
               f"{startup:.1f} s per cell measured for a one-step run)")
+    print("H100-h / TPUv4 core-h: device-hours at the assumed MFU (the paper's F7+ 8 epochs: ~110k TPU-v4 core hours)")
     for dev, (peak, desc) in probe_mod.REFERENCE_DEVICES.items():
         hours = probe_mod.reference_device_hours(total_flops, dev, mfu)
         print(f"reference: {hours:.3g} {dev}-hours at MFU {mfu:g} ({desc})")

@@ -1,0 +1,134 @@
+"""Built-in studies: the quick CPU demo, a GPU-sized demo, a tiny smoke study, and the paper's own.
+
+Each preset is plain data (a dict in the study-file layout), so ``convscale study NAME`` can write
+it out as a TOML file a user edits, and the demo runs exactly what that file would say.
+
+Learning-rate grids come from stability measured on 2 CPU cores (shared/notes): small NFNets
+with AGC at batch 128 are stable up to a peak of ~0.3-0.4 (0.6 diverged in long runs); small
+ViTs with AdamW do best at 3e-3 to 6e-3. The CPU presets exempt scalar (SkipInit) gains from
+AGC, because the reference clipping keeps zero-initialised gains near 0 for thousands of steps
+(held-out loss 3.02 vs 1.76 measured); the paper preset keeps the reference behaviour.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from convscale.errors import UserError
+
+_NFNET_SHORT_RUN = {"agc_exempt_scalar_gains": True, "classifier_lr_scale": 0.25}
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # `convscale demo`: 3 NFNet x 3 ViT sizes x 3 budgets (one decade) x 2 lrs = 36 cells,
+    # about 5-8 minutes with 2 jobs on 2 CPU cores.
+    "demo": {
+        "name": "demo",
+        "share_procedural_data": True,
+        "data": {"kind": "procedural", "resolution": 16, "num_classes": 100, "heldout_images": 2048},
+        "train": {"batch_size": 128, "precision": "bf16", "warmup_fraction": 0.05,
+                  "checkpoint_every_seconds": 60.0},
+        "family": [
+            {"name": "nfnet", "optimizer": "sgd_agc",
+             "models": ["nfnet-w0.125-d1.1.1", "nfnet-w0.25-d1.1.1", "nfnet-w0.5-d1.1.1"],
+             "lrs": [0.2, 0.4], "train": dict(_NFNET_SHORT_RUN)},
+            {"name": "vit", "optimizer": "adamw",
+             "models": ["vit-w32-d4-p4", "vit-w48-d4-p4", "vit-w64-d4-p4"],
+             "lrs": [0.003, 0.006], "train": {"weight_decay": 0.05}},
+        ],
+        "budgets": {"train_flops": [3e10, 1e11, 3e11]},
+    },
+    # `convscale demo --scale tiny`: the same pipeline in well under a minute (CI, smoke tests).
+    "tiny": {
+        "name": "tiny",
+        "share_procedural_data": True,
+        "data": {"kind": "procedural", "resolution": 16, "num_classes": 10, "heldout_images": 256},
+        "train": {"batch_size": 32, "precision": "bf16", "warmup_fraction": 0.1},
+        "family": [
+            {"name": "nfnet", "optimizer": "sgd_agc",
+             "models": ["nfnet-w0.03125-d1.1.1", "nfnet-w0.0625-d1.1.1", "nfnet-w0.125-d1.1.1"],
+             "lrs": [0.1, 0.2], "train": dict(_NFNET_SHORT_RUN)},
+            {"name": "vit", "optimizer": "adamw",
+             "models": ["vit-w16-d2-p4", "vit-w32-d2-p4", "vit-w32-d4-p4"],
+             "lrs": [0.003, 0.006], "train": {"weight_decay": 0.05}},
+        ],
+        "budgets": {"train_flops": [3e8, 1e9, 3e9]},
+    },
+    # `convscale demo --scale gpu`: one H100-class GPU, 32 px and 1000 classes, two decades.
+    "gpu": {
+        "name": "demo-gpu",
+        "share_procedural_data": False,  # generated on the GPU inside each run
+        "data": {"kind": "procedural", "resolution": 32, "num_classes": 1000, "heldout_images": 10000,
+                 "device": "cuda"},
+        "train": {"batch_size": 256, "precision": "bf16", "warmup_fraction": 0.05},
+        "family": [
+            {"name": "nfnet", "optimizer": "sgd_agc",
+             "models": ["nfnet-w0.125-d1.1.1.1", "nfnet-w0.25-d1.1.1.1", "nfnet-w0.25-d1.2.2.1",
+                        "nfnet-w0.5-d1.2.2.1"],
+             "lr_center": 0.4, "lr_factors": [0.5, 1, 2], "train": dict(_NFNET_SHORT_RUN)},
+            {"name": "vit", "optimizer": "adamw",
+             "models": ["vit-w64-d4-p4", "vit-w96-d6-p4", "vit-w128-d6-p4", "vit-w192-d8-p4"],
+             "lr_center": 0.004, "lr_factors": [0.5, 1, 2], "train": {"weight_decay": 0.05}},
+        ],
+        "budgets": {"train_flops": [1e13, 3e13, 1e14, 3e14, 1e15]},
+    },
+    # `convscale study paper`: Smith et al. 2023 (paper.md A.2-A.4): F0, F1, F3, F3+, F7, F7+
+    # pre-trained at 224 px, batch 4096, 0.25-8 epochs of JFT-4B (4e9 images), lr grid x2 around
+    # 1.6, SGD + Nesterov + AGC (reference clipping), cosine decay, weight decay 1e-6 (NFNet JFT
+    # recipe, paper.md B.9). Point [data] at your own shards (kind = "shards", path = ...).
+    "paper": {
+        "name": "paper",
+        "data": {"kind": "procedural", "resolution": 224, "num_classes": 30000, "heldout_images": 130000},
+        "train": {"batch_size": 4096, "precision": "bf16", "warmup_steps": 5000, "weight_decay": 1e-6,
+                  "epoch_images": 4_000_000_000},
+        "family": [
+            {"name": "nfnet", "optimizer": "sgd_agc",
+             "models": ["nfnet-f0", "nfnet-f1", "nfnet-f3", "nfnet-f3+", "nfnet-f7", "nfnet-f7+"],
+             "lr_center": 1.6, "lr_factors": [0.25, 0.5, 1, 2],
+             "train": {"model_overrides": {"drop_rate": 0.0, "drop_path_rate": 0.0}}},
+        ],
+        "budgets": {"epochs": [0.25, 0.5, 1, 2, 4, 8]},
+    },
+}
+
+#: ``convscale demo --scale X`` -> preset name
+SCALES = {"quick": "demo", "tiny": "tiny", "gpu": "gpu"}
+
+
+def preset(name: str) -> dict[str, Any]:
+    """A copy of a preset study (study-file layout)."""
+    if name not in PRESETS:
+        raise UserError(f"unknown study preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return copy.deepcopy(PRESETS[name])
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, int):
+        return f"{v:_}" if abs(v) >= 100_000 else str(v)
+    if isinstance(v, float):
+        return repr(v) if (v == 0 or 1e-4 <= abs(v) < 1e6) else f"{v:.6g}".replace("e+", "e")
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items()) + " }"
+    raise TypeError(f"cannot write {type(v).__name__} to TOML")
+
+
+def to_toml(study: dict[str, Any], header: str = "") -> str:
+    """Write a study dict (study-file layout) as TOML that ``load_study`` reads back."""
+    lines = [f"# {line}" if line else "#" for line in header.splitlines()]
+    scalars = {k: v for k, v in study.items() if not isinstance(v, (dict, list))}
+    lines += [f"{k} = {_toml_value(v)}" for k, v in scalars.items()]
+    for table in ("data", "train", "budgets"):
+        if table in study:
+            lines += ["", f"[{table}]"] + [f"{k} = {_toml_value(v)}" for k, v in study[table].items()]
+    for fam in study.get("family", []):
+        lines += ["", "[[family]]"]
+        lines += [f"{k} = {_toml_value(v)}" for k, v in fam.items() if k != "train"]
+        if fam.get("train"):
+            lines += ["", "[family.train]"] + [f"{k} = {_toml_value(v)}" for k, v in fam["train"].items()]
+    return "\n".join(lines) + "\n"
