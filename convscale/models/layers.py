@@ -100,6 +100,34 @@ def same_padding(size: int, kernel: int, stride: int, dilation: int = 1) -> tupl
     return total // 2, total - total // 2
 
 
+class _StandardizeWeight(torch.autograd.Function):
+    """``(W - mean) * gain * rsqrt(max(fan_in * var, eps))`` per output channel, with a
+    hand-written backward: the same forward ops, but ~10 backward ops instead of the ~25 autograd
+    records for var_mean/clamp/rsqrt, which dominate small models' step time on CPU."""
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, gain: torch.Tensor, fan_in: float, eps: float) -> torch.Tensor:
+        var, mean = torch.var_mean(weight, dim=(1, 2, 3), keepdim=True, correction=0)
+        clamped = var * fan_in
+        rstd = torch.rsqrt(torch.clamp(clamped, min=eps))
+        centered = weight - mean
+        ctx.save_for_backward(centered, rstd, gain, clamped >= eps)  # clamp passes gradient at the bound
+        ctx.fan_in = fan_in
+        return centered * (rstd * gain.view(-1, 1, 1, 1))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        centered, rstd, gain, unclamped = ctx.saved_tensors
+        g = gain.view(-1, 1, 1, 1)
+        dot = (grad * centered).sum(dim=(1, 2, 3), keepdim=True)  # sum_k G_k (W_k - mean)
+        grad_gain = (dot * rstd).view(-1)
+        # d rstd / d var = -fan_in / 2 * rstd^3 (0 where eps is taken); d var / d W = 2 (W - mean) / K.
+        k = centered[0].numel()
+        coef = torch.where(unclamped, g * dot * rstd.pow(3) * (ctx.fan_in / k), 0.0)
+        grad_w = (grad - grad.mean(dim=(1, 2, 3), keepdim=True)) * (rstd * g) - centered * coef
+        return grad_w, grad_gain, None, None
+
+
 class ScaledStdConv2d(nn.Conv2d):
     """Conv2d with Scaled Weight Standardization, a learnable per-channel ``gain`` (init 1) and
     ``bias`` (init 0), and TF "SAME" padding, as DeepMind's ``WSConv2D``:
@@ -126,9 +154,7 @@ class ScaledStdConv2d(nn.Conv2d):
         nn.init.zeros_(self.bias)
 
     def standardized_weight(self) -> torch.Tensor:
-        var, mean = torch.var_mean(self.weight, dim=(1, 2, 3), keepdim=True, correction=0)
-        scale = torch.rsqrt(torch.clamp(var * self.fan_in, min=self.eps)) * self.gain.view(-1, 1, 1, 1)
-        return (self.weight - mean) * scale
+        return _StandardizeWeight.apply(self.weight, self.gain, float(self.fan_in), self.eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.dynamic_pad:
