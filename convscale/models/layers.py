@@ -190,6 +190,10 @@ class SqueezeExcite(nn.Module):
             nn.init.trunc_normal_(fc.weight, std=std, a=-2 * std, b=2 * std)
             nn.init.zeros_(fc.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def gate(self, x: torch.Tensor) -> torch.Tensor:
+        """The per-(sample, channel) multiplier ``gain * sigmoid(...)``, shape (batch, channels)."""
         s = self.fc1(F.relu(self.fc0(x.mean((2, 3)))))
-        return x * (torch.sigmoid(s) * self.gain)[:, :, None, None]
+        return torch.sigmoid(s) * self.gain
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gate(x)[:, :, None, None]

@@ -217,6 +217,10 @@ class NFBlock(nn.Module):
 
     def branches(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(residual branch before skip gain and alpha, shortcut)."""
+        out, shortcut = self._branches_before_se(x)
+        return self.se(out), shortcut
+
+    def _branches_before_se(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         out = self.act_in(x)
         if self.stride > 1:
             shortcut = self.conv_shortcut(avg_pool_same_2x(out))
@@ -227,17 +231,19 @@ class NFBlock(nn.Module):
         out = self.conv0(out)
         out = self.conv1(self.act0(out))
         out = self.conv1b(self.act1(out))
-        out = self.conv2(self.act1b(out))
-        return self.se(out), shortcut
+        return self.conv2(self.act1b(out)), shortcut
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        residual, shortcut = self.branches(x)
-        scale = self.skip_gain * self.alpha
+        out, shortcut = self._branches_before_se(x)
+        # SE gate, skip gain, alpha and the stochastic-depth mask all scale (sample, channel):
+        # multiply them on the small (batch, channels) gate, then one pass over the big tensor
+        # (equal to shortcut + alpha * skip_gain * se(out) up to float rounding).
+        scale = self.se.gate(out) * (self.skip_gain * self.alpha)
         if self.training and self.drop_path_rate > 0.0:
             # Per-sample drop of the whole branch, no 1/keep rescale (the reference's StochDepth).
-            keep = torch.empty((x.shape[0], 1, 1, 1), dtype=residual.dtype, device=x.device)
+            keep = torch.empty((x.shape[0], 1), dtype=scale.dtype, device=x.device)
             scale = scale * keep.bernoulli_(1.0 - self.drop_path_rate)
-        return torch.addcmul(shortcut, residual, scale.to(residual.dtype))
+        return torch.addcmul(shortcut, out, scale.to(out.dtype)[:, :, None, None])
 
     def extra_repr(self) -> str:
         return f"stride={self.stride}, beta={self.beta:.6g}, alpha={self.alpha}, drop_path={self.drop_path_rate:.4g}"
