@@ -1,0 +1,41 @@
+"""`convscale compare SWEEP_DIR`: the two families side by side at matched compute."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "compare",
+        help="compare two model families at matched compute (best per budget, compute to reach a loss)",
+        description=(
+            "The best run of each family at each budget, the compute each family needs to reach a target loss "
+            "(from its fitted power law and measured on its frontier) and their ratio, and fine-tuned top-1 vs "
+            "pre-training compute when SWEEP_DIR/finetune holds results."
+        ),
+    )
+    p.add_argument("sweep_dir", metavar="SWEEP_DIR", help="sweep directory (the --dir of `convscale sweep run`)")
+    p.add_argument("--target-loss", type=float, default=None, metavar="L",
+                   help="held-out loss to reach (default: the higher of the two frontiers' lowest losses)")
+    p.add_argument("--target-top1", type=float, default=None, metavar="A",
+                   help="also the compute to reach held-out top-1 A (a fraction, e.g. 0.55)")
+    p.add_argument("--format", choices=("text", "json"), default="text", help="output format (default text)")
+    p.add_argument("--bootstrap", type=int, default=200, metavar="N", help="bootstrap resamples (default 200)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap (default 0)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+
+    from convscale.errors import UserError
+    from convscale.report import compare, format_comparison, load_sweep
+
+    if args.bootstrap < 0:
+        raise UserError(f"--bootstrap must be >= 0; got {args.bootstrap}")
+    inputs = load_sweep(args.sweep_dir, bootstrap=args.bootstrap, seed=args.seed)
+    cmp = compare(inputs, target_loss=args.target_loss, target_top1=args.target_top1,
+                  bootstrap=args.bootstrap, seed=args.seed)
+    print(json.dumps(cmp.to_dict(), indent=2, allow_nan=False) if args.format == "json" else format_comparison(cmp))
+    return 0

@@ -1,0 +1,210 @@
+"""What a report says, as renderer-neutral sections (Markdown and HTML draw the same content)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import pandas as pd
+
+from convscale.report.compare import Comparison
+from convscale.report.hardware import Hardware
+from convscale.report.inputs import SweepInputs
+from convscale.scaling import Estimate
+
+
+@dataclasses.dataclass
+class Table:
+    headers: list[str]
+    rows: list[list[str]]
+
+
+@dataclasses.dataclass
+class Figure:
+    name: str  # file stem in the report dir
+    caption: str
+
+
+@dataclasses.dataclass
+class Section:
+    title: str
+    blocks: list[Any]  # str (paragraph), Table, Figure, or ("eq", text)
+
+
+def g(x: Any, digits: int = 3) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "-"
+    if isinstance(x, float):
+        return f"{0.0 if abs(x) < 1e-12 else x:.{digits}g}"
+    return str(x)
+
+
+def pct(x: Any) -> str:
+    return "-" if x is None or not math.isfinite(float(x)) else f"{100 * float(x):.1f}%"
+
+
+def interval(e: Estimate | None) -> str:
+    if e is None:
+        return "-"
+    if math.isfinite(e.low) and math.isfinite(e.high):
+        return f"[{g(e.low)}, {g(e.high)}]"
+    return "(no bootstrap)"
+
+
+def _hours(hw: Hardware | None, flops: Any) -> str:
+    return g(float(hw.device_hours(flops))) if hw is not None and flops is not None else "-"
+
+
+def equations(inputs: SweepInputs) -> Table:
+    """Every fitted item of every family: the equation or value and its interval."""
+    rows = []
+    fit = inputs.fit
+    for fam, f in (fit.families.items() if fit is not None else []):
+        for key in ("power_law", "power_law_irreducible"):
+            p = getattr(f, key)
+            if p is not None:
+                rows.append([fam, key, p.equation(), f"a {interval(p.a)}" + (f", E {interval(p.E)}" if p.E else ""),
+                             f"R² (log) {p.r2_log:.3f}, {p.n_points} budgets"])
+        for method in ("best_run", "parabola"):
+            for q, sym in (("params", "N_opt"), ("images", "D_opt")):
+                a = getattr(f, f"optimal_{q}_{method}")
+                if a is not None:
+                    rows.append([fam, f"optimal_{q}_{method}", f"{sym} = {g(a.coef.value)} · C^{g(a.exponent.value)}",
+                                 f"exponent {interval(a.exponent)}", f"{a.n_points} budgets"])
+        t = f.lr_trend
+        if t is not None:
+            eq = f"log lr_opt = {g(t.intercept.value)} + {g(t.slope_duration.value)} log {t.duration_column}"
+            iv = f"{t.duration_column} slope {interval(t.slope_duration)} ({t.sign_duration})"
+            if t.slope_params is not None:
+                eq += f" + {g(t.slope_params.value)} log N"
+                iv += f", N slope {interval(t.slope_params)} ({t.sign_params})"
+            rows.append([fam, "lr_trend", eq, iv, f"{t.n_points} optima, {t.n_at_grid_edge} at grid edge"])
+        p = f.parametric
+        if p is not None:
+            rows.append([fam, "parametric", p.equation(), f"alpha {interval(p.alpha)}, beta {interval(p.beta)}",
+                         f"N_opt ∝ C^{g(p.n_opt_exponent.value)}, D_opt ∝ C^{g(p.d_opt_exponent.value)}"])
+        for key in ("extrapolation", "extrapolation_irreducible"):
+            x = getattr(f, key)
+            if x is not None:
+                rows.append([fam, key, f"predicted {g(x.predicted.value, 4)} at C = {g(x.held_out_compute_flops)}",
+                             interval(x.predicted), f"actual {g(x.actual_loss, 4)}, error {100 * x.relative_error:+.1f}%"])
+    return Table(["family", "fit", "equation (C in training FLOPs)", f"{_level(inputs)} interval", "notes"], rows)
+
+
+def _level(inputs: SweepInputs) -> str:
+    return f"{100 * inputs.fit.level:g}%" if inputs.fit is not None else "95%"
+
+
+def frontier_table(inputs: SweepInputs, hw: Hardware | None) -> Table:
+    rows = []
+    for fam, fr in inputs.frontiers.items():
+        for r in fr.to_dict(orient="records"):
+            rows.append([fam, g(r["compute_flops"]), _hours(hw, r["compute_flops"]), str(r["model"]), g(r["params"]),
+                         g(r["images_seen"]), g(r.get("epochs")), g(r.get("lr")), g(r["loss"], 4), pct(r.get("top1")),
+                         str(r.get("runs_in_budget", ""))])
+    unit = hw.unit if hw is not None else "device-hours"
+    return Table(["family", "compute (FLOPs)", unit, "best model", "params", "images", "epochs", "lr", "loss",
+                  "top-1", "runs"], rows)
+
+
+def skipped_table(inputs: SweepInputs, skipped_figures: dict[str, str]) -> Table:
+    rows = []
+    if inputs.fit_error:
+        rows.append(["all", "every fit", inputs.fit_error])
+    for fam, f in (inputs.fit.families.items() if inputs.fit is not None else []):
+        rows += [[fam, item, reason] for item, reason in f.skipped.items()]
+    rows += [["-", f"figure {name}", reason] for name, reason in skipped_figures.items()]
+    return Table(["family", "item", "reason"], rows)
+
+
+def cells_table(inputs: SweepInputs) -> Table:
+    df = inputs.results.sort_values(["family", "params", "budget_flops", "lr"], kind="stable")
+    rows = []
+    for _, r in df.iterrows():
+        cid = r.get("cell_id") if isinstance(r.get("cell_id"), str) else str(r.get("run_dir", "")).rsplit("/", 1)[-1]
+        rows.append([cid, r["family"], str(r["model"]), g(r["params"]), g(r["budget_flops"]), g(r["train_flops"]),
+                     g(r["epochs"]), g(r["lr"]), r["status"], g(r["loss"], 4), pct(r["top1"]),
+                     g(r.get("device_hours", float("nan")))])
+    return Table(["cell", "family", "model", "params", "budget FLOPs", "train FLOPs", "epochs", "lr", "status",
+                  "loss", "top-1", "device-hours (measured)"], rows)
+
+
+def comparison_blocks(cmp: Comparison, hw: Hardware | None) -> list[Any]:
+    a, b = cmp.families
+    rows = []
+    for r in cmp.budgets:
+        row = [g(r["compute_flops"]), _hours(hw, r["compute_flops"])]
+        for f in (a, b):
+            x = r[f]
+            row += ["-", "-", "-"] if x is None else [g(x["loss"], 4), x["model"], pct(x["top1"])]
+        rows.append(row + [r["winner"] or "-"])
+    unit = hw.unit if hw is not None else "device-hours"
+    blocks: list[Any] = [
+        "The best run of each family at each compute budget:",
+        Table(["compute (FLOPs)", unit, f"{a} loss", f"{a} model", f"{a} top-1", f"{b} loss", f"{b} model",
+               f"{b} top-1", "lower loss"], rows),
+        f"Compute to reach loss {g(cmp.target_loss, 4)} ({cmp.target_loss_source}):",
+    ]
+    reach = []
+    for f in (a, b):
+        x = cmp.reach_loss[f]
+        reach.append([f, g(x.law_flops), f"[{g(x.law_low_flops)}, {g(x.law_high_flops)}]", g(x.measured_flops),
+                      _hours(hw, x.law_flops if math.isfinite(x.law_flops) else None)])
+    reach.append([f"ratio {a}/{b}", g(cmp.ratio_law), "", g(cmp.ratio_measured), ""])
+    blocks.append(Table(["family", "from fitted law (FLOPs)", "bootstrap interval", "measured on frontier (FLOPs)",
+                         unit + " (law)"], reach))
+    if cmp.target_top1 is not None:
+        rows = [[f, g(cmp.reach_top1.get(f)), g(cmp.reach_top1_finetuned.get(f))] for f in (a, b)]
+        blocks += [f"Pre-training compute to reach top-1 {pct(cmp.target_top1)} (measured):",
+                   Table(["family", "held-out top-1 (FLOPs)", "after fine-tuning (FLOPs)"], rows)]
+    return blocks + [f"Note: {n}" for n in cmp.notes]
+
+
+def finetune_table(cmp: Comparison) -> Table:
+    rows = []
+    for f, recs in cmp.finetune.items():
+        for r in recs:
+            rows.append([f, str(r["name"]), str(r["model"]), g(r["pretrain_flops"]), g(r["pretrain_loss"], 4),
+                         pct(r["heldout_top1"]), g(r["finetune_flops"])])
+    return Table(["family", "fine-tune", "model", "pre-training FLOPs", "pre-training loss", "fine-tuned top-1",
+                  "fine-tuning FLOPs"], rows)
+
+
+def build_sections(inputs: SweepInputs, cmp: Comparison | None, cmp_error: str | None, hw: Hardware | None,
+                   figures: dict[str, str], skipped_figures: dict[str, str]) -> list[Section]:
+    """The report's sections; ``figures`` maps each drawn figure's file stem to its caption."""
+    fit = inputs.fit
+    counts = ", ".join(f"{v} {k}" for k, v in inputs.results["status"].value_counts().items())
+    overview = [f"Study **{inputs.study_name}**: {len(inputs.results)} cells ({counts}), "
+                f"families {', '.join(inputs.families)}."]
+    if fit is not None:
+        overview.append(f"Fits: {'read from fit.json' if inputs.fit_source == 'fit.json' else 'fitted now'}; "
+                        f"compute from {fit.compute_source}; {_level(inputs)} bootstrap intervals "
+                        f"({fit.bootstrap} resamples, seed {fit.seed}).")
+        overview += [f"Note: {n}" for n in fit.notes]
+    if hw is not None:
+        overview.append(f"Device-hours: {hw.caption()}.")
+
+    def fig(name: str) -> list[Figure]:
+        return [Figure(name, figures[name])] if name in figures else []
+
+    sections = [Section("Overview", overview + fig("loss_vs_compute"))]
+    sections.append(Section("Fitted laws", [equations(inputs)] + fig("optimal_allocation") + fig("lr_vs_epochs")))
+    sections.append(Section("Frontier", [frontier_table(inputs, hw)]))
+    if cmp is not None:
+        sections.append(Section(f"{cmp.families[0]} vs {cmp.families[1]} at matched compute",
+                                comparison_blocks(cmp, hw) + fig("families")))
+        if any(cmp.finetune.values()):
+            sections.append(Section("After fine-tuning", [finetune_table(cmp)] + fig("finetune")))
+    elif cmp_error:
+        sections.append(Section("Comparison", [f"Not compared: {cmp_error}"]))
+    sections.append(Section("Training curves", fig("training_curves") or ["No training curves were found."]))
+    skipped = skipped_table(inputs, skipped_figures)
+    sections.append(Section("Skipped", [skipped] if skipped.rows else ["Nothing was skipped."]))
+    sections.append(Section("Cells", [cells_table(inputs)]))
+    return sections
+
+
+def frame(table: Table) -> pd.DataFrame:
+    return pd.DataFrame(table.rows, columns=table.headers)

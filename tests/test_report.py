@@ -1,0 +1,260 @@
+"""The report stage on a synthetic sweep dir drawn from planted laws (no training, no torch)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import struct
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from convscale.errors import UserError
+from convscale.report import build_report, compare, format_comparison, get_hardware, load_sweep
+from convscale.report.laws import interpolate_compute
+
+# Planted frontier laws L = A * C^-a: the best cell of each budget lies exactly on them.
+LAWS = {"nfnet": (20.0, 0.10), "vit": (60.0, 0.12)}
+BUDGETS = np.logspace(12, 15, 4)
+PARAMS = 1e4 * 10 ** (0.5 * np.arange(4))  # p_opt(C) = 1e4 (C/1e12)^0.5 is one of these at every budget
+LRS = (0.05, 0.1, 0.2)
+K = 6.0  # train_flops = K * params * images_seen
+
+
+def law(family: str, c):
+    A, a = LAWS[family]
+    return A * np.asarray(c, dtype=float) ** -a
+
+
+def make_sweep(root: Path, families=("nfnet", "vit"), budgets=BUDGETS, params=PARAMS, lrs=LRS,
+               curves: bool = True) -> pd.DataFrame:
+    """A sweep dir: study.json, results.parquet, a few metrics.jsonl files and one fine-tune."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "study.json").write_text(json.dumps({"name": "synthetic"}))
+    rows = []
+    for fam in families:
+        for j, n in enumerate(params):
+            for c in budgets:
+                n_opt = 1e4 * (c / 1e12) ** 0.5
+                for lr in lrs:
+                    images = c / (K * n)
+                    loss = law(fam, c) * (1 + 0.05 * np.log(n / n_opt) ** 2) * (1 + 0.03 * np.log2(lr / 0.1) ** 2)
+                    cell = f"{fam}-m{j}-c{c:.0e}-lr{lr}"
+                    rows.append(dict(
+                        study="synthetic", family=fam, model=f"{fam}-m{j}", params=n, flops_per_image=K * n / 3,
+                        resolution=16, batch_size=128, images_seen=images, epochs=images / 1e6, lr=lr,
+                        budget_flops=c, train_flops=c, wall_hours=0.01, device_hours=0.02, loss=loss,
+                        top1=float(np.clip(1.2 - loss / 2, 0, 1)), top5=0.9, status="done",
+                        run_dir=str(root / "runs" / cell), cell_id=cell))
+    df = pd.DataFrame(rows)
+    if len(families) == 2 and len(df) > 4:
+        # a diverged and a failed cell: no loss, must be drawn anyway
+        df = pd.concat([df, pd.DataFrame([
+            {**rows[0], "lr": 0.8, "status": "diverged", "loss": math.nan, "top1": math.nan,
+             "cell_id": "nfnet-div", "run_dir": str(root / "runs" / "nfnet-div")},
+            {**rows[-1], "lr": 0.8, "status": "failed", "loss": math.nan, "top1": math.nan, "train_flops": math.nan,
+             "cell_id": "vit-fail", "run_dir": str(root / "runs" / "vit-fail")},
+        ])], ignore_index=True)
+    df.to_parquet(root / "results.parquet", index=False)
+    if curves:
+        for _, r in df.iloc[::7].iterrows():
+            d = root / "runs" / r["cell_id"]
+            d.mkdir(parents=True, exist_ok=True)
+            steps = np.arange(1, 21)
+            lines = []
+            for s in steps:
+                f = s / steps[-1]
+                lines.append({"kind": "train", "step": int(s), "images_seen": int(s * 128),
+                              "train_flops": float(f * (r["train_flops"] if r["train_flops"] == r["train_flops"]
+                                                        else r["budget_flops"])),
+                              "loss": 4.6 * f ** -0.0 - 3 * f ** 0.5 + 0.1, "lr": 0.1})
+                if s % 5 == 0:
+                    lines.append({**lines[-1], "kind": "eval", "heldout_loss": lines[-1]["loss"] + 0.05,
+                                  "heldout_top1": 0.3, "heldout_top5": 0.6})
+            (d / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    if "nfnet" in families and len(df) > 4:
+        best = df[(df["family"] == "nfnet") & (df["status"] == "done")].sort_values("loss").iloc[0]
+        ft = root / "finetune" / "ft-best"
+        ft.mkdir(parents=True)
+        (ft / "config.json").write_text(json.dumps({"pretrain_run_dir": best["run_dir"]}))
+        (ft / "result.json").write_text(json.dumps({
+            "status": "done", "heldout_top1": 0.71, "heldout_top5": 0.93, "heldout_loss": 1.1,
+            "finetune_flops": 1e13, "pretrain_run_dir": best["run_dir"]}))
+    return df
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("sweep")
+    make_sweep(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def report(sweep):
+    res = build_report(sweep, bootstrap=10, seed=0)
+    # later loads read this fit instead of refitting (fit.json newer than the results is reused)
+    (sweep / "fit.json").write_text((res.out_dir / "fit.json").read_text())
+    return res
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", path
+    return struct.unpack(">II", data[16:24])
+
+
+def test_report_writes_valid_figures(report, sweep):
+    out = sweep / "report"
+    assert report.out_dir == out
+    for name in ("loss_vs_compute", "optimal_allocation", "lr_vs_epochs", "training_curves", "families", "finetune"):
+        w, h = _png_size(out / f"{name}.png")
+        assert w > 600 and h > 400, (name, w, h)
+        root = ET.parse(out / f"{name}.svg").getroot()  # well-formed XML
+        assert root.tag.endswith("svg")
+    for name in ("summary.md", "report.html", "fit.json", "compare.json"):
+        assert (out / name).is_file()
+    assert "comparison" not in report.skipped
+
+
+def test_html_is_self_contained(report, sweep):
+    text = (sweep / "report" / "report.html").read_text()
+    assert "http://" not in text and "https://" not in text and "<script" not in text.lower()
+    imgs = re.findall(r"<img[^>]*>", text)
+    assert len(imgs) == 6
+    for tag in imgs:
+        assert re.search(r'src="data:image/png;base64,[A-Za-z0-9+/=]{1000,}"', tag), tag[:80]
+    assert "<link" not in text and "url(" not in text
+
+
+def test_summary_has_fitted_exponents_and_skips(report, sweep):
+    md = (sweep / "report" / "summary.md").read_text()
+    fit = json.loads((sweep / "report" / "fit.json").read_text())
+    for fam, (A, a) in LAWS.items():
+        got = fit["families"][fam]["power_law"]["a"]["value"]
+        assert got == pytest.approx(a, rel=1e-3)  # the frontier lies exactly on the planted law
+        assert f"C^-{got:.3g}" in md
+    # compute-optimal params: p_opt = 1e4 (C/1e12)^0.5 is planted in every budget
+    n_exp = fit["families"]["nfnet"]["optimal_params_best_run"]["exponent"]["value"]
+    assert n_exp == pytest.approx(0.5, abs=1e-6)
+    assert "| nfnet | optimal_params_best_run | N_opt" in md
+    assert "## Skipped" in md and "| vit | extrapolation_irreducible |" in md  # 4 budgets: too few to check
+    assert "diverged" in md and "failed" in md and "TPU-v4 core-hours" in md
+    assert "## After fine-tuning" in md and "71.0%" in md
+
+
+def test_compare_picks_best_cells_and_planted_compute_ratio(sweep, report):
+    inputs = load_sweep(sweep, bootstrap=20)
+    assert inputs.fit_source == "fit.json"
+    cmp = compare(inputs, bootstrap=20)
+    assert cmp.families == ("nfnet", "vit")
+    assert len(cmp.budgets) == 4
+    for row, c in zip(cmp.budgets, BUDGETS):
+        assert row["compute_flops"] == pytest.approx(c)
+        j = int(round(math.log10(c / 1e12)))  # the planted optimal size index
+        for fam in ("nfnet", "vit"):
+            assert row[fam]["model"] == f"{fam}-m{j}"
+            assert row[fam]["loss"] == pytest.approx(float(law(fam, c)), rel=1e-9)
+        assert row["winner"] == "nfnet"
+    # default target: the higher lowest frontier loss = vit's loss at the largest budget
+    target = float(law("vit", BUDGETS[-1]))
+    assert cmp.target_loss == pytest.approx(target)
+    c_n = (LAWS["nfnet"][0] / target) ** (1 / LAWS["nfnet"][1])
+    c_v = (LAWS["vit"][0] / target) ** (1 / LAWS["vit"][1])
+    assert cmp.reach_loss["nfnet"].law_flops == pytest.approx(c_n, rel=0.02)
+    assert cmp.reach_loss["nfnet"].measured_flops == pytest.approx(c_n, rel=1e-6)  # exact law: exact interpolation
+    assert cmp.reach_loss["vit"].measured_flops == pytest.approx(c_v, rel=1e-6)
+    assert cmp.ratio_measured == pytest.approx(c_n / c_v, rel=1e-6)
+    assert cmp.ratio_law == pytest.approx(c_n / c_v, rel=0.05)
+    assert cmp.ratio_law == pytest.approx(0.0165, rel=0.05)
+    low, high = cmp.reach_loss["nfnet"].law_low_flops, cmp.reach_loss["nfnet"].law_high_flops
+    assert low <= c_n * 1.02 and high >= c_n / 1.02
+    # a target below vit's frontier: the law extrapolates, the measurement says "out of range"
+    lower = compare(inputs, target_loss=0.9, bootstrap=0)
+    assert math.isnan(lower.reach_loss["vit"].measured_flops)
+    assert lower.reach_loss["vit"].law_flops == pytest.approx((60 / 0.9) ** (1 / 0.12), rel=0.03)
+    # fine-tuning: one result joined to nfnet's best cell
+    assert [r["heldout_top1"] for r in cmp.finetune["nfnet"]] == [0.71] and cmp.finetune["vit"] == []
+    assert "fine-tuned top-1 71.0%" in format_comparison(cmp)
+
+
+def test_interpolation_on_a_frontier():
+    c = np.array([1e12, 1e13, 1e14])
+    loss = 10 * c**-0.1
+    assert interpolate_compute(c, loss, 10 * (10**12.5) ** -0.1) == pytest.approx(10**12.5)
+    assert math.isnan(interpolate_compute(c, loss, 0.01))  # never reached
+    assert math.isnan(interpolate_compute(c, loss, 100.0))  # already below at the smallest budget
+    acc = np.array([0.2, 0.4, 0.6])
+    assert interpolate_compute(c, acc, 0.5, decreasing=False) == pytest.approx(10**13.5)
+
+
+def test_hardware_conversion():
+    hw = get_hardware("tpu-v4", 0.4)
+    # 1 core-hour = 137.5e12 * 0.4 * 3600 FLOPs
+    assert float(hw.device_hours(137.5e12 * 0.4 * 3600)) == pytest.approx(1.0)
+    assert float(get_hardware("h100", 0.5).device_hours(989.4e12 * 1800)) == pytest.approx(1.0)
+    assert get_hardware("none") is None
+    with pytest.raises(UserError, match="--mfu"):
+        get_hardware("h100", 0.0)
+
+
+def _cli(argv: list[str]) -> int:
+    """Run a report/compare command the way convscale.cli.main does."""
+    from convscale.cli import compare as compare_cli, report as report_cli
+
+    parser = argparse.ArgumentParser(prog="convscale")
+    sub = parser.add_subparsers()
+    report_cli.register(sub)
+    compare_cli.register(sub)
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as e:
+        print(f"convscale: error: {e}", file=sys.stderr)
+        return 2
+
+
+def test_cli_compare_json(sweep, report, capsys):
+    assert _cli(["compare", str(sweep), "--format", "json", "--bootstrap", "0", "--target-top1", "0.6"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["families"] == ["nfnet", "vit"] and d["target_top1"] == 0.6
+    # top-1 = 1.2 - loss/2: interpolated linearly in log C between the frontier's first two budgets
+    t0, t1 = (1.2 - law("nfnet", c) / 2 for c in BUDGETS[:2])
+    assert d["reach_top1"]["nfnet"] == pytest.approx(10 ** (12 + (0.6 - t0) / (t1 - t0)), rel=1e-6)
+
+
+def test_small_report_renders_what_it_can(tmp_path, capsys):
+    make_sweep(tmp_path / "s", budgets=BUDGETS[:1], params=PARAMS[:1], lrs=(0.1,), curves=False)
+    assert _cli(["report", str(tmp_path / "s"), "--bootstrap", "0", "--hardware", "none"]) == 0
+    out = capsys.readouterr().out
+    assert "skipped fits:" in out and "skipped optimal_allocation" not in out
+    html = (tmp_path / "s" / "report" / "report.html").read_text()
+    assert "need &gt;= 3 distinct compute budgets" in html and len(re.findall("<img", html)) >= 2
+    _png_size(tmp_path / "s" / "report" / "loss_vs_compute.png")
+
+
+@pytest.mark.parametrize("setup, command, match", [
+    ("nothing", "report", "is not a sweep directory"),
+    ("study_only", "report", "run `convscale sweep run"),
+    ("empty", "report", "is empty; run `convscale sweep run"),
+    ("one_family", "compare", "needs two model families"),
+])
+def test_bad_input_is_one_line_user_error(tmp_path, capsys, setup, command, match):
+    root = tmp_path / "s"
+    root.mkdir()
+    if setup == "study_only":
+        (root / "study.json").write_text("{}")
+    elif setup == "empty":
+        (root / "study.json").write_text("{}")
+        make_sweep(tmp_path / "tmp", curves=False).iloc[:0].to_parquet(root / "results.parquet")
+    elif setup == "one_family":
+        make_sweep(root, families=("nfnet",), curves=False)
+    assert _cli([command, str(root), "--bootstrap", "0"]) == 2
+    err = capsys.readouterr().err
+    assert match in err and err.count("\n") == 1, err
