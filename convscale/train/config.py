@@ -3,7 +3,10 @@
 A run's length is given as exactly one of ``epochs``, ``steps``, ``images`` or ``train_flops``
 and converted to optimizer steps by ``budget_to_steps`` (the one place that does it). Training
 FLOPs follow the project convention (models/base.py): 3 x forward FLOPs per image, at the
-training resolution ``data.resolution``.
+training resolution ``data.resolution``, doubled with SAM (``sam_rho > 0``: two forward-backward
+passes per step). An epoch counts image SLOTS: with repeated augmentation (``aug_repeats = k``)
+a run of E epochs takes the same steps and compute as without, but sees each distinct image only
+about E / k times (paper.md A.6: fewer passes, same compute).
 """
 
 from __future__ import annotations
@@ -81,6 +84,12 @@ class TrainConfig:
     divergence_loss_factor: float = 3.0  # stop if loss > factor x first-step loss; 0 = NaN/inf only
     threads: int = 0  # torch intra-op threads; 0 = torch default
     quiet: bool = False  # one line per evaluation instead of a progress bar
+    # fine-tuning (train/finetune.py); the defaults leave pre-training unchanged
+    init_from: Optional[str] = None  # a finished run dir: start from its final weights, new classifier
+    init_from_ema: bool = False  # load that run's EMA weights instead of its raw ones
+    sam_rho: float = 0.0  # SAM ascent radius; > 0 costs 2 forward-backward passes per step
+    aug_repeats: int = 1  # repeated augmentation: each batch is batch_size/k images seen k times
+    eval_resolution: Optional[int] = None  # held-out resolution in px; None = data.resolution
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -128,6 +137,14 @@ class TrainConfig:
             raise UserError(f"warmup_fraction must be in [0, 1), not {self.warmup_fraction}")
         if self.lr <= 0:
             raise UserError(f"lr must be positive, not {self.lr}")
+        if self.sam_rho < 0:
+            raise UserError(f"sam_rho must be >= 0 (0 turns SAM off), not {self.sam_rho}")
+        if self.aug_repeats < 1 or self.batch_size % self.aug_repeats:
+            raise UserError(
+                f"batch_size ({self.batch_size}) must be a multiple of aug_repeats ({self.aug_repeats} >= 1)"
+            )
+        if self.eval_resolution is not None and self.eval_resolution < 8:
+            raise UserError(f"eval_resolution must be >= 8 px, not {self.eval_resolution}")
 
 
 def _check_fields(cls: type, d: dict[str, Any], what: str) -> None:

@@ -38,8 +38,10 @@ from convscale.train.checkpoint import (
 )
 from convscale.train.config import RUNTIME_ONLY_FIELDS, TrainConfig, budget_to_steps, resolve_warmup_steps
 from convscale.train.evaluate import autocast, evaluate, training_loss
+from convscale.train.finetune import RepeatedAugmentSource, find_pretrained, load_pretrained_weights
 from convscale.train.metrics import MetricsWriter, Progress
 from convscale.train.optim import build_optimizer, clip_global_norm_, set_lr
+from convscale.train.sam import sam_ascend_, sam_restore_
 from convscale.train.schedule import lr_at
 
 EXIT_DIVERGED = 3  # `convscale train` exit code of a run that diverged (0 done, 2 user error)
@@ -109,14 +111,22 @@ def run(cfg: TrainConfig, restart: bool = False, source: Optional[DataSource] = 
 
     # ---- resolve: data, model, budget -----------------------------------------------------
     get_config(cfg.model, **cfg.model_overrides)  # a bad model name fails before data is loaded
+    pretrained = find_pretrained(cfg.init_from, cfg.init_from_ema) if cfg.init_from else None
     source = source if source is not None else build_source(cfg.data)
+    if cfg.aug_repeats > 1:
+        source = RepeatedAugmentSource(source, cfg.aug_repeats)
     overrides = dict(cfg.model_overrides)
     probe = get_config(cfg.model, num_classes=source.num_classes)
     if "image_size" in {f.name for f in dataclasses.fields(probe)} and "image_size" not in overrides:
         overrides["image_size"] = cfg.data.resolution  # ViTs are built for their input size
     model_cfg = get_config(cfg.model, num_classes=source.num_classes, **overrides)
     model_cfg.check_resolution(cfg.data.resolution)
-    flops_per_image = train_flops_per_image(model_cfg.forward_flops(cfg.data.resolution))
+    eval_source = source  # held-out images at eval_resolution come from a second source
+    if cfg.eval_resolution is not None and cfg.eval_resolution != cfg.data.resolution:
+        model_cfg.check_resolution(cfg.eval_resolution)
+        eval_source = build_source(cfg.data.replace(resolution=cfg.eval_resolution))
+    sam_passes = 2 if cfg.sam_rho > 0 else 1  # SAM: two forward-backward passes per step
+    flops_per_image = train_flops_per_image(model_cfg.forward_flops(cfg.data.resolution)) * sam_passes
     steps = budget_to_steps(cfg, flops_per_image, source.num_train_images)
     warmup_steps = resolve_warmup_steps(cfg, steps)
     eval_batch_size = cfg.eval_batch_size or cfg.batch_size
@@ -126,12 +136,14 @@ def run(cfg: TrainConfig, restart: bool = False, source: Optional[DataSource] = 
         "model_name": model_cfg.name,
         "steps": steps,
         "warmup_steps": warmup_steps,
-        "flops_per_image": flops_per_image,  # training FLOPs per image (3 x forward)
+        "flops_per_image": flops_per_image,  # training FLOPs per image (3 x forward, x2 with SAM)
         "train_flops": flops_per_image * cfg.batch_size * steps,
         "num_classes": source.num_classes,
         "num_train_images": source.num_train_images,
         "convscale_version": __version__,
     }
+    if pretrained is not None:
+        resolved["init_from"] = pretrained.record()
     progress = Progress(steps, cfg.quiet)
     finished = prepare_run_dir(run_dir, resolved, restart)
     if finished is not None:
@@ -141,6 +153,8 @@ def run(cfg: TrainConfig, restart: bool = False, source: Optional[DataSource] = 
     # ---- model, optimizer, state ----------------------------------------------------------
     torch.manual_seed(cfg.seed)
     model = model_cfg.build().to(device)
+    if pretrained is not None:
+        load_pretrained_weights(model, pretrained)
     if cfg.loss == "sigmoid":  # start at the prior p = 1/C per class instead of 0.5
         with torch.no_grad():
             model.classifier.bias.fill_(-math.log(source.num_classes))
@@ -168,7 +182,7 @@ def run(cfg: TrainConfig, restart: bool = False, source: Optional[DataSource] = 
         for prefix, m in (("", model), ("ema_", ema_model)):
             if m is None:
                 continue
-            r = evaluate(m, source.heldout_batches(eval_batch_size), device, cfg.precision,
+            r = evaluate(m, eval_source.heldout_batches(eval_batch_size), device, cfg.precision,
                          channels_last, sigmoid=cfg.loss == "sigmoid")
             out.update({f"{prefix}heldout_{k}": v for k, v in r.items()})
         return out
@@ -201,6 +215,16 @@ def run(cfg: TrainConfig, restart: bool = False, source: Optional[DataSource] = 
             loss = training_loss(logits, y, cfg.loss, cfg.label_smoothing) / micro_batches
             loss.backward()
             loss_sum += loss.detach()
+        if cfg.sam_rho > 0:  # SAM (sam.py): the same micro-batches again at w + eps; the step uses that gradient
+            perturbation = sam_ascend_(model, cfg.sam_rho)
+            for x, y in zip(images.chunk(micro_batches), labels.chunk(micro_batches)):
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                if channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with autocast(device.type, cfg.precision):
+                    sam_logits = train_model(x)
+                (training_loss(sam_logits, y, cfg.loss, cfg.label_smoothing) / micro_batches).backward()
+            sam_restore_(perturbation)
         if cfg.optimizer == "adamw" and cfg.grad_clip_norm > 0:
             clip_global_norm_(model, cfg.grad_clip_norm)
         optimizer.step()
@@ -260,12 +284,16 @@ def run(cfg: TrainConfig, restart: bool = False, source: Optional[DataSource] = 
         "planned_steps": steps,
         "images_seen": done * cfg.batch_size,
         "flops_per_image": flops_per_image,
+        "forward_backward_passes_per_step": sam_passes,
         "train_flops": done * cfg.batch_size * flops_per_image,
         "wall_seconds": wall_seconds,
         "skipped_images": int(source.skipped_images),
         "peak_memory_bytes": _peak_memory_bytes(device),
         "device": device.type,
     }
+    if pretrained is not None:
+        result.update(finetune_flops=result["train_flops"], pretrain_run_dir=str(pretrained.run_dir),
+                      pretrain_step=pretrained.step, pretrain_train_flops=pretrained.result.get("train_flops"))
     if metrics is not None:
         metrics.close()
     if is_main_process():

@@ -1,0 +1,224 @@
+"""Fine-tuning: a pre-trained run's final weights, a new classifier, the same training loop.
+
+A fine-tune is an ordinary run (``TrainConfig`` + ``run()``) with ``init_from`` set to a finished
+pre-training run directory. ``run()`` then builds the model for the downstream classes and calls
+``load_pretrained_weights``: every body tensor comes from the pre-trained run's final checkpoint
+(its EMA weights with ``init_from_ema``); ViT learned position embeddings are resampled (bicubic,
+class token kept) to the fine-tuning grid; NFNets need nothing, being fully convolutional.
+The classifier is always new and ZERO-initialised (weight and bias, both families), as in
+big_vision's transfer recipe: initial logits are 0 and the first updates move only the head.
+
+The paper's fine-tuning recipe (paper.md A.6) maps onto TrainConfig fields: SAM (``sam_rho``,
+sam.py), stochastic depth and dropout (model overrides), a higher train resolution
+(``data.resolution``) and a still higher held-out one (``eval_resolution``), and repeated
+augmentation (``aug_repeats``, ``RepeatedAugmentSource`` below).
+
+    from convscale.train.finetune import finetune_config
+    from convscale.train import run
+    cfg = finetune_config("runs/pre", "runs/ft", DataConfig(kind="digits", resolution=32,
+                          heldout_fraction=0.2), epochs=10)
+    result = run(cfg)
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from convscale.data.config import DataConfig
+from convscale.data.loading import BatchPlan, Sample, build_batches
+from convscale.errors import UserError
+from convscale.train.checkpoint import list_checkpoints
+from convscale.train.config import BUDGET_FIELDS, TrainConfig, apply_overrides
+
+CLASSIFIER_KEYS = ("classifier.weight", "classifier.bias")
+
+#: per-family fine-tuning defaults: optimizer and peak lr (CPU-scale runs on digits, see the
+#: tests' measurements), weight decay as in the NFNet fine-tuning recipe (paper.md A.6)
+FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "nfnet": dict(optimizer="sgd_agc", lr=0.1, weight_decay=1e-5),
+    "vit": dict(optimizer="adamw", lr=1e-3, weight_decay=1e-4),
+}
+#: settings of the pre-training run that a fine-tune keeps unless told otherwise (numerics and
+#: clipping that the pre-trained weights were shaped by)
+INHERITED_FIELDS = ("agc_clip", "agc_eps", "agc_exempt_scalar_gains", "precision", "channels_last",
+                    "momentum", "beta2", "grad_clip_norm", "threads")
+#: the model config field for classifier dropout in each family
+DROPOUT_FIELD = {"nfnet": "drop_rate", "vit": "dropout"}
+DEFAULT_EPOCHS = 10.0
+DEFAULT_SAM_RHO = 0.05  # the NFNet fine-tuning recipe (paper.md A.6)
+DEFAULT_BATCH_SIZE = 64
+DIGITS_HELDOUT_FRACTION = 0.2
+
+
+@dataclass(frozen=True)
+class PretrainedRun:
+    """A finished pre-training run and the weights a fine-tune starts from."""
+
+    run_dir: Path
+    step: int  # the optimizer step of the checkpoint loaded (the run's last)
+    weights_file: Path  # model.safetensors, or ema.safetensors with init_from_ema
+    config: dict[str, Any]  # the run's config.json
+    result: dict[str, Any]  # the run's result.json
+
+    @property
+    def family(self) -> str:
+        return self.config["model"]["family"]
+
+    def record(self) -> dict[str, Any]:
+        """What a fine-tune's config.json stores under ``init_from``."""
+        return {
+            "run_dir": str(self.run_dir),
+            "step": self.step,
+            "weights": self.weights_file.name,
+            "model": self.result.get("model"),
+            "resolution": self.config["train"]["data"]["resolution"],
+            "train_flops": self.result.get("train_flops"),
+        }
+
+
+def find_pretrained(run_dir: str | Path, use_ema: bool = False) -> PretrainedRun:
+    """The finished run at ``run_dir`` and its final checkpoint; UserError if there is none."""
+    rd = Path(run_dir).expanduser().resolve()
+    if not (rd / "config.json").is_file():
+        raise UserError(f"--from {run_dir} is not a run directory (no config.json); pass a pre-training --run-dir")
+    result_path = rd / "result.json"
+    if not result_path.is_file():
+        raise UserError(f"--from {run_dir} has not finished (no result.json); finish it with `convscale train` first")
+    config, result = json.loads((rd / "config.json").read_text()), json.loads(result_path.read_text())
+    if result.get("status") != "done":
+        raise UserError(f"--from {run_dir} ended as {result.get('status')!r}, not 'done'; pick a finished run")
+    checkpoints = list_checkpoints(rd)
+    if not checkpoints:
+        raise UserError(f"--from {run_dir} has no checkpoint to load; re-run it (checkpoints/ was removed)")
+    final = checkpoints[-1]
+    step = int(final.name.split("-", 1)[1])
+    if step != result.get("steps"):
+        raise UserError(f"--from {run_dir}: its last checkpoint is step {step}, not the final step "
+                        f"{result.get('steps')}; resume that run to its end first")
+    weights = final / ("ema.safetensors" if use_ema else "model.safetensors")
+    if not weights.is_file():
+        raise UserError(f"--from {run_dir} has no EMA weights (it ran with ema_decay=0); drop --use-ema"
+                        if use_ema else f"--from {run_dir}: {weights} is missing; re-run that run")
+    return PretrainedRun(rd, step, weights, config, result)
+
+
+@torch.no_grad()
+def load_pretrained_weights(model: nn.Module, pretrained: PretrainedRun) -> list[str]:
+    """Load the pre-trained body into ``model`` and zero its classifier; returns the loaded names.
+
+    A ViT's ``_load_from_state_dict`` resamples a learned position grid of another size.
+    Any other mismatch (another architecture) is a UserError naming the first tensors.
+    """
+    state = {k: v for k, v in load_file(pretrained.weights_file).items() if k not in CLASSIFIER_KEYS}
+    try:
+        res = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # size mismatch: another width/depth than the pre-trained run
+        first = str(e).strip().splitlines()[-1].strip()
+        raise UserError(f"the model does not match the pre-trained run {pretrained.run_dir} ({first}); "
+                        "keep its model and model_overrides") from None
+    missing = [k for k in res.missing_keys if k not in CLASSIFIER_KEYS]
+    if missing or res.unexpected_keys:
+        raise UserError(f"the model does not match the pre-trained run {pretrained.run_dir} "
+                        f"(missing {missing[:3]}, unexpected {res.unexpected_keys[:3]}); keep its model and overrides")
+    nn.init.zeros_(model.classifier.weight)
+    nn.init.zeros_(model.classifier.bias)
+    return sorted(state)
+
+
+def finetune_config(
+    pretrain_run_dir: str | Path,
+    run_dir: str,
+    data: DataConfig,
+    *,
+    use_ema: bool = False,
+    drop_path_rate: Optional[float] = None,
+    dropout: Optional[float] = None,
+    overrides: Optional[dict[str, Any]] = None,
+    **fields: Any,
+) -> TrainConfig:
+    """The TrainConfig of a fine-tune of ``pretrain_run_dir`` on ``data``.
+
+    Model: the pre-trained run's name and overrides (its ``image_size`` dropped: a ViT is built
+    for ``data.resolution``), plus stochastic depth / dropout rates if given. Optimizer, lr and
+    weight decay: ``FAMILY_DEFAULTS``; numerics and clipping: the pre-trained run's; budget
+    ``DEFAULT_EPOCHS`` epochs, SAM rho ``DEFAULT_SAM_RHO``. ``overrides`` (dotted ``--set`` keys)
+    and then ``fields`` (TrainConfig fields; None = not given) win over all of these.
+    """
+    pre = find_pretrained(pretrain_run_dir, use_ema)
+    ptrain = pre.config["train"]
+    model_overrides = {k: v for k, v in ptrain.get("model_overrides", {}).items()
+                       if k not in ("image_size", "num_classes")}
+    if drop_path_rate is not None:
+        model_overrides["drop_path_rate"] = drop_path_rate
+    if dropout is not None:
+        model_overrides[DROPOUT_FIELD[pre.family]] = dropout
+    base: dict[str, Any] = dict(FAMILY_DEFAULTS[pre.family])
+    base.update({k: ptrain[k] for k in INHERITED_FIELDS if k in ptrain})
+    base.update(epochs=DEFAULT_EPOCHS, sam_rho=DEFAULT_SAM_RHO, batch_size=DEFAULT_BATCH_SIZE,
+                checkpoint_every_seconds=120.0)
+    cfg = TrainConfig(run_dir=run_dir, model=ptrain["model"], model_overrides=model_overrides, data=data,
+                      init_from=str(pre.run_dir), init_from_ema=use_ema, **base)
+    for given in (overrides or {}), {k: v for k, v in fields.items() if v is not None}:
+        if any(k in BUDGET_FIELDS for k in given):  # a budget replaces the default (or earlier) one
+            cfg = cfg.replace(**{k: None for k in BUDGET_FIELDS})
+        cfg = apply_overrides(cfg, given)
+    cfg.validate()
+    return cfg
+
+
+def default_data(kind: str, path: Optional[str], resolution: int) -> DataConfig:
+    """A downstream DataConfig; digits hold out ``DIGITS_HELDOUT_FRACTION`` (18 images at the default 1 %
+    would make top-1 meaningless)."""
+    kw: dict[str, Any] = dict(kind=kind, path=path, resolution=resolution)
+    if kind == "digits":
+        kw["heldout_fraction"] = DIGITS_HELDOUT_FRACTION
+    return DataConfig(**kw)
+
+
+class RepeatedAugmentSource:
+    """Repeated augmentation (Hoffer et al. 2020; paper.md A.6) over an indexed source
+    (digits, arrays, folder).
+
+    Batch k of size B holds the B/m distinct images of the wrapped source's batch k of size B/m,
+    each m times under different augmentations: repeat r of an image uses the source's own
+    augmentation seed with r appended. The block for repeat r is contiguous ([all images, r=0],
+    [all images, r=1], ...), so micro-batches or data-parallel shards see different copies.
+    Steps per epoch are unchanged; distinct images per step drop m-fold (see config.py).
+    """
+
+    def __init__(self, source: Any, repeats: int):
+        if not hasattr(source, "train_plan"):
+            raise UserError("aug_repeats > 1 needs an indexed data source (digits, arrays, folder); "
+                            "set aug_repeats=1 for this data kind")
+        self.source, self.repeats = source, repeats
+        self.num_classes = source.num_classes
+        self.num_train_images = source.num_train_images
+
+    @property
+    def skipped_images(self) -> int:
+        return self.source.skipped_images
+
+    def train_plan(self, step: int, batch_size: int) -> BatchPlan:
+        """The plan of batch ``step``: ``batch_size / repeats`` distinct images, ``repeats`` times each."""
+        if batch_size % self.repeats:
+            raise UserError(f"batch size {batch_size} must be a multiple of aug_repeats {self.repeats}")
+        distinct = self.source.train_plan(step, batch_size // self.repeats).samples
+        samples = tuple(Sample(s.ref, s.label, tuple(s.seed) + (r,)) for r in range(self.repeats) for s in distinct)
+        return BatchPlan(samples, train=True)
+
+    def train_batches(self, batch_size: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        plans = (self.train_plan(k, batch_size) for k in itertools.count(start_step))
+        src = self.source
+        for batch in build_batches(src._builder, plans, src.cfg.workers):
+            yield src._receive(batch)
+
+    def heldout_batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return self.source.heldout_batches(batch_size)
