@@ -19,8 +19,12 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.distributed.tensor import distribute_tensor
+
+from convscale.train.distributed import has_sharded_params, is_sharded
 
 CHECKPOINT_DIR = "checkpoints"
 STEP_PREFIX = "step-"
@@ -28,10 +32,11 @@ TMP_PREFIX = ".tmp-"
 
 
 def is_main_process() -> bool:
-    """True on the process that writes files (rank 0; always True without torch.distributed)."""
-    import torch.distributed as dist
-
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    """True on the process that writes files: rank 0 of the process group, or, before one is
+    joined, the process torchrun/Slurm calls rank 0 (always True for a plain run)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0))) == 0
 
 
 def _fsync_dir(path: Path) -> None:
@@ -80,9 +85,31 @@ def atomic_save_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Te
     _fsync_dir(path.parent)
 
 
+def _full_state_options():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    # full (unsharded) tensors on rank 0 only, on the CPU: a checkpoint loads on any world size
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
 def _model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Full state dict; collective for an FSDP2 model (every rank calls it, rank 0 gets it)."""
+    if has_sharded_params(model):
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        return get_model_state_dict(model, options=_full_state_options())
     # clone: safetensors refuses tensors that share storage (e.g. tied weights)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, dict[str, Any]]:
+    """{param name: {state key: value}} with full tensors; collective for an FSDP2 model."""
+    if has_sharded_params(model):
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        return get_optimizer_state_dict(model, optimizer, options=_full_state_options()).get("state", {})
+    names = _param_names(model)
+    return {names[p]: pstate for p, pstate in optimizer.state.items()}
 
 
 def _param_names(model: nn.Module) -> dict[torch.Tensor, str]:
@@ -98,26 +125,34 @@ def save_checkpoint(
     ema_model: Optional[nn.Module] = None,
     keep: int = 1,
 ) -> Path:
-    """Write checkpoint ``step`` atomically, then delete all but the newest ``keep`` checkpoints."""
+    """Write checkpoint ``step`` atomically, then delete all but the newest ``keep`` checkpoints.
+
+    Distributed: call it on EVERY rank (FSDP2 gathers full tensors collectively); only rank 0
+    writes, and returns the path (the others return it too, unwritten).
+    """
     root = Path(run_dir) / CHECKPOINT_DIR
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"{STEP_PREFIX}{step:08d}"
+    model_tensors = _model_tensors(model)
+    ema_tensors = _model_tensors(ema_model) if ema_model is not None else None
+    opt_state = _optimizer_state(model, optimizer)
+    if not is_main_process():
+        return final
+    root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=TMP_PREFIX))
     try:
-        atomic_save_safetensors(tmp / "model.safetensors", _model_tensors(model))
-        if ema_model is not None:
-            atomic_save_safetensors(tmp / "ema.safetensors", _model_tensors(ema_model))
-        names = _param_names(model)
+        atomic_save_safetensors(tmp / "model.safetensors", model_tensors)
+        if ema_tensors is not None:
+            atomic_save_safetensors(tmp / "ema.safetensors", ema_tensors)
         opt_tensors: dict[str, torch.Tensor] = {"rng/cpu": torch.get_rng_state()}
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             opt_tensors["rng/cuda"] = torch.cuda.get_rng_state()
         opt_scalars: dict[str, Any] = {}
-        for p, pstate in optimizer.state.items():
+        for name, pstate in opt_state.items():
             for key, value in pstate.items():
                 if torch.is_tensor(value):
-                    opt_tensors[f"{key}/{names[p]}"] = value.detach().clone()
+                    opt_tensors[f"{key}/{name}"] = value.detach().clone()
                 else:
-                    opt_scalars[f"{key}/{names[p]}"] = value
+                    opt_scalars[f"{key}/{name}"] = value
         atomic_save_safetensors(tmp / "optimizer.safetensors", opt_tensors)
         atomic_write_json(tmp / "state.json", {**state, "step": step, "optimizer_scalars": opt_scalars})
         if final.exists():  # same step written twice (a resumed run re-saving): replace it
@@ -149,6 +184,15 @@ def remove_partial_checkpoints(run_dir: str | os.PathLike) -> None:
                 shutil.rmtree(d, ignore_errors=True) if d.is_dir() else d.unlink(missing_ok=True)
 
 
+def _load_model(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    if has_sharded_params(model):  # FSDP2: every rank read the full file; each keeps its shards
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(model, tensors, options=StateDictOptions(full_state_dict=True))
+    else:
+        model.load_state_dict(tensors)
+
+
 def load_checkpoint(
     path: Path,
     model: nn.Module,
@@ -157,9 +201,9 @@ def load_checkpoint(
 ) -> dict[str, Any]:
     """Restore model, EMA, optimizer and RNG state in place; returns ``state.json``'s dict."""
     state = json.loads((path / "state.json").read_text())
-    model.load_state_dict(load_file(path / "model.safetensors"))
+    _load_model(model, load_file(path / "model.safetensors"))
     if ema_model is not None:
-        ema_model.load_state_dict(load_file(path / "ema.safetensors"))
+        _load_model(ema_model, load_file(path / "ema.safetensors"))
     tensors = load_file(path / "optimizer.safetensors")
     params = dict(model.named_parameters())
     # torch keeps Adam's "step" on the CPU unless the optimizer is fused/capturable
@@ -174,7 +218,10 @@ def load_checkpoint(
             skey, pname = key.split("/", 1)
             p = params[pname]
             on_device = skey != "step" or step_on_device
-            optimizer.state[p][skey] = value.to(p.device) if on_device else value
+            value = value.to(p.device) if on_device else value
+            if is_sharded(p) and value.shape == p.shape:  # FSDP2: keep this rank's shard of it
+                value = distribute_tensor(value, p.device_mesh, p.placements)
+            optimizer.state[p][skey] = value
     for key, value in state.pop("optimizer_scalars", {}).items():
         skey, pname = key.split("/", 1)
         optimizer.state[params[pname]][skey] = value

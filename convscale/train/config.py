@@ -31,10 +31,11 @@ BUDGET_FIELDS = ("epochs", "steps", "images", "train_flops")
 OPTIMIZERS = ("sgd_agc", "adamw")
 LOSSES = ("softmax", "sigmoid")
 PRECISIONS = ("bf16", "fp32")
+PARALLEL_MODES = ("ddp", "fsdp")  # == convscale.train.distributed.PARALLEL_MODES (no torch import here)
 
 #: Fields that do not change a run's numbers: a run directory may be resumed with other values.
 RUNTIME_ONLY_FIELDS = frozenset(
-    {"run_dir", "quiet", "checkpoint_every_steps", "checkpoint_every_seconds", "threads"}
+    {"run_dir", "quiet", "checkpoint_every_steps", "checkpoint_every_seconds", "threads", "parallel"}
 )
 
 
@@ -84,6 +85,7 @@ class TrainConfig:
     divergence_loss_factor: float = 3.0  # stop if loss > factor x first-step loss; 0 = NaN/inf only
     threads: int = 0  # torch intra-op threads; 0 = torch default
     quiet: bool = False  # one line per evaluation instead of a progress bar
+    parallel: str = "ddp"  # under torchrun/srun with > 1 process: "ddp" | "fsdp" (FSDP2, sharded)
     # fine-tuning (train/finetune.py); the defaults leave pre-training unchanged
     init_from: Optional[str] = None  # a finished run dir: start from its final weights, new classifier
     init_from_ema: bool = False  # load that run's EMA weights instead of its raw ones
@@ -137,6 +139,8 @@ class TrainConfig:
             raise UserError(f"warmup_fraction must be in [0, 1), not {self.warmup_fraction}")
         if self.lr <= 0:
             raise UserError(f"lr must be positive, not {self.lr}")
+        if self.parallel not in PARALLEL_MODES:
+            raise UserError(f"parallel must be one of {list(PARALLEL_MODES)}, not {self.parallel!r}")
         if self.sam_rho < 0:
             raise UserError(f"sam_rho must be >= 0 (0 turns SAM off), not {self.sam_rho}")
         if self.aug_repeats < 1 or self.batch_size % self.aug_repeats:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import io
 import json
 import math
 import resource
@@ -35,6 +36,18 @@ from convscale.train.checkpoint import (
     load_checkpoint,
     remove_partial_checkpoints,
     save_checkpoint,
+)
+from convscale.train.distributed import (
+    all_reduce_eval,
+    all_reduce_sum,
+    fsdp_shard,
+    init_distributed,
+    local_slice,
+    resolve_parallel,
+    run_on_main,
+    shutdown,
+    world_size,
+    wrap_model,
 )
 from convscale.train.config import RUNTIME_ONLY_FIELDS, TrainConfig, budget_to_steps, resolve_warmup_steps
 from convscale.train.evaluate import autocast, evaluate, training_loss
@@ -102,8 +115,25 @@ def run(cfg: TrainConfig, restart: bool = False, source: Optional[DataSource] = 
 
     ``source``: an already built data source for ``cfg.data`` (a sweep can share one); else built
     here. ``restart``: wipe the run directory first. Raises ``UserError`` for bad input.
+    Under torchrun/srun (distributed.py) every process calls this; it joins the process group
+    for the run and leaves it afterwards, once the run's modules are released.
     """
+    owns_group = init_distributed()
+    ok = False
+    try:
+        result = _run(cfg, restart, source)
+        ok = True
+        return result
+    finally:
+        if owns_group:
+            shutdown(barrier=ok)
+
+
+def _run(cfg: TrainConfig, restart: bool, source: Optional[DataSource]) -> dict[str, Any]:
     cfg.validate()
+    if cfg.batch_size % (world_size() * cfg.grad_accum_steps):
+        raise UserError(f"batch_size ({cfg.batch_size}) must be a multiple of processes ({world_size()}) "
+                        f"x grad_accum_steps ({cfg.grad_accum_steps}); change --batch-size")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -144,8 +174,8 @@ def run(cfg: TrainConfig, restart: bool = False, source: Optional[DataSource] = 
     }
     if pretrained is not None:
         resolved["init_from"] = pretrained.record()
-    progress = Progress(steps, cfg.quiet)
-    finished = prepare_run_dir(run_dir, resolved, restart)
+    progress = Progress(steps, cfg.quiet, stream=None if is_main_process() else io.StringIO())
+    finished = run_on_main(lambda: prepare_run_dir(run_dir, resolved, restart))  # one rank touches files
     if finished is not None:
         progress.message(f"{run_dir}: already finished ({finished['status']}); result: {json.dumps(finished)}")
         return finished
@@ -162,16 +192,21 @@ def run(cfg: TrainConfig, restart: bool = False, source: Optional[DataSource] = 
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     ema_model = copy.deepcopy(model).requires_grad_(False) if cfg.ema_decay > 0 else None
+    # before the optimizer: FSDP2 replaces ``model``'s parameters by sharded ones (DDP wraps it)
+    train_model = wrap_model(model, cfg.parallel, device)
+    if ema_model is not None and resolve_parallel(cfg.parallel) == "fsdp":
+        fsdp_shard(ema_model, average_replicated_grads=False)  # sharded like model: EMA updates stay local
     optimizer = build_optimizer(model, cfg)
     state: dict[str, Any] = {"images_seen": 0, "wall_seconds": 0.0, "first_loss": None, "step": 0}
-    remove_partial_checkpoints(run_dir)
+    if is_main_process():
+        remove_partial_checkpoints(run_dir)
     checkpoints = list_checkpoints(run_dir)
     if checkpoints:
         state = load_checkpoint(checkpoints[-1], model, optimizer, ema_model)
         progress.message(f"{run_dir}: resuming from step {state['step']}/{steps}")
     start_step = state["step"]
     metrics = MetricsWriter(run_dir, start_step) if is_main_process() else None
-    train_model = torch.compile(model) if cfg.compile else model
+    train_model = torch.compile(train_model) if cfg.compile else train_model
 
     def log(row: dict[str, Any]) -> None:
         if metrics is not None:
@@ -182,8 +217,10 @@ def run(cfg: TrainConfig, restart: bool = False, source: Optional[DataSource] = 
         for prefix, m in (("", model), ("ema_", ema_model)):
             if m is None:
                 continue
-            r = evaluate(m, eval_source.heldout_batches(eval_batch_size), device, cfg.precision,
-                         channels_last, sigmoid=cfg.loss == "sigmoid")
+            # sharded: each rank evaluates its slice of every held-out batch; sums are all-reduced
+            shards = ((local_slice(x), local_slice(y)) for x, y in eval_source.heldout_batches(eval_batch_size))
+            r = all_reduce_eval(evaluate(m, shards, device, cfg.precision,
+                                         channels_last, sigmoid=cfg.loss == "sigmoid"))
             out.update({f"{prefix}heldout_{k}": v for k, v in r.items()})
         return out
 
@@ -203,6 +240,7 @@ def run(cfg: TrainConfig, restart: bool = False, source: Optional[DataSource] = 
     step = start_step
     for step in range(start_step, steps):
         images, labels = next(batches)
+        images, labels = local_slice(images), local_slice(labels)  # this rank's share of global batch k
         lr = lr_at(step, steps, warmup_steps, cfg.lr)
         set_lr(optimizer, lr)
         for x, y in zip(images.chunk(micro_batches), labels.chunk(micro_batches)):
@@ -233,10 +271,10 @@ def run(cfg: TrainConfig, restart: bool = False, source: Optional[DataSource] = 
             update_ema(ema_model, model, cfg.ema_decay, step)
         steps_since_log += 1
         if state["first_loss"] is None:
-            state["first_loss"] = float(loss_sum)
+            state["first_loss"] = all_reduce_sum([float(loss_sum)])[0] / world_size()
         done = step + 1
         if done % cfg.log_every_steps == 0 or done == steps:
-            mean_loss = float(loss_sum) / steps_since_log
+            mean_loss = all_reduce_sum([float(loss_sum)])[0] / world_size() / steps_since_log
             now = time.monotonic()
             ips = steps_since_log * cfg.batch_size / max(now - t_log, 1e-9)
             log({"kind": "train", **position(done), "loss": mean_loss, "lr": lr, "images_per_second": ips})
@@ -255,7 +293,9 @@ def run(cfg: TrainConfig, restart: bool = False, source: Optional[DataSource] = 
             progress.message(_eval_line(done, steps, ev))
         due_steps = cfg.checkpoint_every_steps and done % cfg.checkpoint_every_steps == 0
         due_time = cfg.checkpoint_every_seconds and time.monotonic() - t_ckpt >= cfg.checkpoint_every_seconds
-        if (due_steps or due_time) and done < steps and is_main_process():
+        if cfg.checkpoint_every_seconds and resolve_parallel(cfg.parallel) == "fsdp":  # ranks must agree
+            due_time = all_reduce_sum([float(bool(due_time) and is_main_process())])[0] > 0  # rank 0's clock
+        if (due_steps or due_time) and done < steps:  # every rank: FSDP2 gathers collectively
             save_checkpoint(run_dir, done, model, optimizer,
                             {**state, **position(done)}, ema_model)
             t_ckpt = time.monotonic()
@@ -269,9 +309,8 @@ def run(cfg: TrainConfig, restart: bool = False, source: Optional[DataSource] = 
             final_eval = heldout()
             log({"kind": "eval", **position(done), **final_eval})
             progress.message(_eval_line(done, steps, final_eval))
-            if is_main_process():
-                save_checkpoint(run_dir, done, model, optimizer,
-                                {**state, **position(done), "final_eval": final_eval}, ema_model)
+            save_checkpoint(run_dir, done, model, optimizer,
+                            {**state, **position(done), "final_eval": final_eval}, ema_model)
     else:
         final_eval = {"heldout_loss": None, "heldout_top1": None, "heldout_top5": None}
     wall_seconds = position(done)["wall_seconds"]
@@ -290,6 +329,7 @@ def run(cfg: TrainConfig, restart: bool = False, source: Optional[DataSource] = 
         "skipped_images": int(source.skipped_images),
         "peak_memory_bytes": _peak_memory_bytes(device),
         "device": device.type,
+        "processes": world_size(),
     }
     if pretrained is not None:
         result.update(finetune_flops=result["train_flops"], pretrain_run_dir=str(pretrained.run_dir),

@@ -15,12 +15,15 @@ when |G_i| / max(|W_i|, eps) > lambda, with |G_i| guarded below by 1e-6.
 
 from __future__ import annotations
 
+import itertools
 import re
 from dataclasses import dataclass
 from typing import Iterable, Optional
 
 import torch
 from torch import nn
+
+from convscale.train.distributed import is_sharded, local, process_group_of
 
 CLASSIFIER_WEIGHT = "classifier.weight"
 CLASSIFIER_PREFIX = "classifier."
@@ -101,16 +104,28 @@ def adaptive_grad_clip_(
     eps: float,
     param_units: Optional[list[torch.Tensor]] = None,
     grad_units: Optional[list[torch.Tensor]] = None,
+    sharded_whole: Optional[list[bool]] = None,
+    group=None,
 ) -> None:
     """AGC in place on ``grads`` (paper.md B.7), vectorised over all units of all tensors.
 
     ``param_units``/``grad_units``: ``unit_views`` of params/grads, if the caller caches them.
+    FSDP2 (local shards, split on dim 0): rows of a matrix/conv shard are whole units, but a
+    vector's norm is split over ranks; ``sharded_whole[i]`` marks such tensors, whose squared
+    norms are summed over ``group`` (one all-reduce for all of them).
     """
     counts = _unit_counts(params)
     p_units = param_units if param_units is not None else unit_views(params)
     g_units = grad_units if grad_units is not None else unit_views(grads)
-    p_norm = torch.stack(torch._foreach_norm(p_units)).float().clamp_min_(eps)
+    p_norm = torch.stack(torch._foreach_norm(p_units)).float()
     g_norm = torch.stack(torch._foreach_norm(g_units)).float()
+    if sharded_whole is not None and any(sharded_whole):
+        starts = [0, *itertools.accumulate(counts)][:-1]
+        idx = torch.tensor([s for s, w in zip(starts, sharded_whole) if w], device=p_norm.device)
+        squares = torch.stack([p_norm[idx], g_norm[idx]]).square()
+        torch.distributed.all_reduce(squares, group=group)
+        p_norm[idx], g_norm[idx] = squares.sqrt().unbind(0)
+    p_norm.clamp_min_(eps)
     max_norm = p_norm.mul_(clip)
     scale = torch.where(g_norm > max_norm, max_norm / g_norm.clamp_min(GRAD_NORM_FLOOR), 1.0)
     # One scale per unit, shaped to broadcast over the unit's elements: [O, 1, 1, ...] or [1...].
@@ -141,8 +156,9 @@ class SGDAGC(torch.optim.Optimizer):
 
     def _unit_views(self, index: int, params: list, grads: list) -> tuple[list, list]:
         cached = self._units.get(index)
-        if cached is None or len(cached[0]) != len(grads) or any(a is not b for a, b in zip(cached[0], grads)):
-            cached = (list(grads), unit_views(params), unit_views(grads))
+        tensors = [*params, *grads]  # params too: FSDP2 local shards may be new tensors
+        if cached is None or len(cached[0]) != len(tensors) or any(a is not b for a, b in zip(cached[0], tensors)):
+            cached = (tensors, unit_views(params), unit_views(grads))
             self._units[index] = cached
         return cached[1], cached[2]
 
@@ -153,23 +169,28 @@ class SGDAGC(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for index, group in enumerate(self.param_groups):
-            params = [p for p in group["params"] if p.grad is not None]
-            if not params:
+            dparams = [p for p in group["params"] if p.grad is not None]
+            if not dparams:
                 continue
-            grads = [p.grad for p in params]
+            # FSDP2: the maths runs on local shards (plain tensors); state stays DTensor for checkpoints
+            params = [local(p) for p in dparams]
+            grads = [local(p.grad) for p in dparams]
             if group["agc"] and group["agc_clip"] > 0:
                 p_units, g_units = self._unit_views(index, params, grads)
-                adaptive_grad_clip_(params, grads, group["agc_clip"], group["agc_eps"], p_units, g_units)
+                whole = [p.ndim < 2 and is_sharded(p) for p in dparams]
+                pg = process_group_of(dparams[whole.index(True)]) if any(whole) else None
+                adaptive_grad_clip_(params, grads, group["agc_clip"], group["agc_eps"], p_units, g_units,
+                                    whole, pg)
             if group["weight_decay"]:
                 torch._foreach_add_(grads, params, alpha=group["weight_decay"])
             mu = group["momentum"]
             if mu:
                 bufs = []
-                for p in params:  # bookkeeping only: fetch or create each tensor's buffer
+                for p in dparams:  # bookkeeping only: fetch or create each tensor's buffer
                     state = self.state[p]
                     if "momentum_buffer" not in state:
                         state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    bufs.append(state["momentum_buffer"])
+                    bufs.append(local(state["momentum_buffer"]))
                 torch._foreach_mul_(bufs, mu)
                 torch._foreach_add_(bufs, grads)
                 if group["nesterov"]:

@@ -1,0 +1,187 @@
+"""Data-parallel training on CPU/gloo with 2 processes: the same numbers as 1 process with the same
+global batch (DDP and FSDP2), only rank 0 writes, a killed 2-process run resumes on 1 process, and
+AGC's whole-tensor norms over dim-0 shards equal the unsharded ones."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from convscale.train.distributed import env_from_slurm, first_slurm_host
+from convscale.train.metrics import read_metrics
+from convscale.train.optim import adaptive_grad_clip_
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = 24
+TOL = 1e-5  # fp32: summation order differs between 1 and 2 processes (measured <= 5e-7)
+
+
+def train_args(run_dir: Path, *extra: str) -> list[str]:
+    # digits: real 16 px images; fp32 so that 1 and 2 processes agree to float round-off
+    return ["-m", "convscale", "train", "--run-dir", str(run_dir), "--model", "nfnet-tiny", "--data", "digits",
+            "--resolution", "16", "--batch-size", "32", "--steps", str(STEPS), "--lr", "0.4",
+            "--agc-exempt-scalar-gains", "--precision", "fp32", "--threads", "1", "--quiet",
+            "--set", "log_every_steps=2", "--set", "eval_every_steps=12", "--set", "checkpoint_every_seconds=0",
+            "--set", "checkpoint_every_steps=4", *extra]
+
+
+def env() -> dict[str, str]:
+    clean = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID")}
+    return {**clean, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+
+
+def torchrun(nproc: int) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+
+
+def rows(run_dir: Path) -> list[tuple]:
+    return [(r["kind"], r["step"], r.get("loss"), r.get("heldout_loss")) for r in read_metrics(run_dir / "metrics.jsonl")]
+
+
+def descendants(pid: int) -> list[int]:
+    """Child processes of ``pid``, recursively (Linux /proc)."""
+    kids = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        kids += [int(c) for c in (task / "children").read_text().split()]
+    return [d for k in kids for d in (k, *descendants(k))]
+
+
+def max_loss_difference(a: list[tuple], b: list[tuple]) -> float:
+    assert [r[:2] for r in a] == [r[:2] for r in b]  # same rows: none missing, none written twice
+    return max(abs((x[2] or x[3]) - (y[2] or y[3])) for x, y in zip(a, b))
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """The 1-process run every distributed run is compared with."""
+    run_dir = tmp_path_factory.mktemp("ref") / "run"
+    p = subprocess.run([sys.executable, *train_args(run_dir)], env=env(), cwd=REPO, capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    losses = [r[2] for r in rows(run_dir) if r[0] == "train"]
+    assert losses[-1] < losses[0] - 0.05  # it learns: a wrong gradient would show in the trajectory
+    return run_dir
+
+
+def test_ddp_two_processes_follow_the_one_process_trajectory(reference, tmp_path):
+    run_dir = tmp_path / "ddp"
+    p = subprocess.run([*torchrun(2), *train_args(run_dir)], env=env(), cwd=REPO, capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+    diff = max_loss_difference(rows(reference), rows(run_dir))
+    print(f"DDP 2 processes vs 1: max loss difference {diff:.3g}")
+    assert diff < TOL
+    ref, got = (json.loads((d / "result.json").read_text()) for d in (reference, run_dir))
+    assert abs(got["heldout_loss"] - ref["heldout_loss"]) < TOL
+    assert got["heldout_top1"] == ref["heldout_top1"] and got["images_seen"] == ref["images_seen"] == 32 * STEPS
+    assert got["train_flops"] == ref["train_flops"] and got["processes"] == 2 and ref["processes"] == 1
+    # only rank 0 wrote: the same files, metrics rows once each (checked above), no leftovers
+    files = lambda d: sorted(str(f.relative_to(d)) for f in d.rglob("*"))  # noqa: E731
+    assert files(run_dir) == files(reference)
+
+
+def test_fsdp_killed_run_resumes_on_one_process(reference, tmp_path):
+    """FSDP2 on 2 processes, SIGKILLed after its first checkpoint (full tensors gathered on rank 0),
+    resumed by a plain 1-process run: every row matches the 1-process reference."""
+    run_dir = tmp_path / "fsdp"
+    victim = subprocess.Popen([*torchrun(2), *train_args(run_dir, "--set", "parallel=fsdp")], env=env(), cwd=REPO,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    ckpt_root = run_dir / "checkpoints"
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline and victim.poll() is None:
+        if ckpt_root.is_dir() and any(d.name.startswith("step-") for d in ckpt_root.iterdir()):
+            break
+        time.sleep(0.005)
+    if victim.poll() is not None:
+        pytest.fail(f"the FSDP run ended before it could be killed: {victim.stderr.read()[-3000:]}")
+    for pid in [*descendants(victim.pid), victim.pid]:  # the workers run in sessions of their own
+        os.kill(pid, signal.SIGKILL)
+    victim.communicate(timeout=30)
+    assert not (run_dir / "result.json").exists()
+    killed_at = max(r[1] for r in rows(run_dir))
+    assert 0 < killed_at < STEPS
+    prefix = rows(run_dir)
+    fsdp_diff = max_loss_difference(rows(reference)[:len(prefix)], prefix)
+    print(f"FSDP 2 processes vs 1 (first {killed_at} steps): max loss difference {fsdp_diff:.3g}")
+    assert fsdp_diff < TOL
+
+    resumed = subprocess.run([sys.executable, *train_args(run_dir, "--set", "parallel=fsdp")], env=env(), cwd=REPO,
+                             capture_output=True, text=True, timeout=120)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from step" in resumed.stderr
+    diff = max_loss_difference(rows(reference), rows(run_dir))
+    print(f"killed at step {killed_at}, resumed on 1 process: max loss difference {diff:.3g}")
+    assert diff < TOL
+    ref, got = (json.loads((d / "result.json").read_text()) for d in (reference, run_dir))
+    assert got["status"] == "done" and got["processes"] == 1 and abs(got["heldout_loss"] - ref["heldout_loss"]) < TOL
+
+
+def _agc_on_shards(rank: int, world: int, init_file: str, out_file: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    params, grads = _agc_case()
+    # FSDP2's layout: every tensor split on dim 0 (torch.chunk sizes; a rank may get nothing)
+    mine = lambda ts: [t.chunk(world)[rank] if len(t.chunk(world)) > rank else t[:0] for t in ts]  # noqa: E731
+    p_loc, g_loc = mine(params), [g.clone() for g in mine(grads)]
+    adaptive_grad_clip_(p_loc, g_loc, 0.01, 1e-3, sharded_whole=[p.ndim < 2 for p in params], group=None)
+    torch.save(g_loc, out_file)
+    dist.destroy_process_group()
+
+
+def _agc_case() -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    g = torch.Generator().manual_seed(0)
+    shapes = [(5, 3, 3, 3), (7,), (3, 4), (1,), (1, 6), (4,)]  # odd sizes: uneven and empty shards
+    params = [torch.randn(s, generator=g) for s in shapes]
+    # gradients of mixed size: some units clipped, some not, including the whole-tensor ones
+    sizes = [0.05, 0.05, 0.001, 0.001, 0.05, 0.05]
+    grads = [torch.randn(s, generator=g) * size for s, size in zip(shapes, sizes)]
+    return params, grads
+
+
+def test_agc_whole_tensor_norms_are_all_reduced_over_dim0_shards(tmp_path):
+    import torch.multiprocessing as mp
+
+    world = 2
+    outs = [str(tmp_path / f"rank{r}.pt") for r in range(world)]
+    procs = [mp.get_context("spawn").Process(target=_agc_on_shards, args=(r, world, str(tmp_path / "init"), outs[r]))
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    params, grads = _agc_case()
+    expected = [g.clone() for g in grads]
+    adaptive_grad_clip_(params, expected, 0.01, 1e-3)
+    shards = [torch.load(o) for o in outs]
+    got = [torch.cat([s[i] for s in shards]) for i in range(len(params))]
+    changed = [not torch.equal(e, g) for e, g in zip(expected, grads)]
+    assert changed[1] and not changed[3]  # the 7-vector is clipped as one unit; the tiny one is not
+    for e, g in zip(expected, got):
+        torch.testing.assert_close(g, e, rtol=1e-6, atol=0)
+    # without the all-reduce each shard of the 7-vector would be clipped by its own norm: different
+    solo = [grads[1][:4].clone()]
+    adaptive_grad_clip_([params[1][:4]], solo, 0.01, 1e-3)
+    assert not torch.allclose(solo[0], got[1][:4])
+
+
+def test_slurm_variables_become_torchrun_ones():
+    environ = {"SLURM_PROCID": "3", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "4242",
+               "SLURM_NODELIST": "gpu[07-08,11],cpu1"}
+    env_from_slurm(environ)
+    assert (environ["RANK"], environ["WORLD_SIZE"], environ["LOCAL_RANK"], environ["MASTER_ADDR"]) == (
+        "3", "8", "1", "gpu07")
+    assert environ["MASTER_PORT"] == str(29500 + 10 + 4242)
+    torchrun_env = {"RANK": "0", "WORLD_SIZE": "2", "SLURM_PROCID": "5", "SLURM_NTASKS": "8"}
+    env_from_slurm(torchrun_env)  # torchrun's variables win
+    assert torchrun_env["RANK"] == "0" and "MASTER_ADDR" not in torchrun_env
+    assert first_slurm_host("node12") == "node12" and first_slurm_host("a-b[003-9]") == "a-b003"
