@@ -258,3 +258,11 @@ def test_bad_input_is_one_line_user_error(tmp_path, capsys, setup, command, matc
     assert _cli([command, str(root), "--bootstrap", "0"]) == 2
     err = capsys.readouterr().err
     assert match in err and err.count("\n") == 1, err
+
+
+def test_report_stage_does_not_import_torch():
+    import subprocess
+
+    code = "import sys, convscale.report, convscale.cli.report, convscale.cli.compare; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

@@ -6,9 +6,11 @@ from __future__ import annotations
 import base64
 import html
 import re
+import struct
 from pathlib import Path
 
 from convscale.report.content import Figure, Section, Table
+from convscale.report.plots import PNG_DPI
 
 _CSS = """
 body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; max-width: 1180px;
@@ -35,9 +37,12 @@ def table_html(t: Table) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def figure_html(fig: Figure, report_dir: Path) -> str:
-    data = base64.b64encode((report_dir / f"{fig.name}.png").read_bytes()).decode("ascii")
-    return (f'<figure id="fig-{html.escape(fig.name)}"><img alt="{html.escape(fig.name)}" '
+def figure_html(fig: Figure, report_dir: Path, dpi: int = PNG_DPI) -> str:
+    raw = (report_dir / f"{fig.name}.png").read_bytes()
+    # shown at the figure's size in inches (96 CSS px per inch), so every figure's fonts match
+    width_px = round(struct.unpack(">I", raw[16:20])[0] * 96 / dpi)
+    data = base64.b64encode(raw).decode("ascii")
+    return (f'<figure id="fig-{html.escape(fig.name)}"><img alt="{html.escape(fig.name)}" style="width: {width_px}px" '
             f'src="data:image/png;base64,{data}"><figcaption>{_inline(fig.caption)}</figcaption></figure>')
 
 

@@ -22,6 +22,7 @@ from convscale.report.laws import LawCurve
 
 FAMILY_COLORS = {"nfnet": "#1f5fa8", "vit": "#c8432b"}
 OTHER_COLORS = ("#2a9d5b", "#8e44ad", "#b8860b", "#555555")
+PNG_DPI = 200
 MODEL_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "h", "<", ">", "p", "*")
 RC = {
     "font.size": 10, "axes.titlesize": 11, "axes.labelsize": 10.5, "legend.fontsize": 8,
@@ -48,7 +49,7 @@ def model_markers(results: pd.DataFrame, family: str) -> dict[str, str]:
 
 
 def save_figure(fig: Figure, out_dir: Path, name: str) -> tuple[Path, Path]:
-    """Write ``name``.png (200 dpi) and ``name``.svg; returns both paths."""
+    """Write ``name``.png (PNG_DPI) and ``name``.svg; returns both paths."""
     import matplotlib
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -56,7 +57,7 @@ def save_figure(fig: Figure, out_dir: Path, name: str) -> tuple[Path, Path]:
     # text as paths in the SVG: it renders the same without the fonts installed
     with matplotlib.rc_context({**RC, "svg.fonttype": "path"}):
         # no bbox_inches="tight": constrained layout already fits everything, and "tight" draws twice
-        fig.savefig(png, dpi=200, facecolor="white")
+        fig.savefig(png, dpi=PNG_DPI, facecolor="white")
         fig.savefig(svg, facecolor="white", metadata={"Date": None})
     return png, svg
 
@@ -176,7 +177,7 @@ def _caption(fig: Figure, inputs: SweepInputs, hardware: Hardware | None, extra:
 def loss_vs_compute(inputs: SweepInputs, laws: dict[str, LawCurve | None], hardware: Hardware | None) -> Figure:
     """(a) held-out loss vs training compute, one panel per family, log-log."""
     families = inputs.families
-    fig = Figure(figsize=(5.2 * len(families), 4.4), layout="constrained")
+    fig = Figure(figsize=(5.2 * len(families), 5.6), layout="constrained")
     axes = fig.subplots(1, len(families), sharey=True, squeeze=False)[0]
     lo, hi = _compute_range(inputs, families)
     for ax, fam in zip(axes, families):
@@ -197,7 +198,8 @@ def loss_vs_compute(inputs: SweepInputs, laws: dict[str, LawCurve | None], hardw
         ax.set_title(f"{fam}")
         ax.set_xlabel("training compute (FLOPs)")
         add_hardware_axis(ax, hardware)
-        ax.legend(handles=handles, loc="lower left", framealpha=0.9)
+        # below the panel: inside, any corner can hide cells of some sweep
+        ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
         plain_log_labels(ax.yaxis)
     axes[0].set_ylabel("held-out loss")
     _caption(fig, inputs, hardware)

@@ -122,7 +122,7 @@ def training_curves(inputs: SweepInputs, x: str = "train_flops") -> Figure:
     if not families:
         raise PlotSkipped("no cell has a metrics.jsonl to draw a training curve from")
     fig = Figure(figsize=(5.2 * len(families), 4.2), layout="constrained")
-    axes = fig.subplots(1, len(families), sharey=True, squeeze=False)[0]
+    axes = fig.subplots(1, len(families), sharex=True, sharey=True, squeeze=False)[0]
     cmap = colormaps["viridis"]
     params = [c.params for c in inputs.curves]
     norm = LogNorm(min(params) / 1.5, max(params) * 1.5)
