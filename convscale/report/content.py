@@ -40,6 +40,11 @@ def g(x: Any, digits: int = 3) -> str:
     return str(x)
 
 
+def _signed(x: float) -> str:
+    """'+ 0.3' / '- 0.3', for terms of a sum."""
+    return f"{'-' if x < 0 else '+'} {g(abs(x))}"
+
+
 def pct(x: Any) -> str:
     return "-" if x is None or not math.isfinite(float(x)) else f"{100 * float(x):.1f}%"
 
@@ -74,10 +79,10 @@ def equations(inputs: SweepInputs) -> Table:
                                  f"exponent {interval(a.exponent)}", f"{a.n_points} budgets"])
         t = f.lr_trend
         if t is not None:
-            eq = f"log lr_opt = {g(t.intercept.value)} + {g(t.slope_duration.value)} log {t.duration_column}"
+            eq = f"log lr_opt = {g(t.intercept.value)} {_signed(t.slope_duration.value)} log {t.duration_column}"
             iv = f"{t.duration_column} slope {interval(t.slope_duration)} ({t.sign_duration})"
             if t.slope_params is not None:
-                eq += f" + {g(t.slope_params.value)} log N"
+                eq += f" {_signed(t.slope_params.value)} log N"
                 iv += f", N slope {interval(t.slope_params)} ({t.sign_params})"
             rows.append([fam, "lr_trend", eq, iv, f"{t.n_points} optima, {t.n_at_grid_edge} at grid edge"])
         p = f.parametric
