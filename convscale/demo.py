@@ -1,0 +1,143 @@
+"""The whole study end to end: sweep -> fit -> fine-tune the best of each family -> compare -> report.
+
+This module sits on top of the pipeline (it calls every stage, and no stage imports it). Every
+number it prints comes from the runs it just did; a re-run of the same command skips the
+finished cells and fine-tunes, so an interrupted demo continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from convscale.errors import UserError
+
+#: the demo's downstream task: scikit-learn's real handwritten digits, fine-tuned at 2x the
+#: pre-training resolution and evaluated at a still higher one (the paper: 384 train / 480 eval)
+FINETUNE_DATA = "digits"
+#: fine-tuning epochs over the digits' ~1440 training images, per demo scale
+FINETUNE_EPOCHS = {"quick": 8.0, "tiny": 1.0, "gpu": 20.0}
+
+
+@dataclass
+class DemoResult:
+    root: Path
+    wall_seconds: float
+    sweep_counts: dict[str, int]
+    exponents: dict[str, dict[str, Any]] = field(default_factory=dict)
+    finetunes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    report_html: Optional[Path] = None
+    skipped: dict[str, str] = field(default_factory=dict)
+
+
+def best_cells(df, families: list[str]) -> dict[str, Any]:
+    """Per family, the done cell with the lowest held-out loss at the largest budget it reached."""
+    best = {}
+    done = df[df["status"] == "done"]
+    for fam in families:
+        rows = done[done["family"] == fam]
+        if rows.empty:
+            continue
+        top = rows[rows["budget_flops"] == rows["budget_flops"].max()]
+        best[fam] = top.loc[top["loss"].idxmin()]
+    return best
+
+
+def finetune_best(root: Path, best: dict[str, Any], pretrain_resolution: int, threads: int, epochs: float,
+                  log: Callable[[str], None]) -> dict[str, dict[str, Any]]:
+    """Fine-tune each family's best pre-trained cell on the digits; returns the results."""
+    from convscale.data.config import DataConfig
+    from convscale.train import run
+    from convscale.train.finetune import default_data, finetune_config
+
+    ft_res = 2 * pretrain_resolution
+    eval_res = ft_res + 8  # a multiple of 4 (the demo ViTs' patch) and ~25 % above the train size
+    results = {}
+    for fam, row in best.items():
+        data: DataConfig = default_data(FINETUNE_DATA, None, ft_res)
+        run_dir = root / "finetune" / f"{row['model']}"
+        cfg = finetune_config(row["run_dir"], str(run_dir), data, epochs=epochs, eval_resolution=eval_res,
+                              threads=threads, quiet=True)
+        t0 = time.perf_counter()
+        result = run(cfg)
+        log(f"fine-tuned {fam} {row['model']} (pre-trained {row['budget_flops']:.0e} FLOPs, lr {row['lr']:g}) "
+            f"on {FINETUNE_DATA} at {ft_res}/{eval_res} px: top-1 {result.get('heldout_top1', float('nan')):.3f} "
+            f"({time.perf_counter() - t0:.0f} s)")
+        results[fam] = {**result, "run_dir": str(run_dir), "pretrain_run_dir": str(row["run_dir"])}
+    return results
+
+
+def run_demo(scale: str = "quick", out: Optional[str] = None, jobs: int = 0, bootstrap: int = 200,
+             log: Callable[[str], None] = lambda s: print(s, flush=True)) -> DemoResult:
+    """Run the preset study of ``scale`` (quick | tiny | gpu) end to end under ``out``."""
+    import os
+
+    from convscale.report.build import build_report
+    from convscale.scaling import fit_table
+    from convscale.sweep.presets import SCALES, preset
+    from convscale.sweep.results import collect
+    from convscale.sweep.run import run_sweep
+    from convscale.sweep.study import parse_study
+
+    if scale not in SCALES:
+        raise UserError(f"--scale {scale!r}: choose one of {', '.join(SCALES)}")
+    study = parse_study(preset(SCALES[scale]))
+    if study.data.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError("--scale gpu needs a CUDA GPU; on a CPU machine use --scale quick")
+    root = Path(out) if out else Path("sweeps") / study.name
+    cores = os.cpu_count() or 1
+    jobs = jobs or (1 if study.data.device == "cuda" else max(1, min(2, cores)))
+    t0 = time.perf_counter()
+    log(f"convscale demo ({scale}): {study.name} study into {root}; {jobs} job(s) at once")
+
+    sweep = run_sweep(study, root, jobs=jobs, log=log)
+    if sweep.failed:
+        raise UserError(f"{len(sweep.failed)} cell(s) failed (logs in {root / 'logs'}); "
+                        f"re-run the same command to retry them")
+    df = collect(root)
+    families = [f.name for f in study.families]
+    fit = fit_table(df, bootstrap=bootstrap, seed=0)
+    result = DemoResult(root=root, wall_seconds=0.0, sweep_counts=df["status"].value_counts().to_dict())
+    for fam, ff in fit.families.items():
+        e: dict[str, Any] = {}
+        if ff.power_law is not None:
+            e["loss_vs_compute_exponent"] = ff.power_law.a
+        if ff.optimal_params_best_run is not None:
+            e["optimal_params_exponent"] = ff.optimal_params_best_run.exponent
+        if ff.optimal_images_best_run is not None:
+            e["optimal_images_exponent"] = ff.optimal_images_best_run.exponent
+        result.exponents[fam] = e
+        result.skipped.update({f"{fam}: {k}": v for k, v in ff.skipped.items()})
+
+    threads = cores  # fine-tunes run one at a time
+    result.finetunes = finetune_best(root, best_cells(df, families), study.data.resolution, threads,
+                                     FINETUNE_EPOCHS[scale], log)
+    report = build_report(root, bootstrap=bootstrap, seed=0, log=log)
+    result.report_html = report.out_dir / "report.html"
+    result.wall_seconds = time.perf_counter() - t0
+    return result
+
+
+def format_summary(r: DemoResult) -> str:
+    lines = [f"demo finished in {r.wall_seconds / 60:.1f} min; cells: "
+             + ", ".join(f"{v} {k}" for k, v in sorted(r.sweep_counts.items()))]
+    for fam, e in r.exponents.items():
+        parts = []
+        for key, label in (("loss_vs_compute_exponent", "loss ~ C^-a, a"),
+                           ("optimal_params_exponent", "N_opt ~ C^"),
+                           ("optimal_images_exponent", "D_opt ~ C^")):
+            if key in e:
+                est = e[key]
+                parts.append(f"{label} = {est.value:.3f} [{est.low:.3f}, {est.high:.3f}]")
+        lines.append(f"  {fam}: " + ("; ".join(parts) if parts else "no law could be fitted"))
+    for fam, ft in r.finetunes.items():
+        lines.append(f"  {fam} fine-tuned on digits: top-1 {ft.get('heldout_top1', float('nan')):.3f}, "
+                     f"top-5 {ft.get('heldout_top5', float('nan')):.3f} ({ft['run_dir']})")
+    if r.report_html is not None:
+        lines.append(f"report: {r.report_html}")
+    return "\n".join(lines)

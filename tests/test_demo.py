@@ -1,0 +1,83 @@
+"""`convscale demo` end to end (the tiny scale): sweep, fits, fine-tunes, report, in a real browser."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from test_report_browser import CHROMIUM, PROBE, _chromium
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo") / "sweep"
+    proc = subprocess.run(
+        [sys.executable, "-m", "convscale", "demo", "--scale", "tiny", "--out", str(root), "--bootstrap", "20"],
+        capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return root, proc.stdout
+
+
+def test_demo_runs_every_stage_from_its_own_runs(demo):
+    root, out = demo
+    df = pd.read_parquet(root / "results.parquet")
+    assert len(df) == 12 and set(df["status"]) == {"done"}
+    assert set(df["family"]) == {"nfnet", "vit"}
+    assert df["budget_flops"].nunique() == 3
+    # every cell trained for its own budget, within one batch of it
+    per_image = df["train_flops"] / df["images_seen"]
+    assert ((df["train_flops"] - df["budget_flops"]).abs() <= 32 * per_image).all()
+    # the printed exponents are the fitted ones, from these runs
+    fit = json.loads((root / "report" / "fit.json").read_text())
+    for fam in ("nfnet", "vit"):
+        a = fit["families"][fam]["power_law"]["a"]["value"]
+        assert f"{a:.3f}" in out
+    # one fine-tune per family, on the digits, from the best cell at the largest budget
+    for fam in ("nfnet", "vit"):
+        best = df[(df.family == fam) & (df.budget_flops == df.budget_flops.max())].sort_values("loss").iloc[0]
+        ft = json.loads((root / "finetune" / best["model"] / "result.json").read_text())
+        assert ft["status"] == "done" and 0.0 <= ft["heldout_top1"] <= 1.0
+        assert ft["heldout_images"] > 300  # 20 % of scikit-learn's 1797 digits
+        assert f"top-1 {ft['heldout_top1']:.3f}" in out
+    assert "report: " in out and (root / "report" / "report.html").is_file()
+
+
+def test_rerun_skips_everything_finished(demo):
+    root, _ = demo
+    proc = subprocess.run(
+        [sys.executable, "-m", "convscale", "sweep", "run", str(root / "study.json"), "--dir", str(root)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "12 finished, 0 to run" in proc.stdout
+
+
+def test_demo_report_loads_in_chromium(demo, tmp_path):
+    if CHROMIUM is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is not installed on CI (Debian package `chromium`)")
+        pytest.skip("chromium not installed (apt-get install chromium)")
+    root, _ = demo
+    page = (root / "report" / "report.html").read_text()
+    probed = tmp_path / "probed.html"
+    probed.write_text(page.replace("<head>", "<head>" + PROBE, 1))
+    proc = _chromium(tmp_path, "--dump-dom", probed.as_uri())
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = re.search(r'<div id="probe-result"[^>]*>', proc.stdout)
+    assert result, proc.stderr[-1000:]
+    attrs = dict(re.findall(r'data-([a-z-]+)="([^"]*)"', result.group(0)))
+    n_imgs = len(re.findall(r"<img", page))
+    assert n_imgs >= 5
+    assert attrs["images"] == str(n_imgs) and attrs["ok"] == str(n_imgs), attrs
+    assert attrs["errors"] == "", attrs["errors"]
+    shot = tmp_path / "demo.png"
+    _chromium(tmp_path, f"--screenshot={shot}", "--window-size=1280,3000", (root / "report" / "report.html").as_uri())
+    assert shot.is_file() and shot.stat().st_size > 20_000
