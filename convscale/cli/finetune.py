@@ -3,7 +3,7 @@
 The model is the pre-trained run's (same name and overrides) with a new zero-initialised
 classifier for the downstream classes; ViT position embeddings are resampled to --resolution.
 Defaults: the family's optimizer (sgd_agc for NFNets, adamw for ViTs), SAM rho 0.05 (two
-forward-backward passes per step, counted in train_flops), 10 epochs, batch 64. Precedence,
+forward-backward passes per step, counted in train_flops), 10 epochs, batch 32. Precedence,
 lowest first: those defaults < --set key=value < flags.
 Exit codes: 0 done (or already finished), 2 user error, 3 diverged.
 

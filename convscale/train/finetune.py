@@ -54,7 +54,7 @@ INHERITED_FIELDS = ("agc_clip", "agc_eps", "agc_exempt_scalar_gains", "precision
 DROPOUT_FIELD = {"nfnet": "drop_rate", "vit": "dropout"}
 DEFAULT_EPOCHS = 10.0
 DEFAULT_SAM_RHO = 0.05  # the NFNet fine-tuning recipe (paper.md A.6)
-DEFAULT_BATCH_SIZE = 64
+DEFAULT_BATCH_SIZE = 32  # digits (1438 training images): batch 64 reached 0.41 top-1 in 10 epochs, 32 reached 0.69
 DIGITS_HELDOUT_FRACTION = 0.2
 
 
