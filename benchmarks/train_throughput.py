@@ -29,6 +29,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from convscale.errors import UserError
 from convscale.models import get_config
 from convscale.models.base import train_flops_per_image
 from convscale.models.nfnet import NFNetConfig
@@ -109,10 +110,13 @@ def candidates(name: str, resolution: int, num_classes: int, timm) -> list[Candi
             img_size=resolution, patch_size=cfg.patch_size, embed_dim=cfg.width, depth=cfg.depth,
             num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_dim / cfg.width, qkv_bias=cfg.qkv_bias,
             num_classes=num_classes, global_pool=cfg.pool if cfg.pool != "gap" else "avg")))
+    def tensor_params(model: nn.Module) -> int:  # scalars left out: timm's nfnet_f0 has no SkipInit gains
+        return sum(p.numel() for p in model.parameters() if p.dim() > 0)
+
     with torch.device("meta"):
-        ours_params = sum(p.numel() for p in cfg.build().parameters())
+        ours_params = tensor_params(cfg.build())
         for label, build in refs:
-            theirs = sum(p.numel() for p in build().parameters())
+            theirs = tensor_params(build())
             if theirs != ours_params:  # timm rounds channels to multiples of 8
                 print(f"# timm:{label} at {cfg.name}: {theirs} params vs our {ours_params}; not comparable, skipped")
                 continue
@@ -246,7 +250,11 @@ def main(argv: list[str] | None = None) -> None:
           "peak_memory_mib,train_tflops_per_s,mfu")
     for name in args.models:
         for precision in args.precision:
-            rows = bench_model(name, precision, args, timm)
+            try:
+                rows = bench_model(name, precision, args, timm)
+            except UserError as e:  # e.g. a resolution below the model's stride: say so, go on
+                print(f"# {name}: {e}")
+                break
             ours = rows[0]["images_per_second"]
             for r in rows:
                 ratio = "" if r is rows[0] else f"{ours / r['images_per_second']:.3f}"
