@@ -84,5 +84,8 @@ def main(args: argparse.Namespace) -> int:
     from convscale.train.loop import run
 
     result = run(cfg, restart=args.restart)
-    print(json.dumps(result, sort_keys=True), file=sys.stdout)
+    from convscale.train.checkpoint import is_main_process
+
+    if is_main_process():  # under torchrun every rank returns the result; one prints it
+        print(json.dumps(result, sort_keys=True), file=sys.stdout)
     return EXIT_DIVERGED if result["status"] == "diverged" else 0

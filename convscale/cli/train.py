@@ -48,6 +48,8 @@ def register(subparsers) -> None:
     p.add_argument("--agc-exempt-scalar-gains", action="store_true", default=None,
                    help="leave SkipInit gains unclipped (short runs need it)")
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    p.add_argument("--activation-checkpointing", action="store_true", default=None,
+                   help="recompute block activations in the backward pass (less memory, same numbers)")
     p.add_argument("--quiet", action="store_true", default=None, help="one line per evaluation (for log files)")
     p.add_argument("--restart", action="store_true", help="wipe the run directory and start over")
     p.add_argument("--print-config", action="store_true", help="print the resolved TrainConfig and exit")
@@ -74,7 +76,8 @@ def build_config(args: argparse.Namespace):
             raise UserError(f"--set expects KEY=VALUE, got {item!r}")
         overrides[key.strip()] = value
     cfg = apply_overrides(cfg, overrides)
-    flags = {name: getattr(args, name) for name in [*FLAGS, "agc_exempt_scalar_gains", "compile", "quiet"]}
+    flags = {name: getattr(args, name) for name in [*FLAGS, "agc_exempt_scalar_gains", "compile",
+                                                 "activation_checkpointing", "quiet"]}
     data_flags = {"data.kind": args.data_kind, "data.path": args.data_path,
                   "data.resolution": args.resolution, "data.num_classes": args.num_classes}
     cfg = apply_overrides(cfg, {k: v for k, v in {**flags, **data_flags}.items() if v is not None})
@@ -106,5 +109,8 @@ def main(args: argparse.Namespace) -> int:
     from convscale.train.loop import run
 
     result = run(cfg, restart=args.restart)
-    print(json.dumps(result, sort_keys=True), file=sys.stdout)
+    from convscale.train.checkpoint import is_main_process
+
+    if is_main_process():  # under torchrun every rank returns the result; one prints it
+        print(json.dumps(result, sort_keys=True), file=sys.stdout)
     return EXIT_DIVERGED if result["status"] == "diverged" else 0

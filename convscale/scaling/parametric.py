@@ -194,20 +194,24 @@ def fit_parametric(
 
     dh, ds = derived(hat), derived(s)
     terms = np.stack([hat[1] - hat[3] * log_n, hat[2] - hat[4] * log_d, np.full_like(log_n, hat[0])])
-    return ParametricFit(
-        E=estimate(np.exp(hat[0]), np.exp(s[:, 0]), level),
-        A=estimate(np.exp(hat[1]), np.exp(s[:, 1]), level),
-        B=estimate(np.exp(hat[2]), np.exp(s[:, 2]), level),
-        alpha=estimate(hat[3], s[:, 3], level),
-        beta=estimate(hat[4], s[:, 4], level),
-        G=estimate(np.exp(dh[0]), np.exp(ds[:, 0]), level),
-        n_opt_coef=estimate(np.exp(dh[2]), np.exp(ds[:, 2]), level),
-        n_opt_exponent=estimate(dh[1], ds[:, 1], level),
-        d_opt_coef=estimate(np.exp(dh[4]), np.exp(ds[:, 4]), level),
-        d_opt_exponent=estimate(dh[3], ds[:, 3], level),
-        flops_per_param_sample=k,
-        huber_delta=float(delta),
-        r2_log=r2_log(log_l, logsumexp(terms, axis=0)),
-        n_points=int(len(pts)),
-        n_bootstrap=int(s.shape[0]),
-    )
+    # A bootstrap refit at a parameter bound can put a coefficient past float range; exp then gives
+    # inf, an "unbounded" interval end, which is the right answer and needs no warning.
+    with np.errstate(over="ignore"):
+        fit = ParametricFit(
+            E=estimate(np.exp(hat[0]), np.exp(s[:, 0]), level),
+            A=estimate(np.exp(hat[1]), np.exp(s[:, 1]), level),
+            B=estimate(np.exp(hat[2]), np.exp(s[:, 2]), level),
+            alpha=estimate(hat[3], s[:, 3], level),
+            beta=estimate(hat[4], s[:, 4], level),
+            G=estimate(np.exp(dh[0]), np.exp(ds[:, 0]), level),
+            n_opt_coef=estimate(np.exp(dh[2]), np.exp(ds[:, 2]), level),
+            n_opt_exponent=estimate(dh[1], ds[:, 1], level),
+            d_opt_coef=estimate(np.exp(dh[4]), np.exp(ds[:, 4]), level),
+            d_opt_exponent=estimate(dh[3], ds[:, 3], level),
+            flops_per_param_sample=k,
+            huber_delta=float(delta),
+            r2_log=r2_log(log_l, logsumexp(terms, axis=0)),
+            n_points=int(len(pts)),
+            n_bootstrap=int(s.shape[0]),
+        )
+    return fit

@@ -18,6 +18,10 @@ from typing import Any
 from convscale.errors import UserError
 
 _NFNET_SHORT_RUN = {"agc_exempt_scalar_gains": True, "classifier_lr_scale": 0.25}
+#: ViTs this small train 1.4-4.5x faster in fp32 than under bf16 autocast on these CPUs
+#: (vit-w32-d4-p4 at 16 px, batch 128, 1 thread: 6000 vs 1330 images/s; NFNets gain slightly
+#: from bf16), so the CPU presets run each family at its faster precision.
+_VIT_CPU = {"weight_decay": 0.05, "precision": "fp32"}
 
 PRESETS: dict[str, dict[str, Any]] = {
     # `convscale demo`: 3 NFNet x 3 ViT sizes x 3 budgets (one decade) x 2 lrs = 36 cells,
@@ -34,7 +38,7 @@ PRESETS: dict[str, dict[str, Any]] = {
              "lrs": [0.2, 0.4], "train": dict(_NFNET_SHORT_RUN)},
             {"name": "vit", "optimizer": "adamw",
              "models": ["vit-w32-d4-p4", "vit-w48-d4-p4", "vit-w64-d4-p4"],
-             "lrs": [0.003, 0.006], "train": {"weight_decay": 0.05}},
+             "lrs": [0.003, 0.006], "train": dict(_VIT_CPU)},
         ],
         "budgets": {"train_flops": [3e10, 1e11, 3e11]},
     },
@@ -51,7 +55,7 @@ PRESETS: dict[str, dict[str, Any]] = {
              "lrs": [0.2], "train": dict(_NFNET_SHORT_RUN)},
             {"name": "vit", "optimizer": "adamw",
              "models": ["vit-w16-d2-p4", "vit-w32-d2-p4"],
-             "lrs": [0.006], "train": {"weight_decay": 0.05}},
+             "lrs": [0.006], "train": dict(_VIT_CPU)},
         ],
         "budgets": {"train_flops": [3e8, 1e9, 3e9]},
     },

@@ -5,7 +5,7 @@ FLOPs per image at ``resolution``), resolution, batch_size, images_seen, epochs,
 budget_flops, train_flops, wall_hours, device_hours (wall hours x devices the run used: GPUs,
 or CPU cores), loss / top1 / top5 (final held-out; top-k as fractions), status
 (done / diverged / failed / pending), run_dir; then cell_id, optimizer, budget_kind, budget,
-steps, device_kind, error (last stderr line of a failed cell).
+steps, device_kind, peak_memory_gb, error (last stderr line of a failed cell).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ COLUMNS = (
     "images_seen", "epochs", "lr", "budget_flops", "train_flops", "wall_hours", "device_hours",
     "loss", "top1", "top5", "status", "run_dir",
 )
-EXTRA_COLUMNS = ("cell_id", "optimizer", "budget_kind", "budget", "steps", "device_kind", "error")
+EXTRA_COLUMNS = ("cell_id", "optimizer", "budget_kind", "budget", "steps", "device_kind", "peak_memory_gb", "error")
 STATUSES = ("done", "diverged", "failed", "pending")
 
 
@@ -74,6 +74,8 @@ def collect(root: str | Path):
             "budget": c.budget,
             "steps": c.steps,
             "device_kind": launch.get("device_kind", ""),
+            # GPU: peak allocated; CPU: the run process's peak resident set
+            "peak_memory_gb": _num(res.get("peak_memory_bytes")) / 2**30 if finished else math.nan,
             "error": failure.get("last_stderr_line", "") if state == "failed" else "",
         })
     df = pd.DataFrame(rows, columns=[*COLUMNS, *EXTRA_COLUMNS])

@@ -35,7 +35,8 @@ PARALLEL_MODES = ("ddp", "fsdp")  # == convscale.train.distributed.PARALLEL_MODE
 
 #: Fields that do not change a run's numbers: a run directory may be resumed with other values.
 RUNTIME_ONLY_FIELDS = frozenset(
-    {"run_dir", "quiet", "checkpoint_every_steps", "checkpoint_every_seconds", "threads", "parallel"}
+    {"run_dir", "quiet", "checkpoint_every_steps", "checkpoint_every_seconds", "threads", "parallel",
+     "activation_checkpointing"}
 )
 
 
@@ -74,6 +75,7 @@ class TrainConfig:
     precision: str = "bf16"  # autocast dtype for activations; params stay fp32
     channels_last: bool = True  # NFNet convs are faster in NHWC; ignored for ViTs
     compile: bool = False
+    activation_checkpointing: bool = False  # recompute block activations in backward: less memory, same numbers
     ema_decay: float = 0.0  # 0 = off; else EMA weights are also evaluated
     # bookkeeping
     seed: int = 0  # model init and any training randomness (data order is data.seed)

@@ -14,7 +14,6 @@ import dataclasses
 import io
 import json
 import math
-import resource
 import shutil
 import time
 from pathlib import Path
@@ -52,6 +51,7 @@ from convscale.train.distributed import (
 from convscale.train.config import RUNTIME_ONLY_FIELDS, TrainConfig, budget_to_steps, resolve_warmup_steps
 from convscale.train.evaluate import autocast, evaluate, training_loss
 from convscale.train.finetune import RepeatedAugmentSource, find_pretrained, load_pretrained_weights
+from convscale.train.memory import enable_activation_checkpointing, peak_memory_bytes
 from convscale.train.metrics import MetricsWriter, Progress
 from convscale.train.optim import build_optimizer, clip_global_norm_, set_lr
 from convscale.train.sam import sam_ascend_, sam_restore_
@@ -102,12 +102,6 @@ def update_ema(ema_model: nn.Module, model: nn.Module, decay: float, step: int) 
     torch._foreach_lerp_(ema_p, [p.detach() for p in model.parameters()], 1.0 - d)
     for eb, b in zip(ema_model.buffers(), model.buffers()):
         eb.copy_(b)
-
-
-def _peak_memory_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
 
 
 def run(cfg: TrainConfig, restart: bool = False, source: Optional[DataSource] = None) -> dict[str, Any]:
@@ -191,6 +185,8 @@ def _run(cfg: TrainConfig, restart: bool, source: Optional[DataSource]) -> dict[
     channels_last = cfg.channels_last and model_cfg.family == "nfnet"
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if cfg.activation_checkpointing:
+        enable_activation_checkpointing(model)
     ema_model = copy.deepcopy(model).requires_grad_(False) if cfg.ema_decay > 0 else None
     # before the optimizer: FSDP2 replaces ``model``'s parameters by sharded ones (DDP wraps it)
     train_model = wrap_model(model, cfg.parallel, device)
@@ -327,7 +323,7 @@ def _run(cfg: TrainConfig, restart: bool, source: Optional[DataSource]) -> dict[
         "train_flops": done * cfg.batch_size * flops_per_image,
         "wall_seconds": wall_seconds,
         "skipped_images": int(source.skipped_images),
-        "peak_memory_bytes": _peak_memory_bytes(device),
+        "peak_memory_bytes": peak_memory_bytes(device),
         "device": device.type,
         "processes": world_size(),
     }

@@ -1,0 +1,40 @@
+"""Activation checkpointing changes memory, not numbers; peak memory is recorded per run."""
+
+from __future__ import annotations
+
+import torch
+
+from convscale.models import create_model
+from convscale.train.memory import enable_activation_checkpointing
+
+
+def _grads(name: str, checkpointing: bool, **kw) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=10, **kw)
+    names_before = [n for n, _ in model.named_parameters()]
+    if checkpointing:
+        assert enable_activation_checkpointing(model) > 0
+    assert [n for n, _ in model.named_parameters()] == names_before  # names (and checkpoints) unchanged
+    model.train()
+    torch.manual_seed(1)  # same dropout / drop-path masks in both runs
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    loss = model(x).logsumexp(-1).mean()
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_checkpointed_blocks_give_the_same_gradients():
+    for name, kw in [("nfnet-w0.0625-d1.2.1", {"drop_path_rate": 0.2}), ("vit-w32-d2-p4", {"drop_path_rate": 0.2, "image_size": 32})]:
+        loss0, g0 = _grads(name, False, **kw)
+        loss1, g1 = _grads(name, True, **kw)
+        assert torch.equal(loss0, loss1)
+        assert g0.keys() == g1.keys() and len(g0) > 5
+        for n in g0:
+            torch.testing.assert_close(g1[n], g0[n], rtol=1e-5, atol=1e-7, msg=n)
+
+
+def test_checkpointing_is_skipped_under_no_grad():
+    model = create_model("vit-w32-d2-p4", num_classes=10, image_size=32)
+    enable_activation_checkpointing(model)
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
