@@ -63,9 +63,10 @@ def finetune_best(root: Path, best: dict[str, Any], pretrain_resolution: int, th
                               threads=threads, quiet=True)
         t0 = time.perf_counter()
         result = run(cfg)
+        top1 = result.get("heldout_top1")
+        outcome = f"top-1 {top1:.3f}" if top1 is not None else f"{result['status']} (no accuracy)"
         log(f"fine-tuned {fam} {row['model']} (pre-trained {row['budget_flops']:.0e} FLOPs, lr {row['lr']:g}) "
-            f"on {FINETUNE_DATA} at {ft_res} px: top-1 {result.get('heldout_top1', float('nan')):.3f} "
-            f"({time.perf_counter() - t0:.0f} s)")
+            f"on {FINETUNE_DATA} at {ft_res} px: {outcome} ({time.perf_counter() - t0:.0f} s)")
         results[fam] = {**result, "run_dir": str(run_dir), "pretrain_run_dir": str(row["run_dir"])}
     return results
 
@@ -137,8 +138,11 @@ def format_summary(r: DemoResult) -> str:
                 parts.append(f"{label} = {est.value:.3f} [{est.low:.3f}, {est.high:.3f}]")
         lines.append(f"  {fam}: " + ("; ".join(parts) if parts else "no law could be fitted"))
     for fam, ft in r.finetunes.items():
-        lines.append(f"  {fam} fine-tuned on digits: top-1 {ft.get('heldout_top1', float('nan')):.3f}, "
-                     f"top-5 {ft.get('heldout_top5', float('nan')):.3f} ({ft['run_dir']})")
+        if ft.get("heldout_top1") is None:
+            lines.append(f"  {fam} fine-tune on digits {ft['status']} ({ft['run_dir']})")
+            continue
+        lines.append(f"  {fam} fine-tuned on digits: top-1 {ft['heldout_top1']:.3f}, "
+                     f"top-5 {ft['heldout_top5']:.3f} ({ft['run_dir']})")
     if r.report_html is not None:
         lines.append(f"report: {r.report_html}")
     return "\n".join(lines)

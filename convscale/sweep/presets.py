@@ -25,7 +25,7 @@ _VIT_CPU = {"weight_decay": 0.05, "precision": "fp32"}
 
 PRESETS: dict[str, dict[str, Any]] = {
     # `convscale demo`: 3 NFNet x 3 ViT sizes x 3 budgets (one decade) x 2 lrs = 36 cells,
-    # about 5-8 minutes with 2 jobs on 2 CPU cores.
+    # about 8 minutes with 2 jobs on 2 CPU cores (measured: see docs/results/demo.md).
     "demo": {
         "name": "demo",
         "share_procedural_data": True,
@@ -40,7 +40,7 @@ PRESETS: dict[str, dict[str, Any]] = {
              "models": ["vit-w32-d4-p4", "vit-w48-d4-p4", "vit-w64-d4-p4"],
              "lrs": [0.003, 0.006], "train": dict(_VIT_CPU)},
         ],
-        "budgets": {"train_flops": [3e10, 1e11, 3e11]},
+        "budgets": {"train_flops": [7e10, 2.2e11, 7e11]},
     },
     # `convscale demo --scale tiny`: the same pipeline as a smoke run (CI): 2 x 2 sizes x 3 budgets
     # x 1 lr = 12 cells of a few seconds each. Too small to learn much; it checks the plumbing.
