@@ -14,6 +14,7 @@ from convscale.models.layers import (
     ACTIVATION_GAMMAS,
     GammaAct,
     ScaledStdConv2d,
+    _StandardizeWeight,
     avg_pool_same_2x,
     same_padding,
 )
@@ -153,6 +154,30 @@ def test_weight_standardization_matches_reference_formula():
     got = conv.standardized_weight().detach().double()
     assert torch.allclose(got, ref, atol=1e-6)
     assert torch.allclose((got[:3] ** 2).sum(dim=(1, 2, 3)), conv.gain[:3].double() ** 2, rtol=1e-4)
+
+
+@pytest.mark.parametrize("shape,channels_last", [((6, 4, 3, 3), False), ((6, 4, 3, 3), True), ((5, 7, 1, 1), True)])
+def test_weight_standardization_gradients_match_autograd_reference(shape, channels_last):
+    """The hand-written forward/backward against autograd through the reference formula, in
+    float64, with rows where eps is taken (constant and near-constant filters)."""
+    torch.manual_seed(0)
+    w = torch.randn(shape, dtype=torch.float64)
+    w[1] = 0.3
+    w[2] = 0.3 + 1e-4 * torch.randn_like(w[2])
+    if channels_last:
+        w = w.contiguous(memory_format=torch.channels_last)
+    w.requires_grad_()
+    gain = torch.randn(shape[0], dtype=torch.float64, requires_grad=True)
+    for scale in (1.0, 1.7):
+        got = _StandardizeWeight.apply(w, gain, scale, 1e-4)
+        var, mean = torch.var_mean(w, dim=(1, 2, 3), keepdim=True, correction=0)
+        ref = (w - mean) * (gain.view(-1, 1, 1, 1) * scale) * torch.rsqrt(torch.clamp(var * w[0].numel(), min=1e-4))
+        assert got.is_contiguous(memory_format=torch.channels_last) == (channels_last or shape[2] == 1)
+        g = torch.randn_like(ref)
+        for a, b in zip(torch.autograd.grad(got, (w, gain), g), torch.autograd.grad(ref, (w, gain), g)):
+            assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
+        assert torch.allclose(got, ref, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda w, g: _StandardizeWeight.apply(w, g, 1.3, 1e-4), (w, gain))
 
 
 def test_same_padding_is_tensorflow_same():
