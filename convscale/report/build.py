@@ -8,6 +8,7 @@
       families.png|svg            (e) both families on one plot (also in `convscale compare`)
       finetune.png|svg            fine-tuned top-1 vs pre-training compute (when fine-tunes exist)
       summary.md, report.html, fit.json, compare.json
+      findings.json               the paper's findings against this study's fits, with verdicts
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import matplotlib
 from convscale.errors import UserError
 from convscale.report.compare import Comparison, compare
 from convscale.report.content import build_sections
+from convscale.report.findings import Finding, study_findings
 from convscale.report.hardware import DEFAULT_MFU, get_hardware
 from convscale.report.html import render_html
 from convscale.report.inputs import SweepInputs, load_sweep
@@ -41,6 +43,7 @@ class ReportResult:
     files: list[Path]
     skipped: dict[str, str]
     comparison: Comparison | None
+    findings: list[Finding] = dataclasses.field(default_factory=list)
 
 
 def _write(path: Path, text: str) -> Path:
@@ -111,7 +114,8 @@ def build_report(
         drawn[name] = caption
         log(f"wrote {out / name}.png/.svg")
     figure_skips = {k: v for k, v in skipped.items() if k != "comparison"}
-    sections = build_sections(inputs, cmp, cmp_error, hw, drawn, figure_skips)
+    findings = study_findings(inputs, cmp)
+    sections = build_sections(inputs, cmp, cmp_error, hw, drawn, figure_skips, findings)
     title = f"Scaling report: {inputs.study_name}"
     files.append(_write(out / "summary.md", render_markdown(title, sections)))
     files.append(_write(out / "report.html", render_html(title, sections, out)))
@@ -119,8 +123,10 @@ def build_report(
         files.append(_write(out / "fit.json", json.dumps(inputs.fit.to_dict(), indent=2, allow_nan=False) + "\n"))
     if cmp is not None:
         files.append(_write(out / "compare.json", json.dumps(cmp.to_dict(), indent=2, allow_nan=False) + "\n"))
+    files.append(_write(out / "findings.json",
+                        json.dumps([f.to_dict() for f in findings], indent=2, ensure_ascii=False) + "\n"))
     if inputs.fit_error:
         skipped["fits"] = inputs.fit_error
     for fam, f in fits.items():
         skipped.update({f"{fam}.{k}": v for k, v in f.skipped.items()})
-    return ReportResult(out_dir=out, files=files, skipped=skipped, comparison=cmp)
+    return ReportResult(out_dir=out, files=files, skipped=skipped, comparison=cmp, findings=findings)

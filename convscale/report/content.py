@@ -9,6 +9,7 @@ from typing import Any
 import pandas as pd
 
 from convscale.report.compare import Comparison
+from convscale.report.findings import PAPER, Finding, verdict_counts
 from convscale.report.hardware import Hardware
 from convscale.report.inputs import SweepInputs
 from convscale.scaling import Estimate
@@ -18,6 +19,7 @@ from convscale.scaling import Estimate
 class Table:
     headers: list[str]
     rows: list[list[str]]
+    wrap: bool = False  # long text cells: wrap them (HTML) instead of one line per row
 
 
 @dataclasses.dataclass
@@ -176,8 +178,26 @@ def finetune_table(cmp: Comparison) -> Table:
                   "fine-tuning FLOPs"], rows)
 
 
+def findings_blocks(findings: list[Finding]) -> list[Any]:
+    """Per finding of the paper: its statement, then one row per family: measured, verdict, why."""
+    counts = verdict_counts(findings)
+    blocks: list[Any] = [
+        "Each finding of the paper (Smith et al. 2023), what this study measured (95% bootstrap intervals) and "
+        "whether it agrees. Verdicts follow fixed rules (an effect counts only when its whole interval is on one "
+        "side of 0; optima at the edge of their grid are bounds, not measurements), not the look of the plots. "
+        f"Here: {counts['agrees']} agree, {counts['disagrees']} disagree, {counts['cannot tell']} cannot tell "
+        "at this scale."
+    ]
+    for key, statement in PAPER.items():
+        rows = [[f.family, f.measured, f"**{f.verdict}**", f.why] for f in findings if f.key == key]
+        if rows:
+            blocks += [f"**Paper:** {statement}", Table(["family", "measured here", "verdict", "why"], rows, wrap=True)]
+    return blocks
+
+
 def build_sections(inputs: SweepInputs, cmp: Comparison | None, cmp_error: str | None, hw: Hardware | None,
-                   figures: dict[str, str], skipped_figures: dict[str, str]) -> list[Section]:
+                   figures: dict[str, str], skipped_figures: dict[str, str],
+                   findings: list[Finding] | None = None) -> list[Section]:
     """The report's sections; ``figures`` maps each drawn figure's file stem to its caption."""
     fit = inputs.fit
     counts = ", ".join(f"{v} {k}" for k, v in inputs.results["status"].value_counts().items())
@@ -195,6 +215,8 @@ def build_sections(inputs: SweepInputs, cmp: Comparison | None, cmp_error: str |
         return [Figure(name, figures[name])] if name in figures else []
 
     sections = [Section("Overview", overview + fig("loss_vs_compute"))]
+    if findings:
+        sections.append(Section("Findings", findings_blocks(findings)))
     sections.append(Section("Fitted laws", [equations(inputs)] + fig("optimal_allocation") + fig("lr_vs_epochs")))
     sections.append(Section("Frontier", [frontier_table(inputs, hw)]))
     if cmp is not None:

@@ -19,6 +19,7 @@ h1 { font-size: 1.6em; border-bottom: 2px solid #ddd; padding-bottom: .3em; }
 h2 { font-size: 1.25em; margin-top: 1.8em; border-bottom: 1px solid #eee; }
 table { border-collapse: collapse; font-size: .82em; margin: .6em 0 1.2em; display: block; overflow-x: auto; }
 th, td { border: 1px solid #ddd; padding: .25em .55em; text-align: right; white-space: nowrap; }
+table.wrap td, table.wrap th { white-space: normal; text-align: left; min-width: 7em; }
 th { background: #f4f4f4; } td:first-child, th:first-child { text-align: left; }
 figure { margin: 1em 0 1.6em; } figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
 figcaption { font-size: .85em; color: #555; }
@@ -33,8 +34,9 @@ def _inline(text: str) -> str:
 
 def table_html(t: Table) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in t.headers)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in t.rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    body = "".join("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in row) + "</tr>" for row in t.rows)
+    cls = ' class="wrap"' if t.wrap else ""
+    return f"<table{cls}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
 def figure_html(fig: Figure, report_dir: Path, dpi: int = PNG_DPI) -> str:

@@ -115,7 +115,7 @@ def read_curves(root: Path, results: pd.DataFrame) -> list[Curve]:
 
 FINETUNE_COLUMNS = (
     "name", "status", "heldout_top1", "heldout_top5", "heldout_loss", "finetune_flops", "pretrain_run_dir",
-    "family", "model", "params", "pretrain_flops", "pretrain_loss", "pretrain_top1", "epochs", "lr",
+    "heldout_images", "family", "model", "params", "pretrain_flops", "pretrain_loss", "pretrain_top1", "epochs", "lr",
 )
 
 
@@ -135,7 +135,7 @@ def read_finetunes(root: Path, results: pd.DataFrame) -> pd.DataFrame:
         cell = by_dir.get(str(Path(pre).resolve())) if pre else None
         if cell is None and pre:
             cell = by_dir.get(Path(pre).name)
-        rec = {k: res.get(k) for k in FINETUNE_COLUMNS[:7]}
+        rec = {k: res.get(k) for k in FINETUNE_COLUMNS[:8]}
         rec["name"] = res_path.parent.name
         if cell is not None:
             rec.update(
@@ -146,7 +146,7 @@ def read_finetunes(root: Path, results: pd.DataFrame) -> pd.DataFrame:
             )
         out.append(rec)
     df = pd.DataFrame(out, columns=list(FINETUNE_COLUMNS))
-    for col in ("heldout_top1", "heldout_top5", "heldout_loss", "finetune_flops", "params", "pretrain_flops",
+    for col in ("heldout_top1", "heldout_top5", "heldout_loss", "heldout_images", "finetune_flops", "params", "pretrain_flops",
                 "pretrain_loss", "pretrain_top1", "epochs", "lr"):
         df[col] = pd.to_numeric(df[col], errors="coerce").astype(float)
     return df
