@@ -12,7 +12,7 @@ from convscale.errors import UserError
 from convscale.models.base import config_from_dict, config_json, config_to_dict
 from convscale.models.layers import (
     ACTIVATION_GAMMAS,
-    GammaAct,
+    Activation,
     ScaledStdConv2d,
     _StandardizeWeight,
     avg_pool_same_2x,
@@ -137,8 +137,9 @@ def test_parameter_names_and_inits():
 
 def test_gelu_gamma_makes_unit_variance():
     x = torch.randn(1_000_000, generator=torch.Generator().manual_seed(0))
-    assert float(GammaAct("gelu")(x).var()) == pytest.approx(1.0, abs=0.01)
-    assert float(GammaAct("relu")(x).var()) == pytest.approx(1.0, abs=0.01)
+    for name in ("gelu", "relu"):
+        act = Activation(name)
+        assert float((act(x) * act.gamma).var()) == pytest.approx(1.0, abs=0.01)
     assert ACTIVATION_GAMMAS["gelu"] == 1.7015043497085571
 
 
@@ -217,6 +218,62 @@ def test_tiny_forward_backward():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
     # Under SkipInit only the skip gains (and head) learn at step 0; the gains do get signal.
     assert all(float(b.skip_gain.grad.abs()) > 0 for s in model.stages for b in s)
+
+
+def reference_forward(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The NFNet function written out as the reference does (eval mode): gamma and beta
+    multiplied on the activations, weight standardisation by autograd through var_mean, SE,
+    skip gain and alpha applied one after another."""
+    act = model.final_act
+    gamma = ACTIVATION_GAMMAS[act.name]
+
+    def conv(c: ScaledStdConv2d, t: torch.Tensor) -> torch.Tensor:
+        var, mean = torch.var_mean(c.weight, dim=(1, 2, 3), keepdim=True, correction=0)
+        w = (c.weight - mean) * c.gain.view(-1, 1, 1, 1) * torch.rsqrt(torch.clamp(var * c.fan_in, min=c.eps))
+        if c.dynamic_pad:
+            (kh, kw), (sh, sw) = c.kernel_size, c.stride
+            t = torch.nn.functional.pad(t, same_padding(t.shape[-1], kw, sw) + same_padding(t.shape[-2], kh, sh))
+        return torch.nn.functional.conv2d(t, w, c.bias, c.stride, c.padding, 1, c.groups)
+
+    for i in range(4):
+        x = conv(model.stem[2 * i], x)
+        x = act.fn(x) * gamma if i < 3 else x
+    for stage in model.stages:
+        for b in stage:
+            out = act.fn(x) * gamma * b.beta
+            if b.stride > 1:
+                shortcut = conv(b.conv_shortcut, avg_pool_same_2x(out))
+            else:
+                shortcut = conv(b.conv_shortcut, out) if b.conv_shortcut is not None else x
+            out = conv(b.conv0, out)
+            out = conv(b.conv1, act.fn(out) * gamma)
+            out = conv(b.conv1b, act.fn(out) * gamma)
+            out = conv(b.conv2, act.fn(out) * gamma)
+            out = b.se(out)
+            x = shortcut + out * b.skip_gain * b.alpha
+    features = (act.fn(conv(model.final_conv, x)) * gamma).mean((2, 3))
+    return model.classifier(features)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_forward_and_gradients_equal_unfolded_reference(channels_last):
+    """The model's forward (gammas folded into the next conv's weights, hand-written weight
+    standardisation, one addcmul per block) is the reference function, in float64."""
+    torch.manual_seed(0)
+    model = tiny(depths=(1, 2, 1)).build().double().eval()  # identity, projection and pooled shortcuts
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("gain"):  # skip gains and conv gains away from their inits
+                p.copy_(0.5 + torch.rand_like(p))
+    x = torch.randn(3, 3, 35, 33, dtype=torch.float64)
+    if channels_last:
+        model, x = model.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)
+    params = list(model.parameters())
+    got, ref = model(x), reference_forward(model, x)
+    assert torch.allclose(got, ref, rtol=1e-10, atol=1e-12)
+    g = torch.randn_like(ref)
+    for a, b in zip(torch.autograd.grad(got, params, g), torch.autograd.grad(ref, params, g)):
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
 
 
 def test_skipinit_blocks_are_identity_on_shortcut_at_init():

@@ -74,21 +74,23 @@ _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
-class GammaAct(nn.Module):
-    """``f(x) * gamma * scale``: a variance-preserving activation; ``scale`` folds in a constant
-    multiplier (an NFNet block's beta) so it costs no extra pass over the tensor."""
+class Activation(nn.Module):
+    """``f(x)`` for one of ``ACTIVATION_GAMMAS``' names, with ``gamma`` beside it: gamma * f(x)
+    has unit variance for x ~ N(0, 1). The NFNet does not multiply the activations by gamma but
+    hands it to their consumer (``ScaledStdConv2d(input_scale=...)``, or the pooled features),
+    which is the same function and saves a pass over the tensor forward and backward."""
 
-    def __init__(self, name: str = "gelu", scale: float = 1.0):
+    def __init__(self, name: str = "gelu"):
         super().__init__()
         self.name = name
         self.fn = _ACTIVATIONS[name]
-        self.multiplier = float(ACTIVATION_GAMMAS[name] * scale)
+        self.gamma = ACTIVATION_GAMMAS[name]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fn(x) * self.multiplier
+        return self.fn(x)
 
     def extra_repr(self) -> str:
-        return f"{self.name}, multiplier={self.multiplier:.6g}"
+        return f"{self.name}, gamma={self.gamma:.6g} (applied by the consumer)"
 
 
 def same_padding(size: int, kernel: int, stride: int, dilation: int = 1) -> tuple[int, int]:
@@ -169,10 +171,15 @@ class ScaledStdConv2d(nn.Conv2d):
     (mean/var over each output channel's fan-in, population variance). Convolutions with stride
     1 and an odd kernel get static symmetric padding; others pad from the input size at run time,
     so odd image sizes work exactly as in the reference.
+
+    ``input_scale``: a constant the input is taken to be multiplied by (the activation's gamma,
+    times an NFNet block's beta), applied as ``conv(x, input_scale * W_hat)``: the same as
+    ``conv(input_scale * x, W_hat)`` (zero padding and the bias commute with it) at the cost
+    of a weight-sized product instead of an activation-sized one.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 1, stride: int = 1,
-                 groups: int = 1, dilation: int = 1, eps: float = 1e-4):
+                 groups: int = 1, dilation: int = 1, eps: float = 1e-4, input_scale: float = 1.0):
         total = (kernel_size - 1) * dilation
         self.dynamic_pad = stride > 1 or total % 2 == 1
         super().__init__(in_channels, out_channels, kernel_size, stride=stride,
@@ -180,12 +187,14 @@ class ScaledStdConv2d(nn.Conv2d):
                          groups=groups, bias=True)
         self.gain = nn.Parameter(torch.ones(out_channels))
         self.eps = eps
+        self.input_scale = float(input_scale)
         self.fan_in = (in_channels // groups) * kernel_size * kernel_size
         # The reference's VarianceScaling(1.0, "fan_in", "normal"); WS makes the choice minor.
         nn.init.normal_(self.weight, std=self.fan_in**-0.5)
         nn.init.zeros_(self.bias)
 
     def standardized_weight(self) -> torch.Tensor:
+        """W_hat, without ``input_scale``."""
         return _StandardizeWeight.apply(self.weight, self.gain, 1.0, self.eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -194,8 +203,11 @@ class ScaledStdConv2d(nn.Conv2d):
             sh, sw = self.stride
             dh, dw = self.dilation
             x = F.pad(x, same_padding(x.shape[-1], kw, sw, dw) + same_padding(x.shape[-2], kh, sh, dh))
-        return F.conv2d(x, self.standardized_weight(), self.bias, self.stride, self.padding,
-                        self.dilation, self.groups)
+        weight = _StandardizeWeight.apply(self.weight, self.gain, self.input_scale, self.eps)
+        return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (f", input_scale={self.input_scale:.6g}" if self.input_scale != 1.0 else "")
 
 
 def avg_pool_same_2x(x: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,7 @@ from torch import nn
 
 from convscale.errors import UserError
 from convscale.models.base import FLOPS_PER_MAC
-from convscale.models.layers import ACTIVATION_GAMMAS, GammaAct, ScaledStdConv2d, SqueezeExcite, avg_pool_same_2x
+from convscale.models.layers import ACTIVATION_GAMMAS, Activation, ScaledStdConv2d, SqueezeExcite, avg_pool_same_2x
 
 BASE_WIDTHS = (256, 512, 1536, 1536)
 PLUS_BASE_WIDTHS = (384, 768, 2048, 2048)
@@ -194,25 +194,31 @@ class NFNetConfig:
 
 class NFBlock(nn.Module):
     """Pre-activation bottleneck: ``h + alpha * skip_gain * f(act(h) * beta)``, where f is
-    1x1 -> 3x3 grouped (strided) -> 3x3 grouped -> 1x1 -> squeeze-excite. A transition block's
-    shortcut is avg-pool + 1x1 conv on ``act(h) * beta``."""
+    1x1 -> 3x3 grouped (strided) -> 3x3 grouped -> 1x1 -> squeeze-excite, each conv after
+    ``act = gamma * f``. A transition block's shortcut is avg-pool + 1x1 conv on ``act(h) * beta``.
+    The activations compute ``f`` only: gamma (and beta) is each following conv's
+    ``input_scale``, folded into its standardized weight (avg-pool is linear, so the shortcut
+    conv takes gamma * beta too)."""
 
     def __init__(self, spec: BlockSpec, activation: str, alpha: float, se_ratio: float):
         super().__init__()
         self.stride, self.alpha, self.beta = spec.stride, float(alpha), spec.beta
         # The reference applies stochastic depth only for rates strictly inside (0, 1).
         self.drop_path_rate = spec.drop_path_rate if 0.0 < spec.drop_path_rate < 1.0 else 0.0
-        self.act_in = GammaAct(activation, scale=spec.beta)  # act(x) * beta in one pass
-        self.conv0 = ScaledStdConv2d(spec.in_ch, spec.mid_ch, 1)
-        self.act0 = GammaAct(activation)
-        self.conv1 = ScaledStdConv2d(spec.mid_ch, spec.mid_ch, 3, stride=spec.stride, groups=spec.groups)
-        self.act1 = GammaAct(activation)
-        self.conv1b = ScaledStdConv2d(spec.mid_ch, spec.mid_ch, 3, groups=spec.groups)
-        self.act1b = GammaAct(activation)
-        self.conv2 = ScaledStdConv2d(spec.mid_ch, spec.out_ch, 1)
+        gamma = ACTIVATION_GAMMAS[activation]
+        self.act_in = Activation(activation)
+        self.conv0 = ScaledStdConv2d(spec.in_ch, spec.mid_ch, 1, input_scale=gamma * spec.beta)
+        self.act0 = Activation(activation)
+        self.conv1 = ScaledStdConv2d(spec.mid_ch, spec.mid_ch, 3, stride=spec.stride, groups=spec.groups,
+                                     input_scale=gamma)
+        self.act1 = Activation(activation)
+        self.conv1b = ScaledStdConv2d(spec.mid_ch, spec.mid_ch, 3, groups=spec.groups, input_scale=gamma)
+        self.act1b = Activation(activation)
+        self.conv2 = ScaledStdConv2d(spec.mid_ch, spec.out_ch, 1, input_scale=gamma)
         self.se = SqueezeExcite(spec.out_ch, max(1, int(spec.out_ch * se_ratio)))
         project = spec.stride > 1 or spec.in_ch != spec.out_ch
-        self.conv_shortcut = ScaledStdConv2d(spec.in_ch, spec.out_ch, 1) if project else None
+        self.conv_shortcut = (ScaledStdConv2d(spec.in_ch, spec.out_ch, 1, input_scale=gamma * spec.beta)
+                              if project else None)
         self.skip_gain = nn.Parameter(torch.zeros(()))  # SkipInit: the block is the identity at init
 
     def branches(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -251,16 +257,17 @@ class NFBlock(nn.Module):
 
 class NFNet(nn.Module):
     """Stem (4 convs, stride 4) -> stages of NFBlocks -> 1x1 conv to 2x width -> act -> mean
-    pool -> dropout -> ``classifier`` (nn.Linear)."""
+    pool -> dropout -> ``classifier`` (nn.Linear). As in the blocks, each activation's gamma is
+    applied by its consumer: the next stem conv, or the pooled features (batch, width)."""
 
     def __init__(self, cfg: NFNetConfig):
         super().__init__()
         self.config = cfg
-        stem, ch = nn.Sequential(), 3
+        stem, ch, gamma = nn.Sequential(), 3, ACTIVATION_GAMMAS[cfg.activation]
         for i, (out_ch, stride) in enumerate(zip(cfg.stem_widths, cfg.stem_strides)):
-            stem.add_module(f"conv{i}", ScaledStdConv2d(ch, out_ch, 3, stride=stride))
+            stem.add_module(f"conv{i}", ScaledStdConv2d(ch, out_ch, 3, stride=stride, input_scale=gamma if i else 1.0))
             if i < 3:  # no activation after the last stem conv: the first block applies one
-                stem.add_module(f"act{i}", GammaAct(cfg.activation))
+                stem.add_module(f"act{i}", Activation(cfg.activation))
             ch = out_ch
         self.stem = stem
         specs, stages, start = cfg.blocks(), [], 0
@@ -270,7 +277,7 @@ class NFNet(nn.Module):
             start += depth
         self.stages = nn.Sequential(*stages)
         self.final_conv = ScaledStdConv2d(cfg.widths[-1], cfg.final_width, 1)
-        self.final_act = GammaAct(cfg.activation)
+        self.final_act = Activation(cfg.activation)
         self.dropout = nn.Dropout(cfg.drop_rate)
         self.classifier = nn.Linear(cfg.final_width, cfg.num_classes)
         nn.init.normal_(self.classifier.weight, std=0.01)
@@ -279,7 +286,7 @@ class NFNet(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled features (batch, final_width), before dropout and classifier."""
         x = self.stages(self.stem(x))
-        return self.final_act(self.final_conv(x)).mean((2, 3))
+        return self.final_act(self.final_conv(x)).mean((2, 3)) * self.final_act.gamma
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.dropout(self.forward_features(x)))
