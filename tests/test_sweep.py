@@ -6,7 +6,6 @@ import json
 import math
 import os
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,6 @@ from convscale.sweep import (
     SweepDir,
     collect,
     load_study,
-    parse_study,
     plan_study,
     write_results,
 )
@@ -374,7 +372,7 @@ optimizer = "sgd_agc"
 lrs = [0.2]
 [[family]]
 name = "vit"
-models = ["vit-tiny"]
+models = ["vit-w16-d2-p4"]
 optimizer = "adamw"
 lrs = [0.004]
 [budgets]
@@ -400,7 +398,14 @@ def test_real_end_to_end_sweep(tmp_path, capsys):
     assert (df["loss"] > 0).all() and df["top1"].between(0, 1).all()
     cores_per_job = max(1, (os.cpu_count() or 1) // 2)  # 2 jobs share the machine's cores
     assert ((df["device_hours"] - cores_per_job * df["wall_hours"]).abs() < 1e-12).all()
-    assert (d / "results.parquet").is_file() and (d / "runs" / "vit-tiny__I128__lr0.004" / "metrics.jsonl").is_file()
+    assert (d / "results.parquet").is_file() and (d / "runs" / "vit-w16-d2-p4__I128__lr0.004" / "metrics.jsonl").is_file()
+    # the table's parameter count is the trained model's: a ViT at 16 px has a 16-px position grid
+    trained = {r["cell_id"]: json.loads((d / "runs" / r["cell_id"] / "result.json").read_text())["params"]
+               for _, r in df.iterrows()}
+    assert df.set_index("cell_id")["params"].to_dict() == trained
+    block = 4 * 16 + (16 * 48 + 48) + (16 * 16 + 16) + (16 * 64 + 64) + (64 * 16 + 16)  # 2 LNs, qkv, proj, MLP
+    patch, grid, cls, norm, head = 4 * 4 * 3 * 16 + 16, ((16 // 4) ** 2 + 1) * 16, 16, 2 * 16, 16 * 10 + 10
+    assert df.loc[df["family"] == "vit", "params"].iloc[0] == patch + grid + cls + 2 * block + norm + head == 7834
     # a second run of the same study finds everything finished and starts nothing
     assert main(["sweep", "run", str(p), "--dir", str(d)]) == 0
     assert "4 finished, 0 to run" in capsys.readouterr().out

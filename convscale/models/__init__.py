@@ -64,6 +64,16 @@ def get_config(name: str, num_classes: int = 1000, **overrides: Any) -> ModelCon
     return dataclasses.replace(cfg, num_classes=num_classes, **overrides)
 
 
+def config_at_resolution(name: str, resolution: int, num_classes: int = 1000, **overrides: Any) -> ModelConfig:
+    """The config of a zoo model as it is built to train at ``resolution`` px: a ViT's position
+    grid (``image_size``) follows the resolution unless overridden, so its parameter count is the
+    one of the trained model (a 224-px grid would add ~3k tokens x width parameters at 16 px)."""
+    probe = get_config(name, num_classes=num_classes)
+    if "image_size" in {f.name for f in dataclasses.fields(probe)} and "image_size" not in overrides:
+        overrides = {**overrides, "image_size": resolution}
+    return get_config(name, num_classes=num_classes, **overrides)
+
+
 def create_model(name: str, num_classes: int = 1000, **overrides: Any) -> nn.Module:
     """Build a zoo model by name; ``overrides`` replace config fields (timm-style)."""
     return get_config(name, num_classes=num_classes, **overrides).build()
@@ -87,11 +97,12 @@ def count_params(cfg: ModelConfig) -> int:
 def zoo_table(
     names: Iterable[str], resolution: int, num_classes: int = 1000
 ) -> list[dict[str, Any]]:
-    """One row per model: name, family, params, forward and training GFLOPs per image."""
+    """One row per model: name, family, params (as built at ``resolution``), forward and
+    training GFLOPs per image."""
     rows = []
     for name in names:
-        cfg = get_config(name, num_classes=num_classes)
-        cfg.check_resolution(resolution)
+        get_config(name, num_classes=num_classes).check_resolution(resolution)  # the clear error first
+        cfg = config_at_resolution(name, resolution, num_classes=num_classes)
         fwd = cfg.forward_flops(resolution)
         rows.append(
             {
@@ -108,6 +119,7 @@ def zoo_table(
 
 __all__ = [
     "ModelConfig",
+    "config_at_resolution",
     "config_from_json_dict",
     "config_to_dict",
     "count_params",

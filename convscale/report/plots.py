@@ -80,6 +80,23 @@ def add_hardware_axis(ax: Any, hardware: Hardware | None) -> None:
     k = hardware.flops_per_hour
     top = ax.secondary_xaxis("top", functions=(lambda f: np.asarray(f) / k, lambda h: np.asarray(h) * k))
     top.set_xlabel(f"{hardware.unit} (at {100 * hardware.mfu:g}% MFU)")
+    top.xaxis.set_minor_formatter(sparse_minor_log_labels(top.xaxis))
+
+
+def sparse_minor_log_labels(axis: Any) -> Any:
+    """Minor-tick labels of a log axis: only 2x and 5x each decade, and only when the axis spans
+    less than 1.5 decades (matplotlib's default labels every minor tick there, and they overlap)."""
+    from matplotlib.ticker import FuncFormatter
+
+    def label(v: float, pos: Any) -> str:
+        lo, hi = sorted(axis.get_view_interval())
+        if not (v > 0 and lo > 0) or math.log10(hi / lo) >= 1.5:
+            return ""
+        exp = math.floor(math.log10(v) + 1e-9)
+        mant = v / 10**exp
+        return f"${mant:.0f}\\times10^{{{exp}}}$" if any(abs(mant - m) < 1e-6 for m in (2, 5)) else ""
+
+    return FuncFormatter(label)
 
 
 def plain_log_labels(axis: Any) -> None:

@@ -125,7 +125,7 @@ def data_facts(study: StudyConfig) -> tuple[Optional[int], int]:
 
 def plan_study(study: StudyConfig) -> Plan:
     """All cells of a study; (model, budget) pairs no run can meet are left out and listed."""
-    from convscale.models import count_params, get_config, train_flops_per_image
+    from convscale.models import config_at_resolution, count_params, get_config, train_flops_per_image
     from convscale.train.config import budget_to_steps
 
     num_train_images, num_classes = data_facts(study)
@@ -148,8 +148,8 @@ def plan_study(study: StudyConfig) -> Plan:
         base = base_train_config(study, fam)
         epoch_images = num_train_images or base.epoch_images
         for name in fam.models:
-            mcfg = get_config(name, num_classes=num_classes, **base.model_overrides)
-            mcfg.check_resolution(resolution)
+            get_config(name, num_classes=num_classes, **base.model_overrides).check_resolution(resolution)
+            mcfg = config_at_resolution(name, resolution, num_classes=num_classes, **base.model_overrides)
             fwd = int(mcfg.forward_flops(resolution))
             tfpi = train_flops_per_image(fwd)
             params = count_params(mcfg)

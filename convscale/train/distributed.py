@@ -18,7 +18,7 @@ import gc
 import os
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, MutableMapping, Optional, TypeVar
+from typing import Any, Callable, Mapping, MutableMapping, TypeVar
 
 import torch
 import torch.distributed as dist

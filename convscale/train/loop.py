@@ -10,7 +10,6 @@ Run directory:
 from __future__ import annotations
 
 import copy
-import dataclasses
 import io
 import json
 import math
@@ -26,7 +25,7 @@ from convscale import __version__
 from convscale.data import build_source
 from convscale.data.config import DataSource
 from convscale.errors import UserError
-from convscale.models import get_config
+from convscale.models import config_at_resolution, get_config
 from convscale.models.base import config_to_dict, train_flops_per_image
 from convscale.train.checkpoint import (
     atomic_write_json,
@@ -139,11 +138,8 @@ def _run(cfg: TrainConfig, restart: bool, source: Optional[DataSource]) -> dict[
     source = source if source is not None else build_source(cfg.data)
     if cfg.aug_repeats > 1:
         source = RepeatedAugmentSource(source, cfg.aug_repeats)
-    overrides = dict(cfg.model_overrides)
-    probe = get_config(cfg.model, num_classes=source.num_classes)
-    if "image_size" in {f.name for f in dataclasses.fields(probe)} and "image_size" not in overrides:
-        overrides["image_size"] = cfg.data.resolution  # ViTs are built for their input size
-    model_cfg = get_config(cfg.model, num_classes=source.num_classes, **overrides)
+    model_cfg = config_at_resolution(cfg.model, cfg.data.resolution, num_classes=source.num_classes,
+                                     **cfg.model_overrides)
     model_cfg.check_resolution(cfg.data.resolution)
     eval_source = source  # held-out images at eval_resolution come from a second source
     if cfg.eval_resolution is not None and cfg.eval_resolution != cfg.data.resolution:
