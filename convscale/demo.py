@@ -20,7 +20,7 @@ from convscale.errors import UserError
 #: top-1 measured), where the paper's 480-px test on ImageNet gains.
 FINETUNE_DATA = "digits"
 #: fine-tuning epochs over the digits' ~1440 training images, per demo scale
-FINETUNE_EPOCHS = {"quick": 8.0, "tiny": 1.0, "gpu": 20.0}
+FINETUNE_EPOCHS = {"quick": 8.0, "medium": 8.0, "tiny": 1.0, "gpu": 20.0}
 
 
 @dataclass
@@ -73,7 +73,7 @@ def finetune_best(root: Path, best: dict[str, Any], pretrain_resolution: int, th
 
 def run_demo(scale: str = "quick", out: Optional[str] = None, jobs: int = 0, bootstrap: int = 200,
              log: Callable[[str], None] = lambda s: print(s, flush=True)) -> DemoResult:
-    """Run the preset study of ``scale`` (quick | tiny | gpu) end to end under ``out``."""
+    """Run the preset study of ``scale`` (quick | medium | tiny | gpu) end to end under ``out``."""
     import os
 
     from convscale.report.build import build_report
