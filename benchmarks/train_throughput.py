@@ -158,6 +158,7 @@ class Runner:
         self.x = self.x.contiguous(memory_format=fmt)
         self.y = torch.randint(0, args.num_classes, (args.batch_size,), device=self.device)
         self.memory_format = memory_format
+        self.clock = time.process_time if args.clock == "cpu" else time.perf_counter
         for _ in range(args.warmup):  # compile, autotune, allocator warm-up
             self.step(self.x, self.y)
         _sync(self.device)
@@ -166,24 +167,28 @@ class Runner:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         _sync(self.device)
-        start = time.perf_counter()
+        start = self.clock()
         for _ in range(steps):
             self.step(self.x, self.y)
         _sync(self.device)
-        seconds = time.perf_counter() - start
+        seconds = self.clock() - start
         peak = torch.cuda.max_memory_allocated(self.device) / 2**20 if self.device.type == "cuda" else None
         return Timing(steps * self.x.shape[0] / seconds, peak, self.memory_format)
 
 
 def choose_memory_format(cand: Candidate, args: argparse.Namespace, precision: str) -> str:
-    """channels_last vs NCHW for a conv net, by measuring both (ViTs: NCHW)."""
+    """channels_last vs NCHW for a conv net, by the median of 3 alternating short rounds of
+    each (one round picked the slower format now and then on a shared machine); ViTs: NCHW."""
     if args.memory_format != "auto":
         return args.memory_format
     if not cand.is_conv:
         return "contiguous"
-    rates = {fmt: Runner(cand, args, precision, fmt).time(max(2, args.steps // 2)).images_per_second
-             for fmt in ("channels_last", "contiguous")}
-    return max(rates, key=rates.get)
+    runners = {fmt: Runner(cand, args, precision, fmt) for fmt in ("channels_last", "contiguous")}
+    rates: dict[str, list[float]] = {fmt: [] for fmt in runners}
+    for _ in range(3):
+        for fmt, runner in runners.items():
+            rates[fmt].append(runner.time(max(2, args.steps // 2)).images_per_second)
+    return max(rates, key=lambda fmt: statistics.median(rates[fmt]))
 
 
 def peak_flops(args: argparse.Namespace, precision: str) -> float | None:
@@ -233,9 +238,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--memory-format", choices=["auto", "channels_last", "contiguous"], default="auto")
     p.add_argument("--compile", action="store_true", help="torch.compile every model")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="cpu: images per CPU-second of this process (CPU only; with --threads 1 it "
+                        "leaves out the time other processes hold the core, so a shared machine gives "
+                        "steadier figures)")
     p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (needed on CPU)")
     p.add_argument("--no-timm", action="store_true", help="time our models only")
     args = p.parse_args(argv)
+    if args.clock == "cpu" and torch.device(args.device).type != "cpu":
+        p.error("--clock cpu times CPU work only; use --clock wall on an accelerator")
     if args.threads:
         torch.set_num_threads(args.threads)
     timm = None
@@ -245,7 +256,7 @@ def main(argv: list[str] | None = None) -> None:
         if timm is None:
             print(f"# timm unavailable ({timm_shim.unavailable_reason()}): ours only")
     print(f"# {machine_description()}; device {args.device}; batch {args.batch_size}, "
-          f"{args.resolution} px, {args.steps} steps x {args.repeats} rounds, compile={args.compile}")
+          f"{args.resolution} px, {args.steps} steps x {args.repeats} rounds, compile={args.compile}, clock {args.clock}")
     print("model,precision,memory_format,images_per_second,min,max,ratio_ours_over_timm,"
           "peak_memory_mib,train_tflops_per_s,mfu")
     for name in args.models:

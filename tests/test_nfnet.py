@@ -17,6 +17,7 @@ from convscale.models.layers import (
     _StandardizeWeight,
     avg_pool_same_2x,
     same_padding,
+    standardize_weight,
 )
 from convscale.models.nfnet import VARIANTS, NFNetConfig, parse_name
 
@@ -157,28 +158,36 @@ def test_weight_standardization_matches_reference_formula():
     assert torch.allclose((got[:3] ** 2).sum(dim=(1, 2, 3)), conv.gain[:3].double() ** 2, rtol=1e-4)
 
 
+@pytest.mark.parametrize("clamped", [True, False])
 @pytest.mark.parametrize("shape,channels_last", [((6, 4, 3, 3), False), ((6, 4, 3, 3), True), ((5, 7, 1, 1), True)])
-def test_weight_standardization_gradients_match_autograd_reference(shape, channels_last):
-    """The hand-written forward/backward against autograd through the reference formula, in
-    float64, with rows where eps is taken (constant and near-constant filters)."""
+def test_weight_standardization_gradients_match_autograd_reference(shape, channels_last, clamped):
+    """Both ways of standardizing (the hand-written autograd.Function, and what the conv calls:
+    batch norm for small CPU weights unless a row takes eps) against autograd through the
+    reference formula, in float64; ``clamped``: rows where eps is taken (constant and
+    near-constant filters)."""
     torch.manual_seed(0)
     w = torch.randn(shape, dtype=torch.float64)
-    w[1] = 0.3
-    w[2] = 0.3 + 1e-4 * torch.randn_like(w[2])
+    if clamped:
+        w[1] = 0.3
+        w[2] = 0.3 + 1e-4 * torch.randn_like(w[2])
     if channels_last:
         w = w.contiguous(memory_format=torch.channels_last)
     w.requires_grad_()
     gain = torch.randn(shape[0], dtype=torch.float64, requires_grad=True)
+    var, mean = torch.var_mean(w, dim=(1, 2, 3), keepdim=True, correction=0)
+    rstd = torch.rsqrt(torch.clamp(var * w[0].numel(), min=1e-4))
     for scale in (1.0, 1.7):
-        got = _StandardizeWeight.apply(w, gain, scale, 1e-4)
-        var, mean = torch.var_mean(w, dim=(1, 2, 3), keepdim=True, correction=0)
-        ref = (w - mean) * (gain.view(-1, 1, 1, 1) * scale) * torch.rsqrt(torch.clamp(var * w[0].numel(), min=1e-4))
-        assert got.is_contiguous(memory_format=torch.channels_last) == (channels_last or shape[2] == 1)
+        ref = (w - mean) * (gain.view(-1, 1, 1, 1) * scale) * rstd
         g = torch.randn_like(ref)
-        for a, b in zip(torch.autograd.grad(got, (w, gain), g), torch.autograd.grad(ref, (w, gain), g)):
-            assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
-        assert torch.allclose(got, ref, rtol=1e-12, atol=1e-12)
+        ref_grads = torch.autograd.grad(ref, (w, gain), g, retain_graph=True)
+        for got in (_StandardizeWeight.apply(w, gain, scale, 1e-4), standardize_weight(w, gain, scale)):
+            assert torch.allclose(got, ref, rtol=1e-12, atol=1e-12)
+            for a, b in zip(torch.autograd.grad(got, (w, gain), g), ref_grads):
+                assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
+        took_batch_norm = got.grad_fn.name() != "_StandardizeWeightBackward"
+        assert took_batch_norm != clamped
     assert torch.autograd.gradcheck(lambda w, g: _StandardizeWeight.apply(w, g, 1.3, 1e-4), (w, gain))
+    assert torch.autograd.gradcheck(lambda w, g: standardize_weight(w, g, 1.3), (w, gain))
 
 
 def test_same_padding_is_tensorflow_same():
@@ -353,7 +362,9 @@ def test_aliases(alias, canonical):
 
 def test_round_trips():
     for name, cfg in VARIANTS.items():
-        assert cfg.name == name and parse_name(name) == cfg
+        assert parse_name(name) == cfg and parse_name(cfg.name).shape_key() == cfg.shape_key()
+        # the test variant is named by its shape, so it sits in a ladder of scaled sizes
+        assert cfg.name == (name if name != "nfnet-tiny" else "nfnet-w0.03125-d1.1.1")
     for name in ("nfnet-w0.0625-d1.1.1", "nfnet-w0.5+-d2.3", "nfnet-w2-d1.1.1.1"):
         assert parse_name(name).name == name
     odd = NFNetConfig(depths=(3, 1), width_mult=1 / 3, num_classes=7)
