@@ -47,6 +47,13 @@ def test_demo_runs_every_stage_from_its_own_runs(demo):
         assert ft["heldout_images"] > 300  # 20 % of scikit-learn's 1797 digits
         assert f"top-1 {ft['heldout_top1']:.3f}" in out
     assert "report: " in out and (root / "report" / "report.html").is_file()
+    # the paper's findings, each with the verdict the report gives it, are printed and in the report
+    findings = json.loads((root / "report" / "findings.json").read_text())
+    assert {f["key"] for f in findings} == {"power_law", "allocation", "lr_duration", "lr_size", "families"}
+    for f in findings:
+        assert f["verdict"] in ("agrees", "disagrees", "cannot tell")
+        assert f"{f['verdict']:>11}" in out and f["why"] in out
+    assert "## Findings" in (root / "report" / "summary.md").read_text()
 
 
 def test_rerun_skips_everything_finished(demo):

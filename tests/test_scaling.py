@@ -15,6 +15,7 @@ from convscale.scaling import (
     StudyFit,
     extrapolation_check,
     fit_lr_trend,
+    lr_optima,
     fit_parametric,
     fit_power_law,
     fit_table,
@@ -263,3 +264,20 @@ def test_load_results_reads_parquet_sweep_dir(tmp_path, sweep):
     with pytest.raises(UserError, match="holds no results.parquet or results.csv"):
         (tmp_path / "empty").mkdir()
         load_results(tmp_path / "empty")
+
+
+def test_a_diverged_larger_lr_bounds_the_optimum_from_above():
+    # one cell grid (model m, budget 1e12): lr 0.1 < 0.2 (best done) < 0.4 (diverged)
+    done = pd.DataFrame({"family": "f", "model": "m", "params": 1e5, "images_seen": 1e6, "train_flops": 1e12,
+                         "budget_flops": 1e12, "epochs": 1.0, "lr": [0.1, 0.2], "loss": [3.0, 2.5], "top1": 0.5})
+    alone = lr_optima(done, "epochs")
+    assert bool(alone["at_edge"].iloc[0]) and alone["lr_opt"].iloc[0] == 0.2  # nothing said above 0.2
+    diverged = done.iloc[:1].assign(lr=0.4, loss=np.nan)
+    bounded = lr_optima(done, "epochs", diverged)
+    assert not bool(bounded["at_edge"].iloc[0]) and bounded["lr_opt"].iloc[0] == 0.2
+    # a divergence of another budget or model says nothing about this grid
+    for other in (diverged.assign(budget_flops=1e13), diverged.assign(model="m2")):
+        assert bool(lr_optima(done, "epochs", other)["at_edge"].iloc[0])
+    # through the whole fit: a results table with the diverged row marks the optimum as bracketed
+    table = pd.concat([done.assign(status="done"), diverged.assign(status="diverged")], ignore_index=True)
+    assert len(prepare_table(table).diverged) == 1

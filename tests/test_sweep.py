@@ -132,7 +132,7 @@ def test_isoflop_planner_arithmetic(tmp_path):
         assert abs(c.train_flops - c.budget) <= 0.5 * 32 * per_image  # within half a batch
         assert c.budget_flops == c.budget
     ids = [c.cell_id for c in plan.cells]
-    assert "nfnet-tiny__C3e+09__lr0.1" in ids and "vit-tiny__C1e+10__lr0.004" in ids
+    assert "nfnet-w0.03125-d1.1.1__C3e+09__lr0.1" in ids and "vit-tiny__C1e+10__lr0.004" in ids
     assert all(all(ch.isalnum() or ch in "._+-" for ch in i) for i in ids)
     assert len(set(ids)) == len(ids)
 
@@ -140,7 +140,7 @@ def test_isoflop_planner_arithmetic(tmp_path):
 def test_model_that_cannot_meet_a_budget_is_left_out_and_infeasible_budget_errors(tmp_path):
     from convscale.models import get_config
 
-    fwd = {m: get_config(m, num_classes=10).forward_flops(16) for m in ("nfnet-tiny", "vit-tiny")}
+    fwd = {get_config(m).name: get_config(m, num_classes=10).forward_flops(16) for m in ("nfnet-tiny", "vit-tiny")}
     small, big = sorted(fwd, key=fwd.get)
     # a budget between one batch of the small model and one batch of the big one
     budget = 32 * 3 * (fwd[small] + fwd[big]) / 2
@@ -168,7 +168,7 @@ def test_epoch_budgets_and_max_epochs(tmp_path):
     fwd = {m: get_config(m, num_classes=10).forward_flops(16) for m in ("nfnet-tiny", "vit-tiny")}
     budget = 3 * 1000 * math.sqrt(fwd["nfnet-tiny"] * fwd["vit-tiny"])
     plan = plan_study(study_from(tmp_path, budgets=f"train_flops = [{budget!r}]\nmax_epochs = 1", text=text))
-    small = min(fwd, key=fwd.get)
+    small = get_config(min(fwd, key=fwd.get)).name
     assert small not in {c.model for c in plan.cells} and [s.model for s in plan.skipped] == [small]
     assert "more than max_epochs=1" in plan.skipped[0].reason
 
@@ -348,8 +348,8 @@ def test_cli_plan_and_collect(tmp_path, capsys):
     p.write_text(STUDY.replace("{budgets}", "train_flops = [3e9]"))
     assert main(["sweep", "plan", str(p), "--no-probe", "--dir", str(tmp_path / "sw"), "--commands"]) == 0
     out = capsys.readouterr().out
-    assert "nfnet-tiny" in out and "vit-tiny" in out and "h100-hours" in out and "tpu-v4-core-hours" in out
-    assert f"--run-dir {tmp_path / 'sw' / 'runs' / 'nfnet-tiny__C3e+09__lr0.1'}" in out
+    assert "nfnet-w0.03125-d1.1.1" in out and "vit-tiny" in out and "h100-hours" in out and "tpu-v4-core-hours" in out
+    assert f"--run-dir {tmp_path / 'sw' / 'runs' / 'nfnet-w0.03125-d1.1.1__C3e+09__lr0.1'}" in out
     assert main(["sweep", "collect", str(tmp_path / "nothing")]) == 2
     assert "convscale sweep run" in capsys.readouterr().err
 

@@ -19,7 +19,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _fmt_params(n: int) -> str:
-    return f"{n / 1e6:.1f}M" if n >= 1e5 else f"{n / 1e3:.1f}k"
+    return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.1f}k"
+
+
+def _fmt_gflops(x: float) -> str:
+    """3 decimals, and 3 significant digits below 1 (a 16-px model is ~0.0005 GFLOPs, not 0.000)."""
+    return f"{x:.3f}" if x >= 1 else f"{x:.3g}"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -45,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         header = ("model", "family", "params", f"GFLOPs/img fwd @{args.resolution}px", "train GFLOPs/img")
         table = [
-            (r["name"], r["family"], _fmt_params(r["params"]), f"{r['gflops']:.3f}", f"{r['train_gflops']:.3f}")
+            (r["name"], r["family"], _fmt_params(r["params"]), _fmt_gflops(r["gflops"]), _fmt_gflops(r["train_gflops"]))
             for r in rows
         ]
         widths = [max(len(h), *(len(t[i]) for t in table)) for i, h in enumerate(header)]

@@ -51,6 +51,15 @@ PAPER = {
                 "90.4% vs ViT-g/14 90.2% at similar TPU-v4 core hours).",
 }
 
+#: one-line names of the findings, for terminal summaries
+SHORT = {
+    "power_law": "(1) loss is a power law of compute",
+    "allocation": "(2) optimal size and epochs grow alike",
+    "lr_duration": "(3) optimal lr falls with epochs",
+    "lr_size": "(3) optimal lr falls with size",
+    "families": "(4) NFNets match ViTs",
+}
+
 
 @dataclasses.dataclass
 class Finding:

@@ -114,7 +114,8 @@ def _rng(seed: int, family: str, item: str) -> np.random.Generator:
 
 
 def _fit_family(
-    family: str, runs: pd.DataFrame, n_runs: int, bootstrap: int, seed: int, level: float
+    family: str, runs: pd.DataFrame, n_runs: int, bootstrap: int, seed: int, level: float,
+    diverged: pd.DataFrame | None = None,
 ) -> FamilyFit:
     k = flops_per_param_sample(runs)
     rows, method = frontier(runs)
@@ -170,7 +171,7 @@ def _fit_family(
                 **common,
             ),
         )
-    attempt("lr_trend", lambda r: fit_lr_trend(runs, rng=r, **common))
+    attempt("lr_trend", lambda r: fit_lr_trend(runs, diverged=diverged, rng=r, **common))
     attempt("parametric", lambda r: fit_parametric(runs, flops_per_param_sample=k, rng=r, **common))
     attempt("extrapolation", lambda r: extrapolation_check(c, loss, irreducible=False, rng=r, **common))
     attempt("extrapolation_irreducible", lambda r: extrapolation_check(c, loss, irreducible=True, rng=r, **common))
@@ -188,9 +189,11 @@ def fit_table(
         raise UserError(f"the interval level must be in (0, 1); got {level}")
     table = prepare_table(df)
     families = {}
+    div = table.diverged
     for family, runs in table.done.groupby("family", sort=True):
         families[str(family)] = _fit_family(
-            str(family), runs.reset_index(drop=True), table.runs_per_family[str(family)], bootstrap, seed, level
+            str(family), runs.reset_index(drop=True), table.runs_per_family[str(family)], bootstrap, seed, level,
+            diverged=div[div["family"] == family] if len(div) else None,
         )
     if not any(f.fitted_items() for f in families.values()):
         first = next(iter(families.values()))

@@ -167,11 +167,24 @@ class LrTrendFit:
         return cls(**kw)
 
 
-def lr_optima(runs: pd.DataFrame, duration_column: str) -> pd.DataFrame:
+def _diverged_lrs(diverged: pd.DataFrame | None, model: Any, group: pd.DataFrame) -> set[float]:
+    """Learning rates of ``model`` that diverged in the same budget as ``group`` (a diverged run
+    stops early, so its own duration is not its planned one: match by budget_flops)."""
+    if diverged is None or len(diverged) == 0 or "budget_flops" not in diverged:
+        return set()
+    budgets = set(group["budget_flops"].dropna().tolist())
+    d = diverged[(diverged["model"] == model) & diverged["budget_flops"].isin(budgets)]
+    return {float(x) for x in d["lr"].dropna() if x > 0}
+
+
+def lr_optima(runs: pd.DataFrame, duration_column: str, diverged: pd.DataFrame | None = None) -> pd.DataFrame:
     """Best lr per (model, duration) among groups with >= 2 distinct lrs.
 
     When the best grid lr is interior, ``lr_opt`` is the vertex of the parabola of loss vs log lr
     through it and its two neighbours (grids are coarse, factors of 2); at an edge it is the grid lr.
+    A larger lr of the same cell grid that diverged bounds the optimum from above: the best done lr
+    below it is then not at the edge (``diverged``: the family's diverged runs, matched by model
+    and budget_flops).
     """
     rows = []
     r = runs.dropna(subset=["lr", duration_column])
@@ -182,9 +195,10 @@ def lr_optima(runs: pd.DataFrame, duration_column: str) -> pd.DataFrame:
             continue
         u, loss = np.log(per_lr.index.to_numpy(dtype=float)), per_lr.to_numpy()
         i = int(np.argmin(loss))
-        at_edge = i in (0, len(u) - 1)
+        bounded_above = any(lr > per_lr.index[-1] for lr in _diverged_lrs(diverged, model, g))
+        at_edge = i == 0 or (i == len(u) - 1 and not bounded_above)
         u_opt = u[i]
-        if not at_edge:
+        if 0 < i < len(u) - 1:  # interior: refine with the parabola through the neighbours
             c2, c1, _ = np.polyfit(u[i - 1 : i + 2], loss[i - 1 : i + 2], 2)
             if c2 > 0:
                 u_opt = float(np.clip(-c1 / (2 * c2), u[i - 1], u[i + 1]))
@@ -206,13 +220,14 @@ def lr_optima(runs: pd.DataFrame, duration_column: str) -> pd.DataFrame:
 def fit_lr_trend(
     runs: pd.DataFrame,
     *,
+    diverged: pd.DataFrame | None = None,
     bootstrap_count: int,
     rng: np.random.Generator,
     level: float = DEFAULT_LEVEL,
 ) -> LrTrendFit:
     """Fit the optimal-lr trend of one family's done runs (UserError if it cannot be identified)."""
     duration_column = "epochs" if runs["epochs"].notna().any() else "images_seen"
-    opt = lr_optima(runs, duration_column)
+    opt = lr_optima(runs, duration_column, diverged)
     if len(opt) == 0:
         raise UserError("no (model, duration) cell has >= 2 learning rates; sweep lr to fit the optimal-lr trend")
     n_durations = opt["duration"].nunique()

@@ -35,6 +35,8 @@ class PreparedTable:
     runs_per_family: dict[str, int]
     compute_source: str  # "train_flops" | "flops" | "3*flops_per_image*images_seen" | "6*N*D"
     notes: list[str]
+    #: runs that diverged (same columns; loss NaN): they bound a learning-rate grid from above
+    diverged: pd.DataFrame = dataclasses.field(default_factory=pd.DataFrame)
 
 
 def load_results(path: str | Path) -> pd.DataFrame:
@@ -125,6 +127,7 @@ def prepare_table(df: pd.DataFrame) -> PreparedTable:
         done = done.assign(budget_flops=np.nan)
     return PreparedTable(
         done=done.reset_index(drop=True),
+        diverged=out[status == "diverged"].reset_index(drop=True),
         n_runs=int(len(df)),
         status_counts=status_counts,
         runs_per_family=runs_per_family,
