@@ -205,7 +205,12 @@ def _ordered(tagged, start_step: int) -> Iterator[tuple[torch.Tensor, torch.Tens
             want += 1
 
 
-def materialize(cfg: DataConfig, num_images: int, path: str, chunk_images: int = 1024) -> str:
+#: images rendered per call when a stream is written once for a sweep: rendering is bound by
+#: per-op dispatch at small batches (16 px, 2 threads: 52k images/s at 128, 76k at 2048)
+MATERIALIZE_CHUNK_IMAGES = 2048
+
+
+def materialize(cfg: DataConfig, num_images: int, path: str, chunk_images: int = MATERIALIZE_CHUNK_IMAGES) -> str:
     """Write training images ``0 .. num_images-1`` of ``cfg`` (uint8) and labels to directory ``path``
     (uses ``cfg.workers`` processes); returns ``path``. Point ``cfg.path`` at it to read it back."""
     if num_images < 1:

@@ -185,34 +185,38 @@ def allocation_finding(family: str, fit: Any, results: pd.DataFrame) -> Finding:
         pm = fit.parametric
         measured += (f"; the parametric law L(N, D) gives N_opt ∝ C^{_iv(pm.n_opt_exponent)}, "
                      f"D_opt ∝ C^{_iv(pm.d_opt_exponent)}")
-    n_edge, n_budgets, where = size_edges(results, family)
+    caveat = ""
+    t = fit.lr_trend
+    if t is not None and t.n_points and t.n_at_grid_edge / t.n_points > MAX_EDGE_SHARE:
+        caveat = (f"; caveat: {t.n_at_grid_edge} of {t.n_points} lr optima lie at the edge of their grid, so "
+                  "each size's loss may not be its best, which can bias the size optimum")
+    verdict, why = _allocation_verdict(method, n_fit, d_fit, *size_edges(results, family))
+    return Finding("allocation", family, PAPER["allocation"], measured, verdict, why + caveat)
+
+
+def _allocation_verdict(method: str, n_fit: Any, d_fit: Any, n_edge: int, n_budgets: int, where: str) -> tuple[str, str]:
     if method == "best_run" and n_budgets and n_edge / n_budgets > MAX_EDGE_SHARE:
-        return Finding("allocation", family, PAPER["allocation"], measured, CANNOT_TELL,
-                       f"the best model was {where} of {n_budgets} budgets: the optimum lies outside the "
-                       f"swept sizes there, so its growth is not measured (sweep "
-                       f"{'smaller' if 'smallest' in where else 'larger'} models)")
+        return CANNOT_TELL, (f"the best model was {where} of {n_budgets} budgets: the optimum lies outside the "
+                             f"swept sizes there, so its growth is not measured (sweep "
+                             f"{' and '.join(w for w, k in (('smaller', 'smallest'), ('larger', 'largest')) if k in where)} "
+                             "models)")
     sn, sd = _side(n_fit.exponent), _side(d_fit.exponent)
     if sn is None or sd is None:
-        return Finding("allocation", family, PAPER["allocation"], measured, CANNOT_TELL,
-                       "no bootstrap intervals for the exponents (run the fit with --bootstrap > 0)")
+        return CANNOT_TELL, "no bootstrap intervals for the exponents (run the fit with --bootstrap > 0)"
     if sn < 0 or sd < 0:
         which = " and ".join(w for w, s in (("model size", sn), ("images", sd)) if s < 0)
-        return Finding("allocation", family, PAPER["allocation"], measured, DISAGREES,
-                       f"the compute-optimal {which} shrinks with compute (whole interval below 0)")
+        return DISAGREES, f"the compute-optimal {which} shrinks with compute (whole interval below 0)"
     if sn == 0 or sd == 0:
         which = " and ".join(w for w, s in (("model size", sn), ("images", sd)) if s == 0)
-        return Finding("allocation", family, PAPER["allocation"], measured, CANNOT_TELL,
-                       f"the interval of the {which} exponent includes 0: its growth is not resolved")
+        return CANNOT_TELL, f"the interval of the {which} exponent includes 0: its growth is not resolved"
     gap = abs(n_fit.exponent.value - d_fit.exponent.value)
     overlap = _overlap((n_fit.exponent.low, n_fit.exponent.high), (d_fit.exponent.low, d_fit.exponent.high))
     if not overlap and gap > SAME_RATE_TOLERANCE:
         faster = "model size" if n_fit.exponent.value > d_fit.exponent.value else "images"
-        return Finding("allocation", family, PAPER["allocation"], measured, DISAGREES,
-                       f"both grow, but not at the same rate: the intervals do not overlap and the exponents "
-                       f"differ by {gap:.2g} (> {SAME_RATE_TOLERANCE:g}; {faster} grows faster)")
+        return DISAGREES, (f"both grow, but not at the same rate: the intervals do not overlap and the exponents "
+                           f"differ by {gap:.2g} (> {SAME_RATE_TOLERANCE:g}; {faster} grows faster)")
     how_same = "the intervals overlap" if overlap else f"the exponents differ by only {gap:.2g}"
-    return Finding("allocation", family, PAPER["allocation"], measured, AGREES,
-                   f"both exponents > 0 with their whole intervals, and {how_same}")
+    return AGREES, f"both exponents > 0 with their whole intervals, and {how_same}"
 
 
 # --- (3) learning rate --------------------------------------------------------------------------------

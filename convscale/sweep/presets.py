@@ -24,8 +24,10 @@ _NFNET_SHORT_RUN = {"agc_exempt_scalar_gains": True, "classifier_lr_scale": 0.25
 _VIT_CPU = {"weight_decay": 0.05, "precision": "fp32"}
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # `convscale demo`: 3 NFNet x 3 ViT sizes x 3 budgets (one decade) x 2 lrs = 36 cells,
-    # about 8 minutes with 2 jobs on 2 CPU cores (measured: see docs/results/demo.md).
+    # `convscale demo`: 3 NFNet x 3 ViT sizes x 3 budgets (one decade) x 2 lrs = 36 cells, about
+    # 6 minutes with 2 jobs on 2 CPU cores. Sizes and lrs from the medium study's runs here: at
+    # these budgets the smallest models learn most (w0.125+ NFNets and w32+ ViTs stayed near
+    # chance), NFNets with AGC did best at lr 0.8 and small ViTs at 0.008-0.016.
     "demo": {
         "name": "demo",
         "share_procedural_data": True,
@@ -34,13 +36,13 @@ PRESETS: dict[str, dict[str, Any]] = {
                   "checkpoint_every_seconds": 60.0},
         "family": [
             {"name": "nfnet", "optimizer": "sgd_agc",
-             "models": ["nfnet-w0.125-d1.1.1", "nfnet-w0.25-d1.1.1", "nfnet-w0.5-d1.1.1"],
-             "lrs": [0.2, 0.4], "train": dict(_NFNET_SHORT_RUN)},
+             "models": ["nfnet-w0.046875-d1.1.1", "nfnet-w0.0625-d1.1.1", "nfnet-w0.09375-d1.1.1"],
+             "lrs": [0.4, 0.8], "train": dict(_NFNET_SHORT_RUN)},
             {"name": "vit", "optimizer": "adamw",
-             "models": ["vit-w32-d4-p4", "vit-w48-d4-p4", "vit-w64-d4-p4"],
-             "lrs": [0.003, 0.006], "train": dict(_VIT_CPU)},
+             "models": ["vit-w8-d4-p4", "vit-w12-d4-p4", "vit-w16-d4-p4"],
+             "lrs": [0.008, 0.016], "train": dict(_VIT_CPU)},
         ],
-        "budgets": {"train_flops": [7e10, 2.2e11, 7e11]},
+        "budgets": {"train_flops": [3e10, 1e11, 3e11]},
     },
     # `convscale demo --scale medium`: the paper's three findings measured, on 2 CPU cores in <= 60
     # minutes. 6 NFNet x 4 ViT sizes at 4 IsoFLOP budgets (1.5 decades): at each budget every size
@@ -49,10 +51,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     # their optimum, and the costliest cells). Chosen from a first 114-cell run here (lr 0.1-0.4,
     # NFNets w0.047-w0.19, ViTs w8-w32): the best NFNet was the smallest swept at 5e10-5e11 FLOPs
     # (w0.047; so the ladder starts at w0.031) and w0.125 at 1.6e12; lr 0.4 was best in 18 of 19
-    # NFNet grids (so the grid is 0.2-0.8: 0.4 diverged once at 1.6e12, and the report shows
-    # diverged cells; a diverged larger lr bounds an optimum); ViTs wanted 0.008 when small and
-    # 0.002-0.004 at w24-w32 (4 lrs), and w32 was worst at every budget (dropped). SkipInit gains
-    # are exempt from AGC (short runs).
+    # NFNet grids; ViTs wanted 0.008 when small and 0.002-0.004 at w24-w32 (4 lrs), and w32 was
+    # worst at every budget (dropped). A second run with NFNet lrs 0.2-0.8 (52 min) had 0.8 best in
+    # 19 of 22 grids, so the NFNet grid is 0.4-1.6 (with AGC the updates stay bounded; a diverged
+    # cell shows in the report, and a diverged larger lr bounds an optimum). SkipInit gains are
+    # exempt from AGC (short runs).
     "medium": {
         "name": "medium",
         "share_procedural_data": True,
@@ -63,7 +66,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             {"name": "nfnet", "optimizer": "sgd_agc",
              "models": ["nfnet-w0.03125-d1.1.1", "nfnet-w0.046875-d1.1.1", "nfnet-w0.0625-d1.1.1",
                         "nfnet-w0.09375-d1.1.1", "nfnet-w0.125-d1.1.1", "nfnet-w0.1875-d1.1.1"],
-             "lr_center": 0.4, "lr_factors": [0.5, 1, 2], "train": dict(_NFNET_SHORT_RUN)},
+             "lr_center": 0.8, "lr_factors": [0.5, 1, 2], "train": dict(_NFNET_SHORT_RUN)},
             {"name": "vit", "optimizer": "adamw",
              "models": ["vit-w8-d4-p4", "vit-w12-d4-p4", "vit-w16-d4-p4", "vit-w24-d4-p4"],
              "lr_center": 0.004, "lr_factors": [0.5, 1, 2, 4], "train": dict(_VIT_CPU)},
