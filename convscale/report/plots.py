@@ -99,6 +99,16 @@ def sparse_minor_log_labels(axis: Any) -> Any:
     return FuncFormatter(label)
 
 
+def tidy_log_x(ax: Any) -> None:
+    """A log x-axis whose minor ticks are labelled sparsely (see ``sparse_minor_log_labels``)."""
+    ax.xaxis.set_minor_formatter(sparse_minor_log_labels(ax.xaxis))
+
+
+def params_label(n: float) -> str:
+    """44.2k, 1.5M: parameter counts for legends."""
+    return f"{n / 1e6:.3g}M" if n >= 1e6 else f"{n / 1e3:.3g}k"
+
+
 def plain_log_labels(axis: Any) -> None:
     """Label a log axis 2, 3, 0.6 instead of 2x10^0: where matplotlib labels a tick, print it plainly."""
     from matplotlib.ticker import FuncFormatter
@@ -142,7 +152,7 @@ def draw_cells(ax: Any, results: pd.DataFrame, family: str, color: str) -> list[
     for model in markers:
         n = float(fam.loc[fam["model"] == model, "params"].iloc[0])
         handles.append(Line2D([], [], ls="", marker=markers[model], color=color, alpha=0.6, ms=5,
-                              label=f"{model} ({n:.3g} params)"))
+                              label=f"{model} ({params_label(n)} params)"))
     top = ax.get_xaxis_transform()  # x in data, y in axes fraction
     for status, marker, kw in (("diverged", "x", {"color": "black"}),
                                ("failed", "v", {"facecolor": "none", "edgecolor": "0.35"})):
@@ -166,7 +176,7 @@ def draw_law(ax: Any, lc: LawCurve, c_lo: float, c_hi: float, color: str, label:
     grid = np.geomspace(c_lo, c_hi, 200)
     law = lc.law
     pct = f"{100 * lc.level:g}%"
-    label = label or f"fit L = {law.A.value:.3g}·C^-a, a = {fmt_estimate(law.a)}"
+    label = label or f"fit L = A·C^-a, a = {fmt_estimate(law.a)}"
     handles = [ax.plot(grid, law.predict(grid), "--", color=color, lw=1.6, zorder=3, label=label)[0]]
     band = lc.band(grid)
     if band is not None:
@@ -212,11 +222,13 @@ def loss_vs_compute(inputs: SweepInputs, laws: dict[str, LawCurve | None], hardw
             reason = inputs.fit.families[fam].skipped.get("power_law", "")
             ax.text(0.02, 0.02, f"no power law: {reason}", transform=ax.transAxes, fontsize=7, va="bottom", wrap=True)
         ax.set_xlim(lo, hi)
+        tidy_log_x(ax)
         ax.set_title(f"{fam}")
         ax.set_xlabel("training compute (FLOPs)")
         add_hardware_axis(ax, hardware)
-        # below the panel: inside, any corner can hide cells of some sweep
-        ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
+        # below the panel (inside, any corner can hide cells of some sweep), one column: model names
+        # and intervals are long, two columns ran past the panel
+        ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=1, frameon=False)
         plain_log_labels(ax.yaxis)
     axes[0].set_ylabel("held-out loss")
     _caption(fig, inputs, hardware)
@@ -246,6 +258,7 @@ def families_overlay(inputs: SweepInputs, laws: dict[str, LawCurve | None], hard
     if target_loss is not None:
         ax.axhline(target_loss, color="0.3", lw=0.9, ls="-.", label=f"target loss {target_loss:.4g}")
     ax.set_xlim(lo, hi)
+    tidy_log_x(ax)
     ax.set_xlabel("training compute (FLOPs)")
     ax.set_ylabel("held-out loss")
     ax.set_title("families at matched compute")
@@ -276,6 +289,7 @@ def finetune_vs_compute(inputs: SweepInputs, finetune: dict[str, list[dict[str, 
         for _, r in d.iterrows():
             ax.annotate(str(r["model"]), (r["pretrain_flops"], 100 * r["heldout_top1"]), fontsize=7,
                         xytext=(4, 3), textcoords="offset points")
+    tidy_log_x(ax)
     ax.set_xlabel("pre-training compute (FLOPs)")
     ax.set_ylabel("fine-tuned held-out top-1 (%)")
     ax.set_title("after fine-tuning")

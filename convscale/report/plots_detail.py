@@ -10,7 +10,16 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from convscale.report.inputs import SweepInputs
-from convscale.report.plots import PlotSkipped, add_caption, family_color, fmt_estimate, plain_log_labels, widen_log_limits
+from convscale.report.plots import (
+    PlotSkipped,
+    add_caption,
+    family_color,
+    fmt_estimate,
+    params_label,
+    plain_log_labels,
+    tidy_log_x,
+    widen_log_limits,
+)
 from convscale.scaling import lr_optima, prepare_table
 
 _METHOD_STYLE = {"best_run": ("o", "-", "best run per budget"), "parabola": ("s", ":", "IsoFLOP parabola")}
@@ -46,6 +55,7 @@ def optimal_allocation(inputs: SweepInputs) -> Figure:
                                label=f"{fam}: best run per budget (too few budgets to fit)")
                     drawn = True
         ax.set_xscale("log")
+        tidy_log_x(ax)
         ax.set_yscale("log")
         ax.set_xlabel("training compute C (FLOPs)")
         ax.set_ylabel(f"compute-optimal {label}")
@@ -93,13 +103,14 @@ def lr_vs_epochs(inputs: SweepInputs) -> Figure:
             color = cmap(norm(g["params"].iloc[0]))
             edge = g["at_edge"].astype(bool).to_numpy()
             ax.plot(g["duration"], g["lr_opt"], "-", color=color, lw=1.2,
-                    label=f"{model} ({g['params'].iloc[0]:.3g})")
+                    label=f"{model} ({params_label(g['params'].iloc[0])})")
             ax.scatter(g["duration"][~edge], g["lr_opt"][~edge], color=color, s=28, zorder=3)
             ax.scatter(g["duration"][edge], g["lr_opt"][edge], facecolor="white", edgecolor=color, s=28, zorder=3)
             if trend is not None:
                 grid = np.geomspace(g["duration"].min(), g["duration"].max(), 20)
                 ax.plot(grid, trend.predict(grid, np.full_like(grid, g["params"].iloc[0])), ":", color=color, lw=1)
         ax.set_xscale("log")
+        tidy_log_x(ax)
         ax.set_yscale("log")
         widen_log_limits(ax, "y")
         plain_log_labels(ax.yaxis)
@@ -137,6 +148,7 @@ def training_curves(inputs: SweepInputs, x: str = "train_flops") -> Figure:
             if c.status == "diverged" and len(t):
                 ax.scatter(t[x].iloc[-1:], t["loss"].iloc[-1:], marker="x", color="black", s=30, zorder=4)
         ax.set_xscale("log")
+        tidy_log_x(ax)
         ax.set_yscale("log")
         ax.set_title(fam)
         ax.set_xlabel("training compute (FLOPs)" if x == "train_flops" else "images seen")
