@@ -9,7 +9,8 @@ checked): NFNets with ``dm_nfnet_*``'s NormFreeNet config at our widths (and ``n
 rounds (the machine may be shared) and the median images/s of the rounds is reported, with
 ours/timm. MFU = training FLOPs/s (3 x our analytic forward FLOPs, the same figure for both) / the
 device's peak; on CPU it is "n/a" unless ``--peak-tflops`` states one. Without timm installed
-only our models run.
+only our models run. On a shared CPU, ``--threads 1 --clock cpu`` (CPU-seconds of this process)
+gives far steadier ratios than the wall clock.
 """
 
 from __future__ import annotations
