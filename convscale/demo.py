@@ -114,10 +114,14 @@ def run_demo(scale: str = "quick", out: Optional[str] = None, jobs: int = 0, boo
         e: dict[str, Any] = {}
         if ff.power_law is not None:
             e["loss_vs_compute_exponent"] = ff.power_law.a
-        if ff.optimal_params_best_run is not None:
-            e["optimal_params_exponent"] = ff.optimal_params_best_run.exponent
-        if ff.optimal_images_best_run is not None:
-            e["optimal_images_exponent"] = ff.optimal_images_best_run.exponent
+        # the same estimate the Findings use: IsoFLOP parabola vertices where they exist, else the
+        # best run of each budget
+        for method in ("parabola", "best_run"):
+            n_fit, d_fit = getattr(ff, f"optimal_params_{method}"), getattr(ff, f"optimal_images_{method}")
+            if n_fit is not None and d_fit is not None:
+                e["optimal_params_exponent"], e["optimal_images_exponent"] = n_fit.exponent, d_fit.exponent
+                e["allocation_method"] = "IsoFLOP parabolas" if method == "parabola" else "best run per budget"
+                break
         result.exponents[fam] = e
         result.skipped.update({f"{fam}: {k}": v for k, v in ff.skipped.items()})
 
@@ -142,6 +146,8 @@ def format_summary(r: DemoResult) -> str:
             if key in e:
                 est = e[key]
                 parts.append(f"{label} = {est.value:.3f} [{est.low:.3f}, {est.high:.3f}]")
+        if "allocation_method" in e:
+            parts[-1] += f" ({e['allocation_method']})"
         lines.append(f"  {fam}: " + ("; ".join(parts) if parts else "no law could be fitted"))
     for fam, ft in r.finetunes.items():
         if ft.get("heldout_top1") is None:

@@ -6,6 +6,7 @@ follow it, and must say "cannot tell" when the design cannot measure it (optima 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -21,6 +22,7 @@ from convscale.report.findings import (
     DISAGREES,
     allocation_finding,
     lr_findings,
+    local_exponents,
     power_law_finding,
     wilson_interval,
 )
@@ -91,7 +93,24 @@ def test_rising_loss_disagrees_and_a_kink_is_not_a_power_law():
     assert rising.verdict == DISAGREES and "rises" in rising.why
     # linear in C: nearly flat for two decades, then a plunge; not a straight line in log-log
     kinked = power_law_finding("nfnet", fit_one(planted(loss_fn=lambda c: 5.0 - 4.0 * c / 3.2e14)))
-    assert kinked.verdict == DISAGREES and "not a straight line" in kinked.why
+    assert kinked.verdict == DISAGREES and "not a straight line" in kinked.why and "it steepens" in kinked.why
+    assert "local exponent" in kinked.measured
+    # the same poor straight line over a frontier that flattens, with no irreducible-term fit to absorb it
+    fit = fit_one(planted(loss_fn=lambda c: 5.0 - 4.0 * c / 3.2e14))
+    flat = [dict(r, loss=r["compute_flops"] ** -0.3) if i < 3 else dict(r, loss=fit.frontier[2]["compute_flops"] ** -0.3)
+            for i, r in enumerate(sorted(fit.frontier, key=lambda r: r["compute_flops"]))]
+    flattened = power_law_finding("nfnet", dataclasses.replace(fit, frontier=flat, power_law_irreducible=None))
+    assert flattened.verdict == DISAGREES and "it flattens" in flattened.why
+
+
+def test_local_exponents_of_the_frontier_halves():
+    # 5 budgets: halves of 3 sharing the middle one; a = 0.1 below, 0.3 above 1e12
+    cs = [1e10, 1e11, 1e12, 1e13, 1e14]
+    loss = [10 * (c / 1e12) ** (-0.1 if c <= 1e12 else -0.3) for c in cs]
+    (lo0, lo1, a_low), (hi0, hi1, a_high) = local_exponents([{"compute_flops": c, "loss": v} for c, v in zip(cs, loss)])
+    assert (lo0, lo1, hi0, hi1) == (1e10, 1e12, 1e12, 1e14)
+    assert a_low == pytest.approx(0.1) and a_high == pytest.approx(0.3)
+    assert local_exponents([{"compute_flops": c, "loss": 1.0} for c in cs[:3]]) is None
 
 
 def test_equal_growth_of_size_and_images_agrees(equal_rates):

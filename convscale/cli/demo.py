@@ -12,8 +12,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Pre-train 3 NFNet and 3 ViT sizes at 3 compute budgets and 2 learning rates on the "
         "procedural stream, fit the scaling laws, fine-tune the best of each family on scikit-learn's "
         "handwritten digits, and write the report. --scale quick takes about 5-10 minutes on 2 CPU cores; "
-        "--scale medium (6 NFNet and 4 ViT sizes, 4 budgets over 1.5 decades, 3-4 learning rates: the paper's "
-        "three findings measured, with verdicts in the report) about 60; --scale gpu is a larger study for "
+        "--scale medium (6 NFNet and 4 ViT sizes, 5 budgets over 2 decades, 3-4 learning rates: the paper's "
+        "three findings measured, with verdicts in the report) about 50; --scale gpu is a larger study for "
         "one GPU; --scale tiny is a smoke run.",
     )
     p.add_argument("--scale", choices=["quick", "medium", "tiny", "gpu"], default="quick")

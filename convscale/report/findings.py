@@ -127,6 +127,11 @@ def power_law_finding(family: str, fit: Any) -> Finding:
                  f"measured {_g(x.actual_loss, 4)} ({100 * x.relative_error:+.1f}%"
                  + ("" if inside is None else ", inside the interval" if inside else ", outside the interval") + ")")
     measured += extra
+    bend = local_exponents(fit.frontier)
+    if bend is not None:
+        (c0, c1, a_low), (c2, c3, a_high) = bend
+        measured += (f"; local exponent a = {a_low:.3g} over {c0:.2g}-{c1:.2g} FLOPs, "
+                     f"{a_high:.3g} over {c2:.2g}-{c3:.2g}")
     side = _side(p.a)
     span = math.log10(p.compute_max_flops / p.compute_min_flops) if p.compute_min_flops > 0 else 0.0
     scope = f" ({p.n_points} budgets over {span:.2g} decade{'' if round(span, 2) == 1 else 's'})"
@@ -140,12 +145,39 @@ def power_law_finding(family: str, fit: Any) -> Finding:
         return Finding("power_law", family, PAPER["power_law"], measured, DISAGREES,
                        "the loss rises with compute along the frontier (a < 0 with its whole interval)" + scope)
     if best_r2 < MIN_R2_LOG:
+        shape = ""
+        if bend is not None and bend[1][2] > bend[0][2]:
+            shape = (f"; it steepens (local a {bend[0][2]:.2g} -> {bend[1][2]:.2g}): the smallest budgets lie "
+                     "above the line, before a power-law regime")
+        elif bend is not None:
+            shape = (f"; it flattens (local a {bend[0][2]:.2g} -> {bend[1][2]:.2g}), as when the loss nears "
+                     "an irreducible floor")
         return Finding("power_law", family, PAPER["power_law"], measured, DISAGREES,
                        f"the loss falls, but the law explains only {100 * best_r2:.0f}% of the variance of "
-                       f"log-loss (< {100 * MIN_R2_LOG:.0f}%): not a straight line in log-log" + scope)
+                       f"log-loss (< {100 * MIN_R2_LOG:.0f}%): not a straight line in log-log" + scope + shape)
     caveat = "; with 3 budgets the straight line is weakly tested" if p.n_points <= 3 else ""
     return Finding("power_law", family, PAPER["power_law"], measured, AGREES,
                    f"a > 0 with its whole interval and R² (log) >= {MIN_R2_LOG:g}" + scope + caveat)
+
+
+def local_exponents(frontier: list[dict[str, Any]]) -> Optional[tuple[tuple[float, float, float], ...]]:
+    """The frontier's power-law exponent a (of L = A·C^-a) fitted by least squares in log-log on its
+    lower and its upper half of budgets, as ((C_min, C_max, a), (C_min, C_max, a)); the halves share
+    the middle budget when their number is odd. None below 4 budgets (a half needs >= 2 points)."""
+    pts = sorted((float(r["compute_flops"]), float(r["loss"])) for r in frontier
+                 if r.get("loss") is not None and float(r["loss"]) > 0 and float(r["compute_flops"]) > 0)
+    if len(pts) < 4:
+        return None
+    half = (len(pts) + 1) // 2
+
+    def exponent(part: list[tuple[float, float]]) -> tuple[float, float, float]:
+        x = [math.log(c) for c, _ in part]
+        y = [math.log(v) for _, v in part]
+        mx, my = sum(x) / len(x), sum(y) / len(y)
+        slope = sum((a - mx) * (b - my) for a, b in zip(x, y)) / sum((a - mx) ** 2 for a in x)
+        return part[0][0], part[-1][0], -slope
+
+    return exponent(pts[:half]), exponent(pts[-half:])
 
 
 # --- (2) compute-optimal allocation ----------------------------------------------------------------

@@ -28,7 +28,7 @@ _METHOD_STYLE = {"best_run": ("o", "-", "best run per budget"), "parabola": ("s"
 def optimal_allocation(inputs: SweepInputs) -> Figure:
     """(b) N_opt(C) and D_opt(C): the points each method found and the fitted C^exponent lines."""
     families = inputs.families
-    fig = Figure(figsize=(10.4, 4.2), layout="constrained")
+    fig = Figure(figsize=(10.4, 4.2 + 0.16 * 2 * len(inputs.families)), layout="constrained")
     axes = fig.subplots(1, 2)
     drawn = False
     for ax, quantity, col, label in ((axes[0], "params", "params", "parameters N"),
@@ -59,7 +59,8 @@ def optimal_allocation(inputs: SweepInputs) -> Figure:
         ax.set_yscale("log")
         ax.set_xlabel("training compute C (FLOPs)")
         ax.set_ylabel(f"compute-optimal {label}")
-        ax.legend(loc="upper left", framealpha=0.9)
+        # below the panel: inside, it hid points (the upper left is where small budgets' optima sit)
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=1, frameon=False)
     if not drawn:
         raise PlotSkipped("no frontier points to place compute-optimal sizes")
     level = f"{100 * inputs.fit.level:g}%" if inputs.fit is not None else ""
@@ -83,7 +84,9 @@ def _lr_points(inputs: SweepInputs, fam: str) -> tuple[pd.DataFrame, str]:
 def lr_vs_epochs(inputs: SweepInputs) -> Figure:
     """(c) optimal learning rate vs epoch budget, one line per model size, per family."""
     families = inputs.families
-    fig = Figure(figsize=(5.0 * len(families), 4.0), layout="constrained")
+    n_models = max((inputs.results.loc[inputs.results["family"] == f, "model"].nunique() for f in families), default=0)
+    # the legend (one line per model, the edge marker, the fit) goes below the panels
+    fig = Figure(figsize=(5.0 * len(families), 4.0 + 0.16 * (n_models + 2)), layout="constrained")
     axes = fig.subplots(1, len(families), squeeze=False)[0]
     any_points = False
     for ax, fam in zip(axes, families):
@@ -119,7 +122,7 @@ def lr_vs_epochs(inputs: SweepInputs) -> Figure:
         if trend is not None:
             handles.append(Line2D([], [], ls=":", color="0.3",
                                   label=f"fit: lr ∝ {col}^{fmt_estimate(trend.slope_duration)}"))
-        ax.legend(handles=handles, loc="best", framealpha=0.9)
+        ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=1, frameon=False)
     if not any_points:
         raise PlotSkipped("no model and duration was run with >= 2 learning rates (no lr sweep)")
     add_caption(fig, "Optimum: vertex of a parabola of loss vs log lr through the best grid lr and its "

@@ -45,18 +45,18 @@ PRESETS: dict[str, dict[str, Any]] = {
         "budgets": {"train_flops": [3e10, 1e11, 3e11]},
     },
     # `convscale demo --scale medium`: the paper's three findings measured, on 2 CPU cores in <= 60
-    # minutes. 6 NFNet x 4 ViT sizes at 4 IsoFLOP budgets (1.5 decades): at each budget every size
+    # minutes. 6 NFNet x 4 ViT sizes at 5 IsoFLOP budgets (2 decades): at each budget every size
     # trains for its own epoch budget, so size and epochs are measured apart; max_epochs leaves out
     # the smallest models at the largest budgets (> 2.5 epochs of ImageNet-sized data, far past
-    # their optimum, and the costliest cells). Chosen from a first 114-cell run here (lr 0.1-0.4,
-    # NFNets w0.047-w0.19, ViTs w8-w32): the best NFNet was the smallest swept at 5e10-5e11 FLOPs
-    # (w0.047; so the ladder starts at w0.031) and w0.125 at 1.6e12; lr 0.4 was best in 18 of 19
-    # NFNet grids; ViTs wanted 0.008 when small and 0.002-0.004 at w24-w32 (4 lrs), and w32 was
-    # worst at every budget (dropped). A second run with NFNet lrs 0.2-0.8 (52 min) had 0.8 best in
-    # 19 of 22 grids, so the NFNet grid is 0.4-1.6 (with AGC the updates stay bounded; a diverged
-    # cell shows in the report, and a diverged larger lr bounds an optimum). SkipInit gains are
-    # exempt from AGC (short runs). The run with this grid, 51.8 min here, is recorded in
-    # docs/results/medium (1.6 was still best in 14 of 22 NFNet grids).
+    # their optimum, and the costliest cells). Chosen from earlier runs here: a first 114-cell run
+    # (lr 0.1-0.4, NFNets w0.047-w0.19, ViTs w8-w32) had the smallest NFNet best at 3 of 4 budgets
+    # (so the ladder starts at w0.031), ViTs wanting 0.008 when small and 0.002-0.004 at w24-w32
+    # (4 lrs) and w32 worst at every budget (dropped); NFNet grids 0.2-0.8 and then 0.4-1.6 each had
+    # their top lr best in most grids (19 of 22, 14 of 22), while lr 3.2 diverged or collapsed to
+    # chance loss in probes at 5e11 FLOPs, so the grid is 0.8-3.2 and bounds the optimum on both
+    # sides. The 1.6e10 budget gives two decades (its larger models stay near chance). SkipInit
+    # gains are exempt from AGC (short runs). The run of this preset, 50.5 min here (160 cells),
+    # is recorded in docs/results/medium: 1.6 was best in 16 of 28 NFNet grids, 0.8 in 10, 3.2 in 2.
     "medium": {
         "name": "medium",
         "share_procedural_data": True,
@@ -67,12 +67,12 @@ PRESETS: dict[str, dict[str, Any]] = {
             {"name": "nfnet", "optimizer": "sgd_agc",
              "models": ["nfnet-w0.03125-d1.1.1", "nfnet-w0.046875-d1.1.1", "nfnet-w0.0625-d1.1.1",
                         "nfnet-w0.09375-d1.1.1", "nfnet-w0.125-d1.1.1", "nfnet-w0.1875-d1.1.1"],
-             "lr_center": 0.8, "lr_factors": [0.5, 1, 2], "train": dict(_NFNET_SHORT_RUN)},
+             "lr_center": 1.6, "lr_factors": [0.5, 1, 2], "train": dict(_NFNET_SHORT_RUN)},
             {"name": "vit", "optimizer": "adamw",
              "models": ["vit-w8-d4-p4", "vit-w12-d4-p4", "vit-w16-d4-p4", "vit-w24-d4-p4"],
              "lr_center": 0.004, "lr_factors": [0.5, 1, 2, 4], "train": dict(_VIT_CPU)},
         ],
-        "budgets": {"train_flops": [5e10, 1.6e11, 5e11, 1.6e12], "max_epochs": 2.5},
+        "budgets": {"train_flops": [1.6e10, 5e10, 1.6e11, 5e11, 1.6e12], "max_epochs": 2.5},
     },
     # `convscale demo --scale tiny`: the same pipeline as a smoke run (CI): 2 x 2 sizes x 3 budgets
     # x 1 lr = 12 cells of a few seconds each. Too small to learn much; it checks the plumbing.
