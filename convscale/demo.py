@@ -37,6 +37,7 @@ class DemoResult:
     report_html: Optional[Path] = None
     skipped: dict[str, str] = field(default_factory=dict)
     findings: list[Any] = field(default_factory=list)  # convscale.report.findings.Finding
+    at_chance: Optional[str] = None  # the report's sentence on cells that ended at chance loss
 
 
 def best_cells(df, families: list[str]) -> dict[str, Any]:
@@ -82,6 +83,7 @@ def run_demo(scale: str = "quick", out: Optional[str] = None, jobs: int = 0, boo
     import os
 
     from convscale.report.build import build_report
+    from convscale.report.content import at_chance_note
     from convscale.scaling import fit_table
     from convscale.sweep.presets import SCALES, preset
     from convscale.sweep.results import collect
@@ -109,7 +111,8 @@ def run_demo(scale: str = "quick", out: Optional[str] = None, jobs: int = 0, boo
     df = collect(root)
     families = [f.name for f in study.families]
     fit = fit_table(df, bootstrap=bootstrap, seed=0)
-    result = DemoResult(root=root, wall_seconds=0.0, sweep_counts=df["status"].value_counts().to_dict())
+    result = DemoResult(root=root, wall_seconds=0.0, sweep_counts=df["status"].value_counts().to_dict(),
+                        at_chance=at_chance_note(df))
     for fam, ff in fit.families.items():
         e: dict[str, Any] = {}
         if ff.power_law is not None:
@@ -138,6 +141,8 @@ def run_demo(scale: str = "quick", out: Optional[str] = None, jobs: int = 0, boo
 def format_summary(r: DemoResult) -> str:
     lines = [f"demo finished in {r.wall_seconds / 60:.1f} min; cells: "
              + ", ".join(f"{v} {k}" for k, v in sorted(r.sweep_counts.items()))]
+    if r.at_chance:
+        lines.append(f"  {r.at_chance}")
     for fam, e in r.exponents.items():
         parts = []
         for key, label in (("loss_vs_compute_exponent", "loss ~ C^-a, a"),

@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -52,6 +53,10 @@ def test_demo_runs_every_stage_from_its_own_runs(demo):
         assert ft["heldout_images"] > 300  # 20 % of scikit-learn's 1797 digits
         assert f"top-1 {ft['heldout_top1']:.3f}" in out
     assert "report: " in out and (root / "report" / "report.html").is_file()
+    # every cell records what learning nothing would score (ln 10 here); cells that ended there are told
+    assert np.allclose(df["chance_loss"], np.log(10))
+    at_chance = int((df["loss"] >= df["chance_loss"] - 0.01).sum())
+    assert (f"{at_chance} of 12 finished cells ended at chance loss" in out) == (at_chance > 0)
     # the paper's findings, each with the verdict the report gives it, are printed and in the report
     findings = json.loads((root / "report" / "findings.json").read_text())
     assert {f["key"] for f in findings} == {"power_law", "allocation", "lr_duration", "lr_size", "families"}

@@ -266,3 +266,20 @@ def test_report_stage_does_not_import_torch():
     code = "import sys, convscale.report, convscale.cli.report, convscale.cli.compare; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_cells_at_chance_loss_are_counted_per_family():
+    from convscale.report.content import at_chance_note
+
+    chance = math.log(100)
+    df = pd.DataFrame({
+        "family": ["nfnet", "nfnet", "vit", "vit", "nfnet"],
+        "status": ["done", "done", "done", "done", "diverged"],
+        "loss": [chance - 0.004, 3.2, chance + 0.02, chance - 0.05, float("nan")],
+        "chance_loss": [chance] * 5,
+    })
+    note = at_chance_note(df)
+    assert note.startswith("2 of 4 finished cells ended at chance loss") and "4.605" in note
+    assert "nfnet 1, vit 1" in note
+    assert at_chance_note(df.assign(loss=[3.0, 3.2, 3.1, 2.0, float("nan")])) is None
+    assert at_chance_note(df.drop(columns="chance_loss")) is None  # sweeps collected before the column

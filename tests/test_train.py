@@ -258,6 +258,7 @@ def test_run_writes_run_dir_and_learns(tmp_path):
     assert result["status"] == "done" and result["steps"] == 20 and result["images_seen"] == 320
     assert result["train_flops"] == 320 * conf["flops_per_image"]
     assert result["heldout_loss"] < math.log(4) - 0.2  # it learned something
+    assert result["chance_loss"] == pytest.approx(math.log(4))  # what learning nothing would score
     assert "ema_heldout_loss" in result
     rows = read_metrics(rd / "metrics.jsonl")
     train_rows = [r for r in rows if r["kind"] == "train"]

@@ -195,6 +195,25 @@ def findings_blocks(findings: list[Finding]) -> list[Any]:
     return blocks
 
 
+AT_CHANCE_NATS = 0.01  # a held-out loss this close to ln(classes) (or above it): the model learned nothing
+
+
+def at_chance_note(results: pd.DataFrame) -> str | None:
+    """A sentence counting the finished cells whose held-out loss ended at chance, per family (None
+    when there are none, or the table has no ``chance_loss``: sweeps collected before it existed)."""
+    if "chance_loss" not in results:
+        return None
+    done = results[(results["status"] == "done") & results["chance_loss"].notna() & results["loss"].notna()]
+    hit = done[done["loss"] >= done["chance_loss"] - AT_CHANCE_NATS]
+    if hit.empty:
+        return None
+    chance = ", ".join(sorted({f"{c:.4g}" for c in hit["chance_loss"]}))
+    per_family = ", ".join(f"{fam} {n}" for fam, n in hit["family"].value_counts().sort_index().items())
+    return (f"{len(hit)} of {len(done)} finished cells ended at chance loss (within {AT_CHANCE_NATS:g} of "
+            f"ln(classes) = {chance}; {per_family}): they learned nothing, from too few steps for their size "
+            f"or an lr past stability without a loss spike, and count in the fits as the bad results they are.")
+
+
 def build_sections(inputs: SweepInputs, cmp: Comparison | None, cmp_error: str | None, hw: Hardware | None,
                    figures: dict[str, str], skipped_figures: dict[str, str],
                    findings: list[Finding] | None = None) -> list[Section]:
@@ -203,6 +222,9 @@ def build_sections(inputs: SweepInputs, cmp: Comparison | None, cmp_error: str |
     counts = ", ".join(f"{v} {k}" for k, v in inputs.results["status"].value_counts().items())
     overview = [f"Study **{inputs.study_name}**: {len(inputs.results)} cells ({counts}), "
                 f"families {', '.join(inputs.families)}."]
+    chance_note = at_chance_note(inputs.results)
+    if chance_note:
+        overview.append(chance_note)
     if fit is not None:
         overview.append(f"Fits: {'read from fit.json' if inputs.fit_source == 'fit.json' else 'fitted now'}; "
                         f"compute from {fit.compute_source}; {_level(inputs)} bootstrap intervals "

@@ -5,7 +5,8 @@ FLOPs per image at ``resolution``), resolution, batch_size, images_seen, epochs,
 budget_flops, train_flops, wall_hours, device_hours (wall hours x devices the run used: GPUs,
 or CPU cores), loss / top1 / top5 (final held-out; top-k as fractions), status
 (done / diverged / failed / pending), run_dir; then cell_id, optimizer, budget_kind, budget,
-steps, device_kind, peak_memory_gb, error (last stderr line of a failed cell).
+steps, device_kind, peak_memory_gb, error (last stderr line of a failed cell), chance_loss
+(ln(classes): the held-out loss of a model that learned nothing).
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ COLUMNS = (
     "images_seen", "epochs", "lr", "budget_flops", "train_flops", "wall_hours", "device_hours",
     "loss", "top1", "top5", "status", "run_dir",
 )
-EXTRA_COLUMNS = ("cell_id", "optimizer", "budget_kind", "budget", "steps", "device_kind", "peak_memory_gb", "error")
+EXTRA_COLUMNS = ("cell_id", "optimizer", "budget_kind", "budget", "steps", "device_kind", "peak_memory_gb", "error",
+                 "chance_loss")
 STATUSES = ("done", "diverged", "failed", "pending")
 
 
@@ -77,6 +79,7 @@ def collect(root: str | Path):
             # GPU: peak allocated; CPU: the run process's peak resident set
             "peak_memory_gb": _num(res.get("peak_memory_bytes")) / 2**30 if finished else math.nan,
             "error": failure.get("last_stderr_line", "") if state == "failed" else "",
+            "chance_loss": _num(res.get("chance_loss")) if finished else math.nan,
         })
     df = pd.DataFrame(rows, columns=[*COLUMNS, *EXTRA_COLUMNS])
     df["images_seen"] = df["images_seen"].astype("Int64")

@@ -309,6 +309,8 @@ def _run(cfg: TrainConfig, restart: bool, source: Optional[DataSource]) -> dict[
     result = {
         "status": status,
         **final_eval,
+        # held-out loss is softmax cross-entropy: a model that learned nothing scores ln(classes)
+        "chance_loss": math.log(model_cfg.num_classes),
         "model": model_cfg.name,
         "params": sum(p.numel() for p in model.parameters()),
         "steps": done,
