@@ -117,14 +117,10 @@ def run_demo(scale: str = "quick", out: Optional[str] = None, jobs: int = 0, boo
         e: dict[str, Any] = {}
         if ff.power_law is not None:
             e["loss_vs_compute_exponent"] = ff.power_law.a
-        # the same estimate the Findings use: IsoFLOP parabola vertices where they exist, else the
-        # best run of each budget
-        for method in ("parabola", "best_run"):
-            n_fit, d_fit = getattr(ff, f"optimal_params_{method}"), getattr(ff, f"optimal_images_{method}")
-            if n_fit is not None and d_fit is not None:
-                e["optimal_params_exponent"], e["optimal_images_exponent"] = n_fit.exponent, d_fit.exponent
-                e["allocation_method"] = "IsoFLOP parabolas" if method == "parabola" else "best run per budget"
-                break
+        method, n_fit, d_fit = ff.allocation()  # the estimate the Findings judge
+        if n_fit is not None and d_fit is not None:
+            e["optimal_params_exponent"], e["optimal_images_exponent"] = n_fit.exponent, d_fit.exponent
+            e["allocation_method"] = "IsoFLOP parabolas" if method == "parabola" else "best run per budget"
         result.exponents[fam] = e
         result.skipped.update({f"{fam}: {k}": v for k, v in ff.skipped.items()})
 

@@ -42,9 +42,10 @@ def test_demo_runs_every_stage_from_its_own_runs(demo):
         assert f"{a:.3f}" in out
         # the allocation exponent printed is the one the Findings judge (parabolas, else best runs)
         ff = fit["families"][fam]
-        alloc = ff.get("optimal_params_parabola") or ff.get("optimal_params_best_run")
-        if alloc is not None:
-            assert f"N_opt ~ C^ = {alloc['exponent']['value']:.3f}" in out
+        # (2 sizes per family here: no parabolas, so the best runs; the unit tests cover the choice)
+        assert ff.get("optimal_params_parabola") is None
+        alloc = ff["optimal_params_best_run"]
+        assert f"N_opt ~ C^ = {alloc['exponent']['value']:.3f}" in out and "(best run per budget)" in out
     # one fine-tune per family, on the digits, from the best cell at the largest budget
     for fam in ("nfnet", "vit"):
         best = df[(df.family == fam) & (df.budget_flops == df.budget_flops.max())].sort_values("loss").iloc[0]
@@ -56,7 +57,8 @@ def test_demo_runs_every_stage_from_its_own_runs(demo):
     # every cell records what learning nothing would score (ln 10 here); cells that ended there are told
     assert np.allclose(df["chance_loss"], np.log(10))
     at_chance = int((df["loss"] >= df["chance_loss"] - 0.01).sum())
-    assert (f"{at_chance} of 12 finished cells ended at chance loss" in out) == (at_chance > 0)
+    assert at_chance > 0  # the tiny study barely learns (9 of 12 cells measured here)
+    assert f"{at_chance} of 12 finished cells ended at chance loss" in out
     # the paper's findings, each with the verdict the report gives it, are printed and in the report
     findings = json.loads((root / "report" / "findings.json").read_text())
     assert {f["key"] for f in findings} == {"power_law", "allocation", "lr_duration", "lr_size", "families"}

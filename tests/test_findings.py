@@ -189,3 +189,14 @@ def test_report_findings_section_for_matching_and_unmatched_families(tmp_path):
     assert pre.verdict == DISAGREES and "nfnet reaches the loss with" in pre.why, pre
     assert ft.verdict == DISAGREES and "nfnet is more accurate" in ft.why, ft
     assert "85.0% [" in ft.measured and "on 400 images" in ft.measured
+
+
+def test_allocation_reads_parabolas_where_fitted_else_best_runs(equal_rates):
+    _, fit = equal_rates
+    method, n_fit, d_fit = fit.allocation()
+    assert method == "parabola" and n_fit is fit.optimal_params_parabola and d_fit is fit.optimal_images_parabola
+    no_parabola = dataclasses.replace(fit, optimal_params_parabola=None, optimal_images_parabola=None)
+    method, n_fit, d_fit = no_parabola.allocation()
+    assert method == "best_run" and n_fit is fit.optimal_params_best_run and d_fit is fit.optimal_images_best_run
+    assert "IsoFLOP parabola" in allocation_finding("nfnet", fit, equal_rates[0]).measured
+    assert "the best run of each budget" in allocation_finding("nfnet", no_parabola, equal_rates[0]).measured

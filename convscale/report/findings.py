@@ -204,9 +204,7 @@ def size_edges(results: pd.DataFrame, family: str) -> tuple[int, int, str]:
 
 
 def allocation_finding(family: str, fit: Any, results: pd.DataFrame) -> Finding:
-    method = "parabola" if fit.optimal_params_parabola is not None else "best_run"
-    n_fit = getattr(fit, f"optimal_params_{method}")
-    d_fit = getattr(fit, f"optimal_images_{method}")
+    method, n_fit, d_fit = fit.allocation()
     if n_fit is None or d_fit is None:
         reason = fit.skipped.get("optimal_params_best_run") or fit.skipped.get("optimal_images_best_run", "not fitted")
         return Finding("allocation", family, PAPER["allocation"], "no allocation fitted", CANNOT_TELL, reason)

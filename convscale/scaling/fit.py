@@ -71,6 +71,12 @@ class FamilyFit:
     def fitted_items(self) -> list[str]:
         return [k for k in _ITEMS if getattr(self, k) is not None]
 
+    def allocation(self) -> tuple[str, AllocationFit | None, AllocationFit | None]:
+        """The compute-optimal (method, params fit, images fit) to read: IsoFLOP parabola vertices
+        where they were fitted, else the best run of each budget."""
+        method = "parabola" if self.optimal_params_parabola is not None else "best_run"
+        return method, getattr(self, f"optimal_params_{method}"), getattr(self, f"optimal_images_{method}")
+
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         for k in _ITEMS:

@@ -3,11 +3,13 @@
 Each preset is plain data (a dict in the study-file layout), so ``convscale study NAME`` can write
 it out as a TOML file a user edits, and the demo runs exactly what that file would say.
 
-Learning-rate grids come from stability measured on 2 CPU cores (shared/notes): small NFNets
-with AGC at batch 128 are stable up to a peak of ~0.3-0.4 (0.6 diverged in long runs); small
-ViTs with AdamW do best at 3e-3 to 6e-3. The CPU presets exempt scalar (SkipInit) gains from
-AGC, because the reference clipping keeps zero-initialised gains near 0 for thousands of steps
-(held-out loss 3.02 vs 1.76 measured); the paper preset keeps the reference behaviour.
+Learning-rate grids come from runs on 2 CPU cores (each preset's comment says which): the notes
+in shared/ put small NFNets with reference AGC at batch 128 near a peak of ~0.3-0.4, but with the
+SkipInit gains exempt from clipping (as here) they trained best at 0.8-1.6 and diverged or
+collapsed at 3.2; small ViTs with AdamW do best at 4e-3 to 1.6e-2. The CPU presets exempt
+scalar (SkipInit) gains from AGC, because the reference clipping keeps zero-initialised gains
+near 0 for thousands of steps (held-out loss 3.02 vs 1.76 measured); the paper preset keeps the
+reference behaviour. The gpu preset's grids are untested guesses (no GPU run yet).
 """
 
 from __future__ import annotations
