@@ -48,7 +48,9 @@ def best_cells(df, families: list[str]) -> dict[str, Any]:
         rows = done[done["family"] == fam]
         if rows.empty:
             continue
-        top = rows[rows["budget_flops"] == rows["budget_flops"].max()]
+        # the largest budget reached (training FLOPs for IsoFLOP studies, else the budget in its own unit)
+        key = "budget_flops" if rows["budget_flops"].notna().all() else "budget"
+        top = rows[rows[key] == rows[key].max()]
         best[fam] = top.loc[top["loss"].idxmin()]
     return best
 
@@ -71,20 +73,21 @@ def finetune_best(root: Path, best: dict[str, Any], pretrain_resolution: int, th
         result = run(cfg)
         top1 = result.get("heldout_top1")
         outcome = f"top-1 {top1:.3f}" if top1 is not None else f"{result['status']} (no accuracy)"
-        log(f"fine-tuned {fam} {row['model']} (pre-trained {row['budget_flops']:.3g} FLOPs, lr {row['lr']:g}) "
+        log(f"fine-tuned {fam} {row['model']} (pre-trained {row['train_flops']:.3g} FLOPs, lr {row['lr']:g}) "
             f"on {FINETUNE_DATA} at {ft_res} px: {outcome} ({time.perf_counter() - t0:.0f} s)")
         results[fam] = {**result, "run_dir": str(run_dir), "pretrain_run_dir": str(row["run_dir"])}
     return results
 
 
-def run_demo(scale: str = "quick", out: Optional[str] = None, jobs: int = 0, bootstrap: int = 200,
+def run_demo(scale: str = "quick", out: Optional[str] = None, jobs: int = 0, bootstrap: int = 1000,
              log: Callable[[str], None] = lambda s: print(s, flush=True)) -> DemoResult:
     """Run the preset study of ``scale`` (quick | medium | tiny | gpu) end to end under ``out``."""
     import os
 
     from convscale.report.build import build_report
     from convscale.report.content import at_chance_note
-    from convscale.scaling import fit_table
+    from convscale.scaling import sweep_fit
+    from convscale.scaling.fit import ALLOCATION_TEXT
     from convscale.sweep.presets import SCALES, preset
     from convscale.sweep.results import collect
     from convscale.sweep.run import run_sweep
@@ -110,7 +113,7 @@ def run_demo(scale: str = "quick", out: Optional[str] = None, jobs: int = 0, boo
                         f"re-run the same command to retry them")
     df = collect(root)
     families = [f.name for f in study.families]
-    fit = fit_table(df, bootstrap=bootstrap, seed=0)
+    fit, _ = sweep_fit(root, bootstrap=bootstrap, seed=0, refit=True)  # SWEEP/fit.json, read by the report
     result = DemoResult(root=root, wall_seconds=0.0, sweep_counts=df["status"].value_counts().to_dict(),
                         at_chance=at_chance_note(df))
     for fam, ff in fit.families.items():
@@ -120,7 +123,7 @@ def run_demo(scale: str = "quick", out: Optional[str] = None, jobs: int = 0, boo
         method, n_fit, d_fit = ff.allocation()  # the estimate the Findings judge
         if n_fit is not None and d_fit is not None:
             e["optimal_params_exponent"], e["optimal_images_exponent"] = n_fit.exponent, d_fit.exponent
-            e["allocation_method"] = "IsoFLOP parabolas" if method == "parabola" else "best run per budget"
+            e["allocation_method"] = ALLOCATION_TEXT[method]
         result.exponents[fam] = e
         result.skipped.update({f"{fam}: {k}": v for k, v in ff.skipped.items()})
 

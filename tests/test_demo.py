@@ -36,16 +36,16 @@ def test_demo_runs_every_stage_from_its_own_runs(demo):
     per_image = df["train_flops"] / df["images_seen"]
     assert ((df["train_flops"] - df["budget_flops"]).abs() <= 32 * per_image).all()
     # the printed exponents are the fitted ones, from these runs
-    fit = json.loads((root / "report" / "fit.json").read_text())
+    fit = json.loads((root / "fit.json").read_text())  # the one fit of the sweep, which the report read
     for fam in ("nfnet", "vit"):
         a = fit["families"][fam]["power_law"]["a"]["value"]
         assert f"{a:.3f}" in out
-        # the allocation exponent printed is the one the Findings judge (parabolas, else best runs)
+        # the allocation exponent printed is the one the Findings judge (parabolas, else the frontier runs)
         ff = fit["families"][fam]
-        # (2 sizes per family here: no parabolas, so the best runs; the unit tests cover the choice)
+        # (2 sizes per family here: no parabolas, so the frontier runs; the unit tests cover the choice)
         assert ff.get("optimal_params_parabola") is None
-        alloc = ff["optimal_params_best_run"]
-        assert f"N_opt ~ C^ = {alloc['exponent']['value']:.3f}" in out and "(best run per budget)" in out
+        alloc = ff["optimal_params_frontier_runs"]
+        assert f"N_opt ~ C^ = {alloc['exponent']['value']:.3f}" in out and "(the frontier runs (approach 1))" in out
     # one fine-tune per family, on the digits, from the best cell at the largest budget
     for fam in ("nfnet", "vit"):
         best = df[(df.family == fam) & (df.budget_flops == df.budget_flops.max())].sort_values("loss").iloc[0]

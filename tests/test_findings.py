@@ -29,7 +29,7 @@ from convscale.report.findings import (
 from convscale.scaling import fit_table
 
 BUDGETS = np.logspace(12, 14.5, 6)
-SIZES = 10 ** np.arange(3.25, 6.01, 0.5)
+SIZES = 10 ** np.arange(3.25, 6.01, 0.25)  # fine enough that the best size per budget sits near the optimum
 K = 6.0  # train_flops = K * params * images_seen
 EPOCH_IMAGES = 1e6
 
@@ -63,7 +63,7 @@ def planted(family: str = "nfnet", *, n_exp: float = 0.5, lr_slope: float = -0.3
 
 
 def fit_one(df: pd.DataFrame, family: str = "nfnet"):
-    return fit_table(df, bootstrap=20, seed=0).families[family]
+    return fit_table(df, bootstrap=100, seed=0).families[family]
 
 
 @pytest.fixture(scope="module")
@@ -82,10 +82,13 @@ def test_wilson_interval_matches_the_closed_form():
 
 def test_planted_power_law_agrees(equal_rates):
     _, fit = equal_rates
-    f = power_law_finding("nfnet", fit)
+    assert fit.power_law.a.contains(0.1)
+    assert "inside the interval" in power_law_finding("nfnet", fit).measured  # the extrapolation holds
+    # a = 0.1 bends within its +-0.03 margin only to within the grid's own wobble (best of 3 lrs and of
+    # sizes 0.25 dex apart): that frontier cannot tell; a steeper law over 3 decades is shown straight
+    f = power_law_finding("nfnet", fit_one(planted(a=0.25, budgets=np.logspace(12, 15, 7))))
     assert f.verdict == AGREES, f
-    assert fit.power_law.a.contains(0.1) and "6 budgets over 2.5 decades" in f.why
-    assert "inside the interval" in f.measured  # the extrapolation to the largest budget holds
+    assert "7 frontier points over 3 decades" in f.why and "local exponent changes by" in f.why
 
 
 def test_rising_loss_disagrees_and_a_kink_is_not_a_power_law():
@@ -95,12 +98,9 @@ def test_rising_loss_disagrees_and_a_kink_is_not_a_power_law():
     kinked = power_law_finding("nfnet", fit_one(planted(loss_fn=lambda c: 5.0 - 4.0 * c / 3.2e14)))
     assert kinked.verdict == DISAGREES and "not a straight line" in kinked.why and "it steepens" in kinked.why
     assert "local exponent" in kinked.measured
-    # the same poor straight line over a frontier that flattens, with no irreducible-term fit to absorb it
-    fit = fit_one(planted(loss_fn=lambda c: 5.0 - 4.0 * c / 3.2e14))
-    flat = [dict(r, loss=r["compute_flops"] ** -0.3) if i < 3 else dict(r, loss=fit.frontier[2]["compute_flops"] ** -0.3)
-            for i, r in enumerate(sorted(fit.frontier, key=lambda r: r["compute_flops"]))]
-    flattened = power_law_finding("nfnet", dataclasses.replace(fit, frontier=flat, power_law_irreducible=None))
-    assert flattened.verdict == DISAGREES and "it flattens" in flattened.why
+    # a frontier that nears an irreducible floor: the local exponent falls across the range
+    flattened = power_law_finding("nfnet", fit_one(planted(loss_fn=lambda c: 1.5 + 2e4 * c**-0.3)))
+    assert flattened.verdict == DISAGREES and "it flattens" in flattened.why, flattened
 
 
 def test_local_exponents_of_the_frontier_halves():
@@ -168,12 +168,17 @@ def _write_sweep(root: Path, df: pd.DataFrame, finetunes: dict[str, tuple[float,
 
 
 def test_report_findings_section_for_matching_and_unmatched_families(tmp_path):
-    # equal laws and equal fine-tuned accuracy: "match" agrees
+    # equal laws and equal fine-tuned accuracy on 200k images each (the difference's interval is
+    # +-0.25 pp, inside the 1 pp margin): "match" agrees. On 400 images the same accuracies cannot tell.
     same = pd.concat([planted("nfnet"), planted("vit", seed=1)], ignore_index=True)
-    res = build_report(_write_sweep(tmp_path / "same", same, {"nfnet": (0.80, 400), "vit": (0.78, 400)}),
-                       bootstrap=20, seed=0)
+    res = build_report(_write_sweep(tmp_path / "same", same, {"nfnet": (0.800, 200_000), "vit": (0.799, 200_000)}),
+                       bootstrap=60, seed=0)
     fam = [f for f in res.findings if f.key == "families"]
     assert [f.verdict for f in fam] == [AGREES, AGREES], fam
+    few = build_report(_write_sweep(tmp_path / "few", same, {"nfnet": (0.80, 400), "vit": (0.80, 400)}),
+                       bootstrap=20, seed=0)
+    ft_few = [f for f in few.findings if f.key == "families"][1]
+    assert ft_few.verdict == CANNOT_TELL and "reaches past" in ft_few.why, ft_few
     summary = (res.out_dir / "summary.md").read_text()
     assert "## Findings" in summary and "**Paper:** Held-out loss falls as a power law" in summary
     assert summary.index("## Findings") < summary.index("## Fitted laws")
@@ -191,12 +196,18 @@ def test_report_findings_section_for_matching_and_unmatched_families(tmp_path):
     assert "85.0% [" in ft.measured and "on 400 images" in ft.measured
 
 
-def test_allocation_reads_parabolas_where_fitted_else_best_runs(equal_rates):
+def test_allocation_reads_the_estimate_valid_for_the_design(equal_rates):
     _, fit = equal_rates
+    assert fit.design == "isoflop"
     method, n_fit, d_fit = fit.allocation()
     assert method == "parabola" and n_fit is fit.optimal_params_parabola and d_fit is fit.optimal_images_parabola
     no_parabola = dataclasses.replace(fit, optimal_params_parabola=None, optimal_images_parabola=None)
     method, n_fit, d_fit = no_parabola.allocation()
-    assert method == "best_run" and n_fit is fit.optimal_params_best_run and d_fit is fit.optimal_images_best_run
+    assert method == "parametric" and n_fit is fit.optimal_params_parametric
     assert "IsoFLOP parabola" in allocation_finding("nfnet", fit, equal_rates[0]).measured
-    assert "the best run of each budget" in allocation_finding("nfnet", no_parabola, equal_rates[0]).measured
+    assert "IsoFLOP slices of the fitted L(N, D)" in allocation_finding("nfnet", no_parabola, equal_rates[0]).measured
+    # a grid design never reads parabolas (they need runs that share a budget)
+    grid = dataclasses.replace(fit, design="grid")
+    assert grid.allocation()[0] == "parametric"
+    bare = dataclasses.replace(no_parabola, optimal_params_parametric=None, optimal_images_parametric=None)
+    assert bare.allocation()[0] == "frontier_runs"

@@ -99,8 +99,8 @@ def sweep(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def report(sweep):
     res = build_report(sweep, bootstrap=10, seed=0)
-    # later loads read this fit instead of refitting (fit.json newer than the results is reused)
-    (sweep / "fit.json").write_text((res.out_dir / "fit.json").read_text())
+    # the report fitted and kept the fit in SWEEP/fit.json; later loads read it instead of refitting
+    assert (sweep / "fit.json").is_file() and not (res.out_dir / "fit.json").exists()
     return res
 
 
@@ -118,7 +118,7 @@ def test_report_writes_valid_figures(report, sweep):
         assert w > 600 and h > 400, (name, w, h)
         root = ET.parse(out / f"{name}.svg").getroot()  # well-formed XML
         assert root.tag.endswith("svg")
-    for name in ("summary.md", "report.html", "fit.json", "compare.json"):
+    for name in ("summary.md", "report.html", "compare.json", "findings.json"):
         assert (out / name).is_file()
     assert "comparison" not in report.skipped
 
@@ -135,15 +135,15 @@ def test_html_is_self_contained(report, sweep):
 
 def test_summary_has_fitted_exponents_and_skips(report, sweep):
     md = (sweep / "report" / "summary.md").read_text()
-    fit = json.loads((sweep / "report" / "fit.json").read_text())
+    fit = json.loads((sweep / "fit.json").read_text())
     for fam, (A, a) in LAWS.items():
         got = fit["families"][fam]["power_law"]["a"]["value"]
         assert got == pytest.approx(a, rel=1e-3)  # the frontier lies exactly on the planted law
         assert f"C^-{got:.3g}" in md
     # compute-optimal params: p_opt = 1e4 (C/1e12)^0.5 is planted in every budget
-    n_exp = fit["families"]["nfnet"]["optimal_params_best_run"]["exponent"]["value"]
+    n_exp = fit["families"]["nfnet"]["optimal_params_frontier_runs"]["exponent"]["value"]
     assert n_exp == pytest.approx(0.5, abs=1e-6)
-    assert "| nfnet | optimal_params_best_run | N_opt" in md
+    assert "| nfnet | optimal_params_frontier_runs | N_opt" in md
     assert "## Skipped" in md and "| vit | extrapolation_irreducible |" in md  # 4 budgets: too few to check
     assert "diverged" in md and "failed" in md and "TPU-v4 core-hours" in md
     assert "## After fine-tuning" in md and "71.0%" in md
@@ -152,7 +152,7 @@ def test_summary_has_fitted_exponents_and_skips(report, sweep):
 def test_compare_picks_best_cells_and_planted_compute_ratio(sweep, report):
     inputs = load_sweep(sweep, bootstrap=20)
     assert inputs.fit_source == "fit.json"
-    cmp = compare(inputs, bootstrap=20)
+    cmp = compare(inputs)
     assert cmp.families == ("nfnet", "vit")
     assert len(cmp.budgets) == 4
     for row, c in zip(cmp.budgets, BUDGETS):
@@ -176,7 +176,7 @@ def test_compare_picks_best_cells_and_planted_compute_ratio(sweep, report):
     low, high = cmp.reach_loss["nfnet"].law_low_flops, cmp.reach_loss["nfnet"].law_high_flops
     assert low <= c_n * 1.02 and high >= c_n / 1.02
     # a target below vit's frontier: the law extrapolates, the measurement says "out of range"
-    lower = compare(inputs, target_loss=0.9, bootstrap=0)
+    lower = compare(inputs, target_loss=0.9)
     assert math.isnan(lower.reach_loss["vit"].measured_flops)
     assert lower.reach_loss["vit"].law_flops == pytest.approx((60 / 0.9) ** (1 / 0.12), rel=0.03)
     # fine-tuning: one result joined to nfnet's best cell

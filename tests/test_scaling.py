@@ -105,7 +105,7 @@ def test_power_law_with_irreducible_term_recovers_E():
 def test_frontier_picks_best_run_per_budget(sweep, sweep_fit):
     done = prepare_table(sweep).done
     rows, method = frontier(done)
-    assert method == "budget_flops"
+    assert method == "budget"
     assert list(rows["compute_flops"]) == sorted(sweep["budget_flops"].unique())
     for r in rows.itertuples():
         same = done[done["budget_flops"] == r.compute_flops]
@@ -152,7 +152,7 @@ def test_compute_optimal_exponents_from_isoflop_sweep(sweep_fit):
     assert abs(fam.optimal_params_parabola.exponent.value - N_EXP) < 0.02
     assert abs(fam.optimal_images_parabola.exponent.value - D_EXP) < 0.02
     # approach 1: the best run per budget is only +-1 grid step from the optimum
-    assert fam.optimal_params_best_run.exponent.contains(N_EXP)
+    assert fam.optimal_params_frontier_runs.exponent.contains(N_EXP)
     assert fam.flops_per_param_sample == pytest.approx(K, rel=0.01)
 
 

@@ -161,7 +161,8 @@ def test_epoch_budgets_and_max_epochs(tmp_path):
     plan = plan_study(study_from(tmp_path, budgets="epochs = [0.5]", text=text))
     # 0.5 epochs = 500 images = 15.6 batches of 32 -> 16 steps, 512 images
     assert all(c.steps == 16 and c.images == 512 and c.epochs == 0.512 for c in plan.cells)
-    assert all(c.budget_flops == c.train_flops for c in plan.cells) and len(plan.cells) == 3
+    # epoch budgets are no IsoFLOP groups: each cell has its own compute, no shared budget
+    assert all(c.budget_flops is None for c in plan.cells) and len(plan.cells) == 3
     with pytest.raises(UserError, match="epochs=2 .*max_epochs"):
         plan_study(study_from(tmp_path, budgets="epochs = [0.5, 2]\nmax_epochs = 1", text=text))
     # a FLOP budget that needs > 1 epoch of the smaller model only: the smaller model is left out

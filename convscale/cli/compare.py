@@ -21,7 +21,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--target-top1", type=float, default=None, metavar="A",
                    help="also the compute to reach held-out top-1 A (a fraction, e.g. 0.55)")
     p.add_argument("--format", choices=("text", "json"), default="text", help="output format (default text)")
-    p.add_argument("--bootstrap", type=int, default=200, metavar="N", help="bootstrap resamples (default 200)")
+    p.add_argument("--bootstrap", type=int, default=1000, metavar="N", help="bootstrap resamples when SWEEP_DIR/fit.json is missing or older than the results (default 1000)")
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap (default 0)")
     p.set_defaults(func=run)
 
@@ -35,7 +35,6 @@ def run(args: argparse.Namespace) -> int:
     if args.bootstrap < 0:
         raise UserError(f"--bootstrap must be >= 0; got {args.bootstrap}")
     inputs = load_sweep(args.sweep_dir, bootstrap=args.bootstrap, seed=args.seed)
-    cmp = compare(inputs, target_loss=args.target_loss, target_top1=args.target_top1,
-                  bootstrap=args.bootstrap, seed=args.seed)
+    cmp = compare(inputs, target_loss=args.target_loss, target_top1=args.target_top1)
     print(json.dumps(cmp.to_dict(), indent=2, allow_nan=False) if args.format == "json" else format_comparison(cmp))
     return 0

@@ -19,7 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--scale", choices=["quick", "medium", "tiny", "gpu"], default="quick")
     p.add_argument("--out", help="sweep directory (default sweeps/<study name>)")
     p.add_argument("--jobs", type=int, default=0, help="cells at once (default: 2 on CPU, 1 on GPU)")
-    p.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for the intervals")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of the runs for the intervals")
     p.set_defaults(func=run)
 
 

@@ -17,41 +17,33 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("results", metavar="RESULTS", help="results file or sweep directory")
     p.add_argument("--format", choices=("text", "json"), default="text", help="output format (default: text)")
-    p.add_argument("--bootstrap", type=int, default=200, metavar="N", help="bootstrap resamples per fit (default: 200)")
+    p.add_argument("--bootstrap", type=int, default=1000, metavar="N",
+                   help="bootstrap resamples of the runs, shared by every fit of a family (default: 1000)")
+    p.add_argument("--design", choices=("isoflop", "grid"), default=None,
+                   help="override the detected study design (isoflop: group runs by budget_flops; grid: Pareto "
+                        "frontier of all runs)")
+    p.add_argument("--params", choices=("params", "params_without_head"), default="params", dest="size_convention",
+                   help="count model size N with or without the classifier head (default: params)")
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap (default: 0)")
-    p.add_argument("--out", metavar="FILE.json", help="also write the full fit as JSON to this file (atomically)")
+    p.add_argument("--out", metavar="FILE.json",
+                   help="also write the full fit as JSON to this file (a sweep directory's fit always goes to "
+                        "SWEEP/fit.json, which report and compare read)")
     p.set_defaults(func=run)
-
-
-def _write_atomic(path: str, text: str) -> None:
-    import os
-    import tempfile
-    from pathlib import Path
-
-    from convscale.errors import UserError
-
-    target = Path(path)
-    if not target.parent.is_dir():
-        raise UserError(f"directory {target.parent} does not exist; create it or choose another --out path")
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def run(args: argparse.Namespace) -> int:
     import json
+    from pathlib import Path
 
-    from convscale.scaling import fit_results, format_text
+    from convscale.scaling import fit_results, format_text, sweep_fit, write_fit
 
-    fit = fit_results(args.results, bootstrap=args.bootstrap, seed=args.seed)
+    kw = dict(bootstrap=args.bootstrap, seed=args.seed, design=args.design, size_convention=args.size_convention)
+    if Path(args.results).is_dir():
+        fit, _ = sweep_fit(args.results, refit=True, **kw)
+    else:
+        fit = fit_results(args.results, **kw)
     as_json = json.dumps(fit.to_dict(), indent=2, allow_nan=False)
     if args.out:
-        _write_atomic(args.out, as_json + "\n")
+        write_fit(args.out, fit)
     print(as_json if args.format == "json" else format_text(fit))
     return 0

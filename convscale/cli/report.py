@@ -16,7 +16,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("sweep_dir", metavar="SWEEP_DIR", help="sweep directory (the --dir of `convscale sweep run`)")
     p.add_argument("--out", metavar="DIR", help="output directory (default: SWEEP_DIR/report)")
-    p.add_argument("--bootstrap", type=int, default=200, metavar="N", help="bootstrap resamples per fit (default 200)")
+    p.add_argument("--bootstrap", type=int, default=1000, metavar="N",
+                   help="bootstrap resamples when SWEEP_DIR/fit.json is missing or older than the results (default 1000)")
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap (default 0)")
     p.add_argument("--hardware", choices=("h100", "tpu-v4", "none"), default="tpu-v4",
                    help="reference device of the device-hours axis (default tpu-v4: core-hours, as the paper)")

@@ -7,7 +7,7 @@
       training_curves.png|svg     (d) every cell's training curve
       families.png|svg            (e) both families on one plot (also in `convscale compare`)
       finetune.png|svg            fine-tuned top-1 vs pre-training compute (when fine-tunes exist)
-      summary.md, report.html, fit.json, compare.json
+      summary.md, report.html, compare.json (the fit itself is SWEEP_DIR/fit.json, which every stage reads)
       findings.json               the paper's findings against this study's fits, with verdicts
 """
 
@@ -75,10 +75,10 @@ def build_report(
     skipped: dict[str, str] = {}
     level = inputs.fit.level if inputs.fit is not None else 0.95
     fits = inputs.fit.families if inputs.fit is not None else {}
-    laws = {f: (law_curve(fits[f], bootstrap, seed, level) if f in fits else None) for f in inputs.families}
+    laws = {f: (law_curve(fits[f], level) if f in fits else None) for f in inputs.families}
     cmp, cmp_error = None, None
     try:
-        cmp = compare(inputs, target_loss=target_loss, laws=laws, bootstrap=bootstrap, seed=seed)
+        cmp = compare(inputs, target_loss=target_loss, laws=laws)
     except UserError as e:
         cmp_error = str(e)
         skipped["comparison"] = cmp_error
@@ -119,8 +119,6 @@ def build_report(
     title = f"Scaling report: {inputs.study_name}"
     files.append(_write(out / "summary.md", render_markdown(title, sections)))
     files.append(_write(out / "report.html", render_html(title, sections, out)))
-    if inputs.fit is not None:
-        files.append(_write(out / "fit.json", json.dumps(inputs.fit.to_dict(), indent=2, allow_nan=False) + "\n"))
     if cmp is not None:
         files.append(_write(out / "compare.json", json.dumps(cmp.to_dict(), indent=2, allow_nan=False) + "\n"))
     files.append(_write(out / "findings.json",

@@ -21,8 +21,9 @@ import pandas as pd
 
 from convscale.errors import UserError
 from convscale.report.inputs import SweepInputs
-from convscale.report.laws import LawCurve, interpolate_compute, law_curve
-from convscale.scaling.robust import json_clean
+from convscale.report.laws import LawCurve, compute_samples, interpolate_compute, law_curve
+from convscale.scaling import Estimate
+from convscale.scaling.robust import estimate, json_clean
 
 BUDGET_MATCH_RTOL = 0.10  # budgets of two families within 10% are the same budget (step rounding)
 PREFERRED_PAIR = ("nfnet", "vit")
@@ -47,6 +48,8 @@ class Comparison:
     reach_loss: dict[str, Reach]
     ratio_law: float
     ratio_measured: float
+    #: first/second compute ratio from the two laws' bootstrap samples (independent resamples paired)
+    ratio_law_interval: Estimate = dataclasses.field(default_factory=lambda: Estimate(math.nan, math.nan, math.nan))
     target_top1: float | None = None
     reach_top1: dict[str, float] = dataclasses.field(default_factory=dict)  # measured, pre-training
     reach_top1_finetuned: dict[str, float] = dataclasses.field(default_factory=dict)
@@ -101,6 +104,21 @@ def _ratio(x: float, y: float) -> float:
     return x / y if math.isfinite(x) and math.isfinite(y) and y > 0 else math.nan
 
 
+def _ratio_interval(la: LawCurve | None, lb: LawCurve | None, loss: float) -> Estimate:
+    """The first/second compute ratio at ``loss`` with the interval of the ratios of the two families'
+    bootstrap laws (independent resamples, paired by index)."""
+    if la is None or lb is None:
+        return Estimate(math.nan, math.nan, math.nan)
+    value = _ratio(la.compute_for_loss(loss), lb.compute_for_loss(loss))
+    ca, cb = compute_samples(la, loss), compute_samples(lb, loss)
+    n = min(len(ca), len(cb))
+    if n == 0:
+        return Estimate(value, math.nan, math.nan)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = ca[:n] / cb[:n]
+    return estimate(value, np.where(np.isfinite(r) & (r > 0), r, np.nan), la.level)
+
+
 def _best_so_far(df: pd.DataFrame, x: str, y: str) -> pd.DataFrame:
     """Rows sorted by x with y replaced by its running maximum (the best reached with <= x)."""
     d = df.dropna(subset=[x, y]).sort_values(x, kind="stable")
@@ -112,8 +130,6 @@ def compare(
     *,
     target_loss: float | None = None,
     target_top1: float | None = None,
-    bootstrap: int = 200,
-    seed: int = 0,
     laws: dict[str, LawCurve | None] | None = None,
 ) -> Comparison:
     """Compare the sweep's two families (see module docstring). ``laws`` reuses curves already drawn."""
@@ -124,7 +140,7 @@ def compare(
     fits = inputs.fit.families if inputs.fit is not None else {}
     if laws is None:
         level = inputs.fit.level if inputs.fit is not None else 0.95
-        laws = {f: (law_curve(fits[f], bootstrap, seed, level) if f in fits else None) for f in pair}
+        laws = {f: (law_curve(fits[f], level) if f in fits else None) for f in pair}
     fr = inputs.frontiers
     if target_loss is None:
         target_loss = max(float(fr[f]["loss"].min()) for f in pair)
@@ -151,6 +167,7 @@ def compare(
         reach_loss=reach,
         ratio_law=_ratio(reach[pair[0]].law_flops, reach[pair[1]].law_flops),
         ratio_measured=_ratio(reach[pair[0]].measured_flops, reach[pair[1]].measured_flops),
+        ratio_law_interval=_ratio_interval(laws.get(pair[0]), laws.get(pair[1]), float(target_loss)),
         notes=notes,
     )
     ft = inputs.finetunes
@@ -207,7 +224,9 @@ def format_comparison(cmp: Comparison) -> str:
         x = cmp.reach_loss[f]
         lines.append(f"  {f}: law {_e(x.law_flops)} FLOPs [{_e(x.law_low_flops)}, {_e(x.law_high_flops)}], "
                      f"measured {_e(x.measured_flops)} FLOPs")
-    lines.append(f"  ratio {a}/{b}: law {_e(cmp.ratio_law)}, measured {_e(cmp.ratio_measured)}")
+    iv = cmp.ratio_law_interval
+    lines.append(f"  ratio {a}/{b}: law {_e(cmp.ratio_law)} [{_e(iv.low)}, {_e(iv.high)}], "
+                 f"measured {_e(cmp.ratio_measured)}")
     if cmp.target_top1 is not None:
         lines.append(f"compute to reach top-1 {_pct(cmp.target_top1)} (measured on the frontier):")
         for f in (a, b):

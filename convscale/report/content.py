@@ -72,13 +72,14 @@ def equations(inputs: SweepInputs) -> Table:
             p = getattr(f, key)
             if p is not None:
                 rows.append([fam, key, p.equation(), f"a {interval(p.a)}" + (f", E {interval(p.E)}" if p.E else ""),
-                             f"R² (log) {p.r2_log:.3f}, {p.n_points} budgets"])
-        for method in ("best_run", "parabola"):
+                             f"R² (log) {p.r2_log:.3f}, {p.n_points} frontier points"
+                             + (f", curvature {interval(p.curvature)}" if p.curvature is not None else "")])
+        for method in ("frontier_runs", "parabola", "parametric"):
             for q, sym in (("params", "N_opt"), ("images", "D_opt")):
                 a = getattr(f, f"optimal_{q}_{method}")
                 if a is not None:
                     rows.append([fam, f"optimal_{q}_{method}", f"{sym} = {g(a.coef.value)} · C^{g(a.exponent.value)}",
-                                 f"exponent {interval(a.exponent)}", f"{a.n_points} budgets"])
+                                 f"exponent {interval(a.exponent)}", f"{a.n_points} points"])
         t = f.lr_trend
         if t is not None:
             eq = f"log lr_opt = {g(t.intercept.value)} {_signed(t.slope_duration.value)} log {t.duration_column}"

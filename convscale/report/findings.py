@@ -12,13 +12,22 @@ result looks. The rules:
 
 - an effect is *measured* only when its whole interval lies on one side of 0; an interval across 0
   is ``cannot tell``;
+- "the same" and "a match" are equivalence tests (TOST-style, at the fit's interval level): the
+  interval of the *difference* must lie inside a margin stated here in advance (``agrees``), wholly
+  outside it (``disagrees``), else ``cannot tell``. Overlap of two intervals shows nothing;
+- a power law: the change of the frontier's local exponent across the measured compute range (a
+  quadratic term in log-log, with its interval) within +-30% of the exponent; >= 4 budgets needed;
+- "at the same rate": N_opt exponent - D_opt exponent within +-0.2 (Hoffmann et al.'s 0.49 vs 0.51
+  pass; Kaplan et al.'s 0.73 vs 0.27, a gap of 0.46, does not);
+- "match" before fine-tuning: the ratio of the compute the two families need to reach a loss within
+  a factor of 2 (the paper's match: 110k vs 120k TPU-v4 core hours); after fine-tuning, top-1 within
+  1 percentage point (90.4 % vs 90.2 %), the difference's Newcombe interval;
 - an optimum at the edge of the grid it was searched on (the smallest or largest model at a
   budget, the smallest or largest learning rate) is a bound, not a measurement: when most optima
   sit there, the trend is ``cannot tell`` and the fix (widen the grid) is said;
-- "a power law" needs the log-log fit to explain >= 95% of the variance of log-loss;
-- "at the same rate" holds when the intervals of the size and images exponents overlap, or the two
-  exponents differ by at most 0.1 (Hoffmann et al.'s 0.49 vs 0.51 pass, Kaplan et al.'s 0.73 vs 0.27 do not);
-- "match" holds when the two families' intervals (compute to reach a loss, fine-tuned top-1) overlap.
+- runs that learned nothing tell nothing: a family whose frontier has fewer than 3 points clearly
+  below chance loss (5 % under ln(classes)), or a fine-tune whose top-1 interval reaches chance,
+  is ``cannot tell``.
 """
 
 from __future__ import annotations
@@ -32,10 +41,16 @@ import pandas as pd
 from convscale.report.compare import Comparison
 from convscale.report.inputs import SweepInputs
 from convscale.scaling import Estimate
+from convscale.scaling.robust import estimate
 
 AGREES, DISAGREES, CANNOT_TELL = "agrees", "disagrees", "cannot tell"
-MIN_R2_LOG = 0.95  # a "power law" explains at least this share of the variance of log-loss
-SAME_RATE_TOLERANCE = 0.1  # |exponent of N_opt - exponent of D_opt| still "the same rate"
+CURVATURE_MARGIN = 0.3  # |change of the local exponent across the range| / exponent: still "a power law"
+MIN_CURVATURE_BUDGETS = 4  # a quadratic term needs >= 4 frontier points
+SAME_RATE_MARGIN = 0.2  # |exponent of N_opt - exponent of D_opt| still "the same rate"
+COMPUTE_RATIO_MARGIN = 2.0  # compute to reach a loss within this factor: "a match"
+TOP1_MARGIN = 0.01  # fine-tuned top-1 within 1 percentage point: "a match"
+CHANCE_GAP = 0.05  # a frontier point "learned" when its loss is >= 5% under chance
+MIN_LEARNED_POINTS = 3
 MAX_EDGE_SHARE = 0.5  # more optima than this at the edge of their grid: the trend cannot be told
 WILSON_Z = 1.959964  # 95% two-sided normal quantile, for intervals of an accuracy
 
@@ -93,10 +108,6 @@ def _side(e: Estimate) -> Optional[int]:
     return 1 if e.low > 0 else -1 if e.high < 0 else 0
 
 
-def _overlap(a: tuple[float, float], b: tuple[float, float]) -> bool:
-    return max(a[0], b[0]) <= min(a[1], b[1])
-
-
 def wilson_interval(p: float, n: int, z: float = WILSON_Z) -> tuple[float, float]:
     """The Wilson score interval of an accuracy ``p`` measured on ``n`` images."""
     if n <= 0 or not math.isfinite(p):
@@ -109,55 +120,94 @@ def wilson_interval(p: float, n: int, z: float = WILSON_Z) -> tuple[float, float
 
 # --- (1) power law -------------------------------------------------------------------------------
 
+def equivalence(e: Estimate, margin: float) -> Optional[str]:
+    """AGREES when the interval of a difference ``e`` lies inside [-margin, margin], DISAGREES when
+    wholly outside it, CANNOT_TELL otherwise; None without an interval."""
+    if not _has_interval(e):
+        return None
+    if -margin <= e.low and e.high <= margin:
+        return AGREES
+    if e.low > margin or e.high < -margin:
+        return DISAGREES
+    return CANNOT_TELL
+
+
+def learned(fit: Any) -> tuple[bool, str]:
+    """Whether the family's frontier left chance: >= 3 frontier points 5% under ln(classes)."""
+    chance = getattr(fit, "chance_loss", None)
+    if chance is None or not math.isfinite(chance):
+        return True, ""
+    losses = [float(r["loss"]) for r in fit.frontier if r.get("loss") is not None]
+    n_ok = sum(v <= (1 - CHANCE_GAP) * chance for v in losses)
+    if n_ok >= MIN_LEARNED_POINTS:
+        return True, ""
+    return False, (f"only {n_ok} of {len(losses)} frontier points are {100 * CHANCE_GAP:.0f}% under chance loss "
+                   f"{_g(chance, 4)} (runs that learned nothing tell nothing: train longer or larger)")
+
+
+def _scope(p: Any) -> str:
+    span = math.log10(p.compute_max_flops / p.compute_min_flops) if p.compute_min_flops > 0 else 0.0
+    return f" ({p.n_points} frontier points over {span:.2g} decade{'' if round(span, 2) == 1 else 's'})"
+
+
+def power_law_verdict(fit: Any) -> tuple[str, str]:
+    """Finding (1)'s verdict and its reason, from the frontier law's exponent and curvature."""
+    p = fit.power_law
+    if p is None:
+        return CANNOT_TELL, fit.skipped.get("power_law", "not fitted")
+    ok, why = learned(fit)
+    if not ok:
+        return CANNOT_TELL, why
+    side = _side(p.a)
+    if side is None:
+        return CANNOT_TELL, "no bootstrap interval for a (run the fit with --bootstrap > 0)"
+    if side == 0:
+        return CANNOT_TELL, "the interval of the exponent a includes 0: the loss is not shown to fall" + _scope(p)
+    if side < 0:
+        return DISAGREES, "the loss rises with compute along the frontier (a < 0 with its whole interval)" + _scope(p)
+    curv = p.curvature
+    if p.n_points < MIN_CURVATURE_BUDGETS or curv is None:
+        return CANNOT_TELL, (f"the loss falls (a > 0 with its whole interval), but a straight line is not testable "
+                             f"on {p.n_points} frontier points (need >= {MIN_CURVATURE_BUDGETS})")
+    margin = CURVATURE_MARGIN * abs(p.a.value)
+    v = equivalence(curv, margin)
+    where = (f"the local exponent changes by {_iv(curv)} across the range (margin ±{_g(margin)}, "
+             f"{100 * CURVATURE_MARGIN:.0f}% of a)")
+    if v is None:
+        return CANNOT_TELL, "no bootstrap interval for the curvature (run the fit with --bootstrap > 0)"
+    if v == AGREES:
+        return AGREES, f"a > 0 with its whole interval, and {where}" + _scope(p)
+    if v == DISAGREES:
+        shape = "steepens" if curv.value > 0 else "flattens (as when the loss nears an irreducible floor)"
+        return DISAGREES, f"the loss falls, but it is not a straight line in log-log: it {shape}; {where}" + _scope(p)
+    return CANNOT_TELL, f"the loss falls, but the data cannot tell a straight line from a bent one: {where}" + _scope(p)
+
+
 def power_law_finding(family: str, fit: Any) -> Finding:
     p, pe = fit.power_law, fit.power_law_irreducible
     if p is None:
         return Finding("power_law", family, PAPER["power_law"], "no power law fitted",
                        CANNOT_TELL, fit.skipped.get("power_law", "not fitted"))
-    measured = f"L = A·C^-a with a = {_iv(p.a)}, R² (log) {p.r2_log:.3f} over {p.n_points} budgets"
-    best_r2 = p.r2_log
+    measured = (f"L = A·C^-a with a = {_iv(p.a)} on {p.n_points} frontier points "
+                f"({'best run per budget' if fit.frontier_method == 'budget' else 'Pareto set of all runs'})")
+    if p.curvature is not None:
+        measured += f"; change of the local exponent across the range {_iv(p.curvature)}"
+    measured += f"; R² (log) {p.r2_log:.3f}"
     if pe is not None:
-        measured += f"; with an irreducible term E = {_iv(pe.E)}, a = {_iv(pe.a)}, R² {pe.r2_log:.3f}"
-        best_r2 = max(best_r2, pe.r2_log)
+        measured += f"; with an irreducible term E = {_iv(pe.E)}, a = {_iv(pe.a)}"
     x = fit.extrapolation
-    extra = ""
     if x is not None:
         inside = x.predicted.low <= x.actual_loss <= x.predicted.high if _has_interval(x.predicted) else None
-        extra = (f"; fitted without the largest budget it predicts {_g(x.predicted.value, 4)} there, "
-                 f"measured {_g(x.actual_loss, 4)} ({100 * x.relative_error:+.1f}%"
-                 + ("" if inside is None else ", inside the interval" if inside else ", outside the interval") + ")")
-    measured += extra
+        measured += (f"; fitted without the largest budget it predicts {_g(x.predicted.value, 4)} there, "
+                     f"measured {_g(x.actual_loss, 4)} ({100 * x.relative_error:+.1f}%"
+                     + ("" if inside is None else ", inside the interval" if inside else ", outside the interval") + ")")
     bend = local_exponents(fit.frontier)
     if bend is not None:
         (c0, c1, a_low), (c2, c3, a_high) = bend
         measured += (f"; local exponent a = {a_low:.3g} over {c0:.2g}-{c1:.2g} FLOPs, "
                      f"{a_high:.3g} over {c2:.2g}-{c3:.2g}")
-    side = _side(p.a)
-    span = math.log10(p.compute_max_flops / p.compute_min_flops) if p.compute_min_flops > 0 else 0.0
-    scope = f" ({p.n_points} budgets over {span:.2g} decade{'' if round(span, 2) == 1 else 's'})"
-    if side is None:
-        return Finding("power_law", family, PAPER["power_law"], measured, CANNOT_TELL,
-                       "no bootstrap interval for a (run the fit with --bootstrap > 0)")
-    if side == 0:
-        return Finding("power_law", family, PAPER["power_law"], measured, CANNOT_TELL,
-                       "the interval of the exponent a includes 0: the loss is not shown to fall" + scope)
-    if side < 0:
-        return Finding("power_law", family, PAPER["power_law"], measured, DISAGREES,
-                       "the loss rises with compute along the frontier (a < 0 with its whole interval)" + scope)
-    if best_r2 < MIN_R2_LOG:
-        shape = ""
-        if bend is not None and bend[1][2] > bend[0][2]:
-            shape = (f"; it steepens (local a {bend[0][2]:.2g} -> {bend[1][2]:.2g}): the smallest budgets lie "
-                     "above the line, before a power-law regime")
-        elif bend is not None:
-            shape = (f"; it flattens (local a {bend[0][2]:.2g} -> {bend[1][2]:.2g}), as when the loss nears "
-                     "an irreducible floor")
-        return Finding("power_law", family, PAPER["power_law"], measured, DISAGREES,
-                       f"the loss falls, but the law explains only {100 * best_r2:.0f}% of the variance of "
-                       f"log-loss (< {100 * MIN_R2_LOG:.0f}%): not a straight line in log-log" + scope + shape)
-    caveat = "; with 3 budgets the straight line is weakly tested" if p.n_points <= 3 else ""
-    return Finding("power_law", family, PAPER["power_law"], measured, AGREES,
-                   f"a > 0 with its whole interval and R² (log) >= {MIN_R2_LOG:g}" + scope + caveat)
+    verdict, why = power_law_verdict(fit)
+    return Finding("power_law", family, PAPER["power_law"], measured, verdict, why)
 
 
 def local_exponents(frontier: list[dict[str, Any]]) -> Optional[tuple[tuple[float, float, float], ...]]:
@@ -203,50 +253,77 @@ def size_edges(results: pd.DataFrame, family: str) -> tuple[int, int, str]:
     return n_edge, n_budgets, " and ".join(parts)
 
 
-def allocation_finding(family: str, fit: Any, results: pd.DataFrame) -> Finding:
+def difference_samples(fit: Any, method: str) -> Optional[Estimate]:
+    """The interval of (N_opt exponent - D_opt exponent) from the same resamples of runs."""
+    _, n_fit, d_fit = fit.allocation()
+    if n_fit is None or d_fit is None:
+        return None
+    n_s, d_s = fit.sample_array(f"optimal_params_{method}"), fit.sample_array(f"optimal_images_{method}")
+    diff = n_fit.exponent.value - d_fit.exponent.value
+    if len(n_s) == 0 or len(n_s) != len(d_s):
+        return Estimate(diff, math.nan, math.nan)
+    return estimate(diff, n_s[:, 1] - d_s[:, 1], getattr(fit, "level", 0.95))
+
+
+def allocation_verdict(fit: Any, results: Optional[pd.DataFrame] = None) -> tuple[str, str]:
+    """Finding (2)'s verdict: both exponents > 0 and their difference within ±SAME_RATE_MARGIN."""
     method, n_fit, d_fit = fit.allocation()
     if n_fit is None or d_fit is None:
-        reason = fit.skipped.get("optimal_params_best_run") or fit.skipped.get("optimal_images_best_run", "not fitted")
-        return Finding("allocation", family, PAPER["allocation"], "no allocation fitted", CANNOT_TELL, reason)
-    how = ("IsoFLOP parabola vertices" if method == "parabola" else "the best run of each budget")
-    measured = (f"N_opt ∝ C^{_iv(n_fit.exponent)}, images (∝ epochs) D_opt ∝ C^{_iv(d_fit.exponent)}, "
-                f"from {how} at {n_fit.n_points} budgets")
-    if fit.parametric is not None:
-        pm = fit.parametric
-        measured += (f"; the parametric law L(N, D) gives N_opt ∝ C^{_iv(pm.n_opt_exponent)}, "
-                     f"D_opt ∝ C^{_iv(pm.d_opt_exponent)}")
-    caveat = ""
-    t = fit.lr_trend
-    if t is not None and t.n_points and t.n_at_grid_edge / t.n_points > MAX_EDGE_SHARE:
-        caveat = (f"; caveat: {t.n_at_grid_edge} of {t.n_points} lr optima lie at the edge of their grid, so "
-                  "each size's loss may not be its best, which can bias the size optimum")
-    verdict, why = _allocation_verdict(method, n_fit, d_fit, *size_edges(results, family))
-    return Finding("allocation", family, PAPER["allocation"], measured, verdict, why + caveat)
-
-
-def _allocation_verdict(method: str, n_fit: Any, d_fit: Any, n_edge: int, n_budgets: int, where: str) -> tuple[str, str]:
-    if method == "best_run" and n_budgets and n_edge / n_budgets > MAX_EDGE_SHARE:
-        return CANNOT_TELL, (f"the best model was {where} of {n_budgets} budgets: the optimum lies outside the "
-                             f"swept sizes there, so its growth is not measured (sweep "
-                             f"{' and '.join(w for w, k in (('smaller', 'smallest'), ('larger', 'largest')) if k in where)} "
-                             "models)")
+        reason = next((fit.skipped[k] for k in (f"optimal_params_{method}", "optimal_params_frontier_runs")
+                       if k in fit.skipped), "not fitted")
+        return CANNOT_TELL, reason
+    ok, why = learned(fit)
+    if not ok:
+        return CANNOT_TELL, why
+    if results is not None:  # whatever the method: an optimum beyond the swept sizes is extrapolated
+        n_edge, n_budgets, where = size_edges(results, fit.family)
+        if n_budgets and n_edge / n_budgets > MAX_EDGE_SHARE:
+            return CANNOT_TELL, (f"the best model was {where} of {n_budgets} budgets: the optimum lies outside the "
+                                 "swept sizes there, so its growth is not measured (sweep "
+                                 f"{' and '.join(w for w, k in (('smaller', 'smallest'), ('larger', 'largest')) if k in where)} "
+                                 "models)")
     sn, sd = _side(n_fit.exponent), _side(d_fit.exponent)
     if sn is None or sd is None:
-        return CANNOT_TELL, "no bootstrap intervals for the exponents (run the fit with --bootstrap > 0)"
+        return CANNOT_TELL, ("no bootstrap interval for the exponents (run the fit with --bootstrap > 0, or the "
+                             "optimum was not identified in too many resamples)")
     if sn < 0 or sd < 0:
         which = " and ".join(w for w, s in (("model size", sn), ("images", sd)) if s < 0)
         return DISAGREES, f"the compute-optimal {which} shrinks with compute (whole interval below 0)"
     if sn == 0 or sd == 0:
         which = " and ".join(w for w, s in (("model size", sn), ("images", sd)) if s == 0)
         return CANNOT_TELL, f"the interval of the {which} exponent includes 0: its growth is not resolved"
-    gap = abs(n_fit.exponent.value - d_fit.exponent.value)
-    overlap = _overlap((n_fit.exponent.low, n_fit.exponent.high), (d_fit.exponent.low, d_fit.exponent.high))
-    if not overlap and gap > SAME_RATE_TOLERANCE:
-        faster = "model size" if n_fit.exponent.value > d_fit.exponent.value else "images"
-        return DISAGREES, (f"both grow, but not at the same rate: the intervals do not overlap and the exponents "
-                           f"differ by {gap:.2g} (> {SAME_RATE_TOLERANCE:g}; {faster} grows faster)")
-    how_same = "the intervals overlap" if overlap else f"the exponents differ by only {gap:.2g}"
-    return AGREES, f"both exponents > 0 with their whole intervals, and {how_same}"
+    diff = difference_samples(fit, method)
+    v = equivalence(diff, SAME_RATE_MARGIN) if diff is not None else None
+    text = f"N_opt exponent - D_opt exponent = {_iv(diff)} (margin ±{SAME_RATE_MARGIN:g})" if diff is not None else ""
+    if v is None:
+        return CANNOT_TELL, "no interval for the difference of the exponents"
+    if v == AGREES:
+        return AGREES, f"both grow (whole intervals > 0) and {text}: the same rate"
+    if v == DISAGREES:
+        faster = "model size" if diff.value > 0 else "images"
+        return DISAGREES, f"both grow, but {text} lies outside the margin: {faster} grows faster"
+    return CANNOT_TELL, f"both grow, but {text} reaches past the margin: the data cannot tell equal rates from unequal"
+
+
+def allocation_finding(family: str, fit: Any, results: pd.DataFrame) -> Finding:
+    from convscale.scaling.fit import ALLOCATION_TEXT
+
+    method, n_fit, d_fit = fit.allocation()
+    if n_fit is None or d_fit is None:
+        return Finding("allocation", family, PAPER["allocation"], "no allocation fitted", *allocation_verdict(fit, results))
+    measured = (f"N_opt ∝ C^{_iv(n_fit.exponent)}, images (∝ epochs) D_opt ∝ C^{_iv(d_fit.exponent)}, "
+                f"from {ALLOCATION_TEXT[method]} ({fit.design} design)")
+    for other in ("parabola", "parametric", "frontier_runs"):
+        on, od = getattr(fit, f"optimal_params_{other}"), getattr(fit, f"optimal_images_{other}")
+        if other != method and on is not None and od is not None:
+            measured += f"; {ALLOCATION_TEXT[other]}: N_opt ∝ C^{_iv(on.exponent)}, D_opt ∝ C^{_iv(od.exponent)}"
+    caveat = ""
+    t = fit.lr_trend
+    if t is not None and t.n_points and t.n_at_grid_edge / t.n_points > MAX_EDGE_SHARE:
+        caveat = (f"; caveat: {t.n_at_grid_edge} of {t.n_points} lr optima lie at the edge of their grid, so "
+                  "each size's loss may not be its best, which can bias the size optimum")
+    verdict, why = allocation_verdict(fit, results)
+    return Finding("allocation", family, PAPER["allocation"], measured, verdict, why + caveat)
 
 
 # --- (3) learning rate --------------------------------------------------------------------------------
@@ -284,25 +361,35 @@ def lr_findings(family: str, fit: Any) -> list[Finding]:
 
 # --- (4) the two families at equal compute --------------------------------------------------------------
 
-def family_findings(cmp: Comparison, finetunes: pd.DataFrame) -> list[Finding]:
+def family_findings(cmp: Comparison, finetunes: pd.DataFrame, fits: Optional[dict[str, Any]] = None) -> list[Finding]:
     a, b = cmp.families
     pair = f"{a} vs {b}"
     out = []
     ra, rb = cmp.reach_loss[a], cmp.reach_loss[b]
+    ratio = cmp.ratio_law_interval
     measured = (f"compute to reach loss {_g(cmp.target_loss, 4)}: {a} {_g(ra.law_flops)} "
                 f"[{_g(ra.law_low_flops)}, {_g(ra.law_high_flops)}], {b} {_g(rb.law_flops)} "
-                f"[{_g(rb.law_low_flops)}, {_g(rb.law_high_flops)}] FLOPs (ratio {a}/{b} {_g(cmp.ratio_law)}); "
+                f"[{_g(rb.law_low_flops)}, {_g(rb.law_high_flops)}] FLOPs; ratio {a}/{b} {_iv(ratio)}; "
                 f"lower loss at {sum(r['winner'] == a for r in cmp.budgets)} of "
                 f"{sum(r['winner'] is not None for r in cmp.budgets)} matched budgets for {a}")
-    ivs = [(r.law_low_flops, r.law_high_flops) for r in (ra, rb)]
-    if not all(math.isfinite(x) for iv in ivs for x in iv):
+    not_learned = [why for f in (a, b) if fits and f in fits for ok, why in [learned(fits[f])] if not ok]
+    log_ratio = Estimate(math.log(ratio.value) if ratio.value > 0 else math.nan,
+                         math.log(ratio.low) if ratio.low > 0 else math.nan,
+                         math.log(ratio.high) if ratio.high > 0 else math.nan)
+    v = equivalence(log_ratio, math.log(COMPUTE_RATIO_MARGIN)) if math.isfinite(log_ratio.value) else None
+    margin = f"a factor of {COMPUTE_RATIO_MARGIN:g} either way"
+    if not_learned:
+        verdict, why = CANNOT_TELL, not_learned[0]
+    elif v is None:
         verdict, why = CANNOT_TELL, "a family has no fitted law with an interval at the target loss"
-    elif _overlap(*ivs):
-        verdict, why = AGREES, "the two compute intervals overlap: neither family is shown to need less"
+    elif v == AGREES:
+        verdict, why = AGREES, f"the interval of the compute ratio lies within {margin}: a match"
+    elif v == DISAGREES:
+        cheaper = a if ratio.value < 1 else b
+        verdict, why = DISAGREES, (f"the interval of the compute ratio lies outside {margin}: {cheaper} reaches the "
+                                   f"loss with {_g(max(ratio.value, 1 / ratio.value))}x less pre-training compute")
     else:
-        cheaper = a if ra.law_flops < rb.law_flops else b
-        verdict, why = DISAGREES, (f"the intervals do not overlap: {cheaper} reaches the loss with "
-                                   f"{_g(max(cmp.ratio_law, 1 / cmp.ratio_law))}x less pre-training compute")
+        verdict, why = CANNOT_TELL, f"the interval of the compute ratio reaches past {margin}"
     out.append(Finding("families", f"{pair} (pre-training loss)", PAPER["families"], measured, verdict, why))
     ft = _finetune_pair(cmp, finetunes)
     if ft is not None:
@@ -310,8 +397,19 @@ def family_findings(cmp: Comparison, finetunes: pd.DataFrame) -> list[Finding]:
     return out
 
 
+def newcombe_difference(p1: float, n1: int, p2: float, n2: int, z: float = WILSON_Z) -> tuple[float, float]:
+    """Newcombe's (hybrid score) interval of p1 - p2 from two Wilson intervals."""
+    l1, u1 = wilson_interval(p1, n1, z)
+    l2, u2 = wilson_interval(p2, n2, z)
+    d = p1 - p2
+    lo = d - math.sqrt((p1 - l1) ** 2 + (u2 - p2) ** 2)
+    hi = d + math.sqrt((u1 - p1) ** 2 + (p2 - l2) ** 2)
+    return lo, hi
+
+
 def _finetune_pair(cmp: Comparison, finetunes: pd.DataFrame) -> Optional[Finding]:
-    """Each family's fine-tune from the most pre-training compute, with Wilson intervals of top-1."""
+    """Each family's fine-tune from the most pre-training compute: top-1 with Wilson intervals, and
+    the difference's Newcombe interval against the match margin."""
     a, b = cmp.families
     best: dict[str, dict[str, Any]] = {}
     for f in (a, b):
@@ -320,26 +418,41 @@ def _finetune_pair(cmp: Comparison, finetunes: pd.DataFrame) -> Optional[Finding
             best[f] = max(recs, key=lambda r: (r["pretrain_flops"], r["heldout_top1"]))
     if len(best) < 2:
         return None
-    n_images = {}
+    n_images, chance = {}, {}
     for f, r in best.items():
         rows = finetunes[finetunes["name"] == r["name"]] if len(finetunes) else finetunes
         n = rows["heldout_images"].iloc[0] if len(rows) and "heldout_images" in rows else math.nan
         n_images[f] = int(n) if n == n else 0
+        cl = rows["chance_loss"].iloc[0] if len(rows) and "chance_loss" in rows else math.nan
+        chance[f] = math.exp(-cl) if cl == cl else math.nan  # 1 / classes
     ivs = {f: wilson_interval(float(r["heldout_top1"]), n_images[f]) for f, r in best.items()}
     parts = [f"{f} {best[f]['model']} (pre-trained {_g(best[f]['pretrain_flops'])} FLOPs): top-1 "
              f"{100 * best[f]['heldout_top1']:.1f}% [{100 * ivs[f][0]:.1f}, {100 * ivs[f][1]:.1f}] "
              f"on {n_images[f]} images" for f in (a, b)]
     measured = "after fine-tuning, " + "; ".join(parts)
     ratio = best[a]["pretrain_flops"] / best[b]["pretrain_flops"]
+    at_chance = [f for f in (a, b) if math.isfinite(chance[f]) and ivs[f][0] <= 1.5 * chance[f]]
     if not all(math.isfinite(x) for iv in ivs.values() for x in iv):
-        verdict, why = CANNOT_TELL, "the held-out size of a fine-tune is unknown, so its accuracy has no interval"
+        return Finding("families", f"{a} vs {b} (fine-tuned)", PAPER["families"], measured, CANNOT_TELL,
+                       "the held-out size of a fine-tune is unknown, so its accuracy has no interval")
+    lo, hi = newcombe_difference(float(best[a]["heldout_top1"]), n_images[a], float(best[b]["heldout_top1"]), n_images[b])
+    diff = Estimate(float(best[a]["heldout_top1"] - best[b]["heldout_top1"]), lo, hi)
+    measured += f"; difference {a} - {b} {100 * diff.value:+.1f} pp [{100 * lo:+.1f}, {100 * hi:+.1f}] (Newcombe)"
+    v = equivalence(diff, TOP1_MARGIN)
+    margin = f"±{100 * TOP1_MARGIN:g} percentage point"
+    if at_chance:
+        verdict, why = CANNOT_TELL, (f"{' and '.join(at_chance)} fine-tuned near chance (top-1 interval reaches 1.5x "
+                                     "chance): runs that learned little tell nothing")
     elif not 0.5 <= ratio <= 2.0:
         verdict, why = CANNOT_TELL, f"the fine-tuned models had unequal pre-training compute (ratio {_g(ratio)})"
-    elif _overlap(ivs[a], ivs[b]):
-        verdict, why = AGREES, "the 95% (Wilson) intervals of fine-tuned top-1 overlap"
+    elif v == AGREES:
+        verdict, why = AGREES, f"the interval of the top-1 difference lies within {margin}: a match"
+    elif v == DISAGREES:
+        better = a if diff.value > 0 else b
+        verdict, why = DISAGREES, f"the interval of the top-1 difference lies outside {margin}: {better} is more accurate"
     else:
-        better = a if best[a]["heldout_top1"] > best[b]["heldout_top1"] else b
-        verdict, why = DISAGREES, f"the 95% (Wilson) intervals do not overlap: {better} is more accurate"
+        verdict, why = CANNOT_TELL, (f"the interval of the top-1 difference reaches past {margin} "
+                                     f"(more held-out images would narrow it)")
     return Finding("families", f"{a} vs {b} (fine-tuned)", PAPER["families"], measured, verdict, why)
 
 
@@ -358,7 +471,7 @@ def study_findings(inputs: SweepInputs, cmp: Optional[Comparison]) -> list[Findi
         out.append(allocation_finding(fam, f, inputs.results))
         out += lr_findings(fam, f)
     if cmp is not None:
-        out += family_findings(cmp, inputs.finetunes)
+        out += family_findings(cmp, inputs.finetunes, fits)
     return out
 
 

@@ -15,9 +15,8 @@ import numpy as np
 import pandas as pd
 
 from convscale.errors import UserError
-from convscale.scaling import StudyFit, fit_table, frontier, load_results, prepare_table
+from convscale.scaling import StudyFit, frontier, load_results, prepare_table, sweep_fit
 
-FIT_FILE = "fit.json"
 FINETUNE_DIR = "finetune"
 
 
@@ -115,7 +114,8 @@ def read_curves(root: Path, results: pd.DataFrame) -> list[Curve]:
 
 FINETUNE_COLUMNS = (
     "name", "status", "heldout_top1", "heldout_top5", "heldout_loss", "finetune_flops", "pretrain_run_dir",
-    "heldout_images", "family", "model", "params", "pretrain_flops", "pretrain_loss", "pretrain_top1", "epochs", "lr",
+    "heldout_images", "chance_loss", "family", "model", "params", "pretrain_flops", "pretrain_loss", "pretrain_top1",
+    "epochs", "lr",
 )
 
 
@@ -135,7 +135,7 @@ def read_finetunes(root: Path, results: pd.DataFrame) -> pd.DataFrame:
         cell = by_dir.get(str(Path(pre).resolve())) if pre else None
         if cell is None and pre:
             cell = by_dir.get(Path(pre).name)
-        rec = {k: res.get(k) for k in FINETUNE_COLUMNS[:8]}
+        rec = {k: res.get(k) for k in FINETUNE_COLUMNS[:9]}
         rec["name"] = res_path.parent.name
         if cell is not None:
             rec.update(
@@ -146,23 +146,16 @@ def read_finetunes(root: Path, results: pd.DataFrame) -> pd.DataFrame:
             )
         out.append(rec)
     df = pd.DataFrame(out, columns=list(FINETUNE_COLUMNS))
-    for col in ("heldout_top1", "heldout_top5", "heldout_loss", "heldout_images", "finetune_flops", "params", "pretrain_flops",
+    for col in ("heldout_top1", "heldout_top5", "heldout_loss", "heldout_images", "chance_loss", "finetune_flops", "params", "pretrain_flops",
                 "pretrain_loss", "pretrain_top1", "epochs", "lr"):
         df[col] = pd.to_numeric(df[col], errors="coerce").astype(float)
     return df
 
 
-def _load_or_fit(root: Path, results_path: Path, df: pd.DataFrame, bootstrap: int, seed: int):
-    fit_path = root / FIT_FILE
-    if fit_path.is_file() and fit_path.stat().st_mtime >= results_path.stat().st_mtime:
-        d = _read_json(fit_path)
-        if isinstance(d, dict):
-            try:
-                return StudyFit.from_dict(d), None, "fit.json"
-            except (KeyError, TypeError, ValueError):
-                pass  # a fit.json of another version: refit rather than fail
+def _load_or_fit(root: Path, bootstrap: int, seed: int):
     try:
-        return fit_table(df, bootstrap=bootstrap, seed=seed), None, "fitted"
+        fit, source = sweep_fit(root, bootstrap=bootstrap, seed=seed)
+        return fit, None, source
     except UserError as e:
         return None, str(e), "fitted"
 
@@ -174,7 +167,7 @@ def _frontiers(fit: StudyFit | None, df: pd.DataFrame) -> dict[str, pd.DataFrame
     return {str(name): frontier(g.reset_index(drop=True))[0] for name, g in done.groupby("family", sort=True)}
 
 
-def load_sweep(sweep_dir: str | Path, *, bootstrap: int = 200, seed: int = 0) -> SweepInputs:
+def load_sweep(sweep_dir: str | Path, *, bootstrap: int = 1000, seed: int = 0) -> SweepInputs:
     """Read a sweep directory; UserError (one line naming the fix) if it is not one or is empty."""
     root = Path(sweep_dir)
     if not root.is_dir():
@@ -208,7 +201,7 @@ def load_sweep(sweep_dir: str | Path, *, bootstrap: int = 200, seed: int = 0) ->
     if not (df["status"] == "done").any():
         counts = ", ".join(f"{v} {k}" for k, v in df["status"].value_counts().items())
         raise UserError(f"no cell of {root} is done yet ({counts}); finish the sweep with `convscale sweep run` first")
-    fit, fit_error, source = _load_or_fit(root, results_path, df, bootstrap, seed)
+    fit, fit_error, source = _load_or_fit(root, bootstrap, seed)
     name = (study or {}).get("name") or (str(df["study"].iloc[0]) if "study" in df.columns else root.name)
     return SweepInputs(
         root=root,

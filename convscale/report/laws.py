@@ -1,8 +1,8 @@
 """The frontier power law of a family as the report uses it: curve, bootstrap band, inversion.
 
-The band is drawn from bootstrap refits of the frontier (the same resampling as ``scaling``'s
-intervals): the fit's bootstrap samples are not stored in ``fit.json``, so they are redrawn here
-from the frontier points with a seeded generator.
+The band, the inversion's interval and the comparison's ratios come from the bootstrap samples
+that ``convscale fit`` stored in ``fit.json`` (refits of the law on resampled runs): the report's
+bands and the fit's intervals are the same draws.
 """
 
 from __future__ import annotations
@@ -11,11 +11,9 @@ import dataclasses
 import math
 
 import numpy as np
-import pandas as pd
 
-from convscale.errors import UserError
 from convscale.scaling import FamilyFit, PowerLawFit
-from convscale.scaling.powerlaw import fit_power_law_samples
+from convscale.scaling.robust import estimate
 
 
 @dataclasses.dataclass
@@ -43,16 +41,11 @@ class LawCurve:
 
     def compute_for_loss_interval(self, loss: float) -> tuple[float, float]:
         """Percentile interval of C(loss) over the bootstrap samples (NaN without samples)."""
-        if self.samples.size == 0:
-            return math.nan, math.nan
-        a = self.samples[:, 1]
-        ok = a > 0
-        c = np.exp((self.samples[ok, 0] - math.log(loss)) / a[ok])
+        c = compute_samples(self, loss)
         if c.size == 0:
             return math.nan, math.nan
-        tail = 100.0 * (1.0 - self.level) / 2.0
-        lo, hi = np.percentile(c, [tail, 100.0 - tail])
-        return float(lo), float(hi)
+        e = estimate(math.nan, c, self.level)
+        return e.low, e.high
 
 
 def compute_for_loss(A: float, a: float, loss: float) -> float:
@@ -62,25 +55,23 @@ def compute_for_loss(A: float, a: float, loss: float) -> float:
     return float(math.exp((math.log(A) - math.log(loss)) / a))
 
 
-def law_curve(fam: FamilyFit, bootstrap: int, seed: int = 0, level: float = 0.95) -> LawCurve | None:
-    """The family's pure power law with freshly drawn bootstrap samples, or None if it was not fitted."""
+def law_curve(fam: FamilyFit, level: float = 0.95) -> LawCurve | None:
+    """The family's pure power law with its stored bootstrap samples, or None if it was not fitted."""
     if fam.power_law is None:
         return None
-    fr = pd.DataFrame(fam.frontier)
-    samples = np.empty((0, 0))
-    if bootstrap > 0:
-        try:
-            _, samples = fit_power_law_samples(
-                fr["compute_flops"].to_numpy(float),
-                fr["loss"].to_numpy(float),
-                irreducible=False,
-                bootstrap_count=bootstrap,
-                rng=np.random.default_rng([seed, len(fam.family), len(fr)]),
-                level=level,
-            )
-        except UserError:
-            samples = np.empty((0, 0))
+    samples = fam.sample_array("power_law")
+    if samples.size:
+        samples = samples[np.all(np.isfinite(samples), axis=1)]
     return LawCurve(family=fam.family, law=fam.power_law, samples=samples, level=level)
+
+
+def compute_samples(lc: LawCurve, loss: float) -> np.ndarray:
+    """C at which every bootstrap law reaches ``loss`` (NaN where a law does not decrease)."""
+    if lc.samples.size == 0:
+        return np.array([])
+    a = lc.samples[:, 1]
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        return np.where(a > 0, np.exp((lc.samples[:, 0] - math.log(loss)) / a), np.nan)
 
 
 def interpolate_compute(compute_flops: np.ndarray, values: np.ndarray, target: float, decreasing: bool = True) -> float:

@@ -135,8 +135,14 @@ def add_caption(fig: Figure, text: str, inches: float = 0.5) -> None:
 
 
 def _cell_compute(df: pd.DataFrame) -> pd.Series:
-    """A cell's compute: its measured train_flops, else its planned budget."""
-    return df["train_flops"].where(df["train_flops"].notna() & (df["train_flops"] > 0), df["budget_flops"])
+    """A cell's compute: its measured train_flops, else its planned budget (an IsoFLOP budget, or
+    3 x forward FLOPs per image x the planned images for epoch and image budgets)."""
+    planned = df["budget_flops"]
+    if {"steps", "batch_size", "flops_per_image"} <= set(df.columns):
+        own = 3.0 * pd.to_numeric(df["flops_per_image"], errors="coerce") * pd.to_numeric(
+            df["steps"], errors="coerce") * pd.to_numeric(df["batch_size"], errors="coerce")
+        planned = planned.where(planned.notna(), own)
+    return df["train_flops"].where(df["train_flops"].notna() & (df["train_flops"] > 0), planned)
 
 
 def draw_cells(ax: Any, results: pd.DataFrame, family: str, color: str) -> list[Any]:

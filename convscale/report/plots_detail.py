@@ -22,7 +22,8 @@ from convscale.report.plots import (
 )
 from convscale.scaling import lr_optima, prepare_table
 
-_METHOD_STYLE = {"best_run": ("o", "-", "best run per budget"), "parabola": ("s", ":", "IsoFLOP parabola")}
+_METHOD_STYLE = {"frontier_runs": ("o", "-", "frontier runs"), "parabola": ("s", ":", "IsoFLOP parabola"),
+                 "parametric": ("D", "--", "L(N, D) slices")}
 
 
 def optimal_allocation(inputs: SweepInputs) -> Figure:
@@ -52,7 +53,7 @@ def optimal_allocation(inputs: SweepInputs) -> Figure:
                 fr = inputs.frontiers.get(fam)
                 if fr is not None and len(fr):
                     ax.scatter(fr["compute_flops"], fr[col], marker="o", s=30, facecolor="none", edgecolor=color,
-                               label=f"{fam}: best run per budget (too few budgets to fit)")
+                               label=f"{fam}: frontier runs (too few to fit)")
                     drawn = True
         ax.set_xscale("log")
         tidy_log_x(ax)
@@ -66,8 +67,9 @@ def optimal_allocation(inputs: SweepInputs) -> Figure:
     level = f"{100 * inputs.fit.level:g}%" if inputs.fit is not None else ""
     axes[0].set_title("compute-optimal model size")
     axes[1].set_title("compute-optimal training images")
-    add_caption(fig, f"Exponents with {level} bootstrap intervals over budgets. 'best run': the frontier run "
-             "of each budget; 'parabola': vertex of loss vs log N at each budget.")
+    add_caption(fig, f"Exponents with {level} intervals from resampled runs. 'frontier runs': the runs on the "
+             "compute-efficient frontier; 'parabola': vertex of loss vs log N at each IsoFLOP budget; "
+             "'L(N, D) slices': the optimum of the fitted surface at each compute.")
     return fig
 
 

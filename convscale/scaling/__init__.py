@@ -5,9 +5,10 @@ Entry points: ``fit_table(df) -> StudyFit`` and ``fit_results(path) -> StudyFit`
 """
 
 from convscale.scaling.extrapolate import ExtrapolationCheck, extrapolation_check
-from convscale.scaling.fit import FamilyFit, StudyFit, fit_results, fit_table, format_text
+from convscale.scaling.fit import FamilyFit, StudyFit, fit_results, fit_table, format_text, read_fit, sweep_fit, write_fit
 from convscale.scaling.frontier import frontier
-from convscale.scaling.optimal import AllocationFit, LrTrendFit, fit_allocation, fit_lr_trend, isoflop_optima, lr_optima
+from convscale.scaling.design import DESIGNS, detect_design
+from convscale.scaling.optimal import AllocationFit, LrTrendFit, fit_allocation, fit_lr_trend, lr_optima
 from convscale.scaling.parametric import ParametricFit, fit_parametric
 from convscale.scaling.powerlaw import PowerLawFit, fit_power_law
 from convscale.scaling.robust import Estimate
@@ -31,8 +32,12 @@ __all__ = [
     "fit_table",
     "format_text",
     "frontier",
-    "isoflop_optima",
+    "DESIGNS",
+    "detect_design",
     "load_results",
     "lr_optima",
     "prepare_table",
+    "read_fit",
+    "sweep_fit",
+    "write_fit",
 ]

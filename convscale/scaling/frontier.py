@@ -1,11 +1,12 @@
-"""The Pareto frontier of loss vs compute: the best run (over lr and model) at each budget.
+"""The compute-efficient frontier of a family's runs, for each study design.
 
-Runs are grouped into compute budgets in one of three ways, reported as the frontier ``method``:
-- ``budget_flops``: the sweep's planned budget of every cell (all runs of a cell share it);
-- ``flops_bins``: runs whose train_flops agree within 10% (an IsoFLOP design without the column),
-  used only when every bin holds >= 2 runs;
-- ``pareto``: otherwise (e.g. an N x D grid) the Pareto set over all runs: a run is on the
-  frontier when no run with <= its compute reached a lower loss.
+- ``budget``: the study planned IsoFLOP budgets; the frontier is the best point (run tuned over
+  lr) of each budget, at the budget's compute.
+- ``pareto``: every other design (epoch or image budgets, N x D grids, tables from anywhere): the
+  Pareto set of all points, a point being on the frontier when no point with at most its compute
+  reached a lower loss; each at its own training compute.
+
+``frontier_mask`` computes the frontier of every bootstrap replicate at once (weights 0 = absent).
 """
 
 from __future__ import annotations
@@ -13,66 +14,96 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-FLOPS_BIN_RTOL = 0.10
+from convscale.scaling.design import ISOFLOP, Points
+
+METHOD_BUDGET, METHOD_PARETO = "budget", "pareto"
+METHOD_TEXT = {
+    METHOD_BUDGET: "the best run of each planned IsoFLOP budget",
+    METHOD_PARETO: "the Pareto set of all runs (no run with at most its compute reached a lower loss)",
+}
 
 FRONTIER_COLUMNS = (
     "compute_flops", "loss", "params", "images_seen", "train_flops", "lr", "epochs", "model", "top1", "runs_in_budget",
 )
 
 
-def budget_groups(runs: pd.DataFrame) -> tuple[pd.Series, str]:
-    """Each run's budget (FLOPs; NaN in ``pareto`` mode) and the grouping method used."""
-    if runs["budget_flops"].notna().all():
-        return runs["budget_flops"].astype(float), "budget_flops"
-    flops = runs["train_flops"].to_numpy(dtype=float)
-    order = np.argsort(flops, kind="stable")
-    labels = np.empty(len(flops), dtype=int)
-    start, label = None, -1
-    for i in order:
-        if start is None or flops[i] > start * (1.0 + FLOPS_BIN_RTOL):
-            start, label = flops[i], label + 1
-        labels[i] = label
-    counts = np.bincount(labels)
-    if len(counts) >= 2 and counts.min() >= 2:
-        # A bin's compute is the geometric mean of its runs' (they differ only by step rounding).
-        log_mean = pd.Series(np.log(flops)).groupby(labels).transform("mean").to_numpy()
-        return pd.Series(np.exp(log_mean), index=runs.index), "flops_bins"
-    return pd.Series(np.nan, index=runs.index), "pareto"
+def frontier_method(design: str) -> str:
+    return METHOD_BUDGET if design == ISOFLOP else METHOD_PARETO
 
 
-def frontier(runs: pd.DataFrame) -> tuple[pd.DataFrame, str]:
-    """Frontier rows of one family's done runs, sorted by compute, and the grouping method.
+def frontier_mask(points: Points, weights: np.ndarray, loss: np.ndarray) -> np.ndarray:
+    """(B, n) bool: which present points are on each replicate's frontier."""
+    present = weights > 0
+    masked = np.where(present, loss, np.inf)
+    out = np.zeros_like(present)
+    if points.design == ISOFLOP:
+        for s in np.unique(points.stratum):
+            idx = np.flatnonzero(points.stratum == s)
+            best = idx[np.argmin(masked[:, idx], axis=1)]
+            out[np.arange(len(best)), best] = True
+        return out & present
+    # Pareto: group equal compute, then strictly below every cheaper group's best
+    uc, inv = np.unique(points.compute, return_inverse=True)
+    group_min = np.full((masked.shape[0], len(uc)), np.inf)
+    for gi in range(len(uc)):
+        group_min[:, gi] = masked[:, inv == gi].min(axis=1)
+    prev = np.concatenate([np.full((masked.shape[0], 1), np.inf),
+                           np.minimum.accumulate(group_min, axis=1)[:, :-1]], axis=1)
+    out = present & (masked <= group_min[:, inv]) & (masked < prev[:, inv])
+    # one point per tied group: the first of the tied minima
+    for gi in np.flatnonzero(np.bincount(inv) > 1):
+        idx = np.flatnonzero(inv == gi)
+        sub = out[:, idx]
+        first = np.argmax(sub, axis=1)
+        keep = np.zeros_like(sub)
+        keep[np.arange(len(first)), first] = sub[np.arange(len(first)), first]
+        out[:, idx] = keep
+    return out
 
-    ``compute_flops`` is the budget in the grouped modes and the run's train_flops in ``pareto``
-    mode; ``runs_in_budget`` counts the runs that competed for the row.
-    """
-    budgets, method = budget_groups(runs)
-    if method == "pareto":
-        r = runs.assign(compute_flops=runs["train_flops"]).sort_values(["compute_flops", "loss"], kind="stable")
-        best = r["loss"].cummin()
-        # strictly below every cheaper run's loss (the first row always qualifies)
-        keep = r["loss"].to_numpy() < np.concatenate([[np.inf], best.to_numpy()[:-1]])
-        rows = r[keep].assign(runs_in_budget=1)
-    else:
-        r = runs.assign(compute_flops=budgets)
-        idx = r.groupby("compute_flops")["loss"].idxmin()
-        sizes = r.groupby("compute_flops").size()
-        rows = r.loc[idx.to_numpy()].assign(runs_in_budget=sizes.loc[r.loc[idx.to_numpy(), "compute_flops"]].to_numpy())
-    rows = rows.sort_values("compute_flops", kind="stable").reset_index(drop=True)
-    return rows[list(FRONTIER_COLUMNS)], method
+
+def frontier_table(points: Points, runs: pd.DataFrame) -> pd.DataFrame:
+    """The frontier of all data as rows (FRONTIER_COLUMNS), sorted by compute; each row names the
+    run of its point with the lowest loss (its lr, top-1) and how many runs competed for it."""
+    mask = frontier_mask(points, np.ones((1, points.n)), points.loss[None, :])[0]
+    rows = []
+    for j in np.flatnonzero(mask):
+        sel = (runs["model"].astype(str) == points.model[j]) & np.isclose(runs["images_seen"], points.images[j],
+                                                                          rtol=0.006)
+        if points.design == ISOFLOP:
+            sel &= np.isclose(runs["budget_flops"], points.budget[j], rtol=1e-9)
+            competing = int(points.n_runs[points.stratum == points.stratum[j]].sum())
+        else:
+            competing = int(points.n_runs[points.compute <= points.compute[j]].sum())
+        g = runs[sel]
+        best = g.loc[g["loss"].idxmin()] if len(g) else None
+        rows.append({
+            "compute_flops": float(points.compute[j]),
+            "loss": float(points.loss[j]),
+            "params": float(points.params[j]),
+            "images_seen": float(points.images[j]),
+            "train_flops": float(best["train_flops"]) if best is not None else float(points.compute[j]),
+            "lr": float(best["lr"]) if best is not None else np.nan,
+            "epochs": float(best["epochs"]) if best is not None else np.nan,
+            "model": points.model[j],
+            "top1": float(best["top1"]) if best is not None else np.nan,
+            "runs_in_budget": competing,
+        })
+    df = pd.DataFrame(rows, columns=list(FRONTIER_COLUMNS))
+    return df.sort_values("compute_flops", kind="stable").reset_index(drop=True)
+
+
+def frontier(runs: pd.DataFrame, design: str | None = None) -> tuple[pd.DataFrame, str]:
+    """Frontier rows of one family's done runs (canonical columns) and the method used."""
+    from convscale.scaling.design import build_points, detect_design, with_optional_columns
+
+    runs = with_optional_columns(runs)
+    design = detect_design(runs, design)
+    points = build_points(runs, design)
+    return frontier_table(points, runs), frontier_method(design)
 
 
 def frontier_records(rows: pd.DataFrame) -> list[dict]:
     """Frontier rows as JSON-able dicts (NaN -> None)."""
-    out = []
-    for rec in rows.to_dict(orient="records"):
-        clean = {}
-        for k, v in rec.items():
-            if isinstance(v, (float, np.floating)):
-                clean[k] = float(v) if np.isfinite(v) else None
-            elif isinstance(v, (np.integer,)):
-                clean[k] = int(v)
-            else:
-                clean[k] = v
-        out.append(clean)
-    return out
+    from convscale.scaling.robust import json_clean
+
+    return json_clean(rows.to_dict(orient="records"))

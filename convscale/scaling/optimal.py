@@ -1,10 +1,14 @@
 """Compute-optimal model size N_opt(C), images D_opt(C) and the optimal learning-rate trend.
 
-- ``best_run`` (Hoffmann et al. 2022, approach 1): N and D of the frontier's best run per budget.
-- ``parabola`` (approach 2): per budget with >= 3 model sizes, a parabola of loss (best over lr)
-  vs log N; its vertex is N_opt, and D_opt = C / (k * N_opt) with k from the table.
-Both are then fitted as y = coef * C^exponent by least squares in log space, with bootstrap
-intervals from resampled budgets.
+- ``frontier_runs`` (Hoffmann et al. 2022, approach 1): N and D of the frontier's runs, valid for
+  every design (each frontier run is a compute-efficient allocation that was actually trained).
+- ``parabola`` (approach 2, IsoFLOP designs only): per budget, a parabola of loss (best over lr)
+  vs log N through >= 3 sizes; its vertex is N_opt, and D_opt = C / (k(N_opt) N_opt) with each
+  model's own FLOPs per parameter per image k (interpolated between models).
+- ``parametric`` (approach 3, every design): IsoFLOP slices of the fitted surface L(N, D), in
+  ``parametric.py``.
+Each is fitted as y = coef * C^exponent by least squares in log space. Intervals: every step (the
+frontier, each budget's parabola, the lr optima) is recomputed on each replicate of resampled runs.
 """
 
 from __future__ import annotations
@@ -16,15 +20,9 @@ import numpy as np
 import pandas as pd
 
 from convscale.errors import UserError
-from convscale.scaling.robust import (
-    DEFAULT_LEVEL,
-    Estimate,
-    bootstrap,
-    estimate,
-    ols,
-    single_threaded_blas,
-    slope_sign,
-)
+from convscale.scaling.batch import iid_weights, wls
+from convscale.scaling.design import Points, Replicates, build_points, detect_design, lr_optimum_batch
+from convscale.scaling.robust import DEFAULT_LEVEL, Estimate, estimate, single_threaded_blas, slope_sign, studentized_estimate
 
 MIN_BUDGETS = 3
 MIN_SIZES_PER_PARABOLA = 3
@@ -35,7 +33,7 @@ class AllocationFit:
     """quantity_opt(C) = coef * C^exponent; C in training FLOPs, quantity ``params`` or ``images_seen``."""
 
     quantity: str
-    method: str  # "best_run" | "parabola"
+    method: str  # "frontier_runs" | "parabola" | "parametric"
     coef: Estimate
     exponent: Estimate
     n_points: int
@@ -54,6 +52,37 @@ class AllocationFit:
         return cls(**{**d, "coef": Estimate.from_dict(d["coef"]), "exponent": Estimate.from_dict(d["exponent"])})
 
 
+def _loglog_line(log_c: np.ndarray, log_v: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """(B, 2) rows (log coef, exponent) of log v = log coef + exponent log C, weighted least squares
+    (``log_v`` (n,) or (B, n)); NaN where a row has < 2 distinct C."""
+    x_ref = float(np.mean(log_c))
+    coef = wls(np.stack([np.ones_like(log_c), log_c - x_ref], axis=1), log_v, w)
+    return np.stack([coef[:, 0] - coef[:, 1] * x_ref, coef[:, 1]], axis=1)
+
+
+def allocation_fit(quantity: str, method: str, compute_flops: np.ndarray, values: np.ndarray,
+                   samples: np.ndarray, level: float, recentre=None) -> tuple[AllocationFit, np.ndarray]:
+    """An AllocationFit from the points of all data and replicate rows (log coef, exponent), and its
+    bootstrap samples (``recentre(rows, hat)`` applied, see ``Replicates.recentre``)."""
+    c, v = np.asarray(compute_flops, dtype=float), np.asarray(values, dtype=float)
+    if len(np.unique(c)) < MIN_BUDGETS:
+        raise UserError(
+            f"need >= {MIN_BUDGETS} distinct compute budgets per family to fit optimal {quantity}; "
+            f"got {len(np.unique(c))}"
+        )
+    hat = _loglog_line(np.log(c), np.log(v), np.ones((1, len(c))))[0]
+    if recentre is not None and len(samples):
+        samples = recentre(samples, hat)
+    return AllocationFit(
+        quantity=quantity,
+        method=method,
+        coef=estimate(np.exp(hat[0]), np.exp(samples[:, 0]) if samples.size else samples, level),
+        exponent=estimate(hat[1], samples[:, 1] if samples.size else samples, level),
+        n_points=int(len(c)),
+        points=[{"compute_flops": float(a), "value": float(b)} for a, b in zip(c, v)],
+    ), samples
+
+
 @single_threaded_blas
 def fit_allocation(
     compute_flops: np.ndarray,
@@ -65,68 +94,56 @@ def fit_allocation(
     rng: np.random.Generator,
     level: float = DEFAULT_LEVEL,
 ) -> AllocationFit:
-    """Least-squares fit of log value = log coef + exponent * log C, bootstrap over points."""
-    c = np.asarray(compute_flops, dtype=float)
-    v = np.asarray(values, dtype=float)
-    n_distinct = len(np.unique(c))
-    if n_distinct < MIN_BUDGETS:
-        raise UserError(
-            f"need >= {MIN_BUDGETS} distinct compute budgets per family to fit optimal {quantity}; got {n_distinct}"
-        )
-    x_ref = float(np.mean(np.log(c)))
-    design = np.column_stack([np.ones_like(c), np.log(c) - x_ref])
-    y = np.log(v)
-
-    def solve(idx: np.ndarray) -> np.ndarray | None:
-        # a resample needs only 2 distinct budgets to define a line (ols returns None below that)
-        coef = ols(design[idx], y[idx])
-        if coef is None:
-            return None
-        return np.array([coef[0] - coef[1] * x_ref, coef[1]])  # raw log coef, exponent
-
-    hat = solve(np.arange(len(c)))
-    assert hat is not None  # >= 3 distinct C make the design full-rank
-    s = bootstrap(solve, len(c), bootstrap_count, rng) if bootstrap_count > 0 else np.empty((0, 2))
-    s = s if s.size else np.empty((0, 2))
-    return AllocationFit(
-        quantity=quantity,
-        method=method,
-        coef=estimate(np.exp(hat[0]), np.exp(s[:, 0]), level),
-        exponent=estimate(hat[1], s[:, 1], level),
-        n_points=int(len(c)),
-        points=[{"compute_flops": float(a), "value": float(b)} for a, b in zip(c, v)],
-    )
+    """quantity_opt = coef * C^exponent through given (C, value) points, each resampled as one run."""
+    c, v = np.asarray(compute_flops, dtype=float), np.asarray(values, dtype=float)
+    w = iid_weights(len(c), bootstrap_count, rng)
+    s = _loglog_line(np.log(c), np.log(v), w) if len(w) else np.empty((0, 2))
+    return allocation_fit(quantity, method, c, v, s, level)[0]
 
 
-def isoflop_optima(runs: pd.DataFrame, budgets: pd.Series, k_flops_per_param_sample: float) -> pd.DataFrame:
-    """Approach 2: per budget, the vertex of a parabola of loss vs log N (best loss per N).
+def frontier_run_samples(points: Points, frontier_rep: np.ndarray, log_values: np.ndarray) -> np.ndarray:
+    """Replicate rows (log coef, exponent) of a quantity of the frontier runs against their compute."""
+    return _loglog_line(np.log(points.compute), log_values, frontier_rep.astype(float))
 
-    Budgets with < 3 sizes, a non-convex parabola or a vertex outside the sampled sizes (the
-    optimum was not bracketed) are dropped. Columns: compute_flops, params_opt, images_opt, n_sizes.
-    """
-    rows = []
-    r = runs.assign(_budget=budgets.to_numpy())
-    for budget, g in r.dropna(subset=["_budget"]).groupby("_budget"):
-        best = g.groupby("params")["loss"].min()
-        if len(best) < MIN_SIZES_PER_PARABOLA:
+
+def parabola_vertices(points: Points, weights: np.ndarray, loss: np.ndarray, k_of_n) -> tuple[np.ndarray, np.ndarray]:
+    """Per replicate and budget, log N_opt and log D_opt of the parabola of loss vs log N (weighted by
+    the draws); NaN where a budget has < 3 sizes, a non-convex parabola or a vertex outside its sizes."""
+    n_rep = weights.shape[0]
+    budgets = np.unique(points.stratum)
+    log_n_opt = np.full((n_rep, len(budgets)), np.nan)
+    log_n = np.log(points.params)
+    for bi, s in enumerate(budgets):
+        idx = np.flatnonzero(points.stratum == s)
+        if len(idx) < MIN_SIZES_PER_PARABOLA:
             continue
-        u = np.log(best.index.to_numpy(dtype=float))
-        c2, c1, _ = np.polyfit(u, best.to_numpy(), 2)
-        if c2 <= 0:
-            continue
-        u_opt = -c1 / (2 * c2)
-        if not (u.min() <= u_opt <= u.max()):
-            continue
-        n_opt = float(np.exp(u_opt))
-        rows.append(
-            {
-                "compute_flops": float(budget),
-                "params_opt": n_opt,
-                "images_opt": float(budget) / (k_flops_per_param_sample * n_opt),
-                "n_sizes": int(len(best)),
-            }
-        )
-    return pd.DataFrame(rows, columns=["compute_flops", "params_opt", "images_opt", "n_sizes"])
+        u = log_n[idx]
+        w = weights[:, idx]
+        coef = wls(np.stack([np.ones_like(u), u, u * u], axis=1), loss[:, idx], w)
+        present = w > 0
+        n_sizes = np.array([len(np.unique(u[p])) for p in present])
+        lo = np.where(present, u, np.inf).min(axis=1)
+        hi = np.where(present, u, -np.inf).max(axis=1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            vertex = -coef[:, 1] / (2 * coef[:, 2])
+        ok = (n_sizes >= MIN_SIZES_PER_PARABOLA) & (coef[:, 2] > 0) & (vertex >= lo) & (vertex <= hi)
+        log_n_opt[:, bi] = np.where(ok, vertex, np.nan)
+    log_c = np.log(np.array([points.compute[points.stratum == s][0] for s in budgets]))
+    with np.errstate(invalid="ignore"):
+        log_d_opt = log_c[None, :] - np.log(k_of_n(np.exp(log_n_opt))) - log_n_opt
+    return log_n_opt, log_d_opt
+
+
+def parabola_samples(log_c: np.ndarray, log_n_opt: np.ndarray, log_d_opt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Replicate rows (log coef, exponent) for N_opt and D_opt from the budgets with a vertex; NaN
+    where a replicate has vertices at < 3 budgets."""
+    ok = np.isfinite(log_n_opt)
+    w = ok.astype(float)
+    n_s = _loglog_line(log_c, np.where(ok, log_n_opt, 0.0), w)
+    d_s = _loglog_line(log_c, np.where(ok, log_d_opt, 0.0), w)
+    few = ok.sum(axis=1) < MIN_BUDGETS
+    n_s[few], d_s[few] = np.nan, np.nan
+    return n_s, d_s
 
 
 @dataclasses.dataclass
@@ -167,67 +184,48 @@ class LrTrendFit:
         return cls(**kw)
 
 
-def _diverged_lrs(diverged: pd.DataFrame | None, model: Any, group: pd.DataFrame) -> set[float]:
-    """Learning rates of ``model`` that diverged in the same budget as ``group`` (a diverged run
-    stops early, so its own duration is not its planned one: match by budget_flops)."""
-    if diverged is None or len(diverged) == 0 or "budget_flops" not in diverged:
-        return set()
-    budgets = set(group["budget_flops"].dropna().tolist())
-    d = diverged[(diverged["model"] == model) & diverged["budget_flops"].isin(budgets)]
-    return {float(x) for x in d["lr"].dropna() if x > 0}
+def lr_point_optima(points: Points) -> pd.DataFrame:
+    """Best lr of every point swept at >= 2 learning rates (index ``point`` into ``points``).
 
-
-def lr_optima(runs: pd.DataFrame, duration_column: str, diverged: pd.DataFrame | None = None) -> pd.DataFrame:
-    """Best lr per (model, duration) among groups with >= 2 distinct lrs.
-
-    When the best grid lr is interior, ``lr_opt`` is the vertex of the parabola of loss vs log lr
+    When the best grid lr is interior, ``lr_opt`` is the vertex of the parabola of log-loss vs log lr
     through it and its two neighbours (grids are coarse, factors of 2); at an edge it is the grid lr.
-    A larger lr of the same cell grid that diverged bounds the optimum from above: the best done lr
-    below it is then not at the edge (``diverged``: the family's diverged runs, matched by model
-    and budget_flops).
+    A larger lr of the same point that diverged bounds the optimum from above: the best lr below it
+    is then not at the edge.
     """
     rows = []
-    r = runs.dropna(subset=["lr", duration_column])
-    r = r[r["lr"] > 0]
-    for (model, dur), g in r.groupby(["model", duration_column]):
-        per_lr = g.groupby("lr")["loss"].min().sort_index()
-        if len(per_lr) < 2:
+    for j in range(points.n):
+        lrs = points.cell_lrs[j]
+        if len(lrs) < 2 or not np.all(lrs > 0):
             continue
-        u, loss = np.log(per_lr.index.to_numpy(dtype=float)), per_lr.to_numpy()
-        i = int(np.argmin(loss))
-        bounded_above = any(lr > per_lr.index[-1] for lr in _diverged_lrs(diverged, model, g))
-        at_edge = i == 0 or (i == len(u) - 1 and not bounded_above)
-        u_opt = u[i]
-        if 0 < i < len(u) - 1:  # interior: refine with the parabola through the neighbours
-            c2, c1, _ = np.polyfit(u[i - 1 : i + 2], loss[i - 1 : i + 2], 2)
-            if c2 > 0:
-                u_opt = float(np.clip(-c1 / (2 * c2), u[i - 1], u[i + 1]))
-        rows.append(
-            {
-                "model": str(model),
-                "params": float(g["params"].iloc[0]),
-                "duration": float(dur),
-                "lr_opt": float(np.exp(u_opt)),
-                "lr_best_grid": float(np.exp(u[i])),
-                "loss": float(loss[i]),
-                "at_edge": bool(at_edge),
-            }
-        )
-    return pd.DataFrame(rows, columns=["model", "params", "duration", "lr_opt", "lr_best_grid", "loss", "at_edge"])
+        v = points.cell_log_losses(j)
+        order = np.argsort(lrs)
+        i = int(np.argmin(v[order]))
+        at_edge = i == 0 or (i == len(lrs) - 1 and not points.diverged_above[j])
+        rows.append({
+            "point": j,
+            "model": points.model[j],
+            "params": float(points.params[j]),
+            "duration": float(points.duration[j]),
+            "lr_opt": float(lr_optimum_batch(np.log(lrs), v[None, :])[0]),
+            "lr_best_grid": float(lrs[order][i]),
+            "loss": float(np.exp(v[order][i])),
+            "at_edge": bool(at_edge),
+        })
+    return pd.DataFrame(rows, columns=["point", "model", "params", "duration", "lr_opt", "lr_best_grid", "loss", "at_edge"])
 
 
-@single_threaded_blas
-def fit_lr_trend(
-    runs: pd.DataFrame,
-    *,
-    diverged: pd.DataFrame | None = None,
-    bootstrap_count: int,
-    rng: np.random.Generator,
-    level: float = DEFAULT_LEVEL,
-) -> LrTrendFit:
-    """Fit the optimal-lr trend of one family's done runs (UserError if it cannot be identified)."""
-    duration_column = "epochs" if runs["epochs"].notna().any() else "images_seen"
-    opt = lr_optima(runs, duration_column, diverged)
+def lr_optima(runs: pd.DataFrame, duration_column: str | None = None, diverged: pd.DataFrame | None = None,
+              design: str | None = None) -> pd.DataFrame:
+    """``lr_point_optima`` of one family's done runs (canonical columns of ``prepare_table``)."""
+    points = build_points(runs, detect_design(runs, design), diverged)
+    return lr_point_optima(points).drop(columns="point")
+
+
+def lr_trend_from_replicates(points: Points, reps: Replicates | None, level: float = DEFAULT_LEVEL
+                             ) -> tuple[LrTrendFit, np.ndarray]:
+    """The lr trend on all data and its replicate samples, rows (intercept, duration slope[, N slope])."""
+    opt = lr_point_optima(points)
+    duration_column = points.duration_column
     if len(opt) == 0:
         raise UserError("no (model, duration) cell has >= 2 learning rates; sweep lr to fit the optimal-lr trend")
     n_durations = opt["duration"].nunique()
@@ -241,24 +239,54 @@ def fit_lr_trend(
         cols.append(np.log(opt["params"].to_numpy()))
     design = np.column_stack(cols)
     y = np.log(opt["lr_opt"].to_numpy())
-    if len(opt) <= design.shape[1] or ols(design, y) is None:
+    hat = wls(design, y, np.ones((1, len(y))))[0]
+    if len(opt) <= design.shape[1] or not np.all(np.isfinite(hat)):
         raise UserError(
             f"need > {design.shape[1]} lr optima spanning several {duration_column} values to fit the lr trend; "
             f"got {len(opt)}"
         )
-    hat = ols(design, y)
-    s = bootstrap(lambda idx: ols(design[idx], y[idx]), len(y), bootstrap_count, rng) if bootstrap_count > 0 else None
-    s = s if s is not None and s.size else np.empty((0, design.shape[1]))
-    slope_d = estimate(hat[1], s[:, 1], level)
-    slope_p = estimate(hat[2], s[:, 2], level) if with_params else None
-    return LrTrendFit(
+    idx = opt["point"].to_numpy()
+    if reps is not None and reps.weights.shape[0]:
+        w = (reps.lr_weights if reps.lr_weights is not None else reps.weights)[:, idx]
+        y_rep = np.log(reps.lr_opt[:, idx]) if reps.lr_opt is not None else y
+        s = reps.recentre(wls(design, y_rep, w), hat)
+    else:
+        s = np.empty((0, design.shape[1]))
+    n, p = design.shape
+    strata = points.stratum[idx]
+    per_stratum = n / len(np.unique(strata)) if reps is not None and reps.lr_opt is None else 0.0
+    # (a grid is one stratum of n points: its correction sqrt(n / (n - 1)) is small and kept)
+
+    def est(j: int) -> Estimate:
+        return studentized_estimate(hat[j], s[:, j], n, p, per_stratum, level)
+
+    slope_d = est(1)
+    slope_p = est(2) if with_params else None
+    fit = LrTrendFit(
         duration_column=duration_column,
-        intercept=estimate(hat[0], s[:, 0], level),
+        intercept=est(0),
         slope_duration=slope_d,
         slope_params=slope_p,
         sign_duration=slope_sign(slope_d),
         sign_params=None if slope_p is None else slope_sign(slope_p),
         n_points=int(len(opt)),
         n_at_grid_edge=int(opt["at_edge"].sum()),
-        points=opt.to_dict(orient="records"),
+        points=opt.drop(columns="point").to_dict(orient="records"),
     )
+    return fit, s
+
+
+@single_threaded_blas
+def fit_lr_trend(
+    runs: pd.DataFrame,
+    *,
+    diverged: pd.DataFrame | None = None,
+    bootstrap_count: int,
+    rng: np.random.Generator,
+    level: float = DEFAULT_LEVEL,
+    design: str | None = None,
+) -> LrTrendFit:
+    """Fit the optimal-lr trend of one family's done runs (UserError if it cannot be identified)."""
+    points = build_points(runs, detect_design(runs, design), diverged)
+    reps = points.replicates(bootstrap_count, rng) if bootstrap_count > 0 else None
+    return lr_trend_from_replicates(points, reps, level)[0]

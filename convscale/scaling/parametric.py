@@ -26,12 +26,12 @@ import pandas as pd
 from scipy.special import logsumexp
 
 from convscale.errors import UserError
+from convscale.scaling.batch import huber_lm
 from convscale.scaling.robust import (
     single_threaded_blas,
     DEFAULT_LEVEL,
     HUBER_DELTA,
     Estimate,
-    bootstrap,
     estimate,
     huber,
     minimize_multistart,
@@ -78,6 +78,9 @@ class ParametricFit:
     r2_log: float
     n_points: int
     n_bootstrap: int
+    #: how N_opt(C) and D_opt(C) were derived: the closed form (one k) or IsoFLOP slices of the
+    #: surface with each model's own FLOPs per parameter per image
+    allocation_method: str = "closed form, one k"
 
     def predict(self, params: Any, images_seen: Any) -> np.ndarray:
         n, d = np.asarray(params, dtype=float), np.asarray(images_seen, dtype=float)
@@ -135,67 +138,139 @@ def _screen_grid(log_n: np.ndarray, log_d: np.ndarray, log_l: np.ndarray, delta:
     return inits
 
 
+def batch_model(log_n: np.ndarray, log_d: np.ndarray):
+    """log L = logsumexp(a - alpha log N, b - beta log D, e) for ``batch.huber_lm`` (theta e, a, b, alpha, beta)."""
+
+    def model(t: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        e, a, b, alpha, beta = (t[:, i : i + 1] for i in range(5))
+        t_n, t_d = a - alpha * log_n, b - beta * log_d
+        m = np.maximum(np.maximum(t_n, t_d), e)
+        w_n, w_d, w_e = np.exp(t_n - m), np.exp(t_d - m), np.exp(e - m)
+        total = w_n + w_d + w_e
+        pred = m + np.log(total)
+        w_n, w_d, w_e = w_n / total, w_d / total, w_e / total
+        jac = np.stack([w_e, w_n, w_d, -w_n * log_n, -w_d * log_d], axis=2)
+        return pred, jac
+
+    return model
+
+
 def best_per_nd(runs: pd.DataFrame) -> pd.DataFrame:
     """The lowest-loss run for each distinct (params, images_seen)."""
     idx = runs.groupby(["params", "images_seen"])["loss"].idxmin()
     return runs.loc[idx.to_numpy()].reset_index(drop=True)
 
 
-@single_threaded_blas
-def fit_parametric(
-    runs: pd.DataFrame,
-    *,
-    flops_per_param_sample: float,
-    bootstrap_count: int = 200,
-    rng: np.random.Generator | None = None,
-    level: float = DEFAULT_LEVEL,
-    delta: float = HUBER_DELTA,
-) -> ParametricFit:
-    """Fit L(N, D) to one family's done runs (columns params, images_seen, loss)."""
-    pts = best_per_nd(runs)
-    n_n, n_d = pts["params"].nunique(), pts["images_seen"].nunique()
-    if len(pts) < MIN_POINTS or n_n < MIN_DISTINCT or n_d < MIN_DISTINCT:
-        raise UserError(
-            f"need >= {MIN_POINTS} distinct (params, data) runs with >= {MIN_DISTINCT} model sizes and "
-            f">= {MIN_DISTINCT} data sizes for L(N, D); got {len(pts)} runs, {n_n} sizes, {n_d} data sizes"
-        )
-    rng = rng if rng is not None else np.random.default_rng(0)
-    log_n = np.log(pts["params"].to_numpy(dtype=float))
-    log_d = np.log(pts["images_seen"].to_numpy(dtype=float))
-    log_l = np.log(pts["loss"].to_numpy(dtype=float))
+def point_fit(log_n: np.ndarray, log_d: np.ndarray, log_l: np.ndarray, delta: float = HUBER_DELTA) -> np.ndarray:
+    """The multi-start fit on all points: theta (e, a, b, alpha, beta)."""
+    inits = _screen_grid(log_n, log_d, log_l, delta, 16)
+    theta, _ = minimize_multistart(_objective(log_n, log_d, log_l, delta), inits, bounds=_BOUNDS, top_k=len(inits))
+    return theta
 
-    def solve(idx: np.ndarray, extra: np.ndarray | None, top: int) -> np.ndarray:
-        inits = _screen_grid(log_n[idx], log_d[idx], log_l[idx], delta, top)
-        if extra is not None:
-            inits = np.vstack([extra, inits])
-        theta, _ = minimize_multistart(
-            _objective(log_n[idx], log_d[idx], log_l[idx], delta), inits, bounds=_BOUNDS, top_k=len(inits)
-        )
-        return theta
 
-    hat = solve(np.arange(len(pts)), None, top=16)
+def replicate_fits(log_n: np.ndarray, log_d: np.ndarray, log_l: np.ndarray, weights: np.ndarray,
+                   theta_hat: np.ndarray, delta: float = HUBER_DELTA) -> np.ndarray:
+    """Refits of every replicate (weights (B, n), log-losses (n,) or (B, n)) warm-started at
+    ``theta_hat``; NaN where a replicate has < 3 distinct sizes or data sizes."""
+    w = np.asarray(weights, dtype=float)
+    y = np.broadcast_to(np.asarray(log_l, dtype=float), w.shape)
+    theta, _ = huber_lm(batch_model(log_n, log_d), y, w, theta_hat, delta=delta, bounds=_BOUNDS)
+    present = w > 0
+    n_n = np.array([len(np.unique(log_n[p])) for p in present])
+    n_d = np.array([len(np.unique(log_d[p])) for p in present])
+    theta[(n_n < MIN_DISTINCT) | (n_d < MIN_DISTINCT)] = np.nan
+    return theta
 
-    def refit(idx: np.ndarray) -> np.ndarray | None:
-        if len(np.unique(log_n[idx])) < MIN_DISTINCT or len(np.unique(log_d[idx])) < MIN_DISTINCT:
-            return None
-        return solve(idx, hat, top=1)
 
-    s = bootstrap(refit, len(pts), bootstrap_count, rng) if bootstrap_count > 0 else np.empty((0, 5))
-    s = s if s.size else np.empty((0, 5))
-    k = float(flops_per_param_sample)
-
-    def derived(t: np.ndarray) -> np.ndarray:
-        """(log G, n exponent, log n coef, d exponent, log d coef) from rows (e, a, b, alpha, beta)."""
-        e, a, b, alpha, beta = (t[..., i] for i in range(5))
+def closed_form_allocation(t: np.ndarray, k: float) -> np.ndarray:
+    """(log G, n exponent, log n coef, d exponent, log d coef) from rows (e, a, b, alpha, beta) with
+    one k in C = k N D (see the module docstring)."""
+    e, a, b, alpha, beta = (t[..., i] for i in range(5))
+    with np.errstate(divide="ignore", invalid="ignore"):
         log_g = (np.log(alpha) + a - np.log(beta) - b) / (alpha + beta)
         n_exp, d_exp = beta / (alpha + beta), alpha / (alpha + beta)
-        # N_opt = G (C/k)^n_exp = (G k^-n_exp) C^n_exp ; D_opt = G^-1 (C/k)^d_exp
-        return np.stack([log_g, n_exp, log_g - n_exp * np.log(k), d_exp, -log_g - d_exp * np.log(k)], axis=-1)
+    # N_opt = G (C/k)^n_exp = (G k^-n_exp) C^n_exp ; D_opt = G^-1 (C/k)^d_exp
+    return np.stack([log_g, n_exp, log_g - n_exp * np.log(k), d_exp, -log_g - d_exp * np.log(k)], axis=-1)
 
-    dh, ds = derived(hat), derived(s)
+
+ISO_SLICES = 9  # compute values at which the surface is sliced
+ISO_GRID = 401  # model sizes per slice
+ISO_SPAN = 3.0  # slices search N within the family's sizes widened by this many e-folds each way
+
+
+def iso_slice_allocation(t: np.ndarray, k_of_n, log_c: np.ndarray, log_n_range: tuple[float, float]) -> np.ndarray:
+    """IsoFLOP slices of the surface with each model's own k(N): at each compute in ``log_c`` the N that
+    minimises L(N, C / (k(N) N)); rows (log N_opt coef, N exponent, log D_opt coef, D exponent) of the
+    log-log lines through the slices. NaN where a slice's minimum lies at the edge of the search."""
+    t = np.atleast_2d(t)
+    u = np.linspace(log_n_range[0] - ISO_SPAN, log_n_range[1] + ISO_SPAN, ISO_GRID)
+    log_k = np.log(k_of_n(np.exp(u)))
+    e, a, b, alpha, beta = (t[:, i, None, None] for i in range(5))
+    log_dd = log_c[:, None] - log_k[None, :] - u[None, :]  # (n_c, n_grid)
+    with np.errstate(over="ignore", invalid="ignore"):
+        loss = np.exp(e) + np.exp(a - alpha * u[None, None, :]) + np.exp(b - beta * log_dd[None, :, :])
+    loss = np.where(np.isfinite(loss), loss, np.inf)
+    i = np.argmin(loss, axis=2)  # (B, n_c)
+    edge = (i == 0) | (i == ISO_GRID - 1)
+    ii = np.clip(i, 1, ISO_GRID - 2)
+    take = lambda off: np.take_along_axis(loss, (ii + off)[..., None], axis=2)[..., 0]
+    y0, y1, y2 = take(-1), take(0), take(1)
+    h = u[1] - u[0]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        shift = 0.5 * h * (y0 - y2) / (y0 - 2 * y1 + y2)
+    u_opt = u[ii] + np.where(np.isfinite(shift), np.clip(shift, -h, h), 0.0)
+    u_opt = np.where(edge, np.nan, u_opt)
+    log_d_opt = log_c[None, :] - np.log(k_of_n(np.exp(np.where(edge, 0.0, u_opt)))) - u_opt
+    x = log_c - log_c.mean()
+    out = np.full((t.shape[0], 4), np.nan)
+    ok = ~edge.any(axis=1)
+    for col, yv in ((0, u_opt), (2, log_d_opt)):
+        slope = ((yv - yv.mean(axis=1, keepdims=True)) @ x) / (x @ x)
+        out[:, col + 1] = np.where(ok, slope, np.nan)
+        out[:, col] = np.where(ok, yv.mean(axis=1) - slope * log_c.mean(), np.nan)
+    return out
+
+
+@single_threaded_blas
+def parametric_from_replicates(
+    points,
+    reps,
+    *,
+    level: float = DEFAULT_LEVEL,
+    delta: float = HUBER_DELTA,
+    k_constant: float | None = None,
+) -> tuple[ParametricFit, np.ndarray]:
+    """L(N, D) on all points of a family (``design.Points``) and its replicate samples (rows e, a, b,
+    alpha, beta). The compute-optimal allocation uses each model's own k(N) unless ``k_constant``."""
+    from convscale.scaling.design import k_of_params
+
+    n_pts = points.n
+    n_n, n_d = len(np.unique(points.params)), len(np.unique(points.images))
+    if n_pts < MIN_POINTS or n_n < MIN_DISTINCT or n_d < MIN_DISTINCT:
+        raise UserError(
+            f"need >= {MIN_POINTS} distinct (params, data) runs with >= {MIN_DISTINCT} model sizes and "
+            f">= {MIN_DISTINCT} data sizes for L(N, D); got {n_pts} runs, {n_n} sizes, {n_d} data sizes"
+        )
+    log_n, log_d, log_l = np.log(points.params), np.log(points.images), np.log(points.loss)
+    hat = point_fit(log_n, log_d, log_l, delta)
+    if reps is not None and reps.weights.shape[0]:
+        s = reps.recentre(replicate_fits(log_n, log_d, np.log(reps.loss), reps.weights, hat, delta), hat)
+    else:
+        s = np.empty((0, 5))
+    ks = points.flops_per_param_image
+    k_med = float(np.median(ks)) if k_constant is None else float(k_constant)
+    constant = k_constant is not None or float(ks.max() / ks.min()) < 1.01
+    dh, ds = closed_form_allocation(hat, k_med), closed_form_allocation(s, k_med)
+    alloc_method = "closed form, one k"
+    if not constant:
+        k_of_n = k_of_params(points)
+        log_c = np.linspace(np.log(points.compute.min()), np.log(points.compute.max()), ISO_SLICES)
+        rng_n = (float(log_n.min()), float(log_n.max()))
+        ah, as_ = iso_slice_allocation(hat, k_of_n, log_c, rng_n)[0], iso_slice_allocation(s, k_of_n, log_c, rng_n)
+        dh = np.array([dh[0], ah[1], ah[0], ah[3], ah[2]])
+        ds = np.stack([ds[:, 0], as_[:, 1], as_[:, 0], as_[:, 3], as_[:, 2]], axis=1) if len(s) else ds
+        alloc_method = "IsoFLOP slices with each model's k"
     terms = np.stack([hat[1] - hat[3] * log_n, hat[2] - hat[4] * log_d, np.full_like(log_n, hat[0])])
-    # A bootstrap refit at a parameter bound can put a coefficient past float range; exp then gives
-    # inf, an "unbounded" interval end, which is the right answer and needs no warning.
     with np.errstate(over="ignore"):
         fit = ParametricFit(
             E=estimate(np.exp(hat[0]), np.exp(s[:, 0]), level),
@@ -208,10 +283,33 @@ def fit_parametric(
             n_opt_exponent=estimate(dh[1], ds[:, 1], level),
             d_opt_coef=estimate(np.exp(dh[4]), np.exp(ds[:, 4]), level),
             d_opt_exponent=estimate(dh[3], ds[:, 3], level),
-            flops_per_param_sample=k,
+            flops_per_param_sample=k_med,
             huber_delta=float(delta),
             r2_log=r2_log(log_l, logsumexp(terms, axis=0)),
-            n_points=int(len(pts)),
-            n_bootstrap=int(s.shape[0]),
+            n_points=int(n_pts),
+            n_bootstrap=int(np.isfinite(s[:, 3]).sum()) if len(s) else 0,
+            allocation_method=alloc_method,
         )
-    return fit
+    return fit, s
+
+
+def fit_parametric(
+    runs: pd.DataFrame,
+    *,
+    flops_per_param_sample: float | None = None,
+    bootstrap_count: int = 200,
+    rng: np.random.Generator | None = None,
+    level: float = DEFAULT_LEVEL,
+    delta: float = HUBER_DELTA,
+    design: str | None = None,
+) -> ParametricFit:
+    """Fit L(N, D) to one family's done runs (columns params, images_seen, loss; optional lr,
+    train_flops, budget_flops). ``flops_per_param_sample``: one k for C = k N D (default: each
+    model's own, from train_flops)."""
+    from convscale.scaling.design import build_points, detect_design, with_optional_columns
+
+    r = with_optional_columns(runs, flops_per_param_sample or 6.0)
+    points = build_points(r, detect_design(r, design))
+    rng = rng if rng is not None else np.random.default_rng(0)
+    reps = points.replicates(bootstrap_count, rng) if bootstrap_count > 0 else None
+    return parametric_from_replicates(points, reps, level=level, delta=delta, k_constant=flops_per_param_sample)[0]

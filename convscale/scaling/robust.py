@@ -98,14 +98,50 @@ class Estimate:
 
 
 def estimate(value: float, samples: np.ndarray, level: float = DEFAULT_LEVEL) -> Estimate:
-    """Point estimate plus the percentile interval of its bootstrap samples (NaNs ignored)."""
-    s = np.asarray(samples, dtype=float)
-    s = s[np.isfinite(s)]
+    """Point estimate plus the percentile interval of its bootstrap samples.
+
+    A non-finite sample is a replicate that could not identify the quantity (too few distinct
+    points, an optimum outside the sampled range). Such replicates are not dropped, which would
+    narrow the interval to the well-behaved ones: half count as -inf and half as +inf, so a bound
+    that they reach is unbounded (stored as NaN: no interval).
+    """
+    s = np.asarray(samples, dtype=float).ravel()
     if s.size == 0:
         return Estimate(float(value), float("nan"), float("nan"))
+    bad = ~np.isfinite(s)
+    if bad.any():
+        s = s.copy()
+        n_bad = int(bad.sum())
+        s[np.flatnonzero(bad)] = np.where(np.arange(n_bad) % 2 == 0, -np.inf, np.inf)
     tail = 100.0 * (1.0 - level) / 2.0
-    lo, hi = np.percentile(s, [tail, 100.0 - tail])
-    return Estimate(float(value), float(lo), float(hi))
+    lo, hi = np.percentile(s, [tail, 100.0 - tail], method="linear") if not bad.any() else (
+        np.quantile(s, tail / 100.0, method="inverted_cdf"), np.quantile(s, 1.0 - tail / 100.0, method="inverted_cdf"))
+    lo = float(lo) if np.isfinite(lo) else float("nan")
+    hi = float(hi) if np.isfinite(hi) else float("nan")
+    return Estimate(float(value), lo, hi)
+
+
+def studentized_estimate(value: float, samples: np.ndarray, n: int, p: int, per_stratum: float,
+                         level: float = DEFAULT_LEVEL) -> Estimate:
+    """value +- t(n - p) x the bootstrap standard error, corrected for the small-sample shrinkage of a
+    pairs bootstrap: x sqrt(n / (n - p)) (as HC1 over HC0) and, when points were redrawn within strata
+    of ``per_stratum`` points on average, x sqrt(m / (m - 1)).
+
+    For regression coefficients fitted to a few dozen points the percentile interval of a pairs
+    bootstrap is too narrow: on planted lr trends (36 lr optima, 3 coefficients) its 95 % interval
+    covered the truth 85 % of the time; this one 93-95 % (benchmarks/calibration.py).
+    """
+    from scipy import stats
+
+    s = np.asarray(samples, dtype=float)
+    s = s[np.isfinite(s)]
+    if s.size < 2 or n <= p:
+        return Estimate(float(value), float("nan"), float("nan"))
+    se = float(np.std(s, ddof=1)) * math.sqrt(n / (n - p))
+    if per_stratum > 1:
+        se *= math.sqrt(per_stratum / (per_stratum - 1))
+    q = float(stats.t.ppf(0.5 + level / 2, n - p))
+    return Estimate(float(value), float(value) - q * se, float(value) + q * se)
 
 
 def huber(r: np.ndarray, delta: float = HUBER_DELTA) -> tuple[np.ndarray, np.ndarray]:

@@ -4,7 +4,8 @@ Two inputs are accepted:
 - the sweep's table: ``family, model, params, flops_per_image, images_seen, epochs, lr,
   train_flops, wall_hours, device_hours, loss, top1, status`` and optionally ``budget_flops``;
 - any CSV with ``params``, ``data`` (samples or tokens seen) and ``loss``, optionally ``flops``,
-  ``family``, ``lr``, ``epochs`` (runs from anywhere).
+  ``family``, ``lr``, ``epochs``, ``seed``, ``budget_flops`` (runs from anywhere; with
+  ``budget_flops`` the runs form an IsoFLOP design, grouped by it).
 
 ``prepare_table`` maps both onto one canonical frame whose ``train_flops`` is the compute C of a run.
 """
@@ -26,7 +27,8 @@ RESULTS_FILES = ("results.parquet", "results.csv")
 @dataclasses.dataclass
 class PreparedTable:
     """A validated table: ``done`` holds the runs that enter fits, in canonical columns
-    ``family, model, params, images_seen, train_flops, loss, lr, epochs, budget_flops, top1``.
+    ``family, model, params, images_seen, train_flops, loss, lr, epochs, budget_flops, top1`` and
+    ``budget_kind, budget, seed, chance_loss, params_without_head`` (empty / NaN when not given).
     """
 
     done: pd.DataFrame
@@ -91,8 +93,9 @@ def prepare_table(df: pd.DataFrame) -> PreparedTable:
         out["model"] = df["model"].astype(str)
     else:
         out["model"] = [f"N={p:.4g}" for p in out["params"]]
-    for col in ("lr", "epochs", "budget_flops", "top1"):
+    for col in ("lr", "epochs", "budget_flops", "top1", "budget", "seed", "chance_loss", "params_without_head"):
         out[col] = _numeric(df, col) if col in cols else np.nan
+    out["budget_kind"] = df["budget_kind"].fillna("").astype(str) if "budget_kind" in cols else ""
 
     if "train_flops" in cols:
         out["train_flops"], source = _numeric(df, "train_flops"), "train_flops"
@@ -123,7 +126,7 @@ def prepare_table(df: pd.DataFrame) -> PreparedTable:
     if len(done) == 0:
         raise UserError("no 'done' run has positive params, data, loss and flops; check the table's values")
     if done["budget_flops"].notna().any() and done["budget_flops"].isna().any():
-        notes.append("budget_flops is missing for some runs: grouping by train_flops instead")
+        notes.append("budget_flops is missing for some runs: treating the study as a grid (Pareto frontier)")
         done = done.assign(budget_flops=np.nan)
     return PreparedTable(
         done=done.reset_index(drop=True),

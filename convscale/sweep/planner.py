@@ -37,7 +37,9 @@ class Cell:
     images: int  # images the run will see (steps x batch_size)
     epochs: float  # images / images per epoch
     train_flops: float  # 3 x flops_per_image x images
-    budget_flops: float  # the IsoFLOP budget; for epoch/image budgets, the cell's own train_flops
+    # the IsoFLOP budget (training FLOPs every cell of the budget shares); None for epoch or image
+    # budgets, whose cells each have their own compute (the fits then use the Pareto frontier)
+    budget_flops: Optional[float]
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -188,7 +190,7 @@ def plan_study(study: StudyConfig) -> Plan:
                             images=images,
                             epochs=images / epoch_images,
                             train_flops=train_flops,
-                            budget_flops=float(budget) if kind == "train_flops" else train_flops,
+                            budget_flops=float(budget) if kind == "train_flops" else None,
                         )
                     )
     for budget in budgets:

@@ -60,7 +60,7 @@ def collect(root: str | Path):
             "images_seen": images_seen if images_seen is not None else pd.NA,
             "epochs": _num(images_seen) / epoch_images if (epoch_images and images_seen is not None) else math.nan,
             "lr": c.lr,
-            "budget_flops": c.budget_flops,
+            "budget_flops": c.budget_flops if c.budget_flops is not None else math.nan,
             "train_flops": _num(res.get("train_flops")) if finished else math.nan,
             "wall_hours": wall_hours,
             "device_hours": wall_hours * devices,

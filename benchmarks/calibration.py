@@ -1,0 +1,138 @@
+"""Calibration of convscale's intervals and verdicts on studies drawn from known laws.
+
+For each study design the planner offers (IsoFLOP budgets, the paper's epoch grid, an N x D table
+from anywhere) this draws many studies from a known law with log-normal run noise, fits each with
+``fit_table`` (run-resampled bootstrap), and reports how often each 95 % interval covers the planted
+value: the frontier's power-law exponent, the N_opt and D_opt exponents (from the estimate the
+Findings read for that design), and the lr slopes. Then the verdict matrix: the Findings' verdicts
+for planted-agree, planted-disagree and too-noisy studies.
+
+    python benchmarks/calibration.py                       # 100 studies per design (a few minutes)
+    python benchmarks/calibration.py --studies 20 --bootstrap 200   # quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from convscale.scaling import fit_table  # noqa: E402
+from convscale.scaling.planted import Law, planted_study  # noqa: E402
+
+# A Chinchilla-shaped law with equal exponents (N_opt, D_opt ~ C^0.5, frontier ~ C^-0.17, E = 0 so
+# the frontier is an exact power law) and one whose size grows three times faster than its data.
+EQUAL = Law(A=60.0, alpha=0.34, B=400.0, beta=0.34)
+SIZE_FAST = Law(A=60.0, alpha=0.2, B=4000.0, beta=0.6)
+
+DESIGNS = {
+    # 5 IsoFLOP budgets over 2 decades, 7 sizes over 1.8 decades, 3 lrs per cell
+    "isoflop": dict(sizes=np.geomspace(3e5, 2e7, 7), budgets=np.geomspace(1e15, 1e17, 5)),
+    # the paper's grid: 6 models x epochs 0.25-8 (x2), 3 lrs
+    "epochs": dict(sizes=np.geomspace(1e6, 3.2e7, 6), budgets=2.0 ** np.arange(-2, 4), epoch_images=5e7),
+    # a table from anywhere: 6 sizes x 6 data sizes, params/data/loss/flops/lr only
+    "nd_grid": dict(sizes=np.geomspace(1e6, 3.2e7, 6), budgets=np.geomspace(1e7, 3.2e8, 6)),
+}
+
+
+def one(law: Law, design: str, noise: float, seed: int, bootstrap: int, seeds: int = 1):
+    kw = dict(DESIGNS[design])
+    df = planted_study(law, design, noise=noise, seeds=seeds, rng=np.random.default_rng(seed), **kw)
+    fit = fit_table(df, bootstrap=bootstrap, seed=seed)
+    return next(iter(fit.families.values()))
+
+
+def covers(est, truth) -> float:
+    if est is None or not (np.isfinite(est.low) and np.isfinite(est.high)):
+        return np.nan
+    return float(est.low <= truth <= est.high)
+
+
+def calibration(studies: int, bootstrap: int, noise: float) -> list[list[str]]:
+    truth = EQUAL.truth()
+    rows = []
+    for design in DESIGNS:
+        hits: dict[str, list[float]] = {k: [] for k in ("frontier a", "N_opt exp", "D_opt exp", "lr vs epochs",
+                                                         "lr vs size")}
+        widths: dict[str, list[float]] = {k: [] for k in hits}
+        method = ""
+        t0 = time.perf_counter()
+        for s in range(studies):
+            f = one(EQUAL, design, noise, s, bootstrap)
+            method, n_fit, d_fit = f.allocation()
+            pairs = {
+                "frontier a": (f.power_law.a if f.power_law else None, truth["frontier_exponent"]),
+                "N_opt exp": (n_fit.exponent if n_fit else None, truth["n_opt_exponent"]),
+                "D_opt exp": (d_fit.exponent if d_fit else None, truth["d_opt_exponent"]),
+                "lr vs epochs": (f.lr_trend.slope_duration if f.lr_trend else None, truth["lr_slope_duration"]),
+                "lr vs size": (f.lr_trend.slope_params if f.lr_trend else None, truth["lr_slope_params"]),
+            }
+            for k, (est, t) in pairs.items():
+                hits[k].append(covers(est, t))
+                if est is not None and np.isfinite(est.high - est.low):
+                    widths[k].append(est.high - est.low)
+        secs = (time.perf_counter() - t0) / studies
+        for k in hits:
+            h = np.array(hits[k])
+            ok = np.isfinite(h)
+            rows.append([design, k, method if k.endswith("exp") else "", f"{100 * np.nanmean(h):.0f}%" if ok.any() else "-",
+                         f"{ok.sum()}/{len(h)}", f"{np.median(widths[k]):.3g}" if widths[k] else "-", f"{secs:.2f}"])
+    return rows
+
+
+def verdicts(studies: int, bootstrap: int) -> list[list[str]]:
+    """Findings (1) and (2) verdicts per design for planted-agree, planted-disagree and noisy studies."""
+    from convscale.report.findings import allocation_verdict, power_law_verdict
+
+    cases = [("agree (equal rates, power law)", EQUAL, 0.02), ("disagree (N_opt ~ C^0.75)", SIZE_FAST, 0.02),
+             ("too noisy (30 % noise)", EQUAL, 0.30)]
+    rows = []
+    for design in DESIGNS:
+        for name, law, noise in cases:
+            pl, al = {}, {}
+            for s in range(studies):
+                f = one(law, design, noise, 1000 + s, bootstrap)
+                v1 = power_law_verdict(f)[0]
+                v2 = allocation_verdict(f)[0]
+                pl[v1] = pl.get(v1, 0) + 1
+                al[v2] = al.get(v2, 0) + 1
+            fmt = lambda d: ", ".join(f"{k} {v}" for k, v in sorted(d.items()))
+            rows.append([design, name, fmt(pl), fmt(al)])
+    return rows
+
+
+def table(headers: list[str], rows: list[list[str]]) -> str:
+    out = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--studies", type=int, default=100)
+    p.add_argument("--bootstrap", type=int, default=400)
+    p.add_argument("--noise", type=float, default=0.02, help="log-normal sd of a run's loss (default 0.02)")
+    p.add_argument("--verdict-studies", type=int, default=20)
+    p.add_argument("--skip-verdicts", action="store_true")
+    a = p.parse_args()
+    cpu = subprocess.run("grep -o 'avx512_bf16\\|amx' /proc/cpuinfo | sort -u | tr '\\n' ' '", shell=True,
+                         capture_output=True, text=True).stdout.strip() or "AVX2 only"
+    print(f"# {platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} cores, CPU: {cpu}")
+    print(f"# {a.studies} studies per design, {a.bootstrap} resamples, noise {a.noise}")
+    print(table(["design", "quantity", "method", "coverage of 95% interval", "studies with an interval",
+                 "median width", "s / fit"], calibration(a.studies, a.bootstrap, a.noise)))
+    if not a.skip_verdicts:
+        print()
+        print(table(["design", "planted", "(1) power law", "(2) same rate"], verdicts(a.verdict_studies, a.bootstrap)))
+
+
+if __name__ == "__main__":
+    main()

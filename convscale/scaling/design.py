@@ -1,0 +1,308 @@
+"""A family's runs as the fits see them: the study design, the (N, D) points, and run resamples.
+
+**Design.** ``isoflop`` when the study planned training-FLOP budgets (a sweep's ``budget_kind`` is
+``train_flops``, or a table from anywhere gives ``budget_flops``): runs of one budget share their
+compute, so the frontier is the best run per budget and IsoFLOP parabolas are valid. ``grid``
+otherwise (epoch or image budgets, the paper's design; N x D grids; tables without budgets): every
+run has its own compute, the frontier is the Pareto set of all runs (no run with at most its
+compute reached a lower loss), and compute-optimal N and D come from the fitted surface L(N, D).
+
+**Points.** One point per (model, data) pair: the best over learning rates of its cells, where a
+cell's loss is the mean log-loss of its seeds (the law describes tuned runs; seeds measure noise).
+
+**Resampling runs.** A replicate redraws runs, never summary points: with seeds, every cell's
+seeds are drawn with replacement (the point is then re-tuned over lr from the redrawn cells);
+without, the design is kept and each run's deviation from a smooth surface (each IsoFLOP budget's
+parabola, a grid's fitted L(N, D)) is redrawn from the runs' own deviations (see ``Replicates``),
+or, where no surface can be fitted, the points of each budget are drawn with replacement, each
+carrying all its learning rates. Every frontier, vertex
+and fit is then recomputed inside the replicate.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import numpy as np
+import pandas as pd
+
+from convscale.errors import UserError
+
+ISOFLOP, GRID = "isoflop", "grid"
+DESIGNS = (ISOFLOP, GRID)
+SEEDS, RUNS = "seeds", "runs"
+MIN_SIZES_FOR_SMOOTHING = 4  # an IsoFLOP budget's parabola needs a degree of freedom left
+
+
+OPTIONAL_COLUMNS = {"lr": np.nan, "epochs": np.nan, "budget_flops": np.nan, "budget_kind": "", "budget": np.nan,
+                    "seed": np.nan, "top1": np.nan, "chance_loss": np.nan}
+
+
+def with_optional_columns(runs: pd.DataFrame, k: float = 6.0) -> pd.DataFrame:
+    """``runs`` with every optional canonical column present (a model name from params, and
+    train_flops = k N D where missing), so the pieces can be used on any table of runs."""
+    missing = {c: v for c, v in OPTIONAL_COLUMNS.items() if c not in runs}
+    r = runs.assign(**missing) if missing else runs
+    if "model" not in r:
+        r = r.assign(model=[f"N={p:.6g}" for p in r["params"]])
+    if "train_flops" not in r:
+        r = r.assign(train_flops=k * r["params"] * r["images_seen"])
+    return r
+
+
+def detect_design(runs: pd.DataFrame, override: Optional[str] = None) -> str:
+    """``isoflop`` or ``grid`` for one family's done runs (see the module docstring)."""
+    if override:
+        if override not in DESIGNS:
+            raise UserError(f"design must be one of {', '.join(DESIGNS)}; got {override!r}")
+        if override == ISOFLOP and runs["budget_flops"].isna().any():
+            raise UserError("design 'isoflop' needs a budget_flops column with every run's planned budget; "
+                            "add it or use design 'grid'")
+        return override
+    runs = with_optional_columns(runs)
+    kinds = runs["budget_kind"].dropna().astype(str).str.strip()
+    kinds = kinds[kinds != ""]
+    if len(kinds):
+        return ISOFLOP if (kinds == "train_flops").all() and runs["budget_flops"].notna().all() else GRID
+    return ISOFLOP if runs["budget_flops"].notna().all() else GRID
+
+
+@dataclasses.dataclass
+class Points:
+    """One family's (N, D) points and how to redraw them. Arrays are per point unless said."""
+
+    design: str
+    resampling: str  # "seeds" | "runs"
+    params: np.ndarray
+    images: np.ndarray
+    compute: np.ndarray  # the point's compute C: its budget (isoflop) or its own train_flops (grid)
+    stratum: np.ndarray  # int label: budget index (isoflop) or data-size group (grid)
+    budget: np.ndarray  # planned budget (isoflop) else NaN
+    duration: np.ndarray  # epochs where known, else images
+    duration_column: str
+    model: list[str]
+    flops_per_param_image: np.ndarray  # k of the point's model: train_flops / (N * D)
+    # per point, its cells: lrs (n_lr,) and each cell's run losses (list of arrays)
+    cell_lrs: list[np.ndarray]
+    cell_runs: list[list[np.ndarray]]
+    diverged_above: np.ndarray  # bool: a larger lr of this point diverged (bounds its lr optimum)
+    n_runs: np.ndarray  # runs behind each point (its lrs x seeds)
+    loss: np.ndarray = dataclasses.field(init=False)  # best over lr of seed-mean losses
+
+    def __post_init__(self) -> None:
+        # a cell of one run keeps its loss exactly (no exp(log(x)) round-off)
+        self.loss = np.array([min(float(r[0]) if len(r) == 1 else float(np.exp(np.mean(np.log(r)))) for r in runs)
+                              for runs in self.cell_runs])
+
+    @property
+    def n(self) -> int:
+        return len(self.params)
+
+    def replicates(self, n_boot: int, rng: np.random.Generator,
+                   surface: Optional[tuple[np.ndarray, int]] = None) -> "Replicates":
+        """``n_boot`` resamples of the runs (see the module docstring). ``surface``: the smooth
+        log-losses at the points and how many parameters made them (``smooth_surface``); then each
+        replicate redraws the runs' deviations from it, see ``Replicates``."""
+        if self.resampling == SEEDS:
+            return self._seed_replicates(n_boot, rng)
+        weights = np.zeros((n_boot, self.n))
+        for s in np.unique(self.stratum):
+            idx = np.flatnonzero(self.stratum == s)
+            draws = rng.integers(0, len(idx), size=(n_boot, len(idx)))
+            np.add.at(weights, (np.arange(n_boot)[:, None], idx[draws]), 1.0)
+        loss = np.broadcast_to(self.loss, weights.shape)
+        if surface is None or self.n <= surface[1] + 1:
+            return Replicates(weights=weights, loss=loss, lr_opt=None)
+        surface, n_params = surface
+        resid = np.log(self.loss) - surface
+        resid = (resid - resid.mean()) * np.sqrt(self.n / (self.n - n_params))
+        drawn = resid[rng.integers(0, self.n, size=(n_boot, self.n))]
+        # the last row is the surface itself, without deviations: the centre that every statistic's
+        # replicates are shifted from onto the statistic of the data (``Replicates.recentre``)
+        drawn = np.vstack([drawn, np.zeros((1, self.n))])
+        return Replicates(weights=np.ones((n_boot + 1, self.n)), loss=np.exp(surface[None, :] + drawn), lr_opt=None,
+                          lr_weights=np.vstack([weights, np.ones((1, self.n))]), centred=True)
+
+    def _seed_replicates(self, n_boot: int, rng: np.random.Generator) -> "Replicates":
+        loss = np.empty((n_boot, self.n))
+        lr_opt = np.full((n_boot, self.n), np.nan)
+        for j, runs in enumerate(self.cell_runs):
+            cell_means = np.stack([
+                np.mean(np.log(r)[rng.integers(0, len(r), size=(n_boot, len(r)))], axis=1) for r in runs
+            ], axis=1)  # (B, n_lr) mean log-loss of redrawn seeds
+            loss[:, j] = np.exp(cell_means.min(axis=1))
+            if len(runs) >= 2:
+                lr_opt[:, j] = lr_optimum_batch(np.log(self.cell_lrs[j]), cell_means)
+        return Replicates(weights=np.ones((n_boot, self.n)), loss=loss, lr_opt=lr_opt)
+
+    def cell_log_losses(self, j: int) -> np.ndarray:
+        return np.array([np.mean(np.log(r)) for r in self.cell_runs[j]])
+
+
+@dataclasses.dataclass
+class Replicates:
+    """Resampled runs: per replicate (rows) and point (columns), a weight (draw count; 0 = absent),
+    the point's loss, and (with seeds) its re-tuned lr optimum (None: the points' own optima).
+
+    Without seeds, runs are redrawn as a fixed design: every point stays, with a smooth surface's
+    loss (``smooth_surface``) times a deviation drawn from the runs' own deviations from it (a
+    residual bootstrap), and
+    each statistic's replicates are shifted by (statistic of the data - statistic of the noise-free
+    surface, the last row), so a surface that misses the data's shape moves no interval off the data.
+    Redrawing the points themselves measured 2.5x too wide on planted grids (dropping a frontier run
+    hands its place to a dominated one) and, in IsoFLOP budgets, made the frontier jump by the gap
+    between the best and second-best size. The lr optima are redrawn as points (``lr_weights``)."""
+
+    weights: np.ndarray
+    loss: np.ndarray
+    lr_opt: Optional[np.ndarray]
+    lr_weights: Optional[np.ndarray] = None
+    centred: bool = False  # the last row is the noise-free surface (see above)
+
+    def recentre(self, samples: np.ndarray, hat: np.ndarray) -> np.ndarray:
+        """Replicate rows of a statistic (one per row of this object) as its bootstrap samples: the
+        centre row dropped and the rest shifted by hat - centre (unchanged without a centre row)."""
+        s = np.asarray(samples, dtype=float)
+        if not self.centred or len(s) == 0:
+            return s
+        centre = s[-1]
+        out = s[:-1]
+        return out + (np.asarray(hat, dtype=float) - centre) if np.all(np.isfinite(centre)) else out
+
+
+def lr_optimum_batch(log_lr: np.ndarray, log_loss: np.ndarray) -> np.ndarray:
+    """Per row of ``log_loss`` (B, n_lr): the log-lr vertex of the parabola through the best grid lr
+    and its neighbours (clipped to them), or the best grid lr at an edge. Returns exp(log lr)."""
+    order = np.argsort(log_lr)
+    u, v = log_lr[order], log_loss[:, order]
+    i = np.argmin(v, axis=1)
+    out = u[i].copy()
+    inner = (i > 0) & (i < len(u) - 1)
+    if inner.any():
+        ii = i[inner]
+        u0, u1, u2 = u[ii - 1], u[ii], u[ii + 1]
+        rows = np.flatnonzero(inner)
+        y0, y1, y2 = v[rows, ii - 1], v[rows, ii], v[rows, ii + 1]
+        # vertex of the parabola through three points
+        num = (u1 - u0) ** 2 * (y1 - y2) - (u1 - u2) ** 2 * (y1 - y0)
+        den = (u1 - u0) * (y1 - y2) - (u1 - u2) * (y1 - y0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            vert = u1 - 0.5 * num / den
+        vert = np.where(np.isfinite(vert), np.clip(vert, u0, u2), u1)
+        out[inner] = vert
+    return np.exp(out)
+
+
+def _gmean(x: pd.Series) -> float:
+    v = x.to_numpy(dtype=float)
+    return float(v[0]) if np.all(v == v[0]) else float(np.exp(np.mean(np.log(v))))
+
+
+def build_points(runs: pd.DataFrame, design: str, diverged: Optional[pd.DataFrame] = None,
+                 params_column: str = "params") -> Points:
+    """The (N, D) points of one family's done runs (canonical columns of ``prepare_table``)."""
+    r = with_optional_columns(runs).copy()
+    r["_n"] = r[params_column].astype(float)
+    has_epochs = r["epochs"].notna().all()
+    duration_column = "epochs" if has_epochs else "images_seen"
+    # a point: same model and data (images within 0.5%: step rounding); grouped by budget too in isoflop
+    r["_dkey"] = np.round(np.log(r["images_seen"].astype(float)) / 0.005).astype(int)
+    keys = ["model", "_dkey"] + (["budget_flops"] if design == ISOFLOP else [])
+    r["_seedkey"] = r["seed"].fillna(-1.0) if "seed" in r else -1.0
+    records = []
+    for key, g in r.groupby(keys, sort=True):
+        lr_groups = g.groupby(g["lr"].fillna(-1.0), sort=True)
+        lrs = np.array([float(lr) for lr, _ in lr_groups])
+        cells = [gg["loss"].to_numpy(dtype=float) for _, gg in lr_groups]
+        bounded = False
+        if diverged is not None and len(diverged) and np.all(lrs > 0):
+            d = with_optional_columns(diverged)
+            d = d[d["model"] == key[0]]
+            if design == ISOFLOP:
+                d = d[np.isclose(d["budget_flops"], key[2], rtol=1e-9)]
+            elif "budget" in d and g["budget"].notna().all():
+                d = d[d["budget"].isin(set(g["budget"]))]
+            else:
+                d = d.iloc[0:0]
+            bounded = bool((d["lr"].dropna() > lrs.max()).any())
+        records.append(dict(
+            model=str(key[0]),
+            params=float(g["_n"].iloc[0]),
+            images=_gmean(g["images_seen"]),
+            train_flops=_gmean(g["train_flops"]),
+            budget=float(key[2]) if design == ISOFLOP else np.nan,
+            duration=_gmean(g[duration_column]),
+            n_runs=int(len(g)),
+            k=float(np.median(g["train_flops"] / (g["params"] * g["images_seen"]))),
+            lrs=lrs, cells=cells, bounded=bounded,
+        ))
+    params = np.array([x["params"] for x in records])
+    images = np.array([x["images"] for x in records])
+    if design == ISOFLOP:
+        budget = np.array([x["budget"] for x in records])
+        _, stratum = np.unique(budget, return_inverse=True)
+        compute = budget
+    else:
+        budget = np.full(len(records), np.nan)
+        compute = np.array([x["train_flops"] for x in records])
+        # no budget holds a grid's runs together: all points are one stratum (stratifying by data size
+        # would fix each epoch column's share and, measured on planted grids, narrow the intervals)
+        stratum = np.zeros(len(records), dtype=int)
+    seeded = any(len(c) >= 2 for x in records for c in x["cells"])
+    return Points(
+        design=design,
+        resampling=SEEDS if seeded else RUNS,
+        params=params,
+        images=images,
+        compute=compute,
+        stratum=np.asarray(stratum, dtype=int),
+        budget=budget,
+        duration=np.array([x["duration"] for x in records]),
+        duration_column=duration_column,
+        model=[x["model"] for x in records],
+        flops_per_param_image=np.array([x["k"] for x in records]),
+        cell_lrs=[x["lrs"] for x in records],
+        cell_runs=[x["cells"] for x in records],
+        diverged_above=np.array([x["bounded"] for x in records], dtype=bool),
+        n_runs=np.array([x["n_runs"] for x in records], dtype=int),
+    )
+
+
+def smooth_surface(points: Points) -> Optional[tuple[np.ndarray, int]]:
+    """The smooth log-loss the residual bootstrap redraws deviations from, and its parameter count:
+    in an IsoFLOP design a parabola in log N per budget (approach 2's own model: every budget needs
+    >= 4 sizes), in a grid the fitted L(N, D). None when neither can be fitted (points are then
+    redrawn within budgets)."""
+    log_n, log_l = np.log(points.params), np.log(points.loss)
+    if points.design == ISOFLOP:
+        out = np.empty(points.n)
+        for s in np.unique(points.stratum):
+            idx = np.flatnonzero(points.stratum == s)
+            if len(np.unique(log_n[idx])) < MIN_SIZES_FOR_SMOOTHING:
+                return None
+            coef = np.polyfit(log_n[idx], log_l[idx], 2)
+            out[idx] = np.polyval(coef, log_n[idx])
+        return out, 3 * len(np.unique(points.stratum))
+    from convscale.scaling.parametric import MIN_DISTINCT, MIN_POINTS, batch_model, point_fit
+
+    if points.n < MIN_POINTS or min(len(np.unique(points.params)), len(np.unique(points.images))) < MIN_DISTINCT:
+        return None
+    log_d = np.log(points.images)
+    theta = point_fit(log_n, log_d, log_l)
+    return batch_model(log_n, log_d)(theta[None, :], np.zeros(1, dtype=int))[0][0], 5
+
+
+def k_of_params(points: Points):
+    """k(N) in C = k(N) * N * D: each model's own FLOPs per parameter per image, interpolated in
+    log-log between the family's models (held at the end values beyond them)."""
+    log_n = np.log(points.params)
+    order = np.argsort(log_n)
+    u, lk = log_n[order], np.log(points.flops_per_param_image[order])
+    uu, inv = np.unique(u, return_inverse=True)
+    lkk = np.array([np.median(lk[inv == i]) for i in range(len(uu))])
+
+    def k(n: np.ndarray) -> np.ndarray:
+        return np.exp(np.interp(np.log(n), uu, lkk))
+
+    return k
