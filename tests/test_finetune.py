@@ -300,3 +300,27 @@ def test_cli_finetune(pre_nfnet, tmp_path, capsys):
     assert result["steps"] == 3 and result["pretrain_step"] == 6 and result["forward_backward_passes_per_step"] == 2
     with pytest.raises(UserError, match="not a run directory"):
         call("--run-dir", str(tmp_path / "x"), "--from", str(tmp_path), "--steps", "1")
+
+
+def test_cli_finetune_recipe(pre_nfnet, tmp_path, capsys):
+    from convscale.cli import finetune as cli
+
+    parser = argparse.ArgumentParser()
+    cli.register(parser.add_subparsers())
+
+    def printed(*argv):
+        args = parser.parse_args(["finetune", "--from", str(pre_nfnet), "--run-dir", str(tmp_path / "p"),
+                                  "--print-config", *argv])
+        assert args.func(args) == 0
+        return json.loads(capsys.readouterr().out)
+
+    paper = printed("--recipe", "paper")  # paper.md A.6: 50 epochs, SAM, 384 px, held-out 480 px
+    assert paper["data"]["resolution"] == 384 and paper["eval_resolution"] == 480
+    assert paper["epochs"] == 50 and paper["sam_rho"] == 0.05 and paper["batch_size"] == 2048
+    assert paper["optimizer"] == "sgd_agc" and paper["classifier_lr_scale"] == 1.0
+    # lowest first: defaults < recipe < --set < flags
+    mine = printed("--recipe", "paper", "--resolution", "24", "--set", "lr=0.02", "--steps", "5")
+    assert mine["data"]["resolution"] == 24 and mine["eval_resolution"] == 480 and mine["lr"] == 0.02
+    assert mine["steps"] == 5 and mine["epochs"] is None
+    with pytest.raises(UserError, match="unknown fine-tuning recipe 'papr'; choose one of paper"):
+        printed("--recipe", "papr")

@@ -410,3 +410,139 @@ def test_real_end_to_end_sweep(tmp_path, capsys):
     # a second run of the same study finds everything finished and starts nothing
     assert main(["sweep", "run", str(p), "--dir", str(d)]) == 0
     assert "4 finished, 0 to run" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------
+# conventions: SAM's second pass, N without the classifier, the paper preset's resolutions and
+# fine-tuning regularisation
+
+SAM_STUDY = """
+name = "sam"
+[data]
+kind = "procedural"
+resolution = 16
+num_classes = 10
+heldout_images = 16
+[train]
+batch_size = 8
+precision = "fp32"
+sam_rho = {rho}
+threads = 1
+checkpoint_every_seconds = 0
+[[family]]
+name = "vit"
+models = ["vit-w8-d4-p4"]
+optimizer = "adamw"
+lrs = [0.004]
+[budgets]
+train_flops = [{budget!r}]
+"""
+
+
+def test_planner_charges_sams_second_pass_as_the_run_records_it(tmp_path):
+    from convscale.models import get_config
+    from convscale.sweep.planner import cell_train_config
+    from convscale.train.loop import run
+
+    fwd = get_config("vit-w8-d4-p4", num_classes=10, image_size=16).forward_flops(16)
+    budget = 8 * 8 * 3 * fwd  # 8 steps of 8 images without SAM
+    sam, plain = (plan_study(study_from(tmp_path, text=SAM_STUDY.format(rho=rho, budget=budget), budgets=""))
+                  for rho in (0.05, 0.0))
+    (cell,), (plain_cell,) = sam.cells, plain.cells
+    assert plain_cell.steps == 8 and plain_cell.train_flops == budget
+    # IsoFLOP: SAM's two forward-backward passes per step leave half the steps for the same FLOPs
+    assert cell.steps == 4 and cell.images == 32 and cell.train_flops == 2 * 3 * fwd * 32 == budget
+    result = run(cell_train_config(sam.study, cell, str(tmp_path / "run")))
+    assert result["status"] == "done" and result["forward_backward_passes_per_step"] == 2
+    assert result["steps"] == cell.steps and result["images_seen"] == cell.images
+    assert result["train_flops"] == cell.train_flops
+
+
+def test_cells_and_results_table_carry_params_without_head_and_old_plans_still_read(fake):
+    from convscale.models import config_at_resolution, count_params
+
+    sweep, ids, cmd, behave, calls = fake
+    study, cells = sweep.load()
+    for c in cells:
+        mcfg = config_at_resolution(c.model, 16, num_classes=10)
+        assert c.params_without_head == count_params(mcfg, include_head=False) == c.params - mcfg.head_params
+        assert c.eval_resolution == 16  # no eval_resolution set: held out at the training resolution
+    LocalExecutor(jobs=1, threads=1, train_command=cmd).run(sweep.root, ids[:1])
+    df = collect(sweep.root).set_index("cell_id")
+    assert df["params_without_head"].to_dict() == {c.cell_id: c.params_without_head for c in cells}
+    assert (df["eval_resolution"] == 16).all()
+    # a plan.json written before these fields: still read, the columns are missing values
+    plan = json.loads(sweep.plan_path.read_text())
+    for c in plan["cells"]:
+        del c["params_without_head"], c["eval_resolution"]
+    sweep.plan_path.write_text(json.dumps(plan))
+    old = collect(sweep.root)
+    assert old["params_without_head"].isna().all() and old["eval_resolution"].isna().all()
+    assert old.set_index("cell_id").loc[ids[0], "loss"] == 1.5 and (old["params"] > 0).all()
+    write_results(sweep.root, old)  # missing integers survive parquet and CSV
+
+
+PUBLISHED_DROPOUT = {"nfnet-f0": 0.2, "nfnet-f1": 0.3, "nfnet-f3": 0.4, "nfnet-f3+": 0.4, "nfnet-f7": 0.5,
+                     "nfnet-f7+": 0.5}
+
+
+def _pretrained_from_cell(study, cell, tmp_path):
+    """A finished pre-training run as finetune_config sees it, made from a planned cell's config
+    (F-variant cells are far too big to train here)."""
+    from convscale.models import config_at_resolution, config_to_dict
+    from convscale.sweep.planner import cell_train_config
+    from convscale.train.finetune import PretrainedRun
+
+    cfg = cell_train_config(study, cell, str(tmp_path / cell.cell_id))
+    mcfg = config_at_resolution(cfg.model, cfg.data.resolution, num_classes=study.data.num_classes,
+                                **cfg.model_overrides)
+    return cfg, mcfg, PretrainedRun(Path(cfg.run_dir), cell.steps, Path(cfg.run_dir) / "model.safetensors",
+                                    {"train": cfg.to_dict(), "model": config_to_dict(mcfg)}, {"status": "done"})
+
+
+def test_paper_preset_pretrains_at_224_evaluates_at_256_and_finetunes_with_each_variants_dropout(tmp_path):
+    from convscale.data.config import DataConfig
+    from convscale.models import config_at_resolution
+    from convscale.sweep.presets import finetune_recipe, preset
+    from convscale.train.finetune import finetune_config
+
+    study = StudyConfig.from_dict(preset("paper"))
+    plan = plan_study(study)
+    first = {}
+    for c in plan.cells:
+        first.setdefault(c.model, c)
+    assert set(first) == set(PUBLISHED_DROPOUT)
+    assert all(c.resolution == 224 and c.eval_resolution == 256 for c in plan.cells)
+    # N without the classifier: at 30k classes F0's head (3073 x 30000) is 57 % of its parameters
+    f0 = first["nfnet-f0"]
+    assert f0.params_without_head == 68_416_284 and f0.params - f0.params_without_head == 3073 * 30_000
+    for model, cell in first.items():
+        cfg, pre_mcfg, pre = _pretrained_from_cell(study, cell, tmp_path)
+        assert cfg.data.resolution == 224 and cfg.eval_resolution == 256
+        assert pre_mcfg.drop_rate == 0.0 and pre_mcfg.drop_path_rate == 0.0  # pre-training: none (A.3)
+        ft = finetune_config(pre, str(tmp_path / "ft" / model), DataConfig(kind="procedural", resolution=224,
+                             num_classes=1000), overrides=finetune_recipe("paper"))
+        assert ft.data.resolution == 384 and ft.eval_resolution == 480 and ft.sam_rho == 0.05 and ft.epochs == 50
+        mcfg = config_at_resolution(ft.model, ft.data.resolution, num_classes=1000, **ft.model_overrides)
+        assert (mcfg.drop_rate, mcfg.drop_path_rate) == (PUBLISHED_DROPOUT[model], 0.25), model
+        assert mcfg.name == model
+        # an explicit rate still wins over the variant's
+        ft = finetune_config(pre, str(tmp_path / "ft2" / model), DataConfig(resolution=384), dropout=0.1)
+        assert config_at_resolution(ft.model, 384, **ft.model_overrides).drop_rate == 0.1
+
+
+def test_vit_finetune_keeps_its_own_regularisation_not_the_pretraining_runs(tmp_path):
+    from convscale.data.config import DataConfig
+    from convscale.models import config_at_resolution
+    from convscale.train.finetune import finetune_config
+
+    text = STUDY.replace('lrs = [0.004]', 'lrs = [0.004]\n[family.train]\nmodel_overrides = { dropout = 0.3 }')
+    study = study_from(tmp_path, text=text)
+    cell = next(c for c in plan_study(study).cells if c.family == "vit")
+    cfg, pre_mcfg, pre = _pretrained_from_cell(study, cell, tmp_path)
+    assert pre_mcfg.dropout == 0.3
+    ft = finetune_config(pre, str(tmp_path / "ft"), DataConfig(resolution=32))
+    assert ft.optimizer == "adamw" and "dropout" not in ft.model_overrides
+    assert config_at_resolution(ft.model, 32, **ft.model_overrides).dropout == 0.0  # vit-tiny's own
+    ft = finetune_config(pre, str(tmp_path / "ft2"), DataConfig(resolution=32), dropout=0.2, drop_path_rate=0.1)
+    assert ft.model_overrides == {"dropout": 0.2, "drop_path_rate": 0.1}

@@ -274,6 +274,29 @@ def test_run_writes_run_dir_and_learns(tmp_path):
     assert run(cfg.replace(quiet=False, checkpoint_every_steps=3), source=TinySource()) == result
 
 
+def test_heldout_metrics_are_measured_at_eval_resolution(tmp_path):
+    from safetensors.torch import load_file
+
+    from convscale.data import build_source
+
+    data = DataConfig(kind="procedural", resolution=16, num_classes=4, heldout_images=32)
+    cfg = tiny_cfg(tmp_path, data=data, steps=3, precision="fp32", eval_resolution=32, channels_last=False)
+    result = run(cfg)
+    assert result["heldout_resolution"] == 32 and result["status"] == "done"
+    conf = json.loads((Path(cfg.run_dir) / "config.json").read_text())
+    assert conf["flops_per_image"] == 3 * get_config("nfnet-tiny", num_classes=4).forward_flops(16)  # train px
+    model = get_config("nfnet-tiny", num_classes=4).build()
+    model.load_state_dict(load_file(list_checkpoints(Path(cfg.run_dir))[-1] / "model.safetensors"))
+
+    def loss_at(px: int) -> float:
+        batches = build_source(data.replace(resolution=px)).heldout_batches(16)
+        return evaluate(model, batches, torch.device("cpu"))["loss"]
+
+    assert result["heldout_loss"] == pytest.approx(loss_at(32), abs=1e-6)
+    assert abs(result["heldout_loss"] - loss_at(16)) > 1e-4  # not the training resolution's
+    assert run(tiny_cfg(tmp_path, "plain", data=data, steps=1))["heldout_resolution"] == 16
+
+
 def test_interrupted_run_resumes_bit_identical(tmp_path):
     full = run(tiny_cfg(tmp_path, "full", checkpoint_every_steps=4), source=TinySource())
     cfg = tiny_cfg(tmp_path, "killed", checkpoint_every_steps=4)

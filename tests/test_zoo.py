@@ -76,6 +76,36 @@ def test_params_do_not_depend_on_allocation():
     assert count_params(cfg) == real
 
 
+def _without_classifier(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in model.classifier.parameters())
+
+
+@pytest.mark.parametrize(
+    "name, overrides",
+    [("nfnet-tiny", {}), ("nfnet-w0.0625+-d1.2", {}), ("vit-tiny", {}), ("vit-tiny", {"pool": "map"})],
+)
+def test_params_without_head_equal_built_model_minus_its_classifier(name, overrides):
+    cfg = get_config(name, num_classes=37, **overrides)
+    model = cfg.build()
+    assert count_params(cfg, include_head=False) == _without_classifier(model)
+    head = sum(p.numel() for p in model.classifier.parameters())
+    assert cfg.head_params == head > 0 and count_params(cfg) - count_params(cfg, include_head=False) == head
+    if overrides.get("pool") == "map":  # the MAP pooling head is body, not classifier
+        assert count_params(cfg, include_head=False) > count_params(get_config(name, num_classes=37), include_head=False)
+
+
+def test_classifier_share_of_nfnet_f0_at_30k_classes():
+    f0_30k, f0_1k = get_config("nfnet-f0", num_classes=30_000), get_config("nfnet-f0")
+    with torch.device("meta"):
+        assert count_params(f0_30k, include_head=False) == _without_classifier(f0_30k.build()) == 68_416_284
+    assert count_params(f0_1k, include_head=False) == 68_416_284  # the body does not follow the classes
+    assert count_params(f0_30k) == 68_416_284 + (3072 + 1) * 30_000 == 160_606_284
+    assert round(1 - 68_416_284 / count_params(f0_30k), 3) == 0.574  # the head is 57 % of N
+    with torch.device("meta"):
+        b16 = get_config("vit-b16", num_classes=30_000)
+        assert count_params(b16, include_head=False) == _without_classifier(b16.build()) == 85_798_656
+
+
 def test_unknown_model_suggests_close_names():
     with pytest.raises(UserError, match="did you mean.*nfnet-f1"):
         get_config("nfnet-f11")
@@ -89,10 +119,11 @@ def test_models_command_json(capsys):
     assert main(["models", "--family", "vit", "--format", "json", "--resolution", "224"]) == 0
     rows = json.loads(capsys.readouterr().out)
     by_name = {r["name"]: r for r in rows}
-    assert {"name", "family", "params", "gflops", "train_gflops"} <= set(rows[0])
+    assert {"name", "family", "params", "params_without_head", "gflops", "train_gflops"} <= set(rows[0])
     assert set(by_name) == set(model_names("vit"))
     b16 = by_name["vit-b16"]
     assert round(b16["params"] / 1e6, 1) == 86.6
+    assert b16["params"] - b16["params_without_head"] == (768 + 1) * 1000
     assert b16["gflops"] == pytest.approx(2 * 17.58, rel=0.01)
 
 
@@ -100,6 +131,8 @@ def test_models_command_table_and_csv(capsys):
     assert main(["models", "nfnet-f0", "vit-b16", "--num-classes", "10"]) == 0
     out = capsys.readouterr().out
     assert "nfnet-f0" in out and "vit-b16" in out and "FLOPs = 2 x multiply-accumulates" in out
+    f0_row = next(line.split() for line in out.splitlines() if line.startswith("nfnet-f0"))
+    assert f0_row[2:4] == ["68.4M", "68.4M"]  # 10 classes: the head is 31k parameters
     assert main(["models", "--family", "nfnet", "--format", "csv"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0].split(",")[:3] == ["name", "family", "params"]

@@ -3,8 +3,9 @@
 The model is the pre-trained run's (same name and overrides) with a new zero-initialised
 classifier for the downstream classes; ViT position embeddings are resampled to --resolution.
 Defaults: the family's optimizer (sgd_agc for NFNets, adamw for ViTs), SAM rho 0.05 (two
-forward-backward passes per step, counted in train_flops), 10 epochs, batch 32. Precedence,
-lowest first: those defaults < --set key=value < flags.
+forward-backward passes per step, counted in train_flops), 10 epochs, batch 32; dropout and
+stochastic depth are the model's own (an NFNet-F variant's published rates), not the pre-training
+run's. Precedence, lowest first: those defaults < --recipe < --set key=value < flags.
 Exit codes: 0 done (or already finished), 2 user error, 3 diverged.
 
     convscale finetune --from runs/pre --run-dir runs/ft --data digits --resolution 32 \\
@@ -47,6 +48,8 @@ def register(subparsers) -> None:
     p.add_argument("--drop-path-rate", type=float, default=None, help="stochastic depth rate (model override)")
     p.add_argument("--dropout", type=float, default=None, help="dropout rate (NFNet drop_rate / ViT dropout)")
     p.add_argument("--use-ema", action="store_true", help="start from the pre-trained run's EMA weights")
+    p.add_argument("--recipe", default=None, metavar="NAME",
+                   help="a preset's fine-tuning recipe: paper (50 epochs, SAM, 384 px, held-out 480 px)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any TrainConfig field: agc_clip=0.1, data.heldout_fraction=0.3 (repeatable)")
     p.add_argument("--quiet", action="store_true", default=None, help="one line per evaluation (for log files)")
@@ -58,11 +61,13 @@ def register(subparsers) -> None:
 def build_config(args: argparse.Namespace):
     """The fine-tuning TrainConfig the arguments describe (reads the pre-trained run's files)."""
     from convscale.errors import UserError
+    from convscale.sweep.presets import finetune_recipe
     from convscale.train.finetune import default_data, find_pretrained, finetune_config
 
     pre = find_pretrained(args.from_dir, args.use_ema)
-    resolution = args.resolution or pre.config["train"]["data"]["resolution"]
-    overrides: dict[str, object] = {}
+    overrides: dict[str, object] = finetune_recipe(args.recipe) if args.recipe else {}
+    recipe_resolution = overrides.pop("data.resolution", None)  # an explicit --resolution wins
+    resolution = args.resolution or recipe_resolution or pre.config["train"]["data"]["resolution"]
     for item in args.set:
         key, sep, value = item.partition("=")
         if not sep or not key:
@@ -70,7 +75,7 @@ def build_config(args: argparse.Namespace):
         overrides[key.strip()] = value
     flags = {name: getattr(args, name) for name in FLAGS}
     return finetune_config(
-        args.from_dir, args.run_dir, default_data(args.data_kind, args.data_path, resolution),
+        pre, args.run_dir, default_data(args.data_kind, args.data_path, resolution),
         use_ema=args.use_ema, drop_path_rate=args.drop_path_rate, dropout=args.dropout,
         overrides=overrides, epochs=args.epochs, steps=args.steps, quiet=args.quiet, **flags,
     )

@@ -1,4 +1,5 @@
-"""`convscale models`: the zoo as a table (name, family, params, forward/training GFLOPs per image)."""
+"""`convscale models`: the zoo as a table (name, family, params with and without the classifier head,
+forward/training GFLOPs per image)."""
 
 from __future__ import annotations
 
@@ -48,9 +49,10 @@ def run(args: argparse.Namespace) -> int:
         w.writeheader()
         w.writerows(rows)
     else:
-        header = ("model", "family", "params", f"GFLOPs/img fwd @{args.resolution}px", "train GFLOPs/img")
+        header = ("model", "family", "params", "w/o head", f"GFLOPs/img fwd @{args.resolution}px", "train GFLOPs/img")
         table = [
-            (r["name"], r["family"], _fmt_params(r["params"]), _fmt_gflops(r["gflops"]), _fmt_gflops(r["train_gflops"]))
+            (r["name"], r["family"], _fmt_params(r["params"]), _fmt_params(r["params_without_head"]),
+             _fmt_gflops(r["gflops"]), _fmt_gflops(r["train_gflops"]))
             for r in rows
         ]
         widths = [max(len(h), *(len(t[i]) for t in table)) for i, h in enumerate(header)]
@@ -61,6 +63,6 @@ def run(args: argparse.Namespace) -> int:
             print("  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(t, widths))))
         print(
             f"\nFLOPs = 2 x multiply-accumulates; training FLOPs per image = 3 x forward; "
-            f"{args.num_classes} classes."
+            f"{args.num_classes} classes; w/o head = without the classifier's weight and bias."
         )
     return 0

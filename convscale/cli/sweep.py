@@ -157,7 +157,7 @@ def cmd_plan(args) -> int:
             print(f"  {s.family} {s.model} at {study.budgets.kind}={s.budget:g}: {s.reason}")
     total_flops = sum(c.train_flops for c in plan.cells)
     print(f"\ntotal: {len(plan.cells)} cells, {total_flops:.3e} training FLOPs "
-          f"(FLOPs = 2 x MACs; training = 3 x forward per image)")
+          f"(FLOPs = 2 x MACs; training = 3 x forward per image, x2 with SAM)")
     if probes:
         print(f"probe on this machine ({next(iter(probes.values())).device}, "
               f"{probe_mod.default_threads(args.jobs)} threads per job, {args.jobs} job(s) at once):")

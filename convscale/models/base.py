@@ -54,6 +54,11 @@ class ModelConfig(Protocol):
         """Raise ``UserError`` if the model cannot take images of this size."""
         ...
 
+    @property
+    def head_params(self) -> int:
+        """Parameters of the classifier head ``model.classifier`` (weight and bias), analytic."""
+        ...
+
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
     """JSON-ready dict of a model config, with its family so it can be rebuilt."""

@@ -171,6 +171,11 @@ class NFNetConfig:
             raise UserError(f"resolution {resolution} is too small for {self.name} (total stride "
                             f"{self.total_stride}); use a resolution of at least {self.total_stride}")
 
+    @property
+    def head_params(self) -> int:
+        """The classifier's weight and bias: (final_width + 1) x num_classes."""
+        return (self.final_width + 1) * self.num_classes
+
     def forward_flops(self, resolution: int) -> int:
         """2 x MACs of every conv and linear (SE and classifier included) for one image; spatial
         sizes follow TF "SAME" (ceil(size / stride)), so odd sizes count exactly."""

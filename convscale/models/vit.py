@@ -149,6 +149,11 @@ class ViTConfig:
         macs += w * self.num_classes
         return FLOPS_PER_MAC * macs
 
+    @property
+    def head_params(self) -> int:
+        """The classifier's weight and bias: (width + 1) x num_classes. A MAP pooling head is body."""
+        return (self.width + 1) * self.num_classes
+
     def build(self) -> VisionTransformer:
         return VisionTransformer(self)
 

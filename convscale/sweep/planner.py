@@ -1,9 +1,11 @@
 """Turn a study into cells: one training run per (model, budget, learning rate).
 
 Each cell's length comes from ``convscale.train.config.budget_to_steps`` (the one budget -> steps
-conversion the trainer also uses), so a cell's planned steps, images and training FLOPs are exactly
-what its run will do. With FLOP budgets (IsoFLOP) a model trains for budget / (3 x forward FLOPs
-per image) images, rounded to whole batches: its training FLOPs are within half a batch of the budget.
+conversion the trainer also uses) and its training FLOPs per image from
+``TrainConfig.train_flops_per_image`` (3 x forward FLOPs, x2 with SAM: the loop's own charge), so a
+cell's planned steps, images and training FLOPs are exactly what its run will do. With FLOP budgets
+(IsoFLOP) a model trains for budget / (training FLOPs per image) images, rounded to whole batches:
+its training FLOPs are within half a batch of the budget.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ from convscale.sweep.study import FamilySpec, StudyConfig
 
 @dataclass(frozen=True)
 class Cell:
-    """One planned training run. FLOPs follow models/base.py (2 x MACs; training = 3 x forward)."""
+    """One planned training run. FLOPs follow models/base.py (2 x MACs; training = 3 x forward per
+    forward-backward pass, two passes per step with SAM). Fields after ``budget_flops`` were added
+    later: plan.json files written before them read as None."""
 
     cell_id: str
     study: str
@@ -29,17 +33,19 @@ class Cell:
     lr: float
     budget_kind: str  # "train_flops" | "epochs" | "images"
     budget: float  # the budget in its own unit (FLOPs, epochs or images)
-    params: int
+    params: int  # every parameter, the classifier head included
     flops_per_image: int  # forward FLOPs per image at ``resolution``
     resolution: int
     batch_size: int
     steps: int
     images: int  # images the run will see (steps x batch_size)
     epochs: float  # images / images per epoch
-    train_flops: float  # 3 x flops_per_image x images
+    train_flops: float  # 3 x flops_per_image x images, x2 with SAM (TrainConfig.train_flops_per_image)
     # the IsoFLOP budget (training FLOPs every cell of the budget shares); None for epoch or image
     # budgets, whose cells each have their own compute (the fits then use the Pareto frontier)
     budget_flops: Optional[float]
+    params_without_head: Optional[int] = None  # params minus the classifier head's (count_params)
+    eval_resolution: Optional[int] = None  # px of the held-out evaluation (TrainConfig.eval_resolution)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -127,7 +133,7 @@ def data_facts(study: StudyConfig) -> tuple[Optional[int], int]:
 
 def plan_study(study: StudyConfig) -> Plan:
     """All cells of a study; (model, budget) pairs no run can meet are left out and listed."""
-    from convscale.models import config_at_resolution, count_params, get_config, train_flops_per_image
+    from convscale.models import config_at_resolution, count_params, get_config
     from convscale.train.config import budget_to_steps
 
     num_train_images, num_classes = data_facts(study)
@@ -150,11 +156,16 @@ def plan_study(study: StudyConfig) -> Plan:
         base = base_train_config(study, fam)
         epoch_images = num_train_images or base.epoch_images
         for name in fam.models:
-            get_config(name, num_classes=num_classes, **base.model_overrides).check_resolution(resolution)
+            probe = get_config(name, num_classes=num_classes, **base.model_overrides)
+            probe.check_resolution(resolution)
+            if base.eval_resolution is not None:
+                probe.check_resolution(base.eval_resolution)
             mcfg = config_at_resolution(name, resolution, num_classes=num_classes, **base.model_overrides)
             fwd = int(mcfg.forward_flops(resolution))
-            tfpi = train_flops_per_image(fwd)
+            tfpi = base.train_flops_per_image(fwd)
             params = count_params(mcfg)
+            # == count_params(mcfg, include_head=False), without building the model a second time
+            params_without_head = params - mcfg.head_params
             tag = fam.name if counts[mcfg.name] > 1 else None
             for budget in budgets:
                 budget_cfg = base.replace(**{kind: budget})
@@ -191,6 +202,8 @@ def plan_study(study: StudyConfig) -> Plan:
                             epochs=images / epoch_images,
                             train_flops=train_flops,
                             budget_flops=float(budget) if kind == "train_flops" else None,
+                            params_without_head=params_without_head,
+                            eval_resolution=base.eval_resolution or resolution,
                         )
                     )
     for budget in budgets:

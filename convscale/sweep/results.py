@@ -1,12 +1,15 @@
 """The results table of a sweep: one row per cell, the input of the `scaling` stage.
 
-Columns (units in the names or here): study, family, model, params, flops_per_image (forward
+Columns (units in the names or here): study, family, model, params (all parameters),
+params_without_head (without the classifier head's weight and bias: the N whose size does not
+follow the number of classes; empty for sweeps planned before it existed), flops_per_image (forward
 FLOPs per image at ``resolution``), resolution, batch_size, images_seen, epochs, lr,
 budget_flops, train_flops, wall_hours, device_hours (wall hours x devices the run used: GPUs,
 or CPU cores), loss / top1 / top5 (final held-out; top-k as fractions), status
 (done / diverged / failed / pending), run_dir; then cell_id, optimizer, budget_kind, budget,
 steps, device_kind, peak_memory_gb, error (last stderr line of a failed cell), chance_loss
-(ln(classes): the held-out loss of a model that learned nothing).
+(ln(classes): the held-out loss of a model that learned nothing), eval_resolution (px of the
+held-out images behind loss / top1 / top5; empty for sweeps planned before it existed).
 """
 
 from __future__ import annotations
@@ -19,12 +22,12 @@ from convscale.sweep.fsutil import atomic_write, read_json
 from convscale.sweep.sweepdir import SweepDir
 
 COLUMNS = (
-    "study", "family", "model", "params", "flops_per_image", "resolution", "batch_size",
+    "study", "family", "model", "params", "params_without_head", "flops_per_image", "resolution", "batch_size",
     "images_seen", "epochs", "lr", "budget_flops", "train_flops", "wall_hours", "device_hours",
     "loss", "top1", "top5", "status", "run_dir",
 )
 EXTRA_COLUMNS = ("cell_id", "optimizer", "budget_kind", "budget", "steps", "device_kind", "peak_memory_gb", "error",
-                 "chance_loss")
+                 "chance_loss", "eval_resolution")
 STATUSES = ("done", "diverged", "failed", "pending")
 
 
@@ -54,6 +57,7 @@ def collect(root: str | Path):
             "family": c.family,
             "model": c.model,
             "params": c.params,
+            "params_without_head": c.params_without_head if c.params_without_head is not None else pd.NA,
             "flops_per_image": c.flops_per_image,
             "resolution": c.resolution,
             "batch_size": c.batch_size,
@@ -80,9 +84,11 @@ def collect(root: str | Path):
             "peak_memory_gb": _num(res.get("peak_memory_bytes")) / 2**30 if finished else math.nan,
             "error": failure.get("last_stderr_line", "") if state == "failed" else "",
             "chance_loss": _num(res.get("chance_loss")) if finished else math.nan,
+            "eval_resolution": c.eval_resolution if c.eval_resolution is not None else pd.NA,
         })
     df = pd.DataFrame(rows, columns=[*COLUMNS, *EXTRA_COLUMNS])
-    df["images_seen"] = df["images_seen"].astype("Int64")
+    for col in ("images_seen", "params_without_head", "eval_resolution"):  # integers that may be missing
+        df[col] = df[col].astype("Int64")
     return df
 
 

@@ -20,7 +20,7 @@ Study file (every table and field is checked; an unknown one is a ``UserError`` 
     [family.train]                      # optional TrainConfig overrides for this family only
     agc_exempt_scalar_gains = true
     [budgets]                           # exactly one of train_flops / epochs / images
-    train_flops = [1e11, 3e11, 1e12]    # IsoFLOP: images = budget / (3 x forward FLOPs per image)
+    train_flops = [1e11, 3e11, 1e12]    # IsoFLOP: images = budget / (3 x forward FLOPs per image, x2 with SAM)
     max_epochs = 100                    # optional: leave out cells that would need more epochs
 
 A top-level ``share_procedural_data = true`` makes `sweep run` generate the procedural training

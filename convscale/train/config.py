@@ -4,7 +4,8 @@ A run's length is given as exactly one of ``epochs``, ``steps``, ``images`` or `
 and converted to optimizer steps by ``budget_to_steps`` (the one place that does it). Training
 FLOPs follow the project convention (models/base.py): 3 x forward FLOPs per image, at the
 training resolution ``data.resolution``, doubled with SAM (``sam_rho > 0``: two forward-backward
-passes per step). An epoch counts image SLOTS: with repeated augmentation (``aug_repeats = k``)
+passes per step); ``TrainConfig.train_flops_per_image`` is that per-image cost, charged by both the
+training loop and the sweep planner. An epoch counts image SLOTS: with repeated augmentation (``aug_repeats = k``)
 a run of E epochs takes the same steps and compute as without, but sees each distinct image only
 about E / k times (paper.md A.6: fewer passes, same compute).
 """
@@ -120,6 +121,18 @@ class TrainConfig:
     def replace(self, **kw) -> "TrainConfig":
         return dataclasses.replace(self, **kw)
 
+    @property
+    def passes_per_step(self) -> int:
+        """Forward-backward passes per optimizer step: 2 with SAM (its ascent pass), else 1."""
+        return 2 if self.sam_rho > 0 else 1
+
+    def train_flops_per_image(self, forward_flops_per_image: float) -> float:
+        """Training FLOPs one image costs in this run: 3 x forward FLOPs (models/base.py) per
+        forward-backward pass, ``passes_per_step`` passes."""
+        from convscale.models.base import train_flops_per_image  # lazy: this module stays torch-free
+
+        return train_flops_per_image(forward_flops_per_image) * self.passes_per_step
+
     def validate(self) -> None:
         """Raise UserError for settings no run can use."""
         given = [f for f in BUDGET_FIELDS if getattr(self, f) is not None]
@@ -165,7 +178,7 @@ def budget_to_steps(
 ) -> int:
     """Optimizer steps for the run's budget (rounded to the nearest step).
 
-    ``train_flops_per_image``: 3 x forward FLOPs at the training resolution.
+    ``train_flops_per_image``: ``cfg.train_flops_per_image(forward FLOPs at the training resolution)``.
     ``num_train_images``: images in one epoch of real data; ``None`` for an unlimited stream,
     whose epoch is ``cfg.epoch_images``.
     """

@@ -13,6 +13,12 @@ sam.py), stochastic depth and dropout (model overrides), a higher train resoluti
 (``data.resolution``) and a still higher held-out one (``eval_resolution``), and repeated
 augmentation (``aug_repeats``, ``RepeatedAugmentSource`` below).
 
+Dropout and stochastic depth are a phase's recipe, not the architecture (no weight depends on
+them), so a fine-tune does not inherit the pre-training run's rates: it gets the model's own
+(an NFNet-F variant's published dropout, 0.2 for F0 ... 0.5 for F7, and stochastic depth 0.25; a
+ViT's or a scaled-down model's config defaults, 0) unless given. A pre-training study that turned
+them off (the paper preset) thus fine-tunes with them on, as the paper does.
+
     from convscale.train.finetune import finetune_config
     from convscale.train import run
     cfg = finetune_config("runs/pre", "runs/ft", DataConfig(kind="digits", resolution=32,
@@ -60,6 +66,8 @@ INHERITED_FIELDS = ("agc_clip", "agc_eps", "agc_exempt_scalar_gains", "precision
                     "momentum", "beta2", "grad_clip_norm", "threads")
 #: the model config field for classifier dropout in each family
 DROPOUT_FIELD = {"nfnet": "drop_rate", "vit": "dropout"}
+#: model config fields a fine-tune does not take from the pre-training run (see the module docstring)
+NOT_INHERITED_MODEL_FIELDS = ("image_size", "num_classes", "drop_rate", "dropout", "drop_path_rate")
 DEFAULT_EPOCHS = 10.0
 DEFAULT_SAM_RHO = 0.05  # the NFNet fine-tuning recipe (paper.md A.6)
 DEFAULT_BATCH_SIZE = 32  # digits (1438 training images): batch 64 reached 0.41 top-1 in 10 epochs, 32 reached 0.69
@@ -142,7 +150,7 @@ def load_pretrained_weights(model: nn.Module, pretrained: PretrainedRun) -> list
 
 
 def finetune_config(
-    pretrain_run_dir: str | Path,
+    pretrain_run_dir: str | Path | PretrainedRun,
     run_dir: str,
     data: DataConfig,
     *,
@@ -152,18 +160,19 @@ def finetune_config(
     overrides: Optional[dict[str, Any]] = None,
     **fields: Any,
 ) -> TrainConfig:
-    """The TrainConfig of a fine-tune of ``pretrain_run_dir`` on ``data``.
+    """The TrainConfig of a fine-tune of ``pretrain_run_dir`` (or a ``find_pretrained`` result) on ``data``.
 
-    Model: the pre-trained run's name and overrides (its ``image_size`` dropped: a ViT is built
-    for ``data.resolution``), plus stochastic depth / dropout rates if given. Optimizer, lr and
+    Model: the pre-trained run's name and overrides, less ``NOT_INHERITED_MODEL_FIELDS`` (a ViT is
+    built for ``data.resolution``; dropout and stochastic depth are the model's own), plus
+    stochastic depth / dropout rates if given. Optimizer, lr and
     weight decay: ``FAMILY_DEFAULTS``; numerics and clipping: the pre-trained run's; budget
     ``DEFAULT_EPOCHS`` epochs, SAM rho ``DEFAULT_SAM_RHO``. ``overrides`` (dotted ``--set`` keys)
     and then ``fields`` (TrainConfig fields; None = not given) win over all of these.
     """
-    pre = find_pretrained(pretrain_run_dir, use_ema)
+    pre = pretrain_run_dir if isinstance(pretrain_run_dir, PretrainedRun) else find_pretrained(pretrain_run_dir, use_ema)
     ptrain = pre.config["train"]
     model_overrides = {k: v for k, v in ptrain.get("model_overrides", {}).items()
-                       if k not in ("image_size", "num_classes")}
+                       if k not in NOT_INHERITED_MODEL_FIELDS}
     if drop_path_rate is not None:
         model_overrides["drop_path_rate"] = drop_path_rate
     if dropout is not None:

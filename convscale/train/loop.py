@@ -26,7 +26,7 @@ from convscale.data import build_source
 from convscale.data.config import DataSource
 from convscale.errors import UserError
 from convscale.models import config_at_resolution, get_config
-from convscale.models.base import config_to_dict, train_flops_per_image
+from convscale.models.base import config_to_dict
 from convscale.train.checkpoint import (
     atomic_write_json,
     is_main_process,
@@ -145,8 +145,8 @@ def _run(cfg: TrainConfig, restart: bool, source: Optional[DataSource]) -> dict[
     if cfg.eval_resolution is not None and cfg.eval_resolution != cfg.data.resolution:
         model_cfg.check_resolution(cfg.eval_resolution)
         eval_source = build_source(cfg.data.replace(resolution=cfg.eval_resolution))
-    sam_passes = 2 if cfg.sam_rho > 0 else 1  # SAM: two forward-backward passes per step
-    flops_per_image = train_flops_per_image(model_cfg.forward_flops(cfg.data.resolution)) * sam_passes
+    sam_passes = cfg.passes_per_step  # SAM: two forward-backward passes per step
+    flops_per_image = cfg.train_flops_per_image(model_cfg.forward_flops(cfg.data.resolution))
     steps = budget_to_steps(cfg, flops_per_image, source.num_train_images)
     warmup_steps = resolve_warmup_steps(cfg, steps)
     eval_batch_size = cfg.eval_batch_size or cfg.batch_size
@@ -311,6 +311,7 @@ def _run(cfg: TrainConfig, restart: bool, source: Optional[DataSource]) -> dict[
         **final_eval,
         # held-out loss is softmax cross-entropy: a model that learned nothing scores ln(classes)
         "chance_loss": math.log(model_cfg.num_classes),
+        "heldout_resolution": cfg.eval_resolution or cfg.data.resolution,  # px of the held-out metrics above
         "model": model_cfg.name,
         "params": sum(p.numel() for p in model.parameters()),
         "steps": done,
