@@ -250,7 +250,7 @@ def test_cli_user_errors_exit_2(tmp_path, capsys):
 def test_format_text_names_skipped_items():
     fit = fit_table(grid_csv(seed=6), bootstrap=0, seed=0)
     text = format_text(fit)
-    assert "all: lr_trend not fitted:" in text and "[no bootstrap]" in text
+    assert "all: lr_trend not fitted:" in text and "[no interval]" in text
     assert math.isnan(fit.families["all"].power_law.a.low)
 
 

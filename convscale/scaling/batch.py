@@ -133,3 +133,14 @@ def iid_weights(n_points: int, n_boot: int, rng: np.random.Generator) -> np.ndar
     if n_boot > 0:
         np.add.at(w, (np.arange(n_boot)[:, None], rng.integers(0, n_points, (n_boot, n_points))), 1.0)
     return w
+
+
+def multistart_lm(model: BatchModel, y: np.ndarray, inits: np.ndarray, *, delta: float = HUBER_DELTA,
+                  bounds: Optional[Sequence[tuple[Optional[float], Optional[float]]]] = None,
+                  weights: Optional[np.ndarray] = None) -> np.ndarray:
+    """The best of ``huber_lm`` runs from every row of ``inits`` on one data set (all starts at once)."""
+    inits = np.atleast_2d(np.asarray(inits, dtype=float))
+    n = np.shape(y)[-1]
+    w = np.broadcast_to(np.ones(n) if weights is None else np.asarray(weights, dtype=float), (len(inits), n))
+    theta, f = huber_lm(model, y, w, inits, delta=delta, bounds=bounds, max_iter=500, tol=1e-13)
+    return theta[int(np.argmin(np.where(np.isfinite(f), f, np.inf)))]

@@ -160,15 +160,18 @@ class Replicates:
     lr_weights: Optional[np.ndarray] = None
     centred: bool = False  # the last row is the noise-free surface (see above)
 
-    def recentre(self, samples: np.ndarray, hat: np.ndarray) -> np.ndarray:
+    def recentre(self, samples: np.ndarray, hat: Optional[np.ndarray]) -> np.ndarray:
         """Replicate rows of a statistic (one per row of this object) as its bootstrap samples: the
-        centre row dropped and the rest shifted by hat - centre (unchanged without a centre row)."""
+        centre row dropped and the rest shifted by hat - centre (unchanged without a centre row).
+        ``hat`` None: drop the centre only (for the surface's own parameters, whose centre is hat)."""
         s = np.asarray(samples, dtype=float)
         if not self.centred or len(s) == 0:
             return s
         centre = s[-1]
         out = s[:-1]
-        return out + (np.asarray(hat, dtype=float) - centre) if np.all(np.isfinite(centre)) else out
+        if hat is None or not np.all(np.isfinite(centre)):
+            return out
+        return out + (np.asarray(hat, dtype=float) - centre)
 
 
 def lr_optimum_batch(log_lr: np.ndarray, log_loss: np.ndarray) -> np.ndarray:
@@ -271,19 +274,20 @@ def build_points(runs: pd.DataFrame, design: str, diverged: Optional[pd.DataFram
 
 def smooth_surface(points: Points) -> Optional[tuple[np.ndarray, int]]:
     """The smooth log-loss the residual bootstrap redraws deviations from, and its parameter count:
-    in an IsoFLOP design a parabola in log N per budget (approach 2's own model: every budget needs
-    >= 4 sizes), in a grid the fitted L(N, D). None when neither can be fitted (points are then
-    redrawn within budgets)."""
+    in an IsoFLOP design a parabola in log N per budget (approach 2's own model; a line or a mean
+    where a budget has fewer sizes), in a grid the fitted L(N, D). None when it leaves no deviations
+    to draw from (no budget with >= 4 sizes; a grid too small for L(N, D)): points are then redrawn
+    within budgets."""
     log_n, log_l = np.log(points.params), np.log(points.loss)
     if points.design == ISOFLOP:
-        out = np.empty(points.n)
+        out, n_params, widest = np.empty(points.n), 0, 0
         for s in np.unique(points.stratum):
             idx = np.flatnonzero(points.stratum == s)
-            if len(np.unique(log_n[idx])) < MIN_SIZES_FOR_SMOOTHING:
-                return None
-            coef = np.polyfit(log_n[idx], log_l[idx], 2)
-            out[idx] = np.polyval(coef, log_n[idx])
-        return out, 3 * len(np.unique(points.stratum))
+            n_sizes = len(np.unique(log_n[idx]))
+            degree = min(2, n_sizes - 1)
+            out[idx] = np.polyval(np.polyfit(log_n[idx], log_l[idx], degree), log_n[idx])
+            n_params, widest = n_params + degree + 1, max(widest, n_sizes)
+        return (out, n_params) if widest >= MIN_SIZES_FOR_SMOOTHING else None
     from convscale.scaling.parametric import MIN_DISTINCT, MIN_POINTS, batch_model, point_fit
 
     if points.n < MIN_POINTS or min(len(np.unique(points.params)), len(np.unique(points.images))) < MIN_DISTINCT:
@@ -295,14 +299,20 @@ def smooth_surface(points: Points) -> Optional[tuple[np.ndarray, int]]:
 
 def k_of_params(points: Points):
     """k(N) in C = k(N) * N * D: each model's own FLOPs per parameter per image, interpolated in
-    log-log between the family's models (held at the end values beyond them)."""
+    log-log between the family's models and continued beyond them along the least-squares line of
+    log k on log N (an optimum past the ladder keeps the ladder's trend in k)."""
     log_n = np.log(points.params)
     order = np.argsort(log_n)
     u, lk = log_n[order], np.log(points.flops_per_param_image[order])
     uu, inv = np.unique(u, return_inverse=True)
     lkk = np.array([np.median(lk[inv == i]) for i in range(len(uu))])
+    slope = float(np.polyfit(uu, lkk, 1)[0]) if len(uu) >= 2 else 0.0
 
     def k(n: np.ndarray) -> np.ndarray:
-        return np.exp(np.interp(np.log(n), uu, lkk))
+        x = np.log(np.asarray(n, dtype=float))
+        inner = np.interp(x, uu, lkk)
+        below = lkk[0] + slope * (x - uu[0])
+        above = lkk[-1] + slope * (x - uu[-1])
+        return np.exp(np.where(x < uu[0], below, np.where(x > uu[-1], above, inner)))
 
     return k

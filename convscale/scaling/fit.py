@@ -21,7 +21,14 @@ from convscale.errors import UserError
 from convscale.scaling.design import GRID, ISOFLOP, Replicates, build_points, detect_design, k_of_params, smooth_surface
 from convscale.scaling.extrapolate import ExtrapolationCheck, extrapolation_from_replicates
 from convscale.scaling.frontier import METHOD_TEXT as FRONTIER_TEXT
-from convscale.scaling.frontier import frontier_mask, frontier_method, frontier_records, frontier_table
+from convscale.scaling.frontier import (
+    MIN_INTERIOR_POINTS,
+    frontier_mask,
+    frontier_method,
+    frontier_records,
+    frontier_table,
+    interior_points,
+)
 from convscale.scaling.optimal import (
     MIN_BUDGETS,
     AllocationFit,
@@ -94,6 +101,10 @@ class FamilyFit:
     size_convention: str = "params"
     chance_loss: float | None = None  # ln(classes) where the table records it
     level: float = DEFAULT_LEVEL
+    #: which frontier points the power laws were fitted to: "interior" (runs at the edge of the sweep's
+    #: sizes or data sizes left out: they only bound the envelope) or "all" (too few interior ones)
+    frontier_law_points: str = "all"
+    frontier_interior_points: int = 0  # frontier runs inside the swept sizes (and data sizes, on a grid)
     power_law: PowerLawFit | None = None
     power_law_irreducible: PowerLawFit | None = None
     optimal_params_frontier_runs: AllocationFit | None = None
@@ -214,6 +225,16 @@ def _fit_family(
     log_l_rep = np.log(reps.loss)
     f_hat = frontier_mask(points, np.ones((1, points.n)), points.loss[None, :])[0]
     f_rep = frontier_mask(points, reps.weights, reps.loss) if bootstrap > 0 else np.zeros((0, points.n), bool)
+    # the laws of the frontier: its interior points (a run at the edge of the sweep only bounds the
+    # envelope), or all of it when fewer than MIN_INTERIOR_POINTS are interior
+    inside = interior_points(points)
+    fam.frontier_interior_points = int((f_hat & inside).sum())
+    if (f_hat & inside).sum() >= MIN_INTERIOR_POINTS:
+        law_hat, law_rep = f_hat & inside, f_rep & inside[None, :]
+        fam.frontier_law_points = "interior"
+    else:
+        law_hat, law_rep = f_hat, f_rep
+        fam.frontier_law_points = "all"
     k_of_n = k_of_params(points)
 
     def attempt(item: str, make: Callable[[], Any]) -> None:
@@ -229,7 +250,7 @@ def _fit_family(
 
     for item, irreducible in (("power_law", False), ("power_law_irreducible", True)):
         attempt(item, lambda irr=irreducible: power_law_from_replicates(
-            points.compute, log_l, f_hat, log_l_rep, f_rep, irreducible=irr, level=level, recentre=reps.recentre))
+            points.compute, log_l, law_hat, log_l_rep, law_rep, irreducible=irr, level=level, recentre=reps.recentre))
     # approach 1: the frontier runs' N and D against their compute
     log_d_pts = np.log(points.images)
     for quantity, values, col in (("params", np.log(points.params), "params"), ("images", log_d_pts, "images_seen")):
@@ -268,7 +289,7 @@ def _fit_family(
             fam.skipped[f"optimal_{q}_parametric"] = "no parametric L(N, D) fitted: " + fam.skipped.get("parametric", "")
     for item, irreducible in (("extrapolation", False), ("extrapolation_irreducible", True)):
         attempt(item, lambda irr=irreducible: extrapolation_from_replicates(
-            points.compute, log_l, f_hat, log_l_rep, f_rep, irreducible=irr, level=level, recentre=reps.recentre))
+            points.compute, log_l, law_hat, log_l_rep, law_rep, irreducible=irr, level=level, recentre=reps.recentre))
     return fam
 
 
@@ -414,7 +435,7 @@ def _g(x: float) -> str:
 
 
 def _iv(e: Any) -> str:
-    return f"[{_g(e.low)}, {_g(e.high)}]" if np.isfinite(e.low) and np.isfinite(e.high) else "[no bootstrap]"
+    return f"[{_g(e.low)}, {_g(e.high)}]" if np.isfinite(e.low) and np.isfinite(e.high) else "[no interval]"
 
 
 def format_text(fit: StudyFit) -> str:
@@ -430,7 +451,7 @@ def format_text(fit: StudyFit) -> str:
         lines.append("")
         lines.append(
             f"{name}: {f.n_done}/{f.n_runs} runs fitted, {f.design} design, frontier of {len(f.frontier)} points "
-            f"({FRONTIER_TEXT[f.frontier_method]})"
+            f"({FRONTIER_TEXT[f.frontier_method]}); laws fitted to its {f.frontier_law_points} points"
         )
         if f.power_law:
             p = f.power_law

@@ -31,6 +31,21 @@ def frontier_method(design: str) -> str:
     return METHOD_BUDGET if design == ISOFLOP else METHOD_PARETO
 
 
+COMPUTE_RTOL = 0.01  # runs whose compute differs by less than this are at the same compute
+
+
+def compute_groups(compute: np.ndarray) -> np.ndarray:
+    """Group labels, in increasing compute, of values within COMPUTE_RTOL of their group's first."""
+    order = np.argsort(compute, kind="stable")
+    labels = np.empty(len(compute), dtype=int)
+    label, start = -1, None
+    for i in order:
+        if start is None or compute[i] > start * (1 + COMPUTE_RTOL):
+            label, start = label + 1, compute[i]
+        labels[i] = label
+    return labels
+
+
 def frontier_mask(points: Points, weights: np.ndarray, loss: np.ndarray) -> np.ndarray:
     """(B, n) bool: which present points are on each replicate's frontier."""
     present = weights > 0
@@ -42,8 +57,10 @@ def frontier_mask(points: Points, weights: np.ndarray, loss: np.ndarray) -> np.n
             best = idx[np.argmin(masked[:, idx], axis=1)]
             out[np.arange(len(best)), best] = True
         return out & present
-    # Pareto: group equal compute, then strictly below every cheaper group's best
-    uc, inv = np.unique(points.compute, return_inverse=True)
+    # Pareto: group equal compute (within COMPUTE_RTOL: step rounding, or a grid whose N and D steps
+    # cancel), then strictly below every cheaper group's best
+    inv = compute_groups(points.compute)
+    uc = np.arange(inv.max() + 1)
     group_min = np.full((masked.shape[0], len(uc)), np.inf)
     for gi in range(len(uc)):
         group_min[:, gi] = masked[:, inv == gi].min(axis=1)
@@ -59,6 +76,28 @@ def frontier_mask(points: Points, weights: np.ndarray, loss: np.ndarray) -> np.n
         keep[np.arange(len(first)), first] = sub[np.arange(len(first)), first]
         out[:, idx] = keep
     return out
+
+
+MIN_INTERIOR_POINTS = 4  # below this many interior frontier points the laws use the whole frontier
+
+
+def interior_points(points: Points) -> np.ndarray:
+    """Points whose run is inside the swept ranges: not the smallest or largest model of their budget
+    (IsoFLOP) or of the family, and, on a grid, not the smallest or largest data size. A frontier run
+    at an edge only bounds the compute-optimal envelope (the optimum may lie beyond the sweep), so
+    the laws of the frontier leave such points out when enough others remain."""
+    log_n = np.log(points.params)
+    inside = np.ones(points.n, dtype=bool)
+    if points.design == ISOFLOP:
+        for s in np.unique(points.stratum):
+            idx = np.flatnonzero(points.stratum == s)
+            inside[idx] = (log_n[idx] > log_n[idx].min()) & (log_n[idx] < log_n[idx].max())
+        return inside
+    log_d = np.log(points.images)
+    tol = 0.005
+    inside &= (log_n > log_n.min() + tol) & (log_n < log_n.max() - tol)
+    inside &= (log_d > log_d.min() + tol) & (log_d < log_d.max() - tol)
+    return inside
 
 
 def frontier_table(points: Points, runs: pd.DataFrame) -> pd.DataFrame:

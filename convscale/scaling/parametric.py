@@ -26,7 +26,7 @@ import pandas as pd
 from scipy.special import logsumexp
 
 from convscale.errors import UserError
-from convscale.scaling.batch import huber_lm
+from convscale.scaling.batch import huber_lm, multistart_lm
 from convscale.scaling.robust import (
     single_threaded_blas,
     DEFAULT_LEVEL,
@@ -34,7 +34,6 @@ from convscale.scaling.robust import (
     Estimate,
     estimate,
     huber,
-    minimize_multistart,
     r2_log,
 )
 
@@ -111,6 +110,8 @@ class ParametricFit:
 
 
 def _objective(log_n: np.ndarray, log_d: np.ndarray, log_l: np.ndarray, delta: float):
+    """The Huber objective and its gradient for scipy (one fit at a time; benchmarks/fit_speed.py's reference)."""
+
     def fun(theta: np.ndarray) -> tuple[float, np.ndarray]:
         e, a, b, alpha, beta = theta
         t_n, t_d = a - alpha * log_n, b - beta * log_d
@@ -162,10 +163,10 @@ def best_per_nd(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def point_fit(log_n: np.ndarray, log_d: np.ndarray, log_l: np.ndarray, delta: float = HUBER_DELTA) -> np.ndarray:
-    """The multi-start fit on all points: theta (e, a, b, alpha, beta)."""
+    """The multi-start fit on all points: theta (e, a, b, alpha, beta), from the 16 best points of the
+    Hoffmann-style grid, all starts refined at once."""
     inits = _screen_grid(log_n, log_d, log_l, delta, 16)
-    theta, _ = minimize_multistart(_objective(log_n, log_d, log_l, delta), inits, bounds=_BOUNDS, top_k=len(inits))
-    return theta
+    return multistart_lm(batch_model(log_n, log_d), log_l, inits, delta=delta, bounds=_BOUNDS)
 
 
 def replicate_fits(log_n: np.ndarray, log_d: np.ndarray, log_l: np.ndarray, weights: np.ndarray,
@@ -254,7 +255,7 @@ def parametric_from_replicates(
     log_n, log_d, log_l = np.log(points.params), np.log(points.images), np.log(points.loss)
     hat = point_fit(log_n, log_d, log_l, delta)
     if reps is not None and reps.weights.shape[0]:
-        s = reps.recentre(replicate_fits(log_n, log_d, np.log(reps.loss), reps.weights, hat, delta), hat)
+        s = reps.recentre(replicate_fits(log_n, log_d, np.log(reps.loss), reps.weights, hat, delta), None)
     else:
         s = np.empty((0, 5))
     ks = points.flops_per_param_image

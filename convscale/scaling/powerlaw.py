@@ -14,15 +14,13 @@ from typing import Any, Callable
 import numpy as np
 
 from convscale.errors import UserError
-from convscale.scaling.batch import huber_lm, iid_weights, wls
+from convscale.scaling.batch import huber_lm, iid_weights, multistart_lm, wls
 from convscale.scaling.robust import (
     single_threaded_blas,
     DEFAULT_LEVEL,
     HUBER_DELTA,
     Estimate,
     estimate,
-    huber,
-    minimize_multistart,
     r2_log,
 )
 
@@ -75,24 +73,6 @@ class PowerLawFit:
         return cls(**kw)
 
 
-def _objective(x: np.ndarray, log_l: np.ndarray, irreducible: bool, delta: float):
-    """Huber objective on log-loss residuals; theta = (log A', a[, log E]) with centred x."""
-
-    def fun(theta: np.ndarray) -> tuple[float, np.ndarray]:
-        u = theta[0] - theta[1] * x
-        if irreducible:
-            pred = np.logaddexp(u, theta[2])
-            w = np.exp(u - pred)  # d pred / d u
-            dpred = np.stack([w, -x * w, 1.0 - w])
-        else:
-            pred = u
-            dpred = np.stack([np.ones_like(x), -x])
-        val, g = huber(pred - log_l, delta)
-        return float(val.sum()), dpred @ g
-
-    return fun
-
-
 def _inits(x: np.ndarray, log_l: np.ndarray, irreducible: bool) -> np.ndarray:
     """Grid of starts; log A' of each start is set so the curve passes through the data's mean."""
     rows = []
@@ -125,9 +105,8 @@ def batch_model(x: np.ndarray, irreducible: bool):
 def point_fit(x: np.ndarray, log_l: np.ndarray, irreducible: bool, delta: float = HUBER_DELTA) -> np.ndarray:
     """The multi-start fit on one set of points; theta (log A', a[, log E]) at centred ``x``."""
     bounds = [(None, None), (1e-6, 5.0), (None, None)] if irreducible else None
-    theta, _ = minimize_multistart(_objective(x, log_l, irreducible, delta), _inits(x, log_l, irreducible),
-                                   bounds=bounds, top_k=4)
-    return theta
+    return multistart_lm(batch_model(x, irreducible), log_l, _inits(x, log_l, irreducible), delta=delta,
+                         bounds=bounds)
 
 
 def replicate_fits(x: np.ndarray, log_l: np.ndarray, weights: np.ndarray, theta_hat: np.ndarray,
