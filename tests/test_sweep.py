@@ -409,3 +409,37 @@ def test_real_end_to_end_sweep(tmp_path, capsys):
     # a second run of the same study finds everything finished and starts nothing
     assert main(["sweep", "run", str(p), "--dir", str(d)]) == 0
     assert "4 finished, 0 to run" in capsys.readouterr().out
+
+
+def test_local_cells_take_the_inherited_gpus_and_no_launcher_variables(monkeypatch):
+    from convscale.sweep.executors import LocalExecutor, Resources, SlurmExecutor, _SlurmGpuResources
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")
+    ex = LocalExecutor(jobs=4, gpus=4, threads=2)
+    assert [ex.resources(s).gpu for s in range(5)] == ["4", "5", "6", "7", "4"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-a,GPU-b")
+    assert LocalExecutor(jobs=2, gpus=2).resources(1).gpu == "GPU-b"
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert LocalExecutor(jobs=2, gpus=2).resources(1).gpu == "1"
+    assert Resources(threads=3).env()["OMP_NUM_THREADS"] == "3"
+    # Slurm: N GPUs per cell are N processes of one torchrun, and N device-hours
+    eight = SlurmExecutor(gpus_per_node=8).cell_command()
+    assert eight[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=8"]
+    assert eight[-3:] == ["-m", "convscale", "train"]
+    assert SlurmExecutor(gpus_per_node=1).cell_command()[1:] == ["-m", "convscale", "train"]
+    assert _SlurmGpuResources(threads=4, gpus=8).devices == 8
+
+
+def test_a_cell_started_from_a_torchrun_rank_is_one_process(fake, tmp_path, monkeypatch):
+    """A sweep run inside a torchrun/srun step must not hand its rank variables to its cells."""
+    from convscale.sweep.executors import run_cell
+
+    sweep, ids, _, _, _ = fake
+    cell = ids[0]
+    probe = tmp_path / "env.txt"
+    cmd = [sys.executable, "-c", f"import os, sys; open({str(probe)!r}, 'w').write(os.environ.get('RANK', '-') + "
+                                 f"os.environ.get('SLURM_STEP_NUM_TASKS', '-')); sys.exit(1)"]
+    for k, v in {"RANK": "1", "WORLD_SIZE": "2", "SLURM_PROCID": "1", "SLURM_STEP_NUM_TASKS": "2"}.items():
+        monkeypatch.setenv(k, v)
+    run_cell(sweep.root, cell, train_command=cmd)
+    assert probe.read_text() == "--"

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from convscale.data.config import DataConfig
+from convscale.data.config import WHOLE, DataConfig, part_bounds
 from convscale.errors import UserError
 from convscale.models import get_config
 from convscale.train.checkpoint import list_checkpoints, save_checkpoint
@@ -52,17 +52,22 @@ class TinySource:
         images = torch.randn(n, 3, self.resolution, self.resolution, generator=g) + self.patterns[labels]
         return images, labels
 
-    def train_batches(self, batch_size: int, start_step: int = 0):
+    # float images only: uint8=True is a request the contract lets a float source ignore
+    def train_batches(self, batch_size: int, start_step: int = 0, part=WHOLE, uint8=False, pin_memory=False):
         k = start_step
+        lo, hi = part_bounds(batch_size, part)
         while True:
             if self.fail_at_step is not None and k == self.fail_at_step:
                 raise KeyboardInterrupt("simulated kill")
-            yield self._batch(batch_size, 1_000_003 * self.seed + k)
+            x, y = self._batch(batch_size, 1_000_003 * self.seed + k)
+            yield x[lo:hi], y[lo:hi]
             k += 1
 
-    def heldout_batches(self, batch_size: int):
-        for start in range(0, self.heldout_images, batch_size):
-            yield self._batch(min(batch_size, self.heldout_images - start), -1 - start)
+    def heldout_batches(self, batch_size: int, part=WHOLE, uint8=False, pin_memory=False):
+        images, labels = self._batch(self.heldout_images, -1)  # one fixed set, whatever the batch size
+        for x, y in zip(images.split(batch_size), labels.split(batch_size)):
+            lo, hi = part_bounds(len(y), part)
+            yield x[lo:hi], y[lo:hi]
 
 
 def tiny_cfg(tmp_path: Path, name: str = "run", **kw) -> TrainConfig:

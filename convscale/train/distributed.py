@@ -187,19 +187,10 @@ def all_reduce_sum(values: list[float]) -> list[float]:
     return t.tolist()
 
 
-def all_reduce_eval(r: dict[str, Any]) -> dict[str, Any]:
-    """Global held-out metrics from each rank's means over its ``r["images"]`` images.
-
-    ``top1``/``top5`` come back as exact hit counts over the total, as in a 1-process run.
-    """
-    if not is_distributed():
-        return r
-    keys = sorted(k for k in r if k != "images")
-    sums = all_reduce_sum([r["images"], *(r[k] * r["images"] for k in keys)])
-    n = int(round(sums[0]))
-    out: dict[str, Any] = {k: (round(s) if k in ("top1", "top5") else s) / n for k, s in zip(keys, sums[1:])}
-    out["images"] = n
-    return out
+def all_reduce_sums(sums: dict[str, float]) -> dict[str, float]:
+    """The same dict with every value summed over ranks (one collective; identity without a group)."""
+    keys = sorted(sums)
+    return dict(zip(keys, all_reduce_sum([float(sums[k]) for k in keys])))
 
 
 def run_on_main(fn: Callable[[], T]) -> T:
