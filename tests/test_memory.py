@@ -61,3 +61,23 @@ def test_a_copy_of_a_checkpointed_model_runs_its_own_weights():
             with torch.set_grad_enabled(grad):
                 assert torch.equal(twin(x), plain(x)), (name, grad)
                 assert not torch.allclose(twin(x), live(x))
+
+
+def test_ema_held_out_loss_is_identical_with_and_without_checkpointing(tmp_path):
+    """The issue's measurement: the live model agreed, the EMA's loss did not (2.302154 vs
+    2.302132), because the EMA copy's checkpointed blocks ran the live weights."""
+    from convscale.data.config import DataConfig
+    from convscale.train.config import TrainConfig
+    from convscale.train.loop import run
+
+    results = []
+    for ac in (False, True):
+        cfg = TrainConfig(run_dir=str(tmp_path / f"ac{ac}"), model="nfnet-tiny", steps=6, lr=0.4, batch_size=16,
+                          data=DataConfig(resolution=16, num_classes=10, heldout_images=64), ema_decay=0.5,
+                          agc_exempt_scalar_gains=True, precision="fp32", activation_checkpointing=ac,
+                          checkpoint_every_seconds=0, threads=1, quiet=True)
+        results.append(run(cfg))
+    plain, checkpointed = results
+    assert plain["heldout_loss"] == checkpointed["heldout_loss"]
+    assert plain["ema_heldout_loss"] == checkpointed["ema_heldout_loss"]
+    assert plain["ema_heldout_loss"] != plain["heldout_loss"]  # the EMA is a different model

@@ -179,12 +179,17 @@ def rasterize(xs: torch.Tensor, ys: torch.Tensor, scale: torch.Tensor, flip: tor
     py = torch.floor(ys * alpha[None, :, None] + by[None, :, None]).clamp_(0, resolution - 1).to(torch.int64)
     row = (torch.arange(n, device=xs.device) * resolution)[None, :, None]
     flat = ((py + row) * resolution + px).reshape(-1)
-    if flat.device.type == "cpu":
-        return torch.bincount(flat, minlength=n * resolution * resolution).view(n, -1)
-    # bincount sizes its output from the data (a device-to-host sync); the size is known here.
-    # Integer sums are exact in any order, so the counts equal bincount's.
-    counts = torch.zeros(n * resolution * resolution, dtype=torch.int32, device=flat.device)
-    return counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32)).view(n, -1)
+    return hit_counts(flat, n * resolution * resolution, sync_free=flat.device.type != "cpu").view(n, -1)
+
+
+def hit_counts(flat: torch.Tensor, size: int, sync_free: bool) -> torch.Tensor:
+    """How often each of ``size`` bins occurs in ``flat``. ``sync_free`` (on GPUs): a scatter-add
+    into a buffer of the known size, because bincount sizes its output from the data (a
+    device-to-host sync); integer sums are exact in any order, so the counts are bincount's."""
+    if not sync_free:
+        return torch.bincount(flat, minlength=size)
+    counts = torch.zeros(size, dtype=torch.int32, device=flat.device)
+    return counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
