@@ -23,6 +23,7 @@ from convscale.sweep import (
 )
 from convscale.sweep.locking import CellLock, is_locked
 from convscale.sweep.study import StudyConfig
+from convscale.train.config import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -443,3 +444,20 @@ def test_a_cell_started_from_a_torchrun_rank_is_one_process(fake, tmp_path, monk
         monkeypatch.setenv(k, v)
     run_cell(sweep.root, cell, train_command=cmd)
     assert probe.read_text() == "--"
+
+
+def test_paper_preset_steps_in_micro_batches_with_checkpointing():
+    """F7 at batch 4096 in one step (no accumulation, no checkpointing) and a held-out batch of
+    4096 ran out of memory before the first step; the preset now steps 512 images per micro-batch
+    (64 per process on 8 GPUs), checkpointed, and evaluates one micro-batch at a time."""
+    from convscale.sweep.planner import cell_train_config
+    from convscale.sweep.presets import preset
+    from convscale.sweep.study import parse_study
+
+    study = parse_study(preset("paper"))
+    plan = plan_study(study)
+    f7 = next(c for c in plan.cells if c.model == "nfnet-f7+")
+    cfg = cell_train_config(study, f7, "runs/x")
+    assert (cfg.batch_size, cfg.grad_accum_steps, cfg.activation_checkpointing) == (4096, 8, True)
+    assert cfg.resolved_eval_batch_size() == 512 and cfg.batch_size % (8 * cfg.grad_accum_steps) == 0
+    assert TrainConfig().resolved_eval_batch_size() == 128  # the default: one micro-batch = the batch
