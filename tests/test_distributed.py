@@ -94,6 +94,17 @@ def test_ddp_two_processes_follow_the_one_process_trajectory(reference, tmp_path
     assert files(run_dir) == files(reference)
 
 
+def test_one_process_torchrun_takes_the_collective_path(reference, tmp_path):
+    """torchrun with 1 process joins a group of one (DDP, all-reduces, broadcast), the path that
+    benchmarks/gpu_check.sh runs on NCCL with one GPU; here on gloo it must give the plain run's numbers."""
+    run_dir = tmp_path / "one"
+    p = subprocess.run([*torchrun(1), *train_args(run_dir)], env=env(), cwd=REPO, capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert max_loss_difference(rows(reference), rows(run_dir)) < TOL
+    assert json.loads((run_dir / "result.json").read_text())["processes"] == 1
+
+
 def test_fsdp_killed_run_resumes_on_one_process(reference, tmp_path):
     """FSDP2 on 2 processes, SIGKILLed after its first checkpoint (full tensors gathered on rank 0),
     resumed by a plain 1-process run: every row matches the 1-process reference."""

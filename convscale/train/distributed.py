@@ -117,14 +117,16 @@ def init_distributed() -> bool:
     """Join the process group the environment describes (torchrun, or Slurm via ``env_from_slurm``).
 
     Returns True if this call created the group (the caller then owns ``shutdown``); False for a
-    1-process run or when a group already exists. Backend: NCCL with CUDA, else gloo.
+    plain run (no launcher variables) or when a group already exists. Backend: NCCL with CUDA,
+    else gloo. A 1-process torchrun joins a group of one too: it takes the data-parallel path
+    (DDP, collectives) with one GPU, which is how ``benchmarks/gpu_check.sh`` checks NCCL.
     """
     if not dist.is_available() or dist.is_initialized():
         return False
     env_from_slurm(os.environ)
-    info = info_from_env()
-    if info.world_size < 2:
+    if "RANK" not in os.environ:
         return False
+    info = info_from_env()
     if torch.cuda.is_available():
         torch.cuda.set_device(cuda_device_index(info.local_rank, torch.cuda.device_count()))
         backend = "nccl"
@@ -148,7 +150,8 @@ def shutdown(barrier: bool = True) -> None:
 
 
 def is_distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    """True in a process group (torchrun/srun, any size, one included)."""
+    return dist.is_available() and dist.is_initialized()
 
 
 def rank() -> int:
