@@ -94,6 +94,7 @@ def test_ddp_two_processes_follow_the_one_process_trajectory(reference, tmp_path
     assert files(run_dir) == files(reference)
 
 
+@pytest.mark.slow  # a torchrun training run: over ~10 s on a loaded 2-core machine
 def test_one_process_torchrun_takes_the_collective_path(reference, tmp_path):
     """torchrun with 1 process joins a group of one (DDP, all-reduces, broadcast), the path that
     benchmarks/gpu_check.sh runs on NCCL with one GPU; here on gloo it must give the plain run's numbers."""
@@ -218,6 +219,7 @@ def test_a_batch_script_is_not_a_job_step():
     assert "RANK" not in batch and "WORLD_SIZE" not in batch
 
 
+@pytest.mark.slow  # a training subprocess: over ~10 s on a loaded 2-core machine
 def test_plain_train_in_a_two_task_allocation_finishes(tmp_path):
     """The reproduction of the hang: SLURM_PROCID=0 SLURM_NTASKS=2 outside srun; the run must end."""
     run_dir = tmp_path / "run"
@@ -303,6 +305,7 @@ def _count_gradient_reductions(rank: int, world: int, init_file: str, out_file: 
     dist.destroy_process_group()
 
 
+@pytest.mark.slow  # 2 spawned processes: over ~10 s on a loaded 2-core machine
 def test_micro_batches_reduce_gradients_once_per_step(tmp_path):
     """4 micro-batches, one gradient reduction: DDP's bucket all-reduce and FSDP2's
     reduce-scatter run only after the last (they ran after every micro-batch)."""

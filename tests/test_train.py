@@ -392,3 +392,18 @@ def test_sgd_agc_equals_torch_sgd_after_per_tensor_agc_in_float64():
     bench.reference_agc_(list(base.parameters()), [p.grad for p in base.parameters()], 0.01, 1e-3)
     clipped = sum(not torch.equal(g, p.grad) for g, p in zip(grads, base.parameters()))
     assert 0 < clipped < len(grads)
+
+
+def test_channels_last_keeps_1x1_weights_in_the_layout_of_their_gradients():
+    from convscale.train.loop import to_channels_last
+
+    model = to_channels_last(get_config("nfnet-tiny", num_classes=5).build())
+    x = torch.randn(2, 3, 16, 16).contiguous(memory_format=torch.channels_last)
+    model(x).sum().backward()
+    convs = [(n, p) for n, p in model.named_parameters() if p.dim() == 4]
+    assert any(p.shape[2:] == (1, 1) for _, p in convs) and any(p.shape[2:] != (1, 1) for _, p in convs)
+    for n, p in convs:
+        if p.shape[2:] == (1, 1):
+            assert p.stride() == p.grad.stride() == p.contiguous().stride(), n  # DDP's bucket views match
+        else:
+            assert p.is_contiguous(memory_format=torch.channels_last), n

@@ -102,8 +102,9 @@ class DataSource(Protocol):
 
     def heldout_batches(self, batch_size: int, part: tuple[int, int] = WHOLE, uint8: bool = False,
                         pin_memory: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """The fixed held-out set, once, in a fixed order (share ``part`` of each batch; a share
-        may be empty); never overlaps training images."""
+        """The fixed held-out set, once, in a fixed order; never overlaps training images. With
+        ``part``: share ``part`` of each batch, one item per batch on every rank even when the
+        share is empty (FSDP2 ranks gather parameters in every forward, so they must stay in step)."""
         ...
 
     def normalize(self, images_uint8: torch.Tensor) -> torch.Tensor:

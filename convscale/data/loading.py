@@ -156,7 +156,9 @@ class BatchBuilder(torch.utils.data.Dataset):
                 img, label = decoded[donor], plan.samples[donor].label
             arrays.append(train_transform(img, self.spec, rng_for(*sample.seed)))
             labels.append(label)
-        return LoadedBatch(stack_uint8(arrays), torch.tensor(labels, dtype=torch.int64), skipped)
+        r = self.spec.resolution
+        images = stack_uint8(arrays) if arrays else torch.empty(0, 3, r, r, dtype=torch.uint8)  # an empty share
+        return LoadedBatch(images, torch.tensor(labels, dtype=torch.int64), skipped)
 
 
 def _error_batch(message: str) -> LoadedBatch:
@@ -240,7 +242,7 @@ class PlannedSource:
         plans = (plan_part(p, part) for p in self._heldout_plans(batch_size))
         for images, labels in self.receive_all(build_batches(self._builder, plans, self.cfg.workers, pin_memory),
                                                uint8):
-            if len(labels):
+            if len(labels) or part != WHOLE:  # every rank one item per batch (FSDP2 forwards gather collectively)
                 yield images, labels
 
     def normalize(self, images_uint8: torch.Tensor) -> torch.Tensor:

@@ -180,7 +180,7 @@ class ProceduralSource:
         n = self.cfg.heldout_images
         for start in range(0, n, batch_size):
             first, last = part_bounds(min(n, start + batch_size) - start, part)
-            if first == last:
+            if first == last and part == WHOLE:
                 continue
             x, y = self.images.render_uint8("heldout", torch.arange(start + first, start + last))
             if pin_memory and x.device.type == "cpu":

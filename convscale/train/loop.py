@@ -113,6 +113,18 @@ def prepare_run_dir(run_dir: Path, resolved: dict[str, Any], restart: bool) -> O
     return None
 
 
+def to_channels_last(model: nn.Module) -> nn.Module:
+    """NHWC parameters, except 1x1 conv weights: ``.to(channels_last)`` gives those strides that
+    their gradients never have, and DDP then copies every such gradient into its bucket (it warns
+    "Grad strides do not match bucket view strides"); a 1x1 weight is the same matrix either way."""
+    model = model.to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 4 and p.shape[2:] == (1, 1):
+                p.data = p.data.clone(memory_format=torch.contiguous_format)
+    return model
+
+
 @torch.no_grad()
 def update_ema(ema_model: nn.Module, model: nn.Module, decay: float, step: int) -> None:
     """EMA of the weights with the NFNet reference warm-up: min(decay, (1 + t) / (10 + t))."""
@@ -207,7 +219,7 @@ def _run(cfg: TrainConfig, restart: bool, source: Optional[DataSource]) -> dict[
     channels_last = cfg.resolved_channels_last(model_cfg.family, device.type)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     if channels_last:
-        model = model.to(memory_format=torch.channels_last)
+        model = to_channels_last(model)
     if cfg.activation_checkpointing:
         enable_activation_checkpointing(model)
     ema_model = copy.deepcopy(model).requires_grad_(False) if cfg.ema_decay > 0 else None
