@@ -1,4 +1,4 @@
-"""Make timm importable on a CPU-only torch, for reference benchmarks only.
+"""Make timm importable on a CPU-only torch, or without torchvision, for reference benchmarks only.
 
 timm imports torchvision at load time. The torchvision wheel that matches torch 2.13 (0.28.0) is a
 CUDA build: its compiled ops fail to load against the CPU torch, and its ``_meta_registrations``
@@ -7,16 +7,25 @@ then registers fake kernels for ``torchvision::nms`` / ``torchvision::qnms``, wh
 ``torch.library`` before the import lets torchvision (and so timm) load; the ops themselves stay
 unimplemented, which is fine because no classification model calls them.
 
+Without torchvision at all, timm's import still names it (data transforms, datasets, and
+``torchvision.ops.misc.FrozenBatchNorm2d`` in its layers); no model timm builds for these
+benchmarks uses it. ``import_timm`` then puts a stand-in ``torchvision`` package on the import
+path whose every name is a placeholder that raises if it is ever called or instantiated, so a
+benchmark that needed real torchvision fails loudly instead of measuring something else.
+
 timm is an optional reference, never a dependency of convscale. Install (never torch, never an
-unpinned torchvision):
+unpinned torchvision; torchvision is not needed):
 
     pip install --no-deps timm==1.0.31 huggingface_hub pyyaml
-    pip install --no-deps torchvision==0.28.0
 """
 
 from __future__ import annotations
 
+import enum
 import importlib
+import importlib.abc
+import importlib.machinery
+import sys
 from types import ModuleType
 
 import torch
@@ -49,6 +58,70 @@ def _declare_torchvision_schemas() -> None:
         _LIBRARY.define(f"{name}{schema}")
 
 
+class InterpolationMode(enum.Enum):
+    """torchvision's enum, which timm reads at import time."""
+
+    NEAREST = "nearest"
+    NEAREST_EXACT = "nearest-exact"
+    BILINEAR = "bilinear"
+    BICUBIC = "bicubic"
+    BOX = "box"
+    HAMMING = "hamming"
+    LANCZOS = "lanczos"
+
+
+class _Placeholder(type):
+    """A class standing for a torchvision name: attribute lookups give further placeholders,
+    subclassing works, calling or instantiating raises."""
+
+    def __getattr__(cls, name: str):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return _Placeholder(name, (), {"__module__": cls.__module__})
+
+    def __call__(cls, *args, **kwargs):
+        raise RuntimeError(f"torchvision is not installed: {cls.__module__}.{cls.__name__} is a stand-in "
+                           "(benchmarks/timm_shim.py); install torchvision to use it")
+
+
+class _StubModule(ModuleType):
+    def __getattr__(self, name: str):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        if name == "InterpolationMode":
+            return InterpolationMode
+        value = _Placeholder(name, (), {"__module__": self.__name__})
+        setattr(self, name, value)
+        return value
+
+
+class _StubFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Serves a ``_StubModule`` for ``torchvision`` and every ``torchvision.*`` module."""
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname == "torchvision" or fullname.startswith("torchvision."):
+            return importlib.machinery.ModuleSpec(fullname, self, is_package=True)
+        return None
+
+    def create_module(self, spec):
+        module = _StubModule(spec.name)
+        module.__path__ = []  # a package: submodules import through this finder too
+        module.__convscale_stub__ = True
+        return module
+
+    def exec_module(self, module) -> None:
+        pass
+
+
+def _install_torchvision_stub() -> None:
+    if not any(isinstance(f, _StubFinder) for f in sys.meta_path):
+        sys.meta_path.append(_StubFinder())  # last: a real torchvision, if any, is found first
+
+
+def torchvision_is_stub() -> bool:
+    return bool(getattr(sys.modules.get("torchvision"), "__convscale_stub__", False))
+
+
 def import_timm() -> ModuleType | None:
     """The ``timm`` module, or None when it (or torchvision) is not installed or fails to load;
     ``unavailable_reason()`` then says why."""
@@ -56,7 +129,7 @@ def import_timm() -> ModuleType | None:
     try:
         importlib.import_module("torchvision")
     except ModuleNotFoundError:
-        pass  # timm may still import if a future version drops the dependency
+        _install_torchvision_stub()  # timm names torchvision at import; its models do not use it
     except RuntimeError:
         _declare_torchvision_schemas()
     try:

@@ -404,3 +404,28 @@ def test_resolution_check_and_bad_configs():
     for bad in (dict(activation="swish"), dict(depths=()), dict(drop_rate=1.0), dict(width_mult=-1)):
         with pytest.raises(UserError):
             NFNetConfig(**bad)
+
+
+def test_ws_conv_under_fsdp_layouts_and_dtypes():
+    """FSDP2 hands a conv its weight contiguous (NCHW) and, with bf16 mixed precision, in bf16.
+    Under an NHWC input the layer standardises an NHWC copy (the conv sees one format, the
+    output is NHWC); a bf16 weight is standardised in fp32, as the rounded fp32 weight would be."""
+    torch.manual_seed(0)
+    conv = ScaledStdConv2d(8, 16, kernel_size=3)
+    x = torch.randn(2, 8, 9, 9).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        conv.gain.uniform_(0.5, 1.5)
+    ref = conv(x)
+    nhwc = ScaledStdConv2d(8, 16, kernel_size=3)
+    nhwc.load_state_dict(conv.state_dict())
+    nhwc = nhwc.to(memory_format=torch.channels_last)
+    assert conv.weight.is_contiguous() and ref.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(ref, nhwc(x), rtol=1e-5, atol=1e-6)
+    low = ScaledStdConv2d(8, 16, kernel_size=3)
+    low.load_state_dict(conv.state_dict())
+    rounded = ScaledStdConv2d(8, 16, kernel_size=3)
+    rounded.load_state_dict({k: v.bfloat16().float() for k, v in conv.state_dict().items()})
+    low = low.to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, want = low(x), rounded(x)
+    torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=0)

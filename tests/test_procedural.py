@@ -127,3 +127,47 @@ def test_heldout_fixed_set():
     again = list(src.heldout_batches(70))
     assert torch.equal(torch.cat([x for x, _ in batches]), again[0][0])
     assert src.num_train_images is None and src.skipped_images == 0 and src.num_classes == 10
+
+
+def test_rank_parts_union_to_the_one_process_batch(tmp_path):
+    """Each of 3 ranks renders only its share of every batch (10 = 4 + 3 + 3 images); together
+    they are the 1-process batch, with workers, from a cache and past its end, and held out."""
+    cfg = DataConfig(num_classes=20, resolution=16, seed=4, heldout_images=23)
+    materialize(cfg, 25, str(tmp_path / "c"))
+    for c in (cfg, cfg.replace(workers=2), cfg.replace(path=str(tmp_path / "c"))):
+        whole = ProceduralSource(c).train_batches(10, start_step=1, uint8=True)
+        parts = [ProceduralSource(c).train_batches(10, start_step=1, part=(r, 3), uint8=True) for r in range(3)]
+        for _ in range(3):
+            x, y = next(whole)
+            shares = [next(p) for p in parts]
+            assert [len(s[1]) for s in shares] == [4, 3, 3]
+            assert torch.equal(torch.cat([s[0] for s in shares]), x) and torch.equal(torch.cat([s[1] for s in shares]), y)
+    src = ProceduralSource(cfg)
+    held = torch.cat([x for x, _ in src.heldout_batches(8)])
+    shares = [list(src.heldout_batches(8, part=(r, 3))) for r in range(3)]
+    assert [[len(y) for _, y in s] for s in shares] == [[3, 3, 3], [3, 3, 2], [2, 2, 2]]
+    joined = torch.cat([torch.cat([s[i][0] for s in shares]) for i in range(3)])
+    assert torch.equal(joined, held)
+    x8, _ = next(src.train_batches(4, uint8=True))
+    assert x8.dtype == torch.uint8 and torch.equal(src.normalize(x8), next(src.train_batches(4))[0])
+
+
+def test_sync_free_hit_counts_equal_bincount():
+    """The GPU path of the rasteriser (scatter-add into a buffer of known size, no host sync)
+    counts exactly what bincount does."""
+    from convscale.data.ifs import hit_counts
+
+    flat = torch.randint(0, 500, (20_000,), generator=torch.Generator().manual_seed(0))
+    a, b = hit_counts(flat, 512, sync_free=False), hit_counts(flat, 512, sync_free=True)
+    assert a.sum() == 20_000 and a[500:].sum() == 0 and torch.equal(a, b.to(a.dtype))
+
+
+def test_auto_workers():
+    from convscale.data.config import resolve_workers
+
+    cfg = DataConfig(kind="folder", path="x")
+    assert cfg.workers == -1 and resolve_workers(cfg, "cpu") == 0  # CPU machines: the cores train
+    assert resolve_workers(cfg, "cuda", local_processes=8, cpu_count=96) == 8
+    assert resolve_workers(cfg, "cuda", local_processes=8, cpu_count=32) == 3  # 4 cores per rank, 1 trains
+    assert resolve_workers(cfg.replace(workers=0), "cuda") == 0  # an explicit count is kept
+    assert resolve_workers(DataConfig(device="cuda"), "cuda", cpu_count=96) == 0  # rendered on the GPU

@@ -334,3 +334,45 @@ def test_digits_source_split_and_batches():
     assert hx.shape == (359, 3, 16, 16) and torch.equal(hy, torch.as_tensor(src._heldout_labels))
     with pytest.raises(UserError, match="unset heldout_path"):
         DigitsSource(cfg.replace(heldout_path="/tmp/x.npz"))
+
+
+# ---------------------------------------------------------------- data-parallel parts, uint8
+
+
+def _parts_union(make_source, batch: int, steps: int, world: int, **kw):
+    """Each of ``world`` fresh sources builds only its part; their concatenation per step."""
+    shares = [_take(make_source().train_batches(batch, part=(r, world), **kw), steps) for r in range(world)]
+    return [(torch.cat([s[k][0] for s in shares]), torch.cat([s[k][1] for s in shares])) for k in range(steps)]
+
+
+def test_rank_parts_union_to_the_one_process_batch(tmp_path):
+    """Every rank decodes only its share (3 ranks, batches of 7: shares 3, 2, 2), and the shares
+    together are the 1-process batch, bit for bit: folder, shards, arrays, with workers too."""
+    root = _make_folder(tmp_path / "train", corrupt=False)
+    folder = DataConfig(kind="folder", path=str(root), heldout_fraction=0.2, resolution=16, seed=7)
+    shards = DataConfig(kind="shards", path=str(_shards(tmp_path)), heldout_fraction=0.25, resolution=16, seed=3)
+    arrays = tmp_path / "a.npz"
+    rng = np.random.default_rng(0)
+    np.savez(arrays, images=rng.integers(0, 256, (30, 12, 12, 3), dtype=np.uint8), labels=np.arange(30) % 3)
+    for make in (lambda: FolderSource(folder), lambda: FolderSource(folder.replace(workers=2)),
+                 lambda: ShardSource(shards, shuffle_buffer=4),
+                 lambda: ArraySource(DataConfig(kind="arrays", path=str(arrays), resolution=16, seed=1))):
+        whole = _take(make().train_batches(7), 5)
+        parts = _parts_union(make, 7, 5, 3)
+        assert _same(whole, parts)
+        assert [len(y) for _, y in _take(make().train_batches(7, part=(0, 3)), 1)] == [3]
+        held = torch.cat([x for x, _ in make().heldout_batches(4)])
+        r0, r1 = (list(make().heldout_batches(4, part=(r, 2))) for r in range(2))
+        # one item per batch on both ranks, even where rank 1's share (of a last 1-image batch) is empty
+        assert len(r0) == len(r1) and all(x.shape[1:] == (3, 16, 16) for x, _ in r1)
+        joined = [torch.cat([a[0], b[0]]) for a, b in zip(r0, r1)]
+        assert torch.equal(torch.cat(joined), held)
+
+
+def test_uint8_batches_normalise_to_the_float_ones(tmp_path):
+    root = _make_folder(tmp_path / "train", corrupt=False)
+    src = FolderSource(DataConfig(kind="folder", path=str(root), heldout_fraction=0.2, resolution=16, seed=7))
+    (x8, y8), = _take(src.train_batches(6, uint8=True), 1)
+    (xf, yf), = _take(FolderSource(src.cfg).train_batches(6), 1)
+    assert x8.dtype == torch.uint8 and x8.shape == (6, 3, 16, 16) and x8.element_size() * 4 == xf.element_size()
+    assert torch.equal(src.normalize(x8), xf) and torch.equal(y8, yf)

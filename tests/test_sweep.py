@@ -23,6 +23,7 @@ from convscale.sweep import (
 )
 from convscale.sweep.locking import CellLock, is_locked
 from convscale.sweep.study import StudyConfig
+from convscale.train.config import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -546,3 +547,54 @@ def test_vit_finetune_keeps_its_own_regularisation_not_the_pretraining_runs(tmp_
     assert config_at_resolution(ft.model, 32, **ft.model_overrides).dropout == 0.0  # vit-tiny's own
     ft = finetune_config(pre, str(tmp_path / "ft2"), DataConfig(resolution=32), dropout=0.2, drop_path_rate=0.1)
     assert ft.model_overrides == {"dropout": 0.2, "drop_path_rate": 0.1}
+
+
+def test_local_cells_take_the_inherited_gpus_and_no_launcher_variables(monkeypatch):
+    from convscale.sweep.executors import LocalExecutor, Resources, SlurmExecutor, _SlurmGpuResources
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")
+    ex = LocalExecutor(jobs=4, gpus=4, threads=2)
+    assert [ex.resources(s).gpu for s in range(5)] == ["4", "5", "6", "7", "4"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-a,GPU-b")
+    assert LocalExecutor(jobs=2, gpus=2).resources(1).gpu == "GPU-b"
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert LocalExecutor(jobs=2, gpus=2).resources(1).gpu == "1"
+    assert Resources(threads=3).env()["OMP_NUM_THREADS"] == "3"
+    # Slurm: N GPUs per cell are N processes of one torchrun, and N device-hours
+    eight = SlurmExecutor(gpus_per_node=8).cell_command()
+    assert eight[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=8"]
+    assert eight[-3:] == ["-m", "convscale", "train"]
+    assert SlurmExecutor(gpus_per_node=1).cell_command()[1:] == ["-m", "convscale", "train"]
+    assert _SlurmGpuResources(threads=4, gpus=8).devices == 8
+
+
+def test_a_cell_started_from_a_torchrun_rank_is_one_process(fake, tmp_path, monkeypatch):
+    """A sweep run inside a torchrun/srun step must not hand its rank variables to its cells."""
+    from convscale.sweep.executors import run_cell
+
+    sweep, ids, _, _, _ = fake
+    cell = ids[0]
+    probe = tmp_path / "env.txt"
+    cmd = [sys.executable, "-c", f"import os, sys; open({str(probe)!r}, 'w').write(os.environ.get('RANK', '-') + "
+                                 f"os.environ.get('SLURM_STEP_NUM_TASKS', '-')); sys.exit(1)"]
+    for k, v in {"RANK": "1", "WORLD_SIZE": "2", "SLURM_PROCID": "1", "SLURM_STEP_NUM_TASKS": "2"}.items():
+        monkeypatch.setenv(k, v)
+    run_cell(sweep.root, cell, train_command=cmd)
+    assert probe.read_text() == "--"
+
+
+def test_paper_preset_steps_in_micro_batches_with_checkpointing():
+    """F7 at batch 4096 in one step (no accumulation, no checkpointing) and a held-out batch of
+    4096 ran out of memory before the first step; the preset now steps 512 images per micro-batch
+    (64 per process on 8 GPUs), checkpointed, and evaluates one micro-batch at a time."""
+    from convscale.sweep.planner import cell_train_config
+    from convscale.sweep.presets import preset
+    from convscale.sweep.study import parse_study
+
+    study = parse_study(preset("paper"))
+    plan = plan_study(study)
+    f7 = next(c for c in plan.cells if c.model == "nfnet-f7+")
+    cfg = cell_train_config(study, f7, "runs/x")
+    assert (cfg.batch_size, cfg.grad_accum_steps, cfg.activation_checkpointing) == (4096, 8, True)
+    assert cfg.resolved_eval_batch_size() == 512 and cfg.batch_size % (8 * cfg.grad_accum_steps) == 0
+    assert TrainConfig().resolved_eval_batch_size() == 128  # the default: one micro-batch = the batch

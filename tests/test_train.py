@@ -3,6 +3,7 @@ resume in-process, divergence, run-directory rules. Tiny models at 16 px, a few 
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from pathlib import Path
@@ -11,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from convscale.data.config import DataConfig
+from convscale.data.config import WHOLE, DataConfig, part_bounds
 from convscale.errors import UserError
 from convscale.models import get_config
 from convscale.train.checkpoint import list_checkpoints, save_checkpoint
@@ -52,17 +53,22 @@ class TinySource:
         images = torch.randn(n, 3, self.resolution, self.resolution, generator=g) + self.patterns[labels]
         return images, labels
 
-    def train_batches(self, batch_size: int, start_step: int = 0):
+    # float images only: uint8=True is a request the contract lets a float source ignore
+    def train_batches(self, batch_size: int, start_step: int = 0, part=WHOLE, uint8=False, pin_memory=False):
         k = start_step
+        lo, hi = part_bounds(batch_size, part)
         while True:
             if self.fail_at_step is not None and k == self.fail_at_step:
                 raise KeyboardInterrupt("simulated kill")
-            yield self._batch(batch_size, 1_000_003 * self.seed + k)
+            x, y = self._batch(batch_size, 1_000_003 * self.seed + k)
+            yield x[lo:hi], y[lo:hi]
             k += 1
 
-    def heldout_batches(self, batch_size: int):
-        for start in range(0, self.heldout_images, batch_size):
-            yield self._batch(min(batch_size, self.heldout_images - start), -1 - start)
+    def heldout_batches(self, batch_size: int, part=WHOLE, uint8=False, pin_memory=False):
+        images, labels = self._batch(self.heldout_images, -1)  # one fixed set, whatever the batch size
+        for x, y in zip(images.split(batch_size), labels.split(batch_size)):
+            lo, hi = part_bounds(len(y), part)
+            yield x[lo:hi], y[lo:hi]
 
 
 def tiny_cfg(tmp_path: Path, name: str = "run", **kw) -> TrainConfig:
@@ -387,3 +393,40 @@ def test_cli_train_exit_codes(tmp_path, capsys):
     printed = json.loads(capsys.readouterr().out)
     assert printed["lr"] == 0.05 and printed["steps"] == 2 and printed["epochs"] is None
     assert printed["data"]["resolution"] == 24 and printed["seed"] == 3
+
+
+def test_sgd_agc_equals_torch_sgd_after_per_tensor_agc_in_float64():
+    """SGDAGC against benchmarks/agc_step.py's reference (one vector_norm AGC per tensor, then
+    torch.optim.SGD(foreach, nesterov)) on nfnet-tiny in float64: 3 steps, clipping acting."""
+    import argparse
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("agc_step", Path(__file__).parents[1] / "benchmarks" / "agc_step.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    args = argparse.Namespace(lr=0.1, weight_decay=2e-5, agc_clip=0.01, exempt_scalar_gains=False)
+    torch.manual_seed(0)
+    model = get_config("nfnet-tiny", num_classes=10).build()
+    assert bench.max_difference(args, model) < 1e-12
+    # the case exercises the clip: some tensors' gradients are clipped, others are not
+    base = copy.deepcopy(model).double()
+    bench.set_grads(base, seed=100)
+    grads = [p.grad.clone() for p in base.parameters()]
+    bench.reference_agc_(list(base.parameters()), [p.grad for p in base.parameters()], 0.01, 1e-3)
+    clipped = sum(not torch.equal(g, p.grad) for g, p in zip(grads, base.parameters()))
+    assert 0 < clipped < len(grads)
+
+
+def test_channels_last_keeps_1x1_weights_in_the_layout_of_their_gradients():
+    from convscale.train.loop import to_channels_last
+
+    model = to_channels_last(get_config("nfnet-tiny", num_classes=5).build())
+    x = torch.randn(2, 3, 16, 16).contiguous(memory_format=torch.channels_last)
+    model(x).sum().backward()
+    convs = [(n, p) for n, p in model.named_parameters() if p.dim() == 4]
+    assert any(p.shape[2:] == (1, 1) for _, p in convs) and any(p.shape[2:] != (1, 1) for _, p in convs)
+    for n, p in convs:
+        if p.shape[2:] == (1, 1):
+            assert p.stride() == p.grad.stride() == p.contiguous().stride(), n  # DDP's bucket views match
+        else:
+            assert p.is_contiguous(memory_format=torch.channels_last), n

@@ -178,8 +178,28 @@ def rasterize(xs: torch.Tensor, ys: torch.Tensor, scale: torch.Tensor, flip: tor
     px = torch.floor(xs * ax[None, :, None] + bx[None, :, None]).clamp_(0, resolution - 1).to(torch.int64)
     py = torch.floor(ys * alpha[None, :, None] + by[None, :, None]).clamp_(0, resolution - 1).to(torch.int64)
     row = (torch.arange(n, device=xs.device) * resolution)[None, :, None]
-    flat = (py + row) * resolution + px
-    return torch.bincount(flat.reshape(-1), minlength=n * resolution * resolution).view(n, -1)
+    flat = ((py + row) * resolution + px).reshape(-1)
+    return hit_counts(flat, n * resolution * resolution, sync_free=flat.device.type != "cpu").view(n, -1)
+
+
+def hit_counts(flat: torch.Tensor, size: int, sync_free: bool) -> torch.Tensor:
+    """How often each of ``size`` bins occurs in ``flat``. ``sync_free`` (on GPUs): a scatter-add
+    into a buffer of the known size, because bincount sizes its output from the data (a
+    device-to-host sync); integer sums are exact in any order, so the counts are bincount's."""
+    if not sync_free:
+        return torch.bincount(flat, minlength=size)
+    counts = torch.zeros(size, dtype=torch.int32, device=flat.device)
+    return counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device``; CPU -> GPU through page-locked memory, so the host does not wait for
+    the GPU's queue (a pageable copy would block until every queued kernel has run)."""
+    if t.device == device:
+        return t
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 class ClassSystems:
@@ -265,10 +285,10 @@ def render_uint8(systems: ClassSystems, key: int, indices: torch.Tensor, labels:
     """
     n = indices.numel()
     params, num_maps = systems.get(labels)
-    params, num_maps = params.to(device), num_maps.to(device)
-    base = item_hashes(key, indices.to(device))
+    params, num_maps = to_device(params, device), to_device(num_maps, device)
+    base = item_hashes(key, to_device(indices, device))
     z = normals(base, 0, MAX_MAPS * NUM_PARAMS).view(n, MAX_MAPS, NUM_PARAMS)
-    sigma = torch.tensor([0.15, 0.15, 0.08, 0.08, 0.12, 0.12], device=device) * noise
+    sigma = to_device(torch.tensor([0.15, 0.15, 0.08, 0.08, 0.12, 0.12]) * noise, device)
     u = uniforms(base, 1 << 12, 12)
     theta = (u[:, 0] * 2 - 1) * math.pi
     p = params + z * sigma

@@ -6,10 +6,15 @@ augmentation seeds) in the main process; :class:`BatchBuilder` decodes and trans
 plan, in the main process (``workers=0``) or in a DataLoader worker. Because a plan fixes all
 randomness, ``workers=2`` yields exactly the batches of ``workers=0``.
 
+Batches travel as uint8 (a quarter of float32's bytes through the worker pipes and to the GPU),
+in page-locked memory when asked (``pin_memory``: the DataLoader pins in a background thread),
+and are normalised by the consumer (``normalize``), on the GPU in training.
+
 Corrupt images: a train slot whose image cannot be decoded is refilled with another image of
-the same batch that did decode (chosen by the slot's seed) under the slot's own augmentation, so
-batch size and determinism survive; held-out batches simply drop such images. Either way the
-file name travels back with the batch and the source counts it in ``skipped_images``.
+the same plan that did decode (chosen by the slot's seed) under the slot's own augmentation, so
+batch size and determinism survive; with ``part`` a plan is one rank's share, so the donor comes
+from that share. Held-out batches simply drop such images. Either way the file name travels
+back with the batch and the source counts it in ``skipped_images``.
 """
 
 from __future__ import annotations
@@ -23,7 +28,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from convscale.data.transforms import TransformSpec, eval_transform, normalize_batch, to_rgb, train_transform
+from convscale.data.config import WHOLE, part_bounds
+from convscale.data.transforms import TransformSpec, eval_transform, normalize_uint8, stack_uint8, to_rgb, train_transform
 from convscale.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -107,6 +113,10 @@ class LoadedBatch:
     skipped: tuple[str, ...]
     error: Optional[str] = None  # set instead of raising, so the main process raises a one-line UserError
 
+    def pin_memory(self) -> "LoadedBatch":
+        """Page-locked copy (the DataLoader's pin-memory thread calls this)."""
+        return LoadedBatch(self.images.pin_memory(), self.labels.pin_memory(), self.skipped, self.error)
+
 
 class BatchBuilder(torch.utils.data.Dataset):
     """Map-style dataset whose index is a :class:`BatchPlan` and whose item is a whole batch."""
@@ -146,7 +156,9 @@ class BatchBuilder(torch.utils.data.Dataset):
                 img, label = decoded[donor], plan.samples[donor].label
             arrays.append(train_transform(img, self.spec, rng_for(*sample.seed)))
             labels.append(label)
-        return LoadedBatch(normalize_batch(arrays), torch.tensor(labels, dtype=torch.int64), skipped)
+        r = self.spec.resolution
+        images = stack_uint8(arrays) if arrays else torch.empty(0, 3, r, r, dtype=torch.uint8)  # an empty share
+        return LoadedBatch(images, torch.tensor(labels, dtype=torch.int64), skipped)
 
 
 def _error_batch(message: str) -> LoadedBatch:
@@ -172,11 +184,13 @@ def _worker_init(_: int) -> None:
     torch.set_num_threads(1)
 
 
-def build_batches(builder: BatchBuilder, plans: Iterable[BatchPlan], workers: int) -> Iterator[LoadedBatch]:
-    """Execute plans in order, in this process (workers=0) or in DataLoader worker processes."""
+def build_batches(builder: BatchBuilder, plans: Iterable[BatchPlan], workers: int,
+                  pin_memory: bool = False) -> Iterator[LoadedBatch]:
+    """Execute plans in order, in this process (workers <= 0) or in DataLoader worker processes."""
     if workers <= 0:
         for plan in plans:
-            yield builder[plan]
+            batch = builder[plan]
+            yield batch.pin_memory() if pin_memory and batch.error is None else batch
         return
     loader = torch.utils.data.DataLoader(
         builder,
@@ -185,8 +199,18 @@ def build_batches(builder: BatchBuilder, plans: Iterable[BatchPlan], workers: in
         num_workers=workers,
         collate_fn=_identity,
         worker_init_fn=_worker_init,
+        pin_memory=pin_memory,
+        prefetch_factor=2,
     )
     yield from loader
+
+
+def plan_part(plan: BatchPlan, part: tuple[int, int]) -> BatchPlan:
+    """Share ``part`` of a plan's samples (``part_bounds``)."""
+    if part == WHOLE:
+        return plan
+    lo, hi = part_bounds(len(plan.samples), part)
+    return BatchPlan(plan.samples[lo:hi], plan.train)
 
 
 class PlannedSource:
@@ -204,19 +228,30 @@ class PlannedSource:
         self.skipped_images = 0
         self.skipped_names: list[str] = []
 
-    def train_batches(self, batch_size: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Endless training batches; batch k depends only on (seed, k, batch_size)."""
+    def train_batches(self, batch_size: int, start_step: int = 0, part: tuple[int, int] = WHOLE,
+                      uint8: bool = False, pin_memory: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Endless training batches (share ``part`` of each); batch k depends only on (seed, k, batch_size)."""
         _check_batch(batch_size, start_step)
-        for batch in build_batches(self._builder, self._train_plans(batch_size, start_step), self.cfg.workers):
-            yield self._receive(batch)
+        plans = (plan_part(p, part) for p in self._train_plans(batch_size, start_step))
+        yield from self.receive_all(build_batches(self._builder, plans, self.cfg.workers, pin_memory), uint8)
 
-    def heldout_batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def heldout_batches(self, batch_size: int, part: tuple[int, int] = WHOLE, uint8: bool = False,
+                        pin_memory: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The held-out set once, in a fixed order, eval transform; undecodable images dropped."""
         _check_batch(batch_size, 0)
-        for batch in build_batches(self._builder, self._heldout_plans(batch_size), self.cfg.workers):
-            images, labels = self._receive(batch)
-            if len(labels):
+        plans = (plan_part(p, part) for p in self._heldout_plans(batch_size))
+        for images, labels in self.receive_all(build_batches(self._builder, plans, self.cfg.workers, pin_memory),
+                                               uint8):
+            if len(labels) or part != WHOLE:  # every rank one item per batch (FSDP2 forwards gather collectively)
                 yield images, labels
+
+    def normalize(self, images_uint8: torch.Tensor) -> torch.Tensor:
+        return normalize_uint8(images_uint8)
+
+    def receive_all(self, batches: Iterable[LoadedBatch], uint8: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for batch in batches:
+            images, labels = self._receive(batch)
+            yield (images if uint8 else normalize_uint8(images)), labels
 
     def _receive(self, batch: LoadedBatch) -> tuple[torch.Tensor, torch.Tensor]:
         if batch.error is not None:

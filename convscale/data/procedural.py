@@ -3,13 +3,16 @@
 Training image ``i`` of a config is a pure function of ``(seed, "train", i)`` and batch ``k`` of
 size ``b`` holds images ``k*b .. k*b+b-1``, so a resumed run sees exactly what an uninterrupted one
 does. Held-out images come from a different hash stream (``"heldout"``), so the splits are disjoint
-by construction. ``materialize`` writes the first N training images once, to be shared by every run
+by construction. A source asked for ``part=(i, n)`` renders only share i of n of each batch.
+With ``device = "cuda"`` images are rendered on the GPU without a host sync per batch (the
+class tables and indices go over in page-locked memory). ``materialize`` writes the first N training images once, to be shared by every run
 of a sweep; a source whose ``cfg.path`` names such a cache serves identical images from it and
 generates past its end.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -19,7 +22,7 @@ import numpy as np
 import torch
 
 from convscale.data import ifs
-from convscale.data.config import DataConfig
+from convscale.data.config import WHOLE, DataConfig, part_bounds
 from convscale.errors import UserError
 
 CACHE_FORMAT = "convscale-procedural-v1"
@@ -74,7 +77,7 @@ class ProceduralImages:
         labels = self.labels(split, indices)
         images = ifs.render_uint8(self.systems, self._keys[split], indices, labels, self.resolution,
                                   self.noise, self.device)
-        return images, labels.to(self.device)
+        return images, ifs.to_device(labels, self.device)
 
     def render(self, split: str, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised float32 images ``[n, 3, R, R]`` and int64 labels ``[n]``."""
@@ -131,20 +134,25 @@ class ProceduralSource:
         self.images = ProceduralImages(cfg.num_classes, cfg.resolution, cfg.seed, cfg.device)
         self.cache = StreamCache(self.cache_path, cfg) if self.cache_path else None
 
-    def train_batch(self, step: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Training batch ``step``: images ``step*batch_size ..`` normalised, and labels."""
-        x, y = self.train_batch_uint8(step, batch_size)
+    def normalize(self, images_uint8: torch.Tensor) -> torch.Tensor:
+        return ifs.normalize(images_uint8)
+
+    def train_batch(self, step: int, batch_size: int, part: tuple[int, int] = WHOLE) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training batch ``step`` (share ``part`` of it): images ``step*batch_size ..`` normalised, and labels."""
+        x, y = self.train_batch_uint8(step, batch_size, part)
         return ifs.normalize(x), y
 
-    def train_batch_uint8(self, step: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Training batch ``step`` as uint8 (from the cache as far as it reaches, then generated)."""
-        lo, hi = step * batch_size, (step + 1) * batch_size
+    def train_batch_uint8(self, step: int, batch_size: int,
+                          part: tuple[int, int] = WHOLE) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training batch ``step`` (share ``part``) as uint8 (from the cache as far as it reaches, then generated)."""
+        first, last = part_bounds(batch_size, part)
+        lo, hi = step * batch_size + first, step * batch_size + last
         parts_x, parts_y = [], []
         cached = min(hi, self.cache.num_images) if self.cache else lo
         if cached > lo:
             x, y = self.cache.read(lo, cached)
-            parts_x.append(x.to(self.images.device))
-            parts_y.append(y.to(self.images.device))
+            parts_x.append(ifs.to_device(x, self.images.device))
+            parts_y.append(ifs.to_device(y, self.images.device))
         if hi > max(lo, cached):
             x, y = self.images.render_uint8("train", torch.arange(max(lo, cached), hi))
             parts_x.append(x)
@@ -153,29 +161,40 @@ class ProceduralSource:
         y = parts_y[0] if len(parts_y) == 1 else torch.cat(parts_y)
         return x, y
 
-    def train_batches(self, batch_size: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def train_batches(self, batch_size: int, start_step: int = 0, part: tuple[int, int] = WHOLE,
+                      uint8: bool = False, pin_memory: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Endless training batches from ``start_step``; identical with any number of workers."""
+        pin = pin_memory and self.images.device.type == "cpu"
         if self.cfg.workers <= 0:
-            step = start_step
-            while True:
-                yield self.train_batch(step, batch_size)
-                step += 1
-        for x, y in _ordered(_worker_loader(self.cfg, self.cache_path, batch_size, start_step), start_step):
-            yield ifs.normalize(x), y
+            batches = (self.train_batch_uint8(step, batch_size, part) for step in itertools.count(start_step))
+            if pin:
+                batches = ((x.pin_memory(), y.pin_memory()) for x, y in batches)
+        else:
+            batches = _ordered(_worker_loader(self.cfg, self.cache_path, batch_size, start_step, part, pin), start_step)
+        for x, y in batches:
+            yield (x if uint8 else ifs.normalize(x)), y
 
-    def heldout_batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """The fixed held-out set (``cfg.heldout_images`` images), once, in order."""
+    def heldout_batches(self, batch_size: int, part: tuple[int, int] = WHOLE, uint8: bool = False,
+                        pin_memory: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The fixed held-out set (``cfg.heldout_images`` images), once, in order (share ``part`` of each batch)."""
         n = self.cfg.heldout_images
-        for lo in range(0, n, batch_size):
-            yield self.images.render("heldout", torch.arange(lo, min(n, lo + batch_size)))
+        for start in range(0, n, batch_size):
+            first, last = part_bounds(min(n, start + batch_size) - start, part)
+            if first == last and part == WHOLE:
+                continue
+            x, y = self.images.render_uint8("heldout", torch.arange(start + first, start + last))
+            if pin_memory and x.device.type == "cpu":
+                x, y = x.pin_memory(), y.pin_memory()
+            yield (x if uint8 else ifs.normalize(x)), y
 
 
 class _BatchStream(torch.utils.data.IterableDataset):
     """Whole uint8 batches tagged with their step; worker w of n makes steps start+w, start+w+n, ..."""
 
-    def __init__(self, cfg: DataConfig, cache_path: Optional[str], batch_size: int, start_step: int):
+    def __init__(self, cfg: DataConfig, cache_path: Optional[str], batch_size: int, start_step: int,
+                 part: tuple[int, int] = WHOLE):
         self.cfg, self.cache_path = cfg.replace(workers=0), cache_path
-        self.batch_size, self.start_step = batch_size, start_step
+        self.batch_size, self.start_step, self.part = batch_size, start_step, part
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -183,15 +202,17 @@ class _BatchStream(torch.utils.data.IterableDataset):
         source = ProceduralSource(self.cfg, self.cache_path)
         step = self.start_step + wid
         while True:
-            x, y = source.train_batch_uint8(step, self.batch_size)  # uint8: 4x less to pickle
+            x, y = source.train_batch_uint8(step, self.batch_size, self.part)  # uint8: 4x less to pickle
             yield step, x, y
             step += nw
 
 
-def _worker_loader(cfg: DataConfig, cache_path: Optional[str], batch_size: int, start_step: int):
+def _worker_loader(cfg: DataConfig, cache_path: Optional[str], batch_size: int, start_step: int,
+                   part: tuple[int, int] = WHOLE, pin_memory: bool = False):
     # workers are forked with 1 intra-op thread each (DataLoader's default), so n workers use n cores
-    return torch.utils.data.DataLoader(_BatchStream(cfg, cache_path, batch_size, start_step),
-                                       batch_size=None, num_workers=cfg.workers, prefetch_factor=2)
+    return torch.utils.data.DataLoader(_BatchStream(cfg, cache_path, batch_size, start_step, part),
+                                       batch_size=None, num_workers=cfg.workers, prefetch_factor=2,
+                                       pin_memory=pin_memory)
 
 
 def _ordered(tagged, start_step: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -122,14 +122,27 @@ def eval_transform(img: Image.Image, spec: TransformSpec) -> np.ndarray:
 
 _MEAN = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255.0
 _STD = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255.0
+_ON_DEVICE: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def stack_uint8(images_uint8: list[np.ndarray]) -> torch.Tensor:
+    """Stack uint8 ``[R, R, 3]`` images into a uint8 ``[B, 3, R, R]`` batch (NCHW, contiguous)."""
+    if not images_uint8:
+        return torch.empty(0, 3, 0, 0, dtype=torch.uint8)
+    return torch.from_numpy(np.stack(images_uint8)).permute(0, 3, 1, 2).contiguous()
+
+
+def normalize_uint8(x: torch.Tensor) -> torch.Tensor:
+    """uint8 ``[B, 3, R, R]`` -> float32 normalised with the ImageNet mean/std, on ``x``'s device."""
+    if x.device not in _ON_DEVICE:  # once per device: a tensor copied to a GPU every batch would sync
+        _ON_DEVICE[x.device] = (_MEAN.to(x.device), _STD.to(x.device))
+    mean, std = _ON_DEVICE[x.device]
+    return ((x.float() - mean) / std).contiguous()
 
 
 def normalize_batch(images_uint8: list[np.ndarray]) -> torch.Tensor:
     """Stack uint8 ``[R, R, 3]`` images into a float32 ``[B, 3, R, R]`` normalised batch."""
-    if not images_uint8:
-        return torch.empty(0, 3, 0, 0)
-    x = torch.from_numpy(np.stack(images_uint8)).permute(0, 3, 1, 2).float()
-    return ((x - _MEAN) / _STD).contiguous()
+    return normalize_uint8(stack_uint8(images_uint8))
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

@@ -227,7 +227,15 @@ class ScaledStdConv2d(nn.Conv2d):
             sh, sw = self.stride
             dh, dw = self.dilation
             x = F.pad(x, same_padding(x.shape[-1], kw, sw, dw) + same_padding(x.shape[-2], kh, sh, dh))
-        weight = standardize_weight(self.weight, self.gain, self.input_scale, self.eps)
+        weight, gain = self.weight, self.gain
+        if weight.dtype in (torch.bfloat16, torch.float16):  # low-precision parameters (FSDP2 mixed
+            weight, gain = weight.float(), gain.float()  # precision): mean and norm still in fp32
+        if (x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+                and not weight.is_contiguous(memory_format=torch.channels_last)):
+            # NHWC input, NCHW weight (FSDP2 keeps parameters contiguous): standardise an NHWC copy,
+            # so the conv sees one memory format and the standardised weight is made NHWC directly
+            weight = weight.contiguous(memory_format=torch.channels_last)
+        weight = standardize_weight(weight, gain, self.input_scale, self.eps)
         return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
     def extra_repr(self) -> str:

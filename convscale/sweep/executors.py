@@ -1,6 +1,7 @@
 """Run a sweep's cells: here (one after another, or N at once) or on Slurm through submitit.
 
-Every cell is one `convscale train` subprocess on its own run dir, guarded by its lock file:
+Every cell is one `convscale train` subprocess on its own run dir (on Slurm with N GPUs per
+cell, one torchrun of N processes), guarded by its lock file:
 finished cells (done / diverged) are skipped, a cell locked by another sweep is skipped and
 reported, anything else runs (a crashed or killed run resumes from its last checkpoint). A cell
 whose process exits with a code other than 0 (done) or 3 (diverged) is recorded as failed, with
@@ -13,6 +14,7 @@ import os
 import queue
 import socket
 import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -22,6 +24,7 @@ from typing import Callable, Optional
 from convscale.sweep.fsutil import atomic_write_json
 from convscale.sweep.locking import CellLock
 from convscale.sweep.sweepdir import FINISHED, SweepDir
+from convscale.train.distributed import single_process_env
 
 EXIT_DONE, EXIT_DIVERGED = 0, 3
 
@@ -99,7 +102,9 @@ def run_cell(
              "devices": resources.devices, "device_kind": resources.device_kind},
         )
         cmd = sweep.train_command(cell_id, train_command)
-        env = {**os.environ, **resources.env()}
+        # a cell is a run of its own: it must not join the process group of a torchrun/srun step
+        # this sweep may itself run in (it would wait for ranks that never come)
+        env = {**single_process_env(os.environ), **resources.env()}
         start = time.monotonic()
         with open(out_path, "ab") as out, open(err_path, "ab") as err:
             err_offset = err.tell()
@@ -136,9 +141,18 @@ def run_cell(
         lock.release()
 
 
+def visible_gpus(environ=os.environ) -> Optional[list[str]]:
+    """The GPU ids this process may use (``CUDA_VISIBLE_DEVICES``, indices or UUIDs), or None if unset."""
+    value = environ.get("CUDA_VISIBLE_DEVICES")
+    if value is None:
+        return None
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
 @dataclass
 class LocalExecutor:
-    """Cells on this machine: ``jobs`` at once; with GPUs one per job, else cores // jobs threads each."""
+    """Cells on this machine: ``jobs`` at once; with GPUs one per job (from the GPUs this process
+    may use: an inherited ``CUDA_VISIBLE_DEVICES`` list is honoured), else cores // jobs threads each."""
 
     jobs: int = 1
     gpus: Optional[int] = None  # None: detect (torch.cuda.device_count())
@@ -150,7 +164,9 @@ class LocalExecutor:
         gpus = self.gpus if self.gpus is not None else _cuda_device_count()
         threads = self.threads or max(1, (os.cpu_count() or 1) // max(1, self.jobs))
         if gpus > 0:
-            return Resources(threads=threads, gpu=str(slot % gpus))
+            inherited = visible_gpus()
+            ids = inherited[:gpus] if inherited else [str(i) for i in range(gpus)]
+            return Resources(threads=threads, gpu=ids[slot % len(ids)])
         return Resources(threads=threads)
 
     def run(self, root: str | Path, cell_ids: list[str]) -> list[CellOutcome]:
@@ -213,9 +229,20 @@ def _array_task(root: str, cell_id: str, resources: Resources, train_command: Op
     return run_cell(root, cell_id, resources, train_command)
 
 
+def torchrun_train_command(processes: int) -> list[str]:
+    """``convscale train`` as ``processes`` data-parallel processes on this node (one per GPU)."""
+    if processes <= 1:
+        return [sys.executable, "-m", "convscale", "train"]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+            "-m", "convscale", "train"]
+
+
 @dataclass
 class SlurmExecutor:
-    """One submitit array task per cell. ``cluster="local"`` runs the tasks here (for tests)."""
+    """One submitit array task per cell. ``cluster="local"`` runs the tasks here (for tests).
+
+    With ``gpus_per_node`` N > 1 a cell trains on all N GPUs (torchrun, DDP), so the N
+    device-hours it is charged are N GPUs at work, not one working and N - 1 idle."""
 
     partition: Optional[str] = None
     gpus_per_node: int = 0
@@ -245,7 +272,12 @@ class SlurmExecutor:
         if self.gpus_per_node:
             res = _SlurmGpuResources(threads=self.cpus_per_task, gpus=self.gpus_per_node)
         n = len(cell_ids)
-        return executor.map_array(_array_task, [root] * n, list(cell_ids), [res] * n, [self.train_command] * n)
+        command = self.cell_command()
+        return executor.map_array(_array_task, [root] * n, list(cell_ids), [res] * n, [command] * n)
+
+    def cell_command(self) -> list[str]:
+        """The command prefix each array task runs its cell with."""
+        return self.train_command or torchrun_train_command(self.gpus_per_node)
 
     def run(self, root: str | Path, cell_ids: list[str], on_outcome=None) -> list[CellOutcome]:
         """Submit and wait for every task; a task that died without an outcome is recorded as failed."""

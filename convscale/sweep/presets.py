@@ -117,10 +117,15 @@ PRESETS: dict[str, dict[str, Any]] = {
     # weight decay 1e-6 (NFNet JFT recipe, paper.md B.9); no dropout or stochastic depth in
     # pre-training (the paper states none). Fine-tune with FINETUNE_RECIPES["paper"].
     # Point [data] at your own shards (kind = "shards", path = ...).
+    # Memory: 8 micro-batches per step with activation checkpointing (same numbers, less memory),
+    # so one process of 8 steps 64 images at a time and F7+ fits an 80 GB GPU; the held-out
+    # batch defaults to one micro-batch (512 over all processes). Untested on a GPU:
+    # benchmarks/gpu_check.sh measures F7+'s largest micro-batch with checkpointing.
     "paper": {
         "name": "paper",
         "data": {"kind": "procedural", "resolution": 224, "num_classes": 30000, "heldout_images": 130000},
-        "train": {"batch_size": 4096, "precision": "bf16", "warmup_steps": 5000, "weight_decay": 1e-6,
+        "train": {"batch_size": 4096, "grad_accum_steps": 8, "activation_checkpointing": True,
+                  "precision": "bf16", "warmup_steps": 5000, "weight_decay": 1e-6,
                   "epoch_images": 4_000_000_000, "eval_resolution": 256},
         "family": [
             {"name": "nfnet", "optimizer": "sgd_agc",

@@ -57,16 +57,21 @@ def probe_model(
     resolution: int,
     num_classes: int,
     precision: str = "bf16",
-    channels_last: bool = True,
+    channels_last: Optional[bool] = None,
     model_overrides: Optional[dict[str, Any]] = None,
     seconds: float = 1.0,
     max_steps: int = 20,
     threads: Optional[int] = None,
+    activation_checkpointing: bool = False,
 ) -> ModelProbe:
-    """Time training steps of ``name`` for about ``seconds`` (after one untimed warm-up step)."""
+    """Time training steps of ``name`` for about ``seconds`` (after one untimed warm-up step).
+
+    ``batch_size``: the micro-batch one process steps on (the global batch over processes and
+    accumulation steps); ``channels_last`` None: NHWC for NFNets on the CPU only, as in training."""
     import torch
 
     from convscale.models import get_config
+    from convscale.train.memory import enable_activation_checkpointing
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     old_threads = torch.get_num_threads()
@@ -76,8 +81,10 @@ def probe_model(
         cfg = get_config(name, num_classes=num_classes, **(model_overrides or {}))
         torch.manual_seed(0)
         model = cfg.build().to(device)
+        if activation_checkpointing:
+            enable_activation_checkpointing(model)
         x = torch.randn(batch_size, 3, resolution, resolution, device=device)
-        if channels_last and cfg.family == "nfnet":
+        if (channels_last if channels_last is not None else device == "cpu") and cfg.family == "nfnet":
             model = model.to(memory_format=torch.channels_last)
             x = x.contiguous(memory_format=torch.channels_last)
         y = torch.randint(0, num_classes, (batch_size,), device=device)

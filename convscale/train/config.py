@@ -34,11 +34,14 @@ LOSSES = ("softmax", "sigmoid")
 PRECISIONS = ("bf16", "fp32")
 PARALLEL_MODES = ("ddp", "fsdp")  # == convscale.train.distributed.PARALLEL_MODES (no torch import here)
 
-#: Fields that do not change a run's numbers: a run directory may be resumed with other values.
+#: Fields that do not change a run's numbers (the memory format only at float round-off, through
+#: other conv kernels): a run directory may be resumed with other values.
 RUNTIME_ONLY_FIELDS = frozenset(
     {"run_dir", "quiet", "checkpoint_every_steps", "checkpoint_every_seconds", "threads", "parallel",
-     "activation_checkpointing"}
+     "activation_checkpointing", "channels_last"}
 )
+#: DataConfig fields of the same kind (worker processes build the very batches of in-process loading)
+RUNTIME_ONLY_DATA_FIELDS = frozenset({"workers"})
 
 
 @dataclass
@@ -74,14 +77,16 @@ class TrainConfig:
     label_smoothing: float = 0.0
     loss: str = "softmax"  # "softmax" | "sigmoid" (one-hot targets, bias init -log(classes))
     precision: str = "bf16"  # autocast dtype for activations; params stay fp32
-    channels_last: bool = True  # NFNet convs are faster in NHWC; ignored for ViTs
+    # NFNets in NHWC; None: on the CPU (faster there, benchmarks/RESULTS.md) but not on CUDA (timm
+    # measured NFNets 2.4x slower in NHWC on a GPU; benchmarks/gpu_check.sh times both); ViTs: ignored
+    channels_last: Optional[bool] = None
     compile: bool = False
     activation_checkpointing: bool = False  # recompute block activations in backward: less memory, same numbers
     ema_decay: float = 0.0  # 0 = off; else EMA weights are also evaluated
     # bookkeeping
     seed: int = 0  # model init and any training randomness (data order is data.seed)
     eval_every_steps: int = 0  # 0: evaluate only at the end
-    eval_batch_size: int = 0  # 0: same as batch_size
+    eval_batch_size: int = 0  # global held-out batch; 0: one micro-batch (batch_size / grad_accum_steps)
     log_every_steps: int = 10
     checkpoint_every_steps: int = 0  # 0: by time only
     checkpoint_every_seconds: float = 600.0  # 0: by steps only
@@ -132,6 +137,17 @@ class TrainConfig:
         from convscale.models.base import train_flops_per_image  # lazy: this module stays torch-free
 
         return train_flops_per_image(forward_flops_per_image) * self.passes_per_step
+
+    def resolved_channels_last(self, family: str, device_type: str) -> bool:
+        """Whether the model runs in NHWC: NFNets only, ``channels_last`` or its device default."""
+        if family != "nfnet":
+            return False
+        return self.channels_last if self.channels_last is not None else device_type == "cpu"
+
+    def resolved_eval_batch_size(self) -> int:
+        """Global held-out batch: ``eval_batch_size`` or one training micro-batch (which fits
+        wherever training fits; the global batch of a run with accumulation may not)."""
+        return self.eval_batch_size or self.batch_size // self.grad_accum_steps
 
     def validate(self) -> None:
         """Raise UserError for settings no run can use."""

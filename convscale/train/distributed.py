@@ -2,23 +2,28 @@
 
 A run started by ``torchrun --nproc_per_node=N -m convscale train ...`` (or one task per GPU under
 ``srun``) trains on N processes with the same numbers as one process with the same global batch:
-every rank draws the deterministic global batch k and keeps its own contiguous slice of it (each
-rank decodes the whole batch and throws most away: simple, and data order and resume stay exactly
-those of a 1-process run; costly only when decoding dominates), gradients are averaged, and only
-rank 0 writes files. Checkpoints hold full, unsharded tensors, so a run resumes on any world size.
+every rank builds only its own contiguous share of the deterministic global batch k (the data
+sources take a ``part``; the shares together are the 1-process batch, so data order and resume
+stay those of a 1-process run), gradients are averaged (once per step: micro-batches before the
+last accumulate without communication), and only rank 0 writes files. Checkpoints hold full,
+unsharded tensors, so a run resumes on any world size.
+
+Collectives run on the device the backend serves (NCCL: the rank's GPU; gloo: the CPU).
 
 ``parallel="fsdp"`` shards parameters, gradients and optimizer state on dim 0 with FSDP2
-(``fully_shard``), one unit per ``*Block`` module plus the root. FSDP2 cannot shard 0-dim
-parameters (NFNet SkipInit gains): those stay replicated and their gradients are averaged by a hook.
+(``fully_shard``), one unit per ``*Block`` module plus the root; under bf16 the all-gathers move
+bf16 parameters and gradients are reduced in fp32. FSDP2 cannot shard 0-dim parameters (NFNet
+SkipInit gains): those stay replicated and their gradients are averaged by a hook.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, MutableMapping, TypeVar
+from typing import Any, Callable, Iterator, Mapping, MutableMapping, Optional, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -55,17 +60,52 @@ def first_slurm_host(nodelist: str) -> str:
 
 def env_from_slurm(environ: MutableMapping[str, str]) -> None:
     """Fill torchrun's RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT from Slurm's variables
-    when torchrun's are absent (one task per device under ``srun``). Changes ``environ`` in place."""
-    if "RANK" in environ or "SLURM_PROCID" not in environ or int(environ.get("SLURM_NTASKS", "1")) < 2:
+    when torchrun's are absent and this process is one task of an ``srun`` step with 2+ tasks.
+    Changes ``environ`` in place.
+
+    Only a job STEP's variables count (``SLURM_STEP_NUM_TASKS``, set by srun): a batch script
+    also has SLURM_PROCID=0 and SLURM_NTASKS=N (the allocation's tasks), and a plain
+    ``convscale train`` there, or a local sweep's cells, would wait forever for ranks that
+    were never started.
+    """
+    if "RANK" in environ or "SLURM_PROCID" not in environ:
+        return
+    step_tasks = int(environ.get("SLURM_STEP_NUM_TASKS", "1"))
+    if step_tasks < 2:
         return
     environ["RANK"] = environ["SLURM_PROCID"]
-    environ["WORLD_SIZE"] = environ["SLURM_NTASKS"]
+    environ["WORLD_SIZE"] = str(step_tasks)
     environ["LOCAL_RANK"] = environ.get("SLURM_LOCALID", "0")
     if "MASTER_ADDR" not in environ:
         environ["MASTER_ADDR"] = first_slurm_host(environ.get("SLURM_STEP_NODELIST") or environ["SLURM_NODELIST"])
     if "MASTER_PORT" not in environ:
         # the same port on every task of a job, different for concurrent jobs on one node
         environ["MASTER_PORT"] = str(DEFAULT_MASTER_PORT + 10 + int(environ.get("SLURM_JOB_ID", "0")) % 20000)
+
+
+#: variables that make a process join a process group; a 1-process child must not inherit them
+LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
+                      "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID", "SLURM_PROCID", "SLURM_LOCALID",
+                      "SLURM_STEP_NUM_TASKS", "SLURM_STEP_ID", "SLURM_STEPID")
+
+
+def single_process_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """``environ`` without the launcher variables: a child started from it is a 1-process run
+    even when this process is one rank of torchrun or one task of an srun step."""
+    return {k: v for k, v in environ.items() if k not in LAUNCHER_VARIABLES}
+
+
+def cuda_device_index(local_rank: int, visible_devices: int) -> int:
+    """The CUDA device this rank drives: ``local_rank`` when the node's GPUs are all visible, 0
+    when the task sees one GPU (Slurm ``--gpus-per-task=1`` hides the others)."""
+    if visible_devices < 1:
+        raise UserError("this machine has no visible CUDA device; unset CUDA_VISIBLE_DEVICES limits or run on CPU")
+    if local_rank < visible_devices:
+        return local_rank
+    if visible_devices == 1:
+        return 0
+    raise UserError(f"local rank {local_rank} sees only {visible_devices} GPUs; give each task one GPU "
+                    f"(srun --gpus-per-task=1) or all of the node's (one task per GPU)")
 
 
 def info_from_env(environ: Mapping[str, str] = os.environ) -> DistInfo:
@@ -77,16 +117,18 @@ def init_distributed() -> bool:
     """Join the process group the environment describes (torchrun, or Slurm via ``env_from_slurm``).
 
     Returns True if this call created the group (the caller then owns ``shutdown``); False for a
-    1-process run or when a group already exists. Backend: NCCL with CUDA, else gloo.
+    plain run (no launcher variables) or when a group already exists. Backend: NCCL with CUDA,
+    else gloo. A 1-process torchrun joins a group of one too: it takes the data-parallel path
+    (DDP, collectives) with one GPU, which is how ``benchmarks/gpu_check.sh`` checks NCCL.
     """
     if not dist.is_available() or dist.is_initialized():
         return False
     env_from_slurm(os.environ)
-    info = info_from_env()
-    if info.world_size < 2:
+    if "RANK" not in os.environ:
         return False
+    info = info_from_env()
     if torch.cuda.is_available():
-        torch.cuda.set_device(info.local_rank)
+        torch.cuda.set_device(cuda_device_index(info.local_rank, torch.cuda.device_count()))
         backend = "nccl"
     else:
         backend = "gloo"
@@ -108,7 +150,8 @@ def shutdown(barrier: bool = True) -> None:
 
 
 def is_distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    """True in a process group (torchrun/srun, any size, one included)."""
+    return dist.is_available() and dist.is_initialized()
 
 
 def rank() -> int:
@@ -124,35 +167,33 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def local_slice(batch: torch.Tensor) -> torch.Tensor:
-    """This rank's contiguous share of a global batch (shares differ by at most one row)."""
-    if not is_distributed():
-        return batch
-    return batch.tensor_split(world_size())[rank()]
+def local_part() -> tuple[int, int]:
+    """This rank's part of every global batch: ``(rank, world size)``; (0, 1) without a group."""
+    return (rank(), world_size()) if is_distributed() else (0, 1)
+
+
+def collective_device(backend: Optional[str] = None) -> torch.device:
+    """Where tensors for the default group's collectives must live: NCCL serves only CUDA tensors
+    (the rank's current GPU), gloo the CPU. ``backend``: the group's (read from it by default)."""
+    backend = backend if backend is not None else str(dist.get_backend())
+    if "nccl" in backend.lower():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def all_reduce_sum(values: list[float]) -> list[float]:
     """Sum floats over ranks (float64; identity without a group)."""
     if not is_distributed():
         return list(values)
-    t = torch.tensor(values, dtype=torch.float64)
+    t = torch.tensor(values, dtype=torch.float64).to(collective_device())
     dist.all_reduce(t)
     return t.tolist()
 
 
-def all_reduce_eval(r: dict[str, Any]) -> dict[str, Any]:
-    """Global held-out metrics from each rank's means over its ``r["images"]`` images.
-
-    ``top1``/``top5`` come back as exact hit counts over the total, as in a 1-process run.
-    """
-    if not is_distributed():
-        return r
-    keys = sorted(k for k in r if k != "images")
-    sums = all_reduce_sum([r["images"], *(r[k] * r["images"] for k in keys)])
-    n = int(round(sums[0]))
-    out: dict[str, Any] = {k: (round(s) if k in ("top1", "top5") else s) / n for k, s in zip(keys, sums[1:])}
-    out["images"] = n
-    return out
+def all_reduce_sums(sums: dict[str, float]) -> dict[str, float]:
+    """The same dict with every value summed over ranks (one collective; identity without a group)."""
+    keys = sorted(sums)
+    return dict(zip(keys, all_reduce_sum([float(sums[k]) for k in keys])))
 
 
 def run_on_main(fn: Callable[[], T]) -> T:
@@ -191,41 +232,85 @@ def _scalar_params(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.ndim == 0]
 
 
-def fsdp_shard(model: nn.Module, average_replicated_grads: bool = True) -> nn.Module:
+def fsdp_shard(model: nn.Module, average_replicated_grads: bool = True,
+               param_dtype: Optional[torch.dtype] = None) -> nn.Module:
     """FSDP2 in place: ``fully_shard`` every ``*Block`` module, then the root.
 
-    0-dim parameters stay replicated plain tensors (FSDP2 refuses them); with
+    ``param_dtype`` (bf16 runs): parameters are all-gathered and used in that dtype (half the
+    bytes of fp32), gradients reduced in fp32; the optimizer keeps fp32 shards.
+    0-dim parameters stay replicated plain fp32 tensors (FSDP2 refuses them); with
     ``average_replicated_grads`` a hook averages their gradients over ranks after each backward
-    (on a separate gloo/NCCL group, so its collectives never interleave with FSDP's).
+    that syncs gradients (``gradient_sync``), on a separate group, so its collectives never
+    interleave with FSDP's.
     """
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     with torch.no_grad():  # FSDP2 refuses non-contiguous (channels_last) parameters
         for p in model.parameters():
             if not p.is_contiguous():
                 p.data = p.data.contiguous()
     scalars = set(_scalar_params(model))
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
     for module in model.modules():
         if module is not model and type(module).__name__.endswith("Block"):
-            fully_shard(module, ignored_params=scalars)
-    fully_shard(model, ignored_params=scalars)
+            fully_shard(module, ignored_params=scalars, mp_policy=policy)
+    fully_shard(model, ignored_params=scalars, mp_policy=policy)
     if average_replicated_grads and scalars and is_distributed():
         group = dist.new_group()
         world = world_size()
 
         def average(p: torch.Tensor) -> None:
-            dist.all_reduce(p.grad, group=group)
-            p.grad.div_(world)
+            if getattr(model, _SYNC_FLAG, True):
+                dist.all_reduce(p.grad, group=group)
+                p.grad.div_(world)
 
         for p in scalars:  # hooks fire in backward order, the same on every rank
             p.register_post_accumulate_grad_hook(average)
     return model
 
 
-def wrap_model(model: nn.Module, parallel: str, device: torch.device) -> nn.Module:
+_SYNC_FLAG = "_convscale_gradient_sync"
+
+
+@contextlib.contextmanager
+def gradient_sync(train_model: nn.Module, model: nn.Module, enabled: bool) -> Iterator[None]:
+    """Backward passes inside communicate gradients only if ``enabled``: the micro-batches before
+    a step's last one accumulate locally (DDP ``no_sync``, FSDP2 ``set_requires_gradient_sync``)
+    and the last one reduces the sum once. ``train_model``: what ``wrap_model`` returned (maybe
+    compiled); ``model``: the module it wraps."""
+    if enabled or not is_distributed():
+        yield
+        return
+    ddp = getattr(train_model, "_orig_mod", train_model)  # torch.compile keeps the wrapped module there
+    if hasattr(ddp, "no_sync"):
+        with ddp.no_sync():
+            yield
+        return
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(False)
+        setattr(model, _SYNC_FLAG, False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+            setattr(model, _SYNC_FLAG, True)
+        return
+    yield
+
+
+def rank_seed(seed: int, rank_: int, step: int) -> int:
+    """The seed of rank ``rank_``'s training randomness (dropout, stochastic depth) at ``step`` of a
+    multi-process run: distinct per rank (every rank sees other images, so its masks must differ
+    too) and a function of the step, so a resumed run draws what an uninterrupted one does."""
+    h = (int(seed) * 0x9E3779B97F4A7C15 + (rank_ + 1) * 0xBF58476D1CE4E5B9 + step * 0x94D049BB133111EB) % 2**64
+    return h % 2**63
+
+
+def wrap_model(model: nn.Module, parallel: str, device: torch.device,
+               param_dtype: Optional[torch.dtype] = None) -> nn.Module:
     """The module to call in the training step: ``model`` itself (1 process, or FSDP2, which
-    shards ``model`` in place), or a DDP wrapper around it. Parameters of ``model`` stay the
-    optimizer's and the checkpoint's view."""
+    shards ``model`` in place, gathering in ``param_dtype``), or a DDP wrapper around it.
+    Parameters of ``model`` stay the optimizer's and the checkpoint's view."""
     mode = resolve_parallel(parallel)
     if mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel
@@ -233,7 +318,7 @@ def wrap_model(model: nn.Module, parallel: str, device: torch.device) -> nn.Modu
         ids = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=ids)
     if mode == "fsdp":
-        return fsdp_shard(model)
+        return fsdp_shard(model, param_dtype=param_dtype)
     return model
 
 

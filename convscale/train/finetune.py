@@ -38,8 +38,8 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from convscale.data.config import DataConfig
-from convscale.data.loading import BatchPlan, Sample, build_batches
+from convscale.data.config import WHOLE, DataConfig
+from convscale.data.loading import BatchPlan, Sample, build_batches, plan_part
 from convscale.errors import UserError
 from convscale.train.checkpoint import list_checkpoints
 from convscale.train.config import BUDGET_FIELDS, TrainConfig, apply_overrides
@@ -231,11 +231,15 @@ class RepeatedAugmentSource:
         samples = tuple(Sample(s.ref, s.label, tuple(s.seed) + (r,)) for r in range(self.repeats) for s in distinct)
         return BatchPlan(samples, train=True)
 
-    def train_batches(self, batch_size: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        plans = (self.train_plan(k, batch_size) for k in itertools.count(start_step))
+    def train_batches(self, batch_size: int, start_step: int = 0, part: tuple[int, int] = WHOLE,
+                      uint8: bool = False, pin_memory: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        plans = (plan_part(self.train_plan(k, batch_size), part) for k in itertools.count(start_step))
         src = self.source
-        for batch in build_batches(src._builder, plans, src.cfg.workers):
-            yield src._receive(batch)
+        yield from src.receive_all(build_batches(src._builder, plans, src.cfg.workers, pin_memory), uint8)
 
-    def heldout_batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        return self.source.heldout_batches(batch_size)
+    def normalize(self, images_uint8: torch.Tensor) -> torch.Tensor:
+        return self.source.normalize(images_uint8)
+
+    def heldout_batches(self, batch_size: int, part: tuple[int, int] = WHOLE, uint8: bool = False,
+                        pin_memory: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return self.source.heldout_batches(batch_size, part, uint8, pin_memory)

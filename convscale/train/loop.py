@@ -13,6 +13,7 @@ import copy
 import io
 import json
 import math
+import os
 import shutil
 import time
 from pathlib import Path
@@ -23,7 +24,8 @@ from torch import nn
 
 from convscale import __version__
 from convscale.data import build_source
-from convscale.data.config import DataSource
+from convscale.data.config import DataSource, resolve_workers
+from convscale.data.feed import DeviceFeed
 from convscale.errors import UserError
 from convscale.models import config_at_resolution, get_config
 from convscale.models.base import config_to_dict
@@ -36,19 +38,29 @@ from convscale.train.checkpoint import (
     save_checkpoint,
 )
 from convscale.train.distributed import (
-    all_reduce_eval,
     all_reduce_sum,
+    all_reduce_sums,
     fsdp_shard,
+    gradient_sync,
     init_distributed,
-    local_slice,
+    is_distributed,
+    local_part,
+    rank,
+    rank_seed,
     resolve_parallel,
     run_on_main,
     shutdown,
     world_size,
     wrap_model,
 )
-from convscale.train.config import RUNTIME_ONLY_FIELDS, TrainConfig, budget_to_steps, resolve_warmup_steps
-from convscale.train.evaluate import autocast, evaluate, training_loss
+from convscale.train.config import (
+    RUNTIME_ONLY_DATA_FIELDS,
+    RUNTIME_ONLY_FIELDS,
+    TrainConfig,
+    budget_to_steps,
+    resolve_warmup_steps,
+)
+from convscale.train.evaluate import autocast, heldout_sums, means, training_loss
 from convscale.train.finetune import RepeatedAugmentSource, find_pretrained, load_pretrained_weights
 from convscale.train.memory import enable_activation_checkpointing, peak_memory_bytes
 from convscale.train.metrics import MetricsWriter, Progress
@@ -63,7 +75,15 @@ RESULT_FILE = "result.json"
 
 def _comparable(resolved: dict[str, Any]) -> dict[str, Any]:
     train = {k: v for k, v in resolved["train"].items() if k not in RUNTIME_ONLY_FIELDS}
+    train["data"] = {k: v for k, v in train.get("data", {}).items() if k not in RUNTIME_ONLY_DATA_FIELDS}
     return {**resolved, "train": train, "convscale_version": None}
+
+
+def configure_cuda() -> None:
+    """cuDNN picks the fastest conv algorithm per shape (shapes are fixed in a run); fp32 matmuls
+    outside autocast (fp32 runs, the loss) use TF32 tensor cores, as cuDNN convs already do."""
+    torch.backends.cudnn.benchmark = True
+    torch.set_float32_matmul_precision("high")
 
 
 def prepare_run_dir(run_dir: Path, resolved: dict[str, Any], restart: bool) -> Optional[dict[str, Any]]:
@@ -91,6 +111,18 @@ def prepare_run_dir(run_dir: Path, resolved: dict[str, Any], restart: bool) -> O
     if is_main_process():
         atomic_write_json(config_path, resolved)
     return None
+
+
+def to_channels_last(model: nn.Module) -> nn.Module:
+    """NHWC parameters, except 1x1 conv weights: ``.to(channels_last)`` gives those strides that
+    their gradients never have, and DDP then copies every such gradient into its bucket (it warns
+    "Grad strides do not match bucket view strides"); a 1x1 weight is the same matrix either way."""
+    model = model.to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 4 and p.shape[2:] == (1, 1):
+                p.data = p.data.clone(memory_format=torch.contiguous_format)
+    return model
 
 
 @torch.no_grad()
@@ -129,13 +161,19 @@ def _run(cfg: TrainConfig, restart: bool, source: Optional[DataSource]) -> dict[
                         f"x grad_accum_steps ({cfg.grad_accum_steps}); change --batch-size")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        configure_cuda()
     run_dir = Path(cfg.run_dir)
+    part = local_part()  # this rank builds only its share of every batch
+    pin = device.type == "cuda"
 
     # ---- resolve: data, model, budget -----------------------------------------------------
     get_config(cfg.model, **cfg.model_overrides)  # a bad model name fails before data is loaded
     pretrained = find_pretrained(cfg.init_from, cfg.init_from_ema) if cfg.init_from else None
-    source = source if source is not None else build_source(cfg.data)
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    data_cfg = cfg.data.replace(workers=resolve_workers(cfg.data, device.type, local_processes))
+    source = source if source is not None else build_source(data_cfg)
     if cfg.aug_repeats > 1:
         source = RepeatedAugmentSource(source, cfg.aug_repeats)
     model_cfg = config_at_resolution(cfg.model, cfg.data.resolution, num_classes=source.num_classes,
@@ -144,12 +182,12 @@ def _run(cfg: TrainConfig, restart: bool, source: Optional[DataSource]) -> dict[
     eval_source = source  # held-out images at eval_resolution come from a second source
     if cfg.eval_resolution is not None and cfg.eval_resolution != cfg.data.resolution:
         model_cfg.check_resolution(cfg.eval_resolution)
-        eval_source = build_source(cfg.data.replace(resolution=cfg.eval_resolution))
+        eval_source = build_source(data_cfg.replace(resolution=cfg.eval_resolution))
     sam_passes = cfg.passes_per_step  # SAM: two forward-backward passes per step
     flops_per_image = cfg.train_flops_per_image(model_cfg.forward_flops(cfg.data.resolution))
     steps = budget_to_steps(cfg, flops_per_image, source.num_train_images)
     warmup_steps = resolve_warmup_steps(cfg, steps)
-    eval_batch_size = cfg.eval_batch_size or cfg.batch_size
+    eval_batch_size = cfg.resolved_eval_batch_size()
     resolved = {
         "train": cfg.to_dict(),
         "model": config_to_dict(model_cfg),
@@ -178,16 +216,19 @@ def _run(cfg: TrainConfig, restart: bool, source: Optional[DataSource]) -> dict[
     if cfg.loss == "sigmoid":  # start at the prior p = 1/C per class instead of 0.5
         with torch.no_grad():
             model.classifier.bias.fill_(-math.log(source.num_classes))
-    channels_last = cfg.channels_last and model_cfg.family == "nfnet"
+    channels_last = cfg.resolved_channels_last(model_cfg.family, device.type)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
     if channels_last:
-        model = model.to(memory_format=torch.channels_last)
+        model = to_channels_last(model)
     if cfg.activation_checkpointing:
         enable_activation_checkpointing(model)
     ema_model = copy.deepcopy(model).requires_grad_(False) if cfg.ema_decay > 0 else None
     # before the optimizer: FSDP2 replaces ``model``'s parameters by sharded ones (DDP wraps it)
-    train_model = wrap_model(model, cfg.parallel, device)
+    param_dtype = torch.bfloat16 if cfg.precision == "bf16" else None  # FSDP2 all-gathers in bf16
+    train_model = wrap_model(model, cfg.parallel, device, param_dtype)
     if ema_model is not None and resolve_parallel(cfg.parallel) == "fsdp":
-        fsdp_shard(ema_model, average_replicated_grads=False)  # sharded like model: EMA updates stay local
+        # sharded like model: EMA updates stay local (and evaluation gathers what training does)
+        fsdp_shard(ema_model, average_replicated_grads=False, param_dtype=param_dtype)
     optimizer = build_optimizer(model, cfg)
     state: dict[str, Any] = {"images_seen": 0, "wall_seconds": 0.0, "first_loss": None, "step": 0}
     if is_main_process():
@@ -205,15 +246,15 @@ def _run(cfg: TrainConfig, restart: bool, source: Optional[DataSource]) -> dict[
             metrics.write(row)
 
     def heldout() -> dict[str, Any]:
+        # one pass: the EMA model sees the images decoded for the live one; each rank evaluates its
+        # share of every held-out batch and the sums are all-reduced
+        models = {"": model, **({"ema_": ema_model} if ema_model is not None else {})}
+        batches = DeviceFeed(eval_source.heldout_batches(eval_batch_size, part, uint8=True, pin_memory=pin),
+                             device, getattr(eval_source, "normalize", None), memory_format)
+        sums = heldout_sums(models, batches, device, cfg.precision, channels_last, sigmoid=cfg.loss == "sigmoid")
         out = {}
-        for prefix, m in (("", model), ("ema_", ema_model)):
-            if m is None:
-                continue
-            # sharded: each rank evaluates its slice of every held-out batch; sums are all-reduced
-            shards = ((local_slice(x), local_slice(y)) for x, y in eval_source.heldout_batches(eval_batch_size))
-            r = all_reduce_eval(evaluate(m, shards, device, cfg.precision,
-                                         channels_last, sigmoid=cfg.loss == "sigmoid"))
-            out.update({f"{prefix}heldout_{k}": v for k, v in r.items()})
+        for prefix, s in sums.items():
+            out.update({f"{prefix}heldout_{k}": v for k, v in means(all_reduce_sums(s)).items()})
         return out
 
     def position(step: int) -> dict[str, Any]:
@@ -224,49 +265,52 @@ def _run(cfg: TrainConfig, restart: bool, source: Optional[DataSource]) -> dict[
     # ---- the loop -------------------------------------------------------------------------
     model.train()
     micro_batches = cfg.grad_accum_steps
-    batches = source.train_batches(cfg.batch_size, start_step=start_step)
+    batches = DeviceFeed(source.train_batches(cfg.batch_size, start_step, part, uint8=True, pin_memory=pin),
+                         device, getattr(source, "normalize", None), memory_format)
     t_start = t_log = t_ckpt = time.monotonic()
     loss_sum = torch.zeros((), device=device)
     steps_since_log = 0
     status = "done"
     step = start_step
     for step in range(start_step, steps):
-        images, labels = next(batches)
-        images, labels = local_slice(images), local_slice(labels)  # this rank's share of global batch k
+        images, labels = next(batches)  # this rank's share of global batch k, on the device
+        if is_distributed():  # every rank its own dropout / drop-path masks, a function of the step
+            torch.manual_seed(rank_seed(cfg.seed, rank(), step))
         lr = lr_at(step, steps, warmup_steps, cfg.lr)
         set_lr(optimizer, lr)
-        for x, y in zip(images.chunk(micro_batches), labels.chunk(micro_batches)):
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with autocast(device.type, cfg.precision):
-                logits = train_model(x)
-            # equal micro-batches: the mean of their mean losses is the full batch's mean loss
-            loss = training_loss(logits, y, cfg.loss, cfg.label_smoothing) / micro_batches
-            loss.backward()
-            loss_sum += loss.detach()
-        if cfg.sam_rho > 0:  # SAM (sam.py): the same micro-batches again at w + eps; the step uses that gradient
-            perturbation = sam_ascend_(model, cfg.sam_rho)
-            for x, y in zip(images.chunk(micro_batches), labels.chunk(micro_batches)):
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                if channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                with autocast(device.type, cfg.precision):
-                    sam_logits = train_model(x)
-                (training_loss(sam_logits, y, cfg.loss, cfg.label_smoothing) / micro_batches).backward()
-            sam_restore_(perturbation)
+        for passes in range(sam_passes):  # SAM (sam.py): the same micro-batches again at w + eps
+            if passes == 1:
+                perturbation = sam_ascend_(model, cfg.sam_rho)
+            for i, (x, y) in enumerate(zip(images.chunk(micro_batches), labels.chunk(micro_batches))):
+                # gradients cross ranks once per pass, after its last micro-batch
+                with gradient_sync(train_model, model, enabled=i == micro_batches - 1):
+                    with autocast(device.type, cfg.precision):
+                        logits = train_model(x)
+                    # equal micro-batches: the mean of their mean losses is the full batch's mean loss
+                    loss = training_loss(logits, y, cfg.loss, cfg.label_smoothing) / micro_batches
+                    loss.backward()
+                if passes == 0:
+                    loss_sum += loss.detach()
+            if passes == 1:
+                sam_restore_(perturbation)  # the step uses the gradient taken at w + eps
         if cfg.optimizer == "adamw" and cfg.grad_clip_norm > 0:
             clip_global_norm_(model, cfg.grad_clip_norm)
         optimizer.step()
-        optimizer.zero_grad(set_to_none=False)  # in place: SGDAGC reuses its views of the grads
+        optimizer.zero_grad(set_to_none=True)
         if ema_model is not None:
             update_ema(ema_model, model, cfg.ema_decay, step)
         steps_since_log += 1
         if state["first_loss"] is None:
             state["first_loss"] = all_reduce_sum([float(loss_sum)])[0] / world_size()
         done = step + 1
+        # time-based checkpoints: every step on 1 process; with several, rank 0's clock decides at
+        # log steps, carried by the log step's all-reduce (no extra collective, no extra sync)
+        clock_due = bool(cfg.checkpoint_every_seconds) and time.monotonic() - t_ckpt >= cfg.checkpoint_every_seconds
+        due_time = clock_due and not is_distributed()
         if done % cfg.log_every_steps == 0 or done == steps:
-            mean_loss = all_reduce_sum([float(loss_sum)])[0] / world_size() / steps_since_log
+            loss_total, due_votes = all_reduce_sum([float(loss_sum), float(clock_due and is_main_process())])
+            due_time = due_time or due_votes > 0
+            mean_loss = loss_total / world_size() / steps_since_log
             now = time.monotonic()
             ips = steps_since_log * cfg.batch_size / max(now - t_log, 1e-9)
             log({"kind": "train", **position(done), "loss": mean_loss, "lr": lr, "images_per_second": ips})
@@ -284,9 +328,6 @@ def _run(cfg: TrainConfig, restart: bool, source: Optional[DataSource]) -> dict[
             log({"kind": "eval", **position(done), **ev})
             progress.message(_eval_line(done, steps, ev))
         due_steps = cfg.checkpoint_every_steps and done % cfg.checkpoint_every_steps == 0
-        due_time = cfg.checkpoint_every_seconds and time.monotonic() - t_ckpt >= cfg.checkpoint_every_seconds
-        if cfg.checkpoint_every_seconds and resolve_parallel(cfg.parallel) == "fsdp":  # ranks must agree
-            due_time = all_reduce_sum([float(bool(due_time) and is_main_process())])[0] > 0  # rank 0's clock
         if (due_steps or due_time) and done < steps:  # every rank: FSDP2 gathers collectively
             save_checkpoint(run_dir, done, model, optimizer,
                             {**state, **position(done)}, ema_model)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import resource
+import types
 
 import torch
 from torch import nn
@@ -12,25 +13,27 @@ from torch.utils.checkpoint import checkpoint
 BLOCK_CLASS_NAMES = ("NFBlock", "Block")
 
 
+def _checkpointed_forward(self: nn.Module, *args, **kwargs):
+    inner = type(self).forward.__get__(self)  # the class's forward, on THIS module
+    if not torch.is_grad_enabled():  # evaluation: nothing to save memory on
+        return inner(*args, **kwargs)
+    return checkpoint(inner, *args, use_reentrant=False, **kwargs)
+
+
 def enable_activation_checkpointing(model: nn.Module) -> int:
     """Recompute each residual block's activations in the backward pass instead of storing them.
 
     The block's ``forward`` is replaced on the instance, so parameter names (and with them
     checkpoints, optimizer state and the by-name parameter groups) are unchanged; RNG state is
     preserved, so dropout and stochastic depth draw the same masks in the recomputation and the
-    numbers equal a run without it. Returns the number of blocks wrapped.
+    numbers equal a run without it. The replacement is a method bound to the block, so a
+    ``copy.deepcopy`` of the model (the EMA model) runs its own weights, never the original's.
+    Returns the number of blocks wrapped.
     """
     wrapped = 0
     for module in model.modules():
         if type(module).__name__ in BLOCK_CLASS_NAMES and "forward" not in module.__dict__:
-            inner = module.forward
-
-            def forward(*args, _inner=inner, **kwargs):
-                if not torch.is_grad_enabled():  # evaluation: nothing to save memory on
-                    return _inner(*args, **kwargs)
-                return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
-
-            module.forward = forward
+            module.forward = types.MethodType(_checkpointed_forward, module)
             wrapped += 1
     return wrapped
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import itertools
 import re
 from dataclasses import dataclass
-from typing import Iterable, Optional
+from typing import Optional
 
 import torch
 from torch import nn
@@ -87,14 +87,18 @@ def parameter_groups(
     return list(groups.values())
 
 
-def _unit_counts(params: Iterable[torch.Tensor]) -> list[int]:
-    """Units per tensor: output units for ndim >= 2, one unit for scalars and vectors."""
-    return [p.shape[0] if p.ndim >= 2 else 1 for p in params]
-
-
-def unit_views(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Every AGC unit as a view: rows along dim 0 for ndim >= 2 (any memory format), else the tensor."""
-    return [u for t in tensors for u in (t.unbind(0) if t.ndim >= 2 else (t,))]
+def _unit_norms(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each tensor's unit norms, flattened: one per output unit for ndim >= 2 (a norm over dims
+    1.., one kernel per tensor, any memory format), one whole-tensor norm for scalars and vectors
+    (all of them in one ``_foreach_norm``). The sum of squares is taken in the tensor's dtype."""
+    out: list[Optional[torch.Tensor]] = [None] * len(tensors)
+    small = [i for i, t in enumerate(tensors) if t.ndim < 2]
+    for i, n in zip(small, torch._foreach_norm([tensors[i] for i in small]) if small else ()):
+        out[i] = n.reshape(1)
+    for i, t in enumerate(tensors):
+        if t.ndim >= 2:
+            out[i] = torch.linalg.vector_norm(t, dim=tuple(range(1, t.ndim))).reshape(-1)
+    return out  # type: ignore[return-value]
 
 
 def adaptive_grad_clip_(
@@ -102,31 +106,28 @@ def adaptive_grad_clip_(
     grads: list[torch.Tensor],
     clip: float,
     eps: float,
-    param_units: Optional[list[torch.Tensor]] = None,
-    grad_units: Optional[list[torch.Tensor]] = None,
     sharded_whole: Optional[list[bool]] = None,
     group=None,
 ) -> None:
-    """AGC in place on ``grads`` (paper.md B.7), vectorised over all units of all tensors.
+    """AGC in place on ``grads`` (paper.md B.7): per-tensor unit norms, then one vectorised pass
+    over all units of all tensors and one ``_foreach_mul_``; O(tensors) kernels, not O(units).
 
-    ``param_units``/``grad_units``: ``unit_views`` of params/grads, if the caller caches them.
     FSDP2 (local shards, split on dim 0): rows of a matrix/conv shard are whole units, but a
     vector's norm is split over ranks; ``sharded_whole[i]`` marks such tensors, whose squared
     norms are summed over ``group`` (one all-reduce for all of them).
     """
-    counts = _unit_counts(params)
-    p_units = param_units if param_units is not None else unit_views(params)
-    g_units = grad_units if grad_units is not None else unit_views(grads)
-    p_norm = torch.stack(torch._foreach_norm(p_units)).float()
-    g_norm = torch.stack(torch._foreach_norm(g_units)).float()
+    if not params:
+        return
+    counts = [p.shape[0] if p.ndim >= 2 else 1 for p in params]
+    p_norm = torch.cat(_unit_norms(params))
+    g_norm = torch.cat(_unit_norms(grads)).to(p_norm.dtype)
     if sharded_whole is not None and any(sharded_whole):
         starts = [0, *itertools.accumulate(counts)][:-1]
         idx = torch.tensor([s for s, w in zip(starts, sharded_whole) if w], device=p_norm.device)
         squares = torch.stack([p_norm[idx], g_norm[idx]]).square()
         torch.distributed.all_reduce(squares, group=group)
         p_norm[idx], g_norm[idx] = squares.sqrt().unbind(0)
-    p_norm.clamp_min_(eps)
-    max_norm = p_norm.mul_(clip)
+    max_norm = p_norm.clamp_min_(eps).mul_(clip)
     scale = torch.where(g_norm > max_norm, max_norm / g_norm.clamp_min(GRAD_NORM_FLOOR), 1.0)
     # One scale per unit, shaped to broadcast over the unit's elements: [O, 1, 1, ...] or [1...].
     scales = [
@@ -150,17 +151,6 @@ class SGDAGC(torch.optim.Optimizer):
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=0.0,
                         agc=True, agc_clip=agc_clip, agc_eps=agc_eps, lr_scale=1.0)
         super().__init__(params, defaults)
-        # Unit views of params and grads per group, rebuilt only when a grad tensor is replaced
-        # (the loop zeroes grads in place, so after the first step they are reused). Not saved.
-        self._units: dict[int, tuple[list, list, list]] = {}
-
-    def _unit_views(self, index: int, params: list, grads: list) -> tuple[list, list]:
-        cached = self._units.get(index)
-        tensors = [*params, *grads]  # params too: FSDP2 local shards may be new tensors
-        if cached is None or len(cached[0]) != len(tensors) or any(a is not b for a, b in zip(cached[0], tensors)):
-            cached = (tensors, unit_views(params), unit_views(grads))
-            self._units[index] = cached
-        return cached[1], cached[2]
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -168,7 +158,7 @@ class SGDAGC(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for index, group in enumerate(self.param_groups):
+        for group in self.param_groups:
             dparams = [p for p in group["params"] if p.grad is not None]
             if not dparams:
                 continue
@@ -176,11 +166,9 @@ class SGDAGC(torch.optim.Optimizer):
             params = [local(p) for p in dparams]
             grads = [local(p.grad) for p in dparams]
             if group["agc"] and group["agc_clip"] > 0:
-                p_units, g_units = self._unit_views(index, params, grads)
                 whole = [p.ndim < 2 and is_sharded(p) for p in dparams]
                 pg = process_group_of(dparams[whole.index(True)]) if any(whole) else None
-                adaptive_grad_clip_(params, grads, group["agc_clip"], group["agc_eps"], p_units, g_units,
-                                    whole, pg)
+                adaptive_grad_clip_(params, grads, group["agc_clip"], group["agc_eps"], whole, pg)
             if group["weight_decay"]:
                 torch._foreach_add_(grads, params, alpha=group["weight_decay"])
             mu = group["momentum"]

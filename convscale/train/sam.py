@@ -42,7 +42,7 @@ def sam_epsilon(grads: list[torch.Tensor], rho: float) -> list[torch.Tensor]:
 @torch.no_grad()
 def sam_ascend_(model: nn.Module, rho: float) -> Perturbation:
     """Move every parameter that has a gradient to ``w + eps`` and zero the gradients in place
-    (in place, because SGDAGC caches views of the gradient tensors)."""
+    (in place: the second pass accumulates into the same tensors)."""
     params = [p for p in model.parameters() if p.grad is not None]
     grads = [p.grad for p in params]
     saved = [p.detach().clone() for p in params]
