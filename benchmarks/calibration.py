@@ -32,10 +32,12 @@ from convscale.scaling.planted import Law, planted_study  # noqa: E402
 # the frontier is an exact power law) and one whose size grows three times faster than its data.
 EQUAL = Law(A=60.0, alpha=0.34, B=400.0, beta=0.34)
 SIZE_FAST = Law(A=13.5, alpha=0.2, B=4e4, beta=0.6)
+# the equal-rate law above an irreducible loss: the frontier flattens (not a power law)
+BENT = Law(A=60.0, alpha=0.34, B=400.0, beta=0.34, E=0.5)
 
 DESIGNS = {
-    # 5 IsoFLOP budgets over 2 decades, 7 sizes over 1.8 decades, 3 lrs per cell
-    "isoflop": dict(sizes=np.geomspace(3e5, 2e7, 7), budgets=np.geomspace(1e15, 1e17, 5)),
+    # 5 IsoFLOP budgets over 2 decades, 9 sizes over 2.8 decades, 3 lrs per cell
+    "isoflop": dict(sizes=np.geomspace(1e5, 6e7, 9), budgets=np.geomspace(1e15, 1e17, 5)),
     # the paper's grid: 6 models x epochs 0.25-8 (x2), 3 lrs; the grid's diagonal is the planted
     # law's compute-optimal ridge (D_opt / N_opt ~ 265), as a study planned from a pilot would place it
     "epochs": dict(sizes=np.geomspace(1e6, 3.2e7, 6), budgets=2.0 ** np.arange(-2, 4), epoch_images=1e9),
@@ -90,11 +92,14 @@ def calibration(studies: int, bootstrap: int, noise: float) -> list[list[str]]:
 
 
 def verdicts(studies: int, bootstrap: int) -> list[list[str]]:
-    """Findings (1) and (2) verdicts per design for planted-agree, planted-disagree and noisy studies."""
+    """Findings (1) and (2) verdicts per design for planted-agree, planted-disagree and noisy studies
+    (SIZE_FAST's frontier is an exact power law too: (1) should agree there; BENT's allocation grows at
+    equal rates: (2) should agree there)."""
     from convscale.report.findings import allocation_verdict, power_law_verdict
 
     cases = [("agree (equal rates, power law), 1 % noise", EQUAL, 0.01),
              ("disagree (N_opt ~ C^0.75), 1 % noise", SIZE_FAST, 0.01),
+             ("bent frontier (E = 0.5 under losses 1.7-1.0), 1 % noise", BENT, 0.01),
              ("too noisy (30 % noise)", EQUAL, 0.30)]
     rows = []
     for design in DESIGNS:

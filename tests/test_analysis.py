@@ -175,3 +175,29 @@ def test_batched_fits_equal_scipy():
     x = np.stack([np.ones(5), np.arange(5.0)], axis=1)
     coef = wls(x, 2 + 3 * np.arange(5.0), np.array([[1, 1, 1, 1, 1], [0, 0, 3, 0, 0]], float))
     assert np.allclose(coef[0], [2, 3]) and np.isnan(coef[1]).all()
+
+
+def test_the_paper_preset_planted_from_a_chinchilla_law():
+    """`convscale study paper` (F0-F7+ at 0.25-8 epochs, 30k classes) with losses drawn from
+    L = A/N^0.34 + B/D^0.34: the Pareto frontier, and the same rate for size and epochs. Across the
+    ladder k = train FLOPs / (N D) grows ~ N^0.33, so the compute-optimal exponents are
+    0.34 / (0.34 + 0.34 * 1.33) = 0.43 each, not 0.5."""
+    import math
+
+    from convscale.sweep.planner import plan_study
+    from convscale.sweep.presets import preset
+    from convscale.sweep.study import parse_study
+
+    plan = plan_study(parse_study(preset("paper")))
+    rng = np.random.default_rng(0)
+    rows = [dict(family=c.family, model=c.model, params=c.params, images_seen=c.images, epochs=c.epochs, lr=c.lr,
+                 train_flops=c.train_flops, budget_flops=np.nan, budget_kind=c.budget_kind, budget=c.budget,
+                 status="done",
+                 loss=(1200 / c.params**0.34 + 3000 / c.images**0.34) * (1 + 0.02 * math.log2(c.lr / 1.6) ** 2)
+                 * math.exp(rng.normal(0, 0.01)))
+            for c in plan.cells]
+    f = family(pd.DataFrame(rows), bootstrap=300)
+    assert f.design == "grid" and f.frontier_method == "pareto" and len(f.frontier) > 10
+    assert allocation_verdict(f)[0] == AGREES, allocation_verdict(f)
+    n_fit = f.allocation()[1]
+    assert n_fit.method == "parametric" and n_fit.exponent.contains(0.43), n_fit.exponent

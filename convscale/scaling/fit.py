@@ -315,8 +315,10 @@ def _parametric_allocations(fam: FamilyFit, points, level: float) -> None:
     for q, col, coef, exp_, smp in (("params", "params", p.n_opt_coef, p.n_opt_exponent, n_s),
                                     ("images", "images_seen", p.d_opt_coef, p.d_opt_exponent, d_s)):
         fam.samples[f"optimal_{q}_parametric"] = _rows(smp)
+        with np.errstate(over="ignore"):  # a refit at an exponent bound: an unbounded coefficient
+            coef_samples = np.exp(smp[:, 0]) if len(smp) else smp
         setattr(fam, f"optimal_{q}_parametric", AllocationFit(
-            quantity=col, method="parametric", coef=estimate(coef.value, np.exp(smp[:, 0]) if len(smp) else smp, level),
+            quantity=col, method="parametric", coef=estimate(coef.value, coef_samples, level),
             exponent=estimate(exp_.value, smp[:, 1] if len(smp) else smp, level), n_points=p.n_points,
             points=[{"compute_flops": float(x), "value": float(coef.value * x**exp_.value)} for x in c]))
 
