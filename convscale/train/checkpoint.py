@@ -11,6 +11,7 @@ always complete; older checkpoints are removed only after a newer one is in plac
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -20,10 +21,12 @@ from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.distributed.tensor import distribute_tensor
 
+from convscale.errors import UserError
 from convscale.train.distributed import has_sharded_params, is_sharded
 
 CHECKPOINT_DIR = "checkpoints"
@@ -199,8 +202,27 @@ def load_checkpoint(
     optimizer: torch.optim.Optimizer,
     ema_model: Optional[nn.Module] = None,
 ) -> dict[str, Any]:
-    """Restore model, EMA, optimizer and RNG state in place; returns ``state.json``'s dict."""
+    """Restore model, EMA, optimizer and RNG state in place; returns ``state.json``'s dict.
+
+    A checkpoint that cannot be read (edited or damaged by hand: a write of ours is atomic) is a
+    UserError naming it; the model may then be half-loaded, so the caller must not go on.
+    """
+    try:
+        return _load_checkpoint(path, model, optimizer, ema_model)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as e:
+        if isinstance(e, OSError) and e.errno not in (errno.ENOENT, errno.EISDIR, errno.ENOTDIR):
+            raise  # a full or failing disk is not the checkpoint's fault
+        detail = (str(e).splitlines() or [""])[0][:120]
+        raise UserError(f"checkpoint {path} is damaged ({type(e).__name__}: {detail}); delete that folder and "
+                        f"rerun the same command (the run then resumes from an earlier checkpoint or starts over)") from None
+
+
+def _load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                     ema_model: Optional[nn.Module]) -> dict[str, Any]:
     state = json.loads((path / "state.json").read_text())
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int) or state["step"] < 0 \
+            or not isinstance(state.get("wall_seconds"), (int, float)) or not isinstance(state.get("images_seen"), int):
+        raise ValueError("state.json lacks step, images_seen or wall_seconds")
     _load_model(model, load_file(path / "model.safetensors"))
     if ema_model is not None:
         _load_model(ema_model, load_file(path / "ema.safetensors"))

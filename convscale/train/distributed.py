@@ -56,13 +56,22 @@ def first_slurm_host(nodelist: str) -> str:
 def env_from_slurm(environ: MutableMapping[str, str]) -> None:
     """Fill torchrun's RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT from Slurm's variables
     when torchrun's are absent (one task per device under ``srun``). Changes ``environ`` in place."""
-    if "RANK" in environ or "SLURM_PROCID" not in environ or int(environ.get("SLURM_NTASKS", "1")) < 2:
+    if "RANK" in environ or "SLURM_PROCID" not in environ:
+        return
+    for name in ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_JOB_ID"):
+        if name in environ and not environ[name].strip().isdigit():
+            raise UserError(f"{name}={environ[name]!r} is not a whole number; unset it or run under srun")
+    if int(environ.get("SLURM_NTASKS", "1")) < 2:
         return
     environ["RANK"] = environ["SLURM_PROCID"]
     environ["WORLD_SIZE"] = environ["SLURM_NTASKS"]
     environ["LOCAL_RANK"] = environ.get("SLURM_LOCALID", "0")
     if "MASTER_ADDR" not in environ:
-        environ["MASTER_ADDR"] = first_slurm_host(environ.get("SLURM_STEP_NODELIST") or environ["SLURM_NODELIST"])
+        nodelist = environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_NODELIST")
+        if not nodelist:
+            raise UserError("SLURM_PROCID and SLURM_NTASKS are set but SLURM_NODELIST is not; "
+                            "run under srun, set MASTER_ADDR, or unset the SLURM_* variables")
+        environ["MASTER_ADDR"] = first_slurm_host(nodelist)
     if "MASTER_PORT" not in environ:
         # the same port on every task of a job, different for concurrent jobs on one node
         environ["MASTER_PORT"] = str(DEFAULT_MASTER_PORT + 10 + int(environ.get("SLURM_JOB_ID", "0")) % 20000)
