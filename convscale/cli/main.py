@@ -31,10 +31,17 @@ COMMAND_MODULES = (
 )
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with its errors as one line naming the fix, like every other user error."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} --help`\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from convscale import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="convscale",
         description="Compute-matched scaling studies of ConvNets (NFNets) and Vision Transformers.",
     )

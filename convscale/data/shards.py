@@ -132,7 +132,11 @@ def iter_shard(path: str) -> Iterator[ShardSample]:
 
 def _read_label(tf: tarfile.TarFile, member: tarfile.TarInfo, path: str) -> int:
     handle = tf.extractfile(member)
-    text = handle.read(64).decode("utf-8", "replace").strip() if handle is not None else ""
+    try:
+        text = handle.read(64).decode("utf-8", "replace").strip() if handle is not None else ""
+    except tarfile.TarError:
+        raise UserError(f"shard {path} is cut short or damaged in {member.name}; "
+                        "re-write it, or move it out of the data") from None
     try:
         label = int(text)
     except ValueError:

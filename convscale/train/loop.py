@@ -49,7 +49,7 @@ from convscale.train.distributed import (
 from convscale.train.config import TrainConfig, budget_to_steps, resolve_warmup_steps
 from convscale.train.evaluate import autocast, evaluate, training_loss
 from convscale.train.finetune import RepeatedAugmentSource, find_pretrained, load_pretrained_weights
-from convscale.train.memory import enable_activation_checkpointing, peak_memory_bytes
+from convscale.train.memory import enable_activation_checkpointing, peak_memory_bytes, physical_memory_bytes
 from convscale.train.metrics import MetricsWriter, Progress
 from convscale.train.rundir import RESULT_FILE, lock_run_dir, prepare_run_dir
 from convscale.train.optim import build_optimizer, clip_global_norm_, set_lr
@@ -96,6 +96,10 @@ def _run(cfg: TrainConfig, restart: bool, source: Optional[DataSource], locks: l
     if cfg.batch_size % (world_size() * cfg.grad_accum_steps):
         raise UserError(f"batch_size ({cfg.batch_size}) must be a multiple of processes ({world_size()}) "
                         f"x grad_accum_steps ({cfg.grad_accum_steps}); change --batch-size")
+    batch_bytes = cfg.batch_size * 3 * cfg.data.resolution**2 * 4  # one float32 global batch (every rank builds it)
+    if batch_bytes > physical_memory_bytes():
+        raise UserError(f"one batch of {cfg.batch_size} images at {cfg.data.resolution} px takes "
+                        f"{batch_bytes / 2**30:.3g} GiB, more than this machine's memory; lower --batch-size")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -1,0 +1,329 @@
+"""Faults and bad inputs (issue 15): what a new user's mistakes and a hostile machine get.
+
+Each regression test below names the item of the issue it pins. Then a table-driven suite in the
+spirit of SQLite's: every CLI entry point against malformed values, every input file kind
+truncated / corrupted / empty, run and sweep directories that are files, read-only or full, and
+(test_sweep_kills, slow) a sweep killed by SIGTERM and SIGKILL at random moments and rerun.
+
+A user error ends as one line "convscale...: error: ... " naming the fix, exit code 2, no
+traceback (``assert_user_error``). Everything runs in-process through ``cli.main.main`` except
+what needs a real process (locks held by another process, signals, kills).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from convscale.cli.main import main
+from convscale.train.metrics import read_metrics
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL = ["--model", "vit-w8-d4-p4", "--resolution", "16"]
+TINY = [*MODEL, "--batch-size", "8", "--num-classes", "4", "--quiet", "--threads", "1",
+        "--set", "data.heldout_images=16", "--set", "checkpoint_every_seconds=0"]
+
+
+def cli(argv: list[str], capsys) -> tuple[int, str, str]:
+    """Run `convscale ARGV` in this process: (exit code, stdout, stderr)."""
+    try:
+        rc = main([str(a) for a in argv])
+    except SystemExit as e:  # argparse
+        rc = e.code
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def assert_user_error(rc: int, err: str, *needles: str) -> str:
+    """Exit 2 and exactly one error line, the last one, without a traceback; returns it."""
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert rc == 2, (rc, err[-2000:])
+    assert "Traceback" not in err, err[-2000:]
+    errors = [ln for ln in lines if "error:" in ln]
+    assert len(errors) == 1 and lines[-1] == errors[0], err[-2000:]
+    for n in needles:
+        assert n in errors[0], (n, errors[0])
+    return errors[0]
+
+
+def train(run_dir: Path, *extra, steps: int = 2) -> list[str]:
+    return ["train", "--run-dir", run_dir, *TINY, "--steps", steps, *extra]
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+            "OMP_NUM_THREADS": "1"}
+
+
+def convscale(*argv) -> list[str]:
+    return [sys.executable, "-m", "convscale", *[str(a) for a in argv]]
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. data loss: --restart removes only a directory that proves it is a run
+
+
+def test_restart_never_removes_a_folder_that_is_not_a_run(tmp_path, capsys):
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / "thesis.txt").write_text("x")
+    rc, _, err = cli(train(d, "--restart"), capsys)
+    assert_user_error(rc, err, "nothing was removed")
+    assert (d / "thesis.txt").read_text() == "x"
+    rc, _, err = cli(train(d), capsys)  # without --restart the error no longer suggests it
+    assert "--restart" not in assert_user_error(rc, err, "holds no run")
+
+
+def test_restart_of_a_run_with_foreign_files_removes_nothing_and_of_a_clean_run_restarts(tmp_path, capsys):
+    d = tmp_path / "run"
+    assert cli(train(d), capsys)[0] == 0
+    (d / "notes.txt").write_text("mine")
+    rc, _, err = cli(train(d, "--restart"), capsys)
+    assert_user_error(rc, err, "notes.txt")
+    assert (d / "result.json").is_file() and (d / "notes.txt").is_file()
+    (d / "notes.txt").unlink()
+    first = json.loads((d / "result.json").read_text())
+    (d / "result.json").write_text(json.dumps({**first, "heldout_loss": 99.0}))  # mark: must be rewritten
+    rc, out, err = cli(train(d, "--restart"), capsys)
+    assert rc == 0, err
+    again = json.loads((d / "result.json").read_text())
+    assert again["heldout_loss"] == first["heldout_loss"] and json.loads(out)["heldout_loss"] == first["heldout_loss"]
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. silent mislabelling: links in a folder dataset
+
+
+def _png(colour) -> bytes:
+    from PIL import Image
+
+    b = io.BytesIO()
+    Image.new("RGB", (20, 20), colour).save(b, "PNG")
+    return b.getvalue()
+
+
+def _folder(root: Path, classes: int = 3, per_class: int = 4) -> Path:
+    for c in range(classes):
+        (root / f"c{c}").mkdir(parents=True)
+        for i in range(per_class):
+            (root / f"c{c}" / f"{i}.png").write_bytes(_png((80 * c, 10 * i, 0)))
+    return root
+
+
+@pytest.mark.parametrize("link, target", [("c0/up", ".."), ("c0/other", "../c1"), ("c1/self", "."),
+                                         ("c2/twin.png", "../c1/0.png")])
+def test_folder_links_that_loop_or_cross_classes_are_refused(tmp_path, link, target):
+    from convscale.data.config import DataConfig
+    from convscale.data.folder import FolderSource
+    from convscale.errors import UserError
+
+    root = _folder(tmp_path / "root")
+    os.symlink(target, root / link)
+    with pytest.raises(UserError, match="link|same file"):
+        FolderSource(DataConfig(kind="folder", path=str(root), resolution=16))
+
+
+def test_folder_link_out_of_the_data_is_followed(tmp_path):
+    from convscale.data.config import DataConfig
+    from convscale.data.folder import FolderSource
+
+    root = _folder(tmp_path / "root")
+    extra = _folder(tmp_path / "elsewhere", classes=1, per_class=2) / "c0"
+    os.symlink(extra, root / "c1" / "more")
+    src = FolderSource(DataConfig(kind="folder", path=str(root), resolution=16, heldout_fraction=0.25))
+    assert src.num_train_images + src.num_heldout_images == 14
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. uncounted loss: cut shards, skips per distinct file
+
+
+def _shard(path: Path, n: int, labels=None) -> Path:
+    with tarfile.open(path, "w") as tf:
+        for i in range(n):
+            label = str(i % 2 if labels is None else labels[i]).encode()
+            for name, data in ((f"s{i:03d}.png", _png((12 * i, 0, 0))), (f"s{i:03d}.cls", label)):
+                ti = tarfile.TarInfo(name)
+                ti.size = len(data)
+                tf.addfile(ti, io.BytesIO(data))
+    return path
+
+
+@pytest.mark.parametrize("cut", ["half", "header", "end_marker"])
+def test_a_cut_shard_is_an_error_not_a_silent_half(tmp_path, cut, capsys):
+    full = _shard(tmp_path / "b.tar", 20).read_bytes()
+    size = {"half": len(full) // 2 + 100, "header": 512 * 7, "end_marker": len(full) - 2 * 512 - 4096}[cut]
+    size = size if cut != "end_marker" else _end_of_members(tmp_path / "b.tar")
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "b.tar").write_bytes(full[:size])
+    rc, _, err = cli(train(tmp_path / "run", "--data", "shards", "--data-path", tmp_path / "t",
+                           "--set", "data.heldout_fraction=0.3"), capsys)
+    assert_user_error(rc, err, "b.tar", "cut short")
+
+
+def _end_of_members(path: Path) -> int:
+    with tarfile.open(path) as tf:
+        last = tf.getmembers()[-1]
+        return last.offset_data + -(-last.size // 512) * 512  # every member whole, the end marker gone
+
+
+def test_skipped_images_are_counted_per_distinct_file(tmp_path):
+    from convscale.data.config import DataConfig
+    from convscale.data.folder import FolderSource
+
+    root = _folder(tmp_path / "root", classes=2, per_class=3)
+    (root / "c0" / "bad.png").write_bytes(b"not an image")
+    src = FolderSource(DataConfig(kind="folder", path=str(root), resolution=16, heldout_fraction=0.0))
+    it = src.train_batches(7)
+    for _ in range(5):  # five epochs: bad.png is drawn five times
+        next(it)
+    assert src.skipped_images == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. unlocked runs
+
+
+def test_a_run_directory_trains_in_one_process_at_a_time(tmp_path, capsys):
+    from convscale.fslock import FileLock, is_locked
+
+    d = tmp_path / "run"
+    d.mkdir()
+    other = FileLock(d / "run.lock")  # as another `convscale train` holds it
+    assert other.acquire()
+    try:
+        rc, _, err = cli(train(d), capsys)
+        assert_user_error(rc, err, "another process")
+        assert not (d / "config.json").exists()
+    finally:
+        other.release()
+    assert cli(train(d), capsys)[0] == 0
+    assert not is_locked(d / "run.lock")  # released when the run ends
+
+
+@pytest.mark.slow
+def test_two_real_trains_on_one_directory(tmp_path):
+    from convscale.fslock import is_locked
+
+    d = tmp_path / "run"
+    cmd = convscale(*train(d, "--set", "log_every_steps=1", steps=400))
+    first = subprocess.Popen(cmd, env=env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (d / "metrics.jsonl").is_file() and time.monotonic() < deadline and first.poll() is None:
+            time.sleep(0.05)
+        second = subprocess.run(cmd, env=env(), cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert first.poll() is None, "the first run ended before the second started; make it longer"
+        assert_user_error(second.returncode, second.stderr, "being trained by another process")
+    finally:
+        first.send_signal(signal.SIGTERM)  # also: SIGTERM ends a run like Ctrl-C
+        _, err = first.communicate(timeout=60)
+    assert first.returncode == 130 and "interrupted" in err and "Traceback" not in err
+    assert not is_locked(d / "run.lock")
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. late failure: no held-out images is found at start
+
+
+def test_shards_with_no_heldout_sample_fail_at_start(tmp_path, capsys):
+    _shard(tmp_path / "b.tar", 4)
+    rc, _, err = cli(train(tmp_path / "run", "--data", "shards", "--data-path", tmp_path / "b.tar"), capsys)
+    assert_user_error(rc, err, "held-out", "heldout_fraction")
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # nothing was trained
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. (single items; the tables below cover the rest) SLURM without a node list
+
+
+@pytest.mark.parametrize("environ", [
+    {"SLURM_PROCID": "0", "SLURM_NTASKS": "2"},
+    {"SLURM_PROCID": "zero", "SLURM_NTASKS": "2", "SLURM_NODELIST": "n1"},
+    {"SLURM_PROCID": "0", "SLURM_NTASKS": "two", "SLURM_NODELIST": "n1"},
+])
+def test_slurm_variables_without_a_node_list_are_a_user_error(environ):
+    from convscale.errors import UserError
+    from convscale.train.distributed import env_from_slurm
+
+    with pytest.raises(UserError, match="SLURM"):
+        env_from_slurm(dict(environ))
+
+
+# ---------------------------------------------------------------------------------------------
+# 8. smaller items
+
+
+def test_summary_md_escapes_html_from_results_and_study():
+    from convscale.report.content import Figure, Section, Table
+    from convscale.report.markdown import render_markdown
+
+    evil = "<script>alert(1)</script>"  # a model name, an error cell or a study name in a crafted table
+    md = render_markdown(f"study {evil}", [Section(f"s {evil}", [
+        Table(["model", "error"], [[evil, f"a | b {evil}"]]), f"paragraph {evil} & more",
+        Figure("loss", f"caption {evil}")])])
+    assert "<script" not in md.lower() and "<" not in md.replace("&lt;", "")
+    assert md.count("&lt;script&gt;alert(1)&lt;/script&gt;") == 6 and "a \\| b" in md and "&amp; more" in md
+
+
+def test_study_out_keeps_an_existing_file(tmp_path, capsys):
+    out = tmp_path / "paper.toml"
+    out.write_text("mine")
+    rc, _, err = cli(["study", "paper", "--out", out], capsys)
+    assert_user_error(rc, err, "--force")
+    assert out.read_text() == "mine"
+    assert cli(["study", "paper", "--out", out, "--force"], capsys)[0] == 0 and "F0" in out.read_text()
+
+
+def test_steps_zero_is_named_as_such(tmp_path, capsys):
+    rc, _, err = cli(train(tmp_path / "r", steps=0), capsys)
+    assert "batch" not in assert_user_error(rc, err, "--steps")
+
+
+def test_a_log_row_that_spans_a_resume_equals_the_uninterrupted_one(tmp_path, capsys, monkeypatch):
+    import convscale.train.loop as loop
+
+    common = ["--set", "log_every_steps=4", "--set", "checkpoint_every_steps=3"]
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    assert cli(train(full, *common, steps=8), capsys)[0] == 0
+
+    class Killed(Exception):
+        pass
+
+    real_save = loop.save_checkpoint
+
+    def save_then_die(run_dir, done, *a, **kw):  # killed right after the checkpoint at step 3
+        real_save(run_dir, done, *a, **kw)
+        raise Killed
+
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_die)
+    with pytest.raises(Killed):
+        cli(train(cut, *common, steps=8), capsys)
+    monkeypatch.undo()
+    assert read_metrics(cut / "metrics.jsonl") == []  # no row yet: the first is due at step 4
+    rc, _, err = cli(train(cut, *common, steps=8), capsys)
+    assert rc == 0 and "resuming from step 3" in err
+    key = lambda d: [(r["kind"], r["step"], r.get("loss"), r.get("heldout_loss")) for r in read_metrics(d / "metrics.jsonl")]
+    assert key(cut) == key(full) and [r[1] for r in key(full)] == [4, 8, 8]
+
+
+def test_models_at_a_resolution_some_models_cannot_take(capsys):
+    rc, out, err = cli(["models", "nfnet-f0", "vit-b16", "vit-h14", "--resolution", "256"], capsys)
+    assert rc == 0, err
+    assert "nfnet-f0" in out and "vit-b16" in out
+    assert any(ln.startswith("vit-h14") and ln.split()[2] == "-" for ln in out.splitlines())
+    assert "- vit-h14: resolution 256 px is not a multiple" in out
+    rc, _, err = cli(["models", "vit-h14", "--resolution", "256"], capsys)
+    assert_user_error(rc, err, "use 252 or 266")
