@@ -53,8 +53,9 @@ def assert_user_error(rc: int, err: str, *needles: str) -> str:
     assert "Traceback" not in err, err[-2000:]
     errors = [ln for ln in lines if "error:" in ln]
     assert len(errors) == 1 and lines[-1] == errors[0], err[-2000:]
-    for n in needles:
-        assert n in errors[0], (n, errors[0])
+    for n in needles:  # a flag may be named as its field: --weight-decay as weight_decay
+        forms = {n, n.lstrip("-").replace("-", "_"), n.replace("_", "-")}
+        assert any(f in errors[0] for f in forms), (n, errors[0])
     return errors[0]
 
 
@@ -327,3 +328,155 @@ def test_models_at_a_resolution_some_models_cannot_take(capsys):
     assert "- vit-h14: resolution 256 px is not a multiple" in out
     rc, _, err = cli(["models", "vit-h14", "--resolution", "256"], capsys)
     assert_user_error(rc, err, "use 252 or 266")
+
+
+# =============================================================================================
+# The suite: every entry point against malformed values. Each case must end as a user error
+# (exit 2, one line); the needle is a word the line must hold (the flag or field it names).
+
+STUDY = """
+name = "f"
+[data]
+kind = "procedural"
+resolution = 16
+num_classes = 4
+heldout_images = 16
+[train]
+batch_size = 8
+precision = "fp32"
+threads = 1
+checkpoint_every_seconds = 0
+[[family]]
+name = "vit"
+models = ["vit-w8-d4-p4"]
+optimizer = "adamw"
+lrs = [0.004]
+[budgets]
+images = [16, 32]
+"""
+
+BAD_NUMBERS = {"nan": "nan", "inf": "inf", "-inf": "-inf", "neg": "-1", "zero": "0", "word": "x", "huge": "1e400"}
+
+
+def _values(flag: str, kinds: str, needle: str | None = None) -> list:
+    return [pytest.param(flag, BAD_NUMBERS[k], needle or flag, id=f"{flag}={k}") for k in kinds.split()]
+
+
+TRAIN_VALUES = [
+    *_values("--steps", "nan inf neg zero word huge"),
+    *_values("--epochs", "nan inf -inf neg zero word huge"),
+    *_values("--images", "nan neg zero word"),
+    *_values("--train-flops", "nan inf neg zero word huge"),
+    *_values("--lr", "nan inf neg zero word huge", "lr"),
+    *_values("--weight-decay", "nan inf neg word", "weight_decay"),
+    *_values("--batch-size", "nan neg zero word", "batch"),
+    *_values("--grad-accum-steps", "neg zero word", "grad_accum_steps"),
+    *_values("--ema-decay", "nan inf neg word", "ema_decay"),
+    *_values("--label-smoothing", "nan inf neg word", "label_smoothing"),
+    *_values("--resolution", "nan neg zero word", "resolution"),
+    *_values("--num-classes", "neg zero word", "num_classes"),
+    *_values("--threads", "neg word", "threads"),
+    *_values("--eval-every-steps", "neg word", "eval_every_steps"),
+    *_values("--checkpoint-every-steps", "neg word", "checkpoint_every_steps"),
+    *_values("--seed", "nan word", "--seed"),
+    pytest.param("--batch-size", "1000000000", "memory", id="--batch-size=huge"),
+    pytest.param("--resolution", "1000000", "resolution", id="--resolution=huge"),
+    pytest.param("--num-classes", "1000000000", "num_classes", id="--num-classes=huge"),
+    pytest.param("--optimizer", "sgd", "optimizer", id="--optimizer=unknown"),
+    pytest.param("--loss", "mse", "loss", id="--loss=unknown"),
+    pytest.param("--precision", "fp8", "precision", id="--precision=unknown"),
+    pytest.param("--model", "resnet-50", "resnet-50", id="--model=unknown"),
+    pytest.param("--data", "imagenet", "imagenet", id="--data=unknown"),
+    pytest.param("--set", "lr=nan", "lr", id="--set lr=nan"),
+    pytest.param("--set", "data.resolution=sixteen", "data.resolution", id="--set data.resolution=word"),
+    pytest.param("--set", "warmup_fraction=1.5", "warmup_fraction", id="--set warmup_fraction=huge"),
+    pytest.param("--set", "momentum=-0.5", "momentum", id="--set momentum=neg"),
+    pytest.param("--set", "log_every_steps=0", "log_every_steps", id="--set log_every_steps=zero"),
+    pytest.param("--set", "data.heldout_fraction=1", "heldout_fraction", id="--set data.heldout_fraction=one"),
+    pytest.param("--set", "data.workers=-1", "workers", id="--set data.workers=neg"),
+    pytest.param("--set", "sam_rho=nan", "sam_rho", id="--set sam_rho=nan"),
+    pytest.param("--set", "bogus=1", "bogus", id="--set unknown field"),
+    pytest.param("--set", "lr", "KEY=VALUE", id="--set without ="),
+]
+
+
+@pytest.mark.parametrize("flag, value, needle", TRAIN_VALUES)
+def test_train_bad_values(tmp_path, capsys, flag, value, needle):
+    argv = [a for a in train(tmp_path / "run") if a != "--steps" and a != 2] if flag in (
+        "--epochs", "--images", "--train-flops", "--steps") else train(tmp_path / "run")
+    rc, _, err = cli([*argv, flag, value], capsys)
+    assert_user_error(rc, err, needle)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+@pytest.fixture(scope="module")
+def ctx(tmp_path_factory):
+    """Inputs for the other entry points: a study file, a results CSV, a synthetic sweep dir
+    (no training) and one tiny finished run to fine-tune from."""
+    from convscale.cli.main import main as run_main
+    from test_report import make_sweep
+
+    root = tmp_path_factory.mktemp("ctx")
+    (root / "study.toml").write_text(STUDY)
+    df = make_sweep(root / "sweep", budgets=np.logspace(12, 14, 3), curves=False)
+    df.to_csv(root / "results.csv", index=False)
+    assert run_main([str(a) for a in train(root / "pre")]) == 0
+    return root
+
+
+OTHER_VALUES = [
+    # models
+    ("models --resolution nan", "--resolution"), ("models --resolution -16", "--resolution"),
+    ("models --resolution 0", "--resolution"), ("models --num-classes 0", "--num-classes"),
+    ("models --num-classes x", "--num-classes"), ("models resnet-50", "resnet-50"),
+    ("models --format xml", "--format"),
+    # sweep plan / run / collect
+    ("sweep plan {study} --no-probe --jobs 0", "--jobs"), ("sweep plan {study} --no-probe --jobs -1", "--jobs"),
+    ("sweep plan {study} --no-probe --mfu nan", "--mfu"), ("sweep plan {study} --no-probe --mfu 0", "--mfu"),
+    ("sweep plan {study} --no-probe --mfu 2", "--mfu"), ("sweep plan {study} --no-probe --mfu inf", "--mfu"),
+    ("sweep plan {study} --probe-seconds nan", "--probe-seconds"),
+    ("sweep plan {study} --probe-seconds -1", "--probe-seconds"),
+    ("sweep plan {study} --probe-seconds 0", "--probe-seconds"),
+    ("sweep plan {tmp}/missing.toml --no-probe", "not found"),
+    ("sweep run {study} --dir {tmp}/s --jobs 0", "--jobs"), ("sweep run {study} --dir {tmp}/s --jobs -2", "--jobs"),
+    ("sweep run {study} --dir {tmp}/s --executor slurm --time x", "--time"),
+    ("sweep run {study} --dir {tmp}/s --executor slurm --time 0", "--time"),
+    ("sweep run {study} --dir {tmp}/s --only nothing-matches", "--only"),
+    ("sweep collect {tmp}/missing", "no sweep"),
+    # fit
+    ("fit {csv} --bootstrap -1", "--bootstrap"), ("fit {csv} --bootstrap x", "--bootstrap"),
+    ("fit {tmp}/missing.csv", "does not exist"), ("fit {study}", "neither"),
+    ("fit {csv} --out {tmp}/no/such/dir/fit.json", "does not exist"),
+    # report / compare
+    ("report {sweep} --mfu nan", "--mfu"), ("report {sweep} --mfu 0", "--mfu"), ("report {sweep} --mfu -1", "--mfu"),
+    ("report {sweep} --bootstrap -1", "--bootstrap"), ("report {sweep} --target-loss nan", "--target-loss"),
+    ("report {sweep} --target-loss -1", "--target-loss"), ("report {tmp}/missing", "missing"),
+    ("compare {sweep} --target-loss nan", "--target-loss"), ("compare {sweep} --target-loss inf", "--target-loss"),
+    ("compare {sweep} --target-loss 0", "--target-loss"), ("compare {sweep} --target-top1 nan", "--target-top1"),
+    ("compare {sweep} --target-top1 2", "--target-top1"), ("compare {sweep} --bootstrap -1", "--bootstrap"),
+    ("compare {tmp}/missing", "missing"),
+    # finetune
+    ("finetune --from {tmp}/missing --run-dir {tmp}/ft", "missing"),
+    ("finetune --from {tmp}/sweep --run-dir {tmp}/ft", "sweep"),
+    ("finetune --from {pre} --run-dir {tmp}/ft --epochs nan", "epochs"),
+    ("finetune --from {pre} --run-dir {tmp}/ft --epochs -1", "epochs"),
+    ("finetune --from {pre} --run-dir {tmp}/ft --steps 0", "--steps"),
+    ("finetune --from {pre} --run-dir {tmp}/ft --lr nan", "lr"),
+    ("finetune --from {pre} --run-dir {tmp}/ft --resolution 4", "resolution"),
+    ("finetune --from {pre} --run-dir {tmp}/ft --drop-path-rate nan", "drop"),
+    ("finetune --from {pre} --run-dir {tmp}/ft --dropout 2", "dropout"),
+    ("finetune --from {pre} --run-dir {tmp}/ft --data arrays --data-path {tmp}/missing.npz", "missing.npz"),
+    # study / demo
+    ("study nope", "nope"), ("study paper --out {tmp}", "directory"),
+    ("demo --jobs -1", "--jobs"), ("demo --bootstrap -1", "--bootstrap"), ("demo --scale huge", "--scale"),
+]
+
+
+@pytest.mark.parametrize("command, needle", OTHER_VALUES, ids=[c for c, _ in OTHER_VALUES])
+def test_entry_point_bad_values(ctx, tmp_path, capsys, command, needle):
+    paths = {"study": ctx / "study.toml", "csv": ctx / "results.csv", "sweep": ctx / "sweep", "pre": ctx / "pre",
+             "tmp": tmp_path}
+    (tmp_path / "sweep").mkdir()
+    argv = command.format(**paths).split()
+    rc, _, err = cli(argv, capsys)
+    assert_user_error(rc, err, needle.format(**paths))

@@ -132,6 +132,8 @@ class TrainConfig:
             raise UserError(
                 f"give exactly one budget of --epochs/--steps/--images/--train-flops (got {given or 'none'})"
             )
+        if not 0.0 <= self.data.heldout_fraction < 1.0:
+            raise UserError(f"data.heldout_fraction must be in [0, 1), not {self.data.heldout_fraction}")
         budget = given[0]
         if not getattr(self, budget) > 0:
             raise UserError(f"--{budget.replace('_', '-')} must be positive, not {getattr(self, budget)}")
