@@ -480,3 +480,139 @@ def test_entry_point_bad_values(ctx, tmp_path, capsys, command, needle):
     argv = command.format(**paths).split()
     rc, _, err = cli(argv, capsys)
     assert_user_error(rc, err, needle.format(**paths))
+
+
+# =============================================================================================
+# Every input file kind truncated, corrupted and empty. What each gets ("error": one line, exit
+# 2; "ok": the command succeeds, e.g. a torn metrics line is dropped and rewritten; "skipped": a
+# damaged image is skipped and counted in result.json).
+
+DAMAGE = {
+    "truncated": lambda b: b[: len(b) // 2],
+    "corrupted": lambda b: b[: len(b) // 3] + bytes(random.Random(0).randrange(256) for _ in range(64)) + b[len(b) // 3 + 64:],
+    "empty": lambda b: b"",
+}
+
+
+def _damage(path: Path, how: str) -> None:
+    path.write_bytes(DAMAGE[how](path.read_bytes()))
+
+
+def _finished_run(d: Path, capsys) -> None:
+    assert cli(train(d, "--set", "checkpoint_every_steps=1", steps=3), capsys)[0] == 0
+
+
+def _kind_study(tmp, capsys):
+    (tmp / "s.toml").write_text(STUDY)
+    return tmp / "s.toml", ["sweep", "plan", tmp / "s.toml", "--no-probe"], "error"
+
+
+def _kind_train_config(tmp, capsys):
+    cfg = {"model": "vit-w8-d4-p4", "steps": 2, "batch_size": 8, "data": {"resolution": 16, "num_classes": 4}}
+    (tmp / "c.json").write_text(json.dumps(cfg))
+    return tmp / "c.json", ["train", "--config", tmp / "c.json", "--run-dir", tmp / "run"], "error"
+
+
+def _run_file(name: str, drop_result: bool = False):
+    def make(tmp, capsys):
+        _finished_run(tmp / "run", capsys)
+        if drop_result:  # a run killed after its final checkpoint: the next command reads it
+            (tmp / "run" / "result.json").unlink()
+        target = tmp / "run" / name
+        if "*" in name:
+            target = next((tmp / "run").glob(name))
+        expect = "ok" if name == "metrics.jsonl" else "error"
+        return target, train(tmp / "run", "--set", "checkpoint_every_steps=1", steps=3), expect
+    return make
+
+
+def _kind_npz(tmp, capsys):
+    rng = np.random.default_rng(0)
+    np.savez(tmp / "a.npz", images=rng.integers(0, 255, (40, 12, 12, 3), dtype=np.uint8), labels=np.arange(40) % 4)
+    return tmp / "a.npz", train(tmp / "run", "--data", "arrays", "--data-path", tmp / "a.npz",
+                                "--set", "data.heldout_fraction=0.2"), "error"
+
+
+def _kind_shard(tmp, capsys):
+    _shard(tmp / "b.tar", 20)
+    return tmp / "b.tar", train(tmp / "run", "--data", "shards", "--data-path", tmp / "b.tar",
+                                "--set", "data.heldout_fraction=0.3"), {"corrupted": "ok"}
+    # the garbage lands in a member's zero padding, which no reader looks at; a corrupt member image
+    # is skipped and counted (test_realdata.test_shards_corrupt_member_skipped_single_tar_and_glob)
+
+
+def _kind_image(tmp, capsys):
+    root = _folder(tmp / "root", classes=2, per_class=5)
+    return root / "c0" / "1.png", train(tmp / "run", "--data", "folder", "--data-path", root,
+                                        "--set", "data.heldout_fraction=0.2", steps=3), "skipped"
+
+
+def _kind_results_csv(tmp, capsys):
+    from test_report import make_sweep
+
+    make_sweep(tmp / "sw", budgets=np.logspace(12, 14, 3), curves=False).to_csv(tmp / "r.csv", index=False)
+    return tmp / "r.csv", ["fit", tmp / "r.csv", "--bootstrap", "0"], "error"
+
+
+def _kind_results_parquet(tmp, capsys):
+    from test_report import make_sweep
+
+    make_sweep(tmp / "sw", budgets=np.logspace(12, 14, 3), curves=False)
+    return tmp / "sw" / "results.parquet", ["fit", tmp / "sw" / "results.parquet", "--bootstrap", "0"], "error"
+
+
+def _sweep_file(name: str):
+    def make(tmp, capsys):
+        (tmp / "s.toml").write_text(STUDY)
+        assert cli(["sweep", "run", tmp / "s.toml", "--dir", tmp / "sw", "--dry-run"], capsys)[0] == 0
+        return tmp / "sw" / name, ["sweep", "collect", tmp / "sw"], "error"
+    return make
+
+
+def _pretrained_file(name: str):
+    def make(tmp, capsys):
+        _finished_run(tmp / "pre", capsys)
+        target = next((tmp / "pre").glob(name))
+        return target, ["finetune", "--from", tmp / "pre", "--run-dir", tmp / "ft", "--steps", "1",
+                        "--batch-size", "8", "--resolution", "16", "--quiet"], "error"
+    return make
+
+
+FILE_KINDS = {
+    "study.toml": _kind_study,
+    "train --config json": _kind_train_config,
+    "run config.json": _run_file("config.json"),
+    "run result.json": _run_file("result.json"),
+    "run metrics.jsonl": _run_file("metrics.jsonl"),
+    "checkpoint state.json": _run_file("checkpoints/step-*/state.json", drop_result=True),
+    "checkpoint model.safetensors": _run_file("checkpoints/step-*/model.safetensors", drop_result=True),
+    "checkpoint optimizer.safetensors": _run_file("checkpoints/step-*/optimizer.safetensors", drop_result=True),
+    "arrays .npz": _kind_npz,
+    "shard .tar": _kind_shard,
+    "folder image": _kind_image,
+    "results .csv": _kind_results_csv,
+    "results .parquet": _kind_results_parquet,
+    "sweep study.json": _sweep_file("study.json"),
+    "sweep plan.json": _sweep_file("plan.json"),
+    "pre-trained config.json": _pretrained_file("config.json"),
+    "pre-trained result.json": _pretrained_file("result.json"),
+    "pre-trained model.safetensors": _pretrained_file("checkpoints/step-*/model.safetensors"),
+}
+
+
+@pytest.mark.parametrize("how", list(DAMAGE))
+@pytest.mark.parametrize("kind", list(FILE_KINDS))
+def test_damaged_input_files(tmp_path, capsys, kind, how):
+    target, argv, expect = FILE_KINDS[kind](tmp_path, capsys)
+    expect = expect.get(how, "error") if isinstance(expect, dict) else expect
+    capsys.readouterr()
+    _damage(target, how)
+    rc, out, err = cli(argv, capsys)
+    if expect == "error":
+        assert_user_error(rc, err)
+    else:
+        assert rc == 0 and "Traceback" not in err, err[-2000:]
+        result = json.loads(out)
+        assert result["status"] == "done"
+        if expect == "skipped":
+            assert result["skipped_images"] == 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -44,11 +45,31 @@ def _write_atomic(path: str, text: str) -> None:
         raise
 
 
+def _check_not_cut_short(path: Path) -> None:
+    """A CSV cut mid-row parses as a row with a shortened last value or missing ones: refuse it
+    (every CSV writer ends the file with a newline; Parquet checks itself)."""
+    from convscale.errors import UserError
+
+    if path.is_dir() and not (path / "results.parquet").is_file():
+        path = path / "results.csv"
+    if path.suffix.lower() != ".csv" or not path.is_file():
+        return
+    with open(path, "rb") as f:
+        f.seek(0, 2)
+        if f.tell() == 0:
+            return
+        f.seek(-1, 2)
+        if f.read(1) not in (b"\n", b"\r"):
+            raise UserError(f"{path} does not end with a newline, so its last row may be cut short; "
+                            "re-write the file (if it is whole, add the final newline)")
+
+
 def run(args: argparse.Namespace) -> int:
     import json
 
     from convscale.scaling import fit_results, format_text
 
+    _check_not_cut_short(Path(args.results))
     fit = fit_results(args.results, bootstrap=args.bootstrap, seed=args.seed)
     as_json = json.dumps(fit.to_dict(), indent=2, allow_nan=False)
     if args.out:

@@ -12,6 +12,7 @@ always complete; older checkpoints are removed only after a newer one is in plac
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import shutil
@@ -157,7 +158,10 @@ def save_checkpoint(
                 else:
                     opt_scalars[f"{key}/{name}"] = value
         atomic_save_safetensors(tmp / "optimizer.safetensors", opt_tensors)
-        atomic_write_json(tmp / "state.json", {**state, "step": step, "optimizer_scalars": opt_scalars})
+        # safetensors has no checksum: a flipped byte in a tensor would load as a silently wrong weight
+        digests = {f.name: file_sha256(f) for f in sorted(tmp.iterdir()) if f.suffix == ".safetensors"}
+        atomic_write_json(tmp / "state.json", {**state, "step": step, "optimizer_scalars": opt_scalars,
+                                               "sha256": digests})
         if final.exists():  # same step written twice (a resumed run re-saving): replace it
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -168,6 +172,21 @@ def save_checkpoint(
     for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify_checkpoint_file(path: Path) -> None:
+    """ValueError if ``path`` (a checkpoint's .safetensors) differs from the checksum its state.json holds."""
+    digest = json.loads((path.parent / "state.json").read_text()).get("sha256", {}).get(path.name)
+    if digest is not None and file_sha256(path) != digest:
+        raise ValueError(f"{path.name} does not match its checksum in state.json")
 
 
 def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
@@ -221,8 +240,12 @@ def _load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimi
                      ema_model: Optional[nn.Module]) -> dict[str, Any]:
     state = json.loads((path / "state.json").read_text())
     if not isinstance(state, dict) or not isinstance(state.get("step"), int) or state["step"] < 0 \
-            or not isinstance(state.get("wall_seconds"), (int, float)) or not isinstance(state.get("images_seen"), int):
-        raise ValueError("state.json lacks step, images_seen or wall_seconds")
+            or not isinstance(state.get("wall_seconds"), (int, float)) or not isinstance(state.get("images_seen"), int) \
+            or "first_loss" not in state:
+        raise ValueError("state.json lacks step, images_seen, wall_seconds or first_loss")
+    for name, digest in state.pop("sha256", {}).items():  # checkpoints of older versions have none
+        if file_sha256(path / name) != digest:
+            raise ValueError(f"{name} does not match its checksum in state.json")
     _load_model(model, load_file(path / "model.safetensors"))
     if ema_model is not None:
         _load_model(ema_model, load_file(path / "ema.safetensors"))

@@ -39,7 +39,18 @@ def read_run_json(path: Path) -> dict[str, Any]:
 
 
 def _is_run_config(d: dict[str, Any]) -> bool:
-    return isinstance(d.get("train"), dict) and isinstance(d.get("steps"), int) and "model" in d
+    train = d.get("train")
+    return (isinstance(train, dict) and isinstance(train.get("data"), dict) and isinstance(d.get("steps"), int)
+            and isinstance(d.get("model"), dict))
+
+
+def read_run_config(run_dir: Path) -> dict[str, Any]:
+    """A run's config.json; UserError naming the fix if it is damaged or not a run's."""
+    d = read_run_json(Path(run_dir) / CONFIG_FILE)
+    if not _is_run_config(d):
+        raise UserError(f"{Path(run_dir) / CONFIG_FILE} is not a convscale run's config (no train, model and steps); "
+                        f"restore it, or use a new --run-dir")
+    return d
 
 
 def _comparable(resolved: dict[str, Any]) -> dict[str, Any]:
@@ -51,7 +62,7 @@ def wipe_run(run_dir: Path) -> None:
     """Remove a run's files for ``--restart``; UserError (nothing removed) unless ``run_dir``
     holds a run's config.json and nothing but a run's files."""
     config = run_dir / CONFIG_FILE
-    if not config.is_file() or not _is_run_config(read_run_json(config)):
+    if not config.is_file() or not _is_run_config(read_run_json(config)):  # a damaged one proves nothing
         raise UserError(f"--restart wipes only run directories, and {run_dir} holds no run's {CONFIG_FILE}; "
                         f"nothing was removed: use a new --run-dir")
     foreign = sorted(p.name for p in run_dir.iterdir() if p.name not in RUN_ENTRIES and not p.name.startswith(TMP_PREFIX))
@@ -88,9 +99,7 @@ def prepare_run_dir(run_dir: Path, resolved: dict[str, Any], restart: bool) -> O
         wipe_run(run_dir)
     config_path = run_dir / CONFIG_FILE
     if config_path.is_file():
-        stored = read_run_json(config_path)
-        if not _is_run_config(stored):
-            raise UserError(f"{config_path} is not a convscale run's config; use a new --run-dir")
+        stored = read_run_config(run_dir)
         old, new = _comparable(stored), _comparable(resolved)
         if old != new:
             diff = sorted(
