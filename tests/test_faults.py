@@ -616,3 +616,146 @@ def test_damaged_input_files(tmp_path, capsys, kind, how):
         assert result["status"] == "done"
         if expect == "skipped":
             assert result["skipped_images"] == 1
+
+
+# =============================================================================================
+# Run and sweep directories that are files, on a read-only file system, on a full disk.
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """Mount a small tmpfs (root only); yields (path, remount(options))."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root; the read-only and full-disk cases are not run")
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip()}); the read-only and full-disk cases are not run")
+
+    def remount(options: str) -> None:
+        subprocess.run(["mount", "-o", f"remount,{options}", str(mnt)], check=True)
+
+    try:
+        yield mnt, remount
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def _sweep_argv(study: Path, root: Path) -> list:
+    return ["sweep", "run", study, "--dir", root, "--dry-run"]
+
+
+@pytest.mark.parametrize("command", ["train", "sweep run", "sweep collect", "report", "finetune"])
+def test_directories_that_are_files(tmp_path, capsys, command):
+    f = tmp_path / "afile"
+    f.write_text("x")
+    (tmp_path / "s.toml").write_text(STUDY)
+    argv = {"train": train(f), "sweep run": _sweep_argv(tmp_path / "s.toml", f), "sweep collect": ["sweep", "collect", f],
+            "report": ["report", f], "finetune": ["finetune", "--from", f, "--run-dir", tmp_path / "ft"]}[command]
+    rc, _, err = cli(argv, capsys)
+    assert_user_error(rc, err)
+    assert f.read_text() == "x"
+
+
+def test_read_only_file_system(tmpfs, tmp_path, capsys):
+    mnt, remount = tmpfs
+    (tmp_path / "s.toml").write_text(STUDY)
+    assert cli(train(mnt / "done"), capsys)[0] == 0
+    remount("ro")
+    for argv in (train(mnt / "new"), _sweep_argv(tmp_path / "s.toml", mnt / "sweep"),
+                 ["study", "paper", "--out", mnt / "p.toml"], ["fit", tmp_path / "none.csv", "--out", mnt / "f.json"]):
+        rc, _, err = cli(argv, capsys)
+        line = assert_user_error(rc, err)
+        assert "read-only" in line.lower() or "does not exist" in line, line
+    rc, _, err = cli(train(mnt / "done"), capsys)  # a finished run on a read-only disk: one line too
+    assert_user_error(rc, err, "read-only")
+
+
+def test_full_disk_keeps_the_run_and_it_resumes(tmpfs, tmp_path, capsys):
+    mnt, _ = tmpfs
+    common = ["--set", "checkpoint_every_steps=2", "--set", "log_every_steps=1"]
+    assert cli(train(tmp_path / "elsewhere", *common, steps=6), capsys)[0] == 0
+    want = json.loads((tmp_path / "elsewhere" / "result.json").read_text())
+    # room for the config and a row or two, not for a checkpoint
+    filler = mnt / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+    try:
+        while os.write(fd, b"\1" * 4096):
+            pass
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    os.truncate(filler, os.path.getsize(filler) - 24 * 1024)
+    rc, _, err = cli(train(mnt / "run", *common, steps=6), capsys)
+    assert_user_error(rc, err, "No space left", "rerun the same command")
+    assert (mnt / "run" / "config.json").is_file()
+    filler.unlink()
+    rc, out, err = cli(train(mnt / "run", *common, steps=6), capsys)
+    assert rc == 0, err
+    got = json.loads(out)
+    assert (got["heldout_loss"], got["steps"]) == (want["heldout_loss"], want["steps"])
+    rows = lambda d: [(r["kind"], r["step"], r.get("loss")) for r in read_metrics(d / "metrics.jsonl")]
+    assert rows(mnt / "run") == rows(tmp_path / "elsewhere")
+
+
+# =============================================================================================
+# A sweep killed at random moments, then rerun: every cell done exactly once, no orphan.
+
+KILL_STUDY = STUDY.replace('lrs = [0.004]', 'lrs = [0.004, 0.002]').replace(
+    "images = [16, 32]", "images = [400, 800]").replace(
+    "checkpoint_every_seconds = 0", "checkpoint_every_seconds = 0\ncheckpoint_every_steps = 7\nlog_every_steps = 1")
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    pids = []
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit() and int(p.name) != os.getpid():
+            try:
+                if text in (p / "cmdline").read_bytes().decode(errors="replace"):
+                    pids.append(int(p.name))
+            except OSError:
+                pass
+    return pids
+
+
+def _wait_no_orphans(root: Path, seconds: float = 30.0) -> None:
+    deadline = time.monotonic() + seconds
+    while _processes_mentioning(str(root)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _processes_mentioning(str(root)), "a training process outlived its sweep"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="children die with the sweep via PR_SET_PDEATHSIG (Linux)")
+def test_sweep_kills(tmp_path):
+    from convscale.sweep import SweepDir, collect
+
+    study = tmp_path / "kill.toml"
+    study.write_text(KILL_STUDY)
+    root = tmp_path / "sweep"
+    rng = random.Random(15)
+    cmd = convscale("sweep", "run", study, "--dir", root, "--jobs", "2")
+    for sig in (signal.SIGTERM, signal.SIGKILL, signal.SIGTERM, signal.SIGKILL):
+        proc = subprocess.Popen(cmd, env=env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        time.sleep(rng.uniform(4.0, 10.0))  # startup, in a cell, between cells: wherever it is
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=90)
+        if sig == signal.SIGTERM and proc.returncode not in (0, 130):
+            pytest.fail(f"sweep ended {proc.returncode} on SIGTERM: {err[-2000:]}")
+        assert "Traceback" not in err, err[-3000:]
+        _wait_no_orphans(root)
+        sweep = SweepDir(root)
+        if sweep.exists():
+            assert all(sweep.state(c.cell_id) != "running" for c in sweep.load()[1])  # every lock released
+    final = subprocess.run(cmd, env=env(), cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert final.returncode == 0, final.stderr[-3000:]
+    _wait_no_orphans(root, 5)
+    df = collect(root)
+    assert len(df) == 4 and (df["status"] == "done").all()
+    for cell in df.itertuples():
+        rows = [r["step"] for r in read_metrics(Path(cell.run_dir) / "metrics.jsonl") if r["kind"] == "train"]
+        assert rows == list(range(1, cell.steps + 1)), cell.cell_id  # each step once: resumed, never rerun
+        log = (root / "logs" / f"{cell.cell_id}.err").read_text()
+        assert log.count(": done after") == 1, cell.cell_id  # finished exactly once

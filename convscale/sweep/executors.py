@@ -4,7 +4,9 @@ Every cell is one `convscale train` subprocess on its own run dir, guarded by it
 finished cells (done / diverged) are skipped, a cell locked by another sweep is skipped and
 reported, anything else runs (a crashed or killed run resumes from its last checkpoint). A cell
 whose process exits with a code other than 0 (done) or 3 (diverged) is recorded as failed, with
-the last line it wrote to stderr, and the sweep goes on.
+the last line it wrote to stderr, and the sweep goes on. Ctrl-C or SIGTERM to the sweep stops
+every running cell by SIGTERM (they exit as "interrupted" and resume next time); a sweep killed
+outright takes its cells with it (parent-death signal, Linux).
 """
 
 from __future__ import annotations
