@@ -709,15 +709,32 @@ KILL_STUDY = STUDY.replace('lrs = [0.004]', 'lrs = [0.004, 0.002]').replace(
 
 
 def _processes_mentioning(text: str) -> list[int]:
+    """Processes whose command line or open files name ``text`` (a process in exit has an empty
+    command line but may hold its files, its locks among them, a moment longer)."""
     pids = []
     for p in Path("/proc").iterdir():
         if p.name.isdigit() and int(p.name) != os.getpid():
             try:
-                if text in (p / "cmdline").read_bytes().decode(errors="replace"):
+                if text in (p / "cmdline").read_bytes().decode(errors="replace") or \
+                        any(text in os.readlink(fd) for fd in (p / "fd").iterdir()):
                     pids.append(int(p.name))
             except OSError:
                 pass
     return pids
+
+
+def _holders(path: Path) -> list[str]:
+    """Who has ``path`` open: 'pid: cmdline' of each such process."""
+    found = []
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit():
+            continue
+        try:
+            if any(os.readlink(fd) == str(path) for fd in (p / "fd").iterdir()):
+                found.append(f"{p.name}: {(p / 'cmdline').read_bytes().replace(bytes(1), b' ').decode()[:200]}")
+        except OSError:
+            pass
+    return found
 
 
 def _wait_no_orphans(root: Path, seconds: float = 30.0) -> None:
@@ -747,8 +764,10 @@ def test_sweep_kills(tmp_path):
         assert "Traceback" not in err, err[-3000:]
         _wait_no_orphans(root)
         sweep = SweepDir(root)
-        if sweep.exists():
-            assert all(sweep.state(c.cell_id) != "running" for c in sweep.load()[1])  # every lock released
+        if sweep.exists():  # every lock released
+            held = {c.cell_id: _holders(sweep.lock_path(c.cell_id)) for c in sweep.load()[1]
+                    if sweep.state(c.cell_id) == "running"}
+            assert not held, f"after {sig!r}: cells still locked, by {held}"
     final = subprocess.run(cmd, env=env(), cwd=REPO, capture_output=True, text=True, timeout=600)
     assert final.returncode == 0, final.stderr[-3000:]
     _wait_no_orphans(root, 5)
