@@ -401,7 +401,8 @@ TRAIN_VALUES = [
 
 
 @pytest.mark.parametrize("flag, value, needle", TRAIN_VALUES)
-def test_train_bad_values(tmp_path, capsys, flag, value, needle):
+def test_train_bad_values(tmp_path, capsys, monkeypatch, flag, value, needle):
+    monkeypatch.chdir(tmp_path)
     argv = [a for a in train(tmp_path / "run") if a != "--steps" and a != 2] if flag in (
         "--epochs", "--images", "--train-flops", "--steps") else train(tmp_path / "run")
     rc, _, err = cli([*argv, flag, value], capsys)
@@ -473,7 +474,8 @@ OTHER_VALUES = [
 
 
 @pytest.mark.parametrize("command, needle", OTHER_VALUES, ids=[c for c, _ in OTHER_VALUES])
-def test_entry_point_bad_values(ctx, tmp_path, capsys, command, needle):
+def test_entry_point_bad_values(ctx, tmp_path, capsys, monkeypatch, command, needle):
+    monkeypatch.chdir(tmp_path)  # a check that fails to stop a command must not leave sweeps/ in the repo
     paths = {"study": ctx / "study.toml", "csv": ctx / "results.csv", "sweep": ctx / "sweep", "pre": ctx / "pre",
              "tmp": tmp_path}
     (tmp_path / "sweep").mkdir()

@@ -32,8 +32,7 @@ def _write_atomic(path: str, text: str) -> None:
     from convscale.errors import UserError
 
     target = Path(path)
-    if not target.parent.is_dir():
-        raise UserError(f"directory {target.parent} does not exist; create it or choose another --out path")
+    _check_out(target)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
@@ -43,6 +42,13 @@ def _write_atomic(path: str, text: str) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _check_out(target: Path) -> None:
+    from convscale.errors import UserError
+
+    if not target.parent.is_dir():
+        raise UserError(f"directory {target.parent} does not exist; create it or choose another --out path")
 
 
 def _check_not_cut_short(path: Path) -> None:
@@ -70,6 +76,8 @@ def run(args: argparse.Namespace) -> int:
     from convscale.scaling import fit_results, format_text
 
     _check_not_cut_short(Path(args.results))
+    if args.out:  # before the fit, not after it
+        _check_out(Path(args.out))
     fit = fit_results(args.results, bootstrap=args.bootstrap, seed=args.seed)
     as_json = json.dumps(fit.to_dict(), indent=2, allow_nan=False)
     if args.out:
