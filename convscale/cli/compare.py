@@ -32,8 +32,12 @@ def run(args: argparse.Namespace) -> int:
     from convscale.errors import UserError
     from convscale.report import compare, format_comparison, load_sweep
 
+    from convscale.cli.checks import check_number
+
     if args.bootstrap < 0:
         raise UserError(f"--bootstrap must be >= 0; got {args.bootstrap}")
+    check_number("--target-loss", args.target_loss)
+    check_number("--target-top1", args.target_top1, 0, 1)
     inputs = load_sweep(args.sweep_dir, bootstrap=args.bootstrap, seed=args.seed)
     cmp = compare(inputs, target_loss=args.target_loss, target_top1=args.target_top1)
     print(json.dumps(cmp.to_dict(), indent=2, allow_nan=False) if args.format == "json" else format_comparison(cmp))

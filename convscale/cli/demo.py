@@ -29,6 +29,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.jobs < 0:
         raise UserError(f"--jobs must be >= 1 (or 0 for the default), got {args.jobs}")
+    if args.bootstrap < 0:
+        raise UserError(f"--bootstrap must be >= 0, got {args.bootstrap}")
     result = run_demo(scale=args.scale, out=args.out, jobs=args.jobs, bootstrap=args.bootstrap)
     print(format_summary(result))
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -31,12 +32,41 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _check_out(target: Path) -> None:
+    from convscale.errors import UserError
+
+    if not target.parent.is_dir():
+        raise UserError(f"directory {target.parent} does not exist; create it or choose another --out path")
+
+
+def _check_not_cut_short(path: Path) -> None:
+    """A CSV cut mid-row parses as a row with a shortened last value or missing ones: refuse it
+    (every CSV writer ends the file with a newline; Parquet checks itself)."""
+    from convscale.errors import UserError
+
+    if path.is_dir() and not (path / "results.parquet").is_file():
+        path = path / "results.csv"
+    if path.suffix.lower() != ".csv" or not path.is_file():
+        return
+    with open(path, "rb") as f:
+        f.seek(0, 2)
+        if f.tell() == 0:
+            return
+        f.seek(-1, 2)
+        if f.read(1) not in (b"\n", b"\r"):
+            raise UserError(f"{path} does not end with a newline, so its last row may be cut short; "
+                            "re-write the file (if it is whole, add the final newline)")
+
+
 def run(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
     from convscale.scaling import fit_results, format_text, sweep_fit, write_fit
 
+    _check_not_cut_short(Path(args.results))
+    if args.out:  # before the fit, not after it
+        _check_out(Path(args.out))
     kw = dict(bootstrap=args.bootstrap, seed=args.seed, design=args.design, size_convention=args.size_convention)
     if Path(args.results).is_dir():
         fit, _ = sweep_fit(args.results, refit=True, **kw)

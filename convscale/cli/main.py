@@ -9,8 +9,11 @@ so that ``convscale --help`` stays fast.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
+import signal
 import sys
+import threading
 
 from convscale.errors import UserError
 
@@ -28,10 +31,17 @@ COMMAND_MODULES = (
 )
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with its errors as one line naming the fix, like every other user error."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} --help`\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from convscale import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="convscale",
         description="Compute-matched scaling studies of ConvNets (NFNets) and Vision Transformers.",
     )
@@ -48,12 +58,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: OSErrors that the file system or the user's paths cause, never our code: the fix for each
+FILE_SYSTEM_ERRORS = {
+    errno.ENOSPC: "free some space, then rerun the same command (what was written is kept; a run resumes)",
+    errno.EDQUOT: "free some quota, then rerun the same command (what was written is kept; a run resumes)",
+    errno.EROFS: "that file system is read-only; give a path on a writable one",
+    errno.EACCES: "check the permissions, or give a path you may write",
+    errno.EPERM: "check the permissions, or give a path you may write",
+    errno.ENOTDIR: "a part of that path is a file, not a folder; give another path",
+}
+
+
+def _on_sigterm(signum, frame) -> None:
+    # SIGTERM (kill, Slurm pre-emption, a sweep stopping its cells) ends a command the way Ctrl-C
+    # does: finally blocks run, locks are released, children are stopped. A second one kills.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    old_handler = signal.signal(signal.SIGTERM, _on_sigterm) if in_main_thread else None
     try:
         return int(args.func(args) or 0)
     except UserError as e:
@@ -64,6 +94,15 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    except OSError as e:
+        if e.errno not in FILE_SYSTEM_ERRORS:
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"convscale: error: {where}{e.strerror}; {FILE_SYSTEM_ERRORS[e.errno]}", file=sys.stderr)
+        return 2
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, old_handler)
 
 
 if __name__ == "__main__":

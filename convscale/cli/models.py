@@ -39,7 +39,19 @@ def run(args: argparse.Namespace) -> int:
     names = args.names or model_names(args.family)
     if args.names and args.family:
         names = [n for n in names if get_config(n).family == args.family]
-    rows = zoo_table(names, args.resolution, args.num_classes)
+    unfit: dict[str, str] = {}  # models that cannot take this resolution, and why
+    for name in names:
+        try:
+            get_config(name).check_resolution(args.resolution)
+        except UserError as e:
+            unfit[name] = str(e)
+    if unfit and len(unfit) == len(names):
+        raise UserError(next(iter(unfit.values())) if len(names) == 1 else
+                        f"no model listed takes {args.resolution} px ({next(iter(unfit.values()))})")
+    rows = zoo_table([n for n in names if n not in unfit], args.resolution, args.num_classes)
+    if args.format != "table":  # csv/json stay machine-readable: the models left out are told on stderr
+        for name, why in unfit.items():
+            print(f"convscale: left out {name}: {why}", file=sys.stderr)
     out = sys.stdout
     if args.format == "json":
         json.dump(rows, out, indent=2)
@@ -55,12 +67,15 @@ def run(args: argparse.Namespace) -> int:
              _fmt_gflops(r["gflops"]), _fmt_gflops(r["train_gflops"]))
             for r in rows
         ]
+        table += [(name, get_config(name).family, "-", "-", "-") for name in unfit]  # marked, explained below
         widths = [max(len(h), *(len(t[i]) for t in table)) for i, h in enumerate(header)]
         line = "  ".join(h.ljust(w) if i < 2 else h.rjust(w) for i, (h, w) in enumerate(zip(header, widths)))
         print(line)
         print("  ".join("-" * w for w in widths))
         for t in table:
             print("  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(t, widths))))
+        for name, why in unfit.items():
+            print(f"- {name}: {why}")
         print(
             f"\nFLOPs = 2 x multiply-accumulates; training FLOPs per image = 3 x forward; "
             f"{args.num_classes} classes; w/o head = without the classifier's weight and bias."

@@ -28,8 +28,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from convscale.cli.checks import check_number
     from convscale.report import build_report
 
+    check_number("--bootstrap", args.bootstrap, 0, low_open=False)
+    check_number("--mfu", args.mfu, 0, 1)
+    check_number("--target-loss", args.target_loss)
     res = build_report(args.sweep_dir, out_dir=args.out, bootstrap=args.bootstrap, seed=args.seed,
                        hardware=args.hardware, mfu=args.mfu, target_loss=args.target_loss)
     print(f"wrote {len(res.files)} files to {res.out_dir}: open {res.out_dir / 'report.html'}")

@@ -11,7 +11,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("study", help="write a built-in study file (e.g. the paper's) to edit and sweep")
     p.add_argument("name", choices=sorted(PRESETS), help="which study")
-    p.add_argument("--out", help="write to this .toml file (default: print it)")
+    p.add_argument("--out", help="write to this .toml file (default: print it); an existing file is kept")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --out file")
     p.set_defaults(func=run)
 
 
@@ -41,6 +42,8 @@ def run(args: argparse.Namespace) -> int:
         out = Path(args.out)
         if out.exists() and out.is_dir():
             raise UserError(f"--out {out} is a directory; give a file name such as {out / (args.name + '.toml')}")
+        if out.exists() and not args.force:
+            raise UserError(f"--out {out} exists; give a new file name, or --force to overwrite it")
         atomic_write_text(out, text)
         print(f"wrote {out}; next: convscale sweep plan {out} --no-probe")
     else:

@@ -103,8 +103,11 @@ def cmd_plan(args) -> int:
     from convscale.sweep.study import load_study
     from convscale.sweep.sweepdir import SweepDir
 
+    from convscale.cli.checks import check_number
+
     if args.jobs < 1:
         raise UserError(f"--jobs must be >= 1, got {args.jobs}")
+    check_number("--probe-seconds", args.probe_seconds, 0, 3600)
     study = load_study(args.study)
     plan = plan_study(study)
     sweep = SweepDir(_sweep_dir(args, study))

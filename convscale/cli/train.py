@@ -91,8 +91,8 @@ def build_config(args: argparse.Namespace):
 
 def _load_json(path: Path) -> dict:
     try:
-        d = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        d = json.loads(path.read_bytes().decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"config file {path} is not valid JSON ({e}); fix the file") from None
     if not isinstance(d, dict):
         raise UserError(f"config file {path} must hold a JSON object of TrainConfig fields")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 from typing import Optional
 
@@ -10,7 +11,7 @@ from PIL import Image
 
 from convscale.data.config import DataConfig
 from convscale.data.indexed import IndexedSource
-from convscale.data.loading import check_heldout_fraction, stratified_split
+from convscale.data.loading import check_class_ids, check_heldout_fraction, stratified_split
 from convscale.data.transforms import TransformSpec, crop_scale_for
 from convscale.errors import UserError
 
@@ -51,9 +52,12 @@ def check_arrays(images: np.ndarray, labels: np.ndarray, where: str) -> tuple[np
     if not np.issubdtype(labels.dtype, np.integer):
         if not np.issubdtype(labels.dtype, np.floating) or not np.all(labels == np.round(labels)):
             raise UserError(f"{where}: 'labels' must be integer class ids, got {labels.dtype}")
+    if np.issubdtype(labels.dtype, np.floating) and not np.all(np.abs(labels) < 2**62):
+        raise UserError(f"{where}: labels out of range (max {labels.max()}); class ids must be 0..num_classes-1")
     labels = labels.astype(np.int64)
     if labels.min() < 0:
         raise UserError(f"{where}: labels out of range (min {labels.min()}); class ids must be 0..num_classes-1")
+    check_class_ids(int(labels.max()), len(labels), where)
     return images, labels
 
 
@@ -71,7 +75,7 @@ def load_npz(path: str, what: str = "path") -> tuple[np.ndarray, np.ndarray]:
                     "save it with np.savez(path, images=..., labels=...)"
                 )
             images, labels = z["images"], z["labels"]
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:  # truncated or not a zip at all
         raise UserError(
             f"cannot read {p} as .npz ({type(e).__name__}); "
             "save it with np.savez(path, images=..., labels=...)"

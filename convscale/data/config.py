@@ -89,7 +89,7 @@ class DataSource(Protocol):
     num_classes: int
     #: training images in one epoch (None = unlimited stream; epoch budgets then use ``epoch_images``)
     num_train_images: Optional[int]
-    #: images skipped so far because they could not be decoded (always 0 for procedural data)
+    #: distinct images skipped so far because they could not be decoded (always 0 for procedural data)
     skipped_images: int
 
     def train_batches(self, batch_size: int, start_step: int = 0, part: tuple[int, int] = WHOLE,

@@ -29,15 +29,25 @@ def scan_folder(root: str, what: str = "path") -> tuple[list[str], list[str], np
         raise UserError(f"data {what} {top} has no class sub-folders; put images in one sub-folder per class")
     paths: list[str] = []
     labels: list[int] = []
+    seen: dict[str, str] = {}  # real path of every image -> the path it was first found at
+    top_real = os.path.realpath(top)
     for label, name in enumerate(classes):
         found = []
+        class_real = os.path.realpath(top / name)
         for dirpath, dirnames, filenames in os.walk(top / name, followlinks=True):
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            found.extend(
-                os.path.join(dirpath, f)
-                for f in sorted(filenames)
-                if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS)
-            )
+            for d in dirnames:  # a linked folder may lead out of the data (fine), not back into it
+                _check_link(os.path.join(dirpath, d), top_real, class_real)
+            for f in sorted(filenames):
+                if f.startswith(".") or not f.lower().endswith(IMAGE_EXTENSIONS):
+                    continue
+                path = os.path.join(dirpath, f)
+                real = os.path.realpath(path)
+                if real in seen:  # a linked image would be trained on twice, or held out and trained on
+                    raise UserError(f"image {path} is the same file as {seen[real]} (a link); "
+                                    f"keep one copy per image in {top}")
+                seen[real] = path
+                found.append(path)
         if not found:
             raise UserError(
                 f"class folder {top / name} has no images ({', '.join(IMAGE_EXTENSIONS)}); "
@@ -46,6 +56,19 @@ def scan_folder(root: str, what: str = "path") -> tuple[list[str], list[str], np
         paths.extend(found)
         labels.extend([label] * len(found))
     return classes, paths, np.asarray(labels, dtype=np.int64)
+
+
+def _check_link(path: str, top_real: str, class_real: str) -> None:
+    """UserError if the folder ``path`` is a link back into the data outside its own class
+    folder, or to a folder above its own: walking it would loop or file images under the wrong class."""
+    if not os.path.islink(path):
+        return
+    real = os.path.realpath(path)
+    inside = lambda parent: real == parent or real.startswith(parent + os.sep)
+    above = os.path.realpath(os.path.dirname(path))
+    if inside(top_real) and not inside(class_real) or above == real or above.startswith(real + os.sep):
+        raise UserError(f"folder link {path} leads back to {real} (a loop or another class's images); "
+                        f"remove the link or replace it by the images it should hold")
 
 
 class FolderSource(IndexedSource):

@@ -227,6 +227,7 @@ class PlannedSource:
     def __init__(self) -> None:
         self.skipped_images = 0
         self.skipped_names: list[str] = []
+        self._skipped_set: set[str] = set()
 
     def train_batches(self, batch_size: int, start_step: int = 0, part: tuple[int, int] = WHOLE,
                       uint8: bool = False, pin_memory: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -256,12 +257,14 @@ class PlannedSource:
     def _receive(self, batch: LoadedBatch) -> tuple[torch.Tensor, torch.Tensor]:
         if batch.error is not None:
             raise UserError(batch.error)
-        if batch.skipped:
+        new = [name for name in batch.skipped if name not in self._skipped_set]
+        if new:  # counted once per distinct file, however often later epochs draw it again
             if not self.skipped_images:
-                log.warning("skipping undecodable image %s (further ones are counted in skipped_images)", batch.skipped[0])
-            self.skipped_images += len(batch.skipped)
+                log.warning("skipping undecodable image %s (further ones are counted in skipped_images)", new[0])
+            self._skipped_set.update(new)
+            self.skipped_images = len(self._skipped_set)
             room = MAX_SKIPPED_NAMES - len(self.skipped_names)
-            self.skipped_names.extend(batch.skipped[: max(room, 0)])
+            self.skipped_names.extend(new[: max(room, 0)])
         return batch.images, batch.labels
 
 
@@ -275,6 +278,14 @@ def _check_batch(batch_size: int, start_step: int) -> None:
 def check_heldout_fraction(fraction: float) -> None:
     if not 0 <= fraction < 1:
         raise UserError(f"heldout_fraction must be in [0, 1), got {fraction}")
+
+
+def check_class_ids(max_label: int, num_images: int, where: str) -> None:
+    """UserError if class ids run past the number of images: some class would have no image, and a
+    stray id like 10**9 would make a classifier of a billion outputs."""
+    if max_label >= num_images:
+        raise UserError(f"{where}: label {max_label} but only {num_images} images; class ids must be "
+                        f"0..num_classes-1 with every class present: renumber the labels")
 
 
 def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

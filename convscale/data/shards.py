@@ -33,6 +33,7 @@ from convscale.data.loading import (
     BatchPlan,
     PlannedSource,
     Sample,
+    check_class_ids,
     check_heldout_fraction,
     decode_image,
     rng_for,
@@ -42,6 +43,7 @@ from convscale.errors import UserError
 
 _IMAGE_EXTS = tuple(e.lstrip(".") for e in IMAGE_EXTENSIONS)
 DEFAULT_SHUFFLE_BUFFER = 2000
+BLOCK = tarfile.BLOCKSIZE  # a tar ends with two zero blocks
 
 #: (shard id, data offset in bytes, data size in bytes, name for messages)
 ShardRef = tuple[int, int, int, str]
@@ -120,11 +122,21 @@ def iter_shard(path: str) -> Iterator[ShardSample]:
         sample = _complete(key, parts)
         if sample is not None:
             yield sample
+        # tarfile ends quietly at a cut-off or garbled header; a whole tar has its end marker there
+        f.seek(tf.offset)
+        if f.read(BLOCK) != bytes(BLOCK):
+            raise UserError(f"shard {path} is cut short or damaged at byte {tf.offset} of "
+                            f"{os.fstat(f.fileno()).st_size} (no tar end marker after its last whole sample); "
+                            "re-write it, or move it out of the data")
 
 
 def _read_label(tf: tarfile.TarFile, member: tarfile.TarInfo, path: str) -> int:
     handle = tf.extractfile(member)
-    text = handle.read(64).decode("utf-8", "replace").strip() if handle is not None else ""
+    try:
+        text = handle.read(64).decode("utf-8", "replace").strip() if handle is not None else ""
+    except tarfile.TarError:
+        raise UserError(f"shard {path} is cut short or damaged in {member.name}; "
+                        "re-write it, or move it out of the data") from None
     try:
         label = int(text)
     except ValueError:
@@ -216,6 +228,7 @@ class ShardSource(PlannedSource):
                 )
         if self.num_train_images == 0:
             raise UserError(f"no training samples in {cfg.path}; lower heldout_fraction or add shards")
+        check_class_ids(max_label, self.num_train_images + self.num_heldout_images, f"shards {cfg.path}")
         self.num_classes = max_label + 1
         self._builder = BatchBuilder(ShardReader(self._paths), TransformSpec(cfg.resolution, flip=flip), cfg.strict)
 

@@ -5,8 +5,14 @@ from __future__ import annotations
 from convscale.report.content import Figure, Section, Table
 
 
+def _text(text: object) -> str:
+    """Text from results or a study (model names, errors, study names) as inert Markdown: Markdown
+    renderers pass raw HTML through, so ``<``, ``>`` and ``&`` become entities (they render the same)."""
+    return str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
 def _cell(text: str) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ")
+    return _text(text).replace("|", "\\|").replace("\n", " ")
 
 
 def table_markdown(t: Table) -> str:
@@ -17,17 +23,17 @@ def table_markdown(t: Table) -> str:
 
 def render_markdown(title: str, sections: list[Section]) -> str:
     """Markdown text of ``sections``; figures refer to the PNG next to the file (SVG linked)."""
-    out = [f"# {title}", ""]
+    out = [f"# {_text(title)}", ""]
     for s in sections:
-        out += [f"## {s.title}", ""]
+        out += [f"## {_text(s.title)}", ""]
         for b in s.blocks:
             if isinstance(b, Table):
                 out.append(table_markdown(b))
             elif isinstance(b, Figure):
-                out.append(f"![{b.name}]({b.name}.png)")
+                out.append(f"![{_text(b.name)}]({b.name}.png)")
                 out.append("")
-                out.append(f"*{b.caption}* ([SVG]({b.name}.svg))")
+                out.append(f"*{_text(b.caption)}* ([SVG]({b.name}.svg))")
             else:
-                out.append(str(b))
+                out.append(_text(b))
             out.append("")
     return "\n".join(out).rstrip() + "\n"

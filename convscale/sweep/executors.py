@@ -5,13 +5,16 @@ cell, one torchrun of N processes), guarded by its lock file:
 finished cells (done / diverged) are skipped, a cell locked by another sweep is skipped and
 reported, anything else runs (a crashed or killed run resumes from its last checkpoint). A cell
 whose process exits with a code other than 0 (done) or 3 (diverged) is recorded as failed, with
-the last line it wrote to stderr, and the sweep goes on.
+the last line it wrote to stderr, and the sweep goes on. Ctrl-C or SIGTERM to the sweep stops
+every running cell by SIGTERM (they exit as "interrupted" and resume next time); a sweep killed
+outright takes its cells with it (parent-death signal, Linux).
 """
 
 from __future__ import annotations
 
 import os
 import queue
+import signal
 import socket
 import subprocess
 import sys
@@ -109,18 +112,22 @@ def run_cell(
         with open(out_path, "ab") as out, open(err_path, "ab") as err:
             err_offset = err.tell()
             # the lock descriptor goes to the child too: if this sweep dies, the cell stays locked
-            # until the training process itself ends
+            # until the training process itself ends, which it does at once (SIGTERM on parent
+            # death, Linux). Its own session: a terminal's Ctrl-C reaches the sweep, which stops
+            # its children once, by SIGTERM (stop_children), as it does for a SIGTERM of its own.
             proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=err, stdin=subprocess.DEVNULL,
-                                    pass_fds=(lock.fd,))
+                                    pass_fds=(lock.fd,), start_new_session=True,
+                                    preexec_fn=_die_with_parent(os.getpid()))
+            with _children_lock:
+                _children[proc.pid] = proc
             try:
                 rc = proc.wait()
             except BaseException:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+                _stop(proc)
                 raise
+            finally:
+                with _children_lock:
+                    _children.pop(proc.pid, None)
         seconds = time.monotonic() - start
         last = _last_line(err_path, err_offset)
         if rc in (EXIT_DONE, EXIT_DIVERGED):
@@ -147,6 +154,56 @@ def visible_gpus(environ=os.environ) -> Optional[list[str]]:
     if value is None:
         return None
     return [v.strip() for v in value.split(",") if v.strip()]
+
+
+# training processes running now, by pid: the main thread stops them on Ctrl-C or SIGTERM
+_children: dict[int, subprocess.Popen] = {}
+_children_lock = threading.Lock()
+PR_SET_PDEATHSIG = 1
+
+
+def _libc_prctl():
+    try:
+        import ctypes
+
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):  # not Linux: no parent-death signal
+        return None
+
+
+_PRCTL = _libc_prctl() if sys.platform.startswith("linux") else None
+
+
+def _die_with_parent(parent_pid: int) -> Callable[[], None]:
+    """A preexec_fn: the child gets SIGTERM when the sweep dies, even by SIGKILL (Linux)."""
+
+    def preexec() -> None:  # in the child between fork and exec: nothing that may take a lock
+        if _PRCTL is not None:
+            _PRCTL(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent_pid:  # the sweep died before prctl took effect
+            os._exit(130)
+
+    return preexec
+
+
+def _stop(proc: subprocess.Popen, timeout: float = 30.0) -> None:
+    """SIGTERM (train stops cleanly and releases its locks), SIGKILL if it has not ended in ``timeout``."""
+    if proc.poll() is None:
+        proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def stop_children() -> None:
+    """Stop every training process this sweep started (each one gets SIGTERM, at once)."""
+    with _children_lock:
+        procs = list(_children.values())
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
 
 
 @dataclass
@@ -204,9 +261,9 @@ class LocalExecutor:
             for t in threads:
                 while t.is_alive():
                     t.join(timeout=0.2)
-        except KeyboardInterrupt:
-            # the children got the same SIGINT from the terminal; wait for them to checkpoint and exit
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM (cli.main): stop the children, wait for them to exit
             stop.set()
+            stop_children()
             for t in threads:
                 t.join(timeout=60)
             raise

@@ -140,13 +140,14 @@ def load_study(path: str | Path) -> StudyConfig:
     p = Path(path)
     if not p.is_file():
         raise UserError(f"study file {str(p)!r} not found; give the path of a .toml study (see studies/example.toml)")
-    text = p.read_text()
-    if p.suffix == ".json":
-        return StudyConfig.from_json(text)
     try:
-        raw = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise UserError(f"{p}: not valid TOML ({e}); fix the syntax") from None
+        text = p.read_bytes().decode("utf-8")
+        raw = json.loads(text) if p.suffix == ".json" else tomllib.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError, tomllib.TOMLDecodeError) as e:
+        what = "UTF-8 text" if isinstance(e, UnicodeDecodeError) else "valid " + ("JSON" if p.suffix == ".json" else "TOML")
+        raise UserError(f"{p}: not {what} ({str(e)[:120]}); fix the file") from None
+    if p.suffix == ".json":
+        return parse_study(raw, where=str(p))
     return parse_study(raw, where=str(p))
 
 

@@ -154,11 +154,17 @@ class SweepDir:
                 f"{self.root} holds no sweep (no study.json/plan.json); run "
                 f"`convscale sweep run STUDY.toml --dir {self.root}` first, or give the sweep's directory"
             )
-        study = StudyConfig.from_json(self.study_path.read_text())
+        study_dict = read_json(self.study_path)
+        if not isinstance(study_dict, dict):
+            raise UserError(f"{self.study_path} is damaged; rerun `convscale sweep run STUDY.toml --dir {self.root}` "
+                            f"to rewrite it (finished cells are kept)")
+        study = StudyConfig.from_dict(study_dict)
         plan = read_json(self.plan_path)
-        if plan is None:
-            raise UserError(f"{self.plan_path} is unreadable; rerun `convscale sweep run` to rewrite it")
-        return study, [Cell.from_dict(c) for c in plan["cells"]]
+        try:
+            return study, [Cell.from_dict(c) for c in plan["cells"]]
+        except (TypeError, KeyError, ValueError):
+            raise UserError(f"{self.plan_path} is damaged; rerun `convscale sweep run STUDY.toml --dir {self.root}` "
+                            f"to rewrite it (finished cells are kept)") from None
 
     def result(self, cell_id: str) -> Optional[dict[str, Any]]:
         """The cell's result.json (written by train at the end of the run), if any."""

@@ -11,8 +11,11 @@ always complete; older checkpoints are removed only after a newer one is in plac
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -20,10 +23,12 @@ from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.distributed.tensor import distribute_tensor
 
+from convscale.errors import UserError
 from convscale.train.distributed import has_sharded_params, is_sharded
 
 CHECKPOINT_DIR = "checkpoints"
@@ -75,7 +80,13 @@ def atomic_save_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Te
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=TMP_PREFIX + path.name)
     os.close(fd)
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp)
+        try:
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp)
+        except SafetensorError as e:  # an I/O error (full disk) as the OSError it is
+            code = re.search(r"\(os error (\d+)\)", str(e))
+            if code is None:
+                raise
+            raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from None
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -154,7 +165,10 @@ def save_checkpoint(
                 else:
                     opt_scalars[f"{key}/{name}"] = value
         atomic_save_safetensors(tmp / "optimizer.safetensors", opt_tensors)
-        atomic_write_json(tmp / "state.json", {**state, "step": step, "optimizer_scalars": opt_scalars})
+        # safetensors has no checksum: a flipped byte in a tensor would load as a silently wrong weight
+        digests = {f.name: file_sha256(f) for f in sorted(tmp.iterdir()) if f.suffix == ".safetensors"}
+        atomic_write_json(tmp / "state.json", {**state, "step": step, "optimizer_scalars": opt_scalars,
+                                               "sha256": digests})
         if final.exists():  # same step written twice (a resumed run re-saving): replace it
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -165,6 +179,21 @@ def save_checkpoint(
     for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify_checkpoint_file(path: Path) -> None:
+    """ValueError if ``path`` (a checkpoint's .safetensors) differs from the checksum its state.json holds."""
+    digest = json.loads((path.parent / "state.json").read_text()).get("sha256", {}).get(path.name)
+    if digest is not None and file_sha256(path) != digest:
+        raise ValueError(f"{path.name} does not match its checksum in state.json")
 
 
 def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
@@ -199,8 +228,31 @@ def load_checkpoint(
     optimizer: torch.optim.Optimizer,
     ema_model: Optional[nn.Module] = None,
 ) -> dict[str, Any]:
-    """Restore model, EMA, optimizer and RNG state in place; returns ``state.json``'s dict."""
+    """Restore model, EMA, optimizer and RNG state in place; returns ``state.json``'s dict.
+
+    A checkpoint that cannot be read (edited or damaged by hand: a write of ours is atomic) is a
+    UserError naming it; the model may then be half-loaded, so the caller must not go on.
+    """
+    try:
+        return _load_checkpoint(path, model, optimizer, ema_model)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as e:
+        if isinstance(e, OSError) and e.errno not in (errno.ENOENT, errno.EISDIR, errno.ENOTDIR):
+            raise  # a full or failing disk is not the checkpoint's fault
+        detail = (str(e).splitlines() or [""])[0][:120]
+        raise UserError(f"checkpoint {path} is damaged ({type(e).__name__}: {detail}); delete that folder and "
+                        f"rerun the same command (the run then resumes from an earlier checkpoint or starts over)") from None
+
+
+def _load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                     ema_model: Optional[nn.Module]) -> dict[str, Any]:
     state = json.loads((path / "state.json").read_text())
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int) or state["step"] < 0 \
+            or not isinstance(state.get("wall_seconds"), (int, float)) or not isinstance(state.get("images_seen"), int) \
+            or "first_loss" not in state:
+        raise ValueError("state.json lacks step, images_seen, wall_seconds or first_loss")
+    for name, digest in state.pop("sha256", {}).items():  # checkpoints of older versions have none
+        if file_sha256(path / name) != digest:
+            raise ValueError(f"{name} does not match its checksum in state.json")
     _load_model(model, load_file(path / "model.safetensors"))
     if ema_model is not None:
         _load_model(ema_model, load_file(path / "ema.safetensors"))

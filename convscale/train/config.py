@@ -29,6 +29,9 @@ from convscale.errors import UserError
 IMAGENET_TRAIN_IMAGES = 1_281_167
 
 BUDGET_FIELDS = ("epochs", "steps", "images", "train_flops")
+#: Bounds that no run reaches on purpose; past them a typo would try to allocate terabytes.
+MAX_RESOLUTION = 8192  # px
+MAX_CLASSES = 1_000_000  # JFT-4B has ~30k
 OPTIMIZERS = ("sgd_agc", "adamw")
 LOSSES = ("softmax", "sigmoid")
 PRECISIONS = ("bf16", "fp32")
@@ -151,11 +154,23 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise UserError for settings no run can use."""
+        check_field_types(self, "")
+        check_field_types(self.data, "data.")
         given = [f for f in BUDGET_FIELDS if getattr(self, f) is not None]
         if len(given) != 1:
             raise UserError(
                 f"give exactly one budget of --epochs/--steps/--images/--train-flops (got {given or 'none'})"
             )
+        if not 0.0 <= self.data.heldout_fraction < 1.0:
+            raise UserError(f"data.heldout_fraction must be in [0, 1), not {self.data.heldout_fraction}")
+        budget = given[0]
+        if not getattr(self, budget) > 0:
+            raise UserError(f"--{budget.replace('_', '-')} must be positive, not {getattr(self, budget)}")
+        for obj, prefix, ranges in ((self, "", _RANGES), (self.data, "data.", _DATA_RANGES)):
+            for name, low, high in ranges:
+                v = getattr(obj, name)
+                if v is not None and not low <= v <= high:
+                    raise UserError(f"{prefix}{name} must be in [{low:g}, {high:g}], not {v}")
         for name, allowed in (("optimizer", OPTIMIZERS), ("loss", LOSSES), ("precision", PRECISIONS)):
             if getattr(self, name) not in allowed:
                 raise UserError(f"{name} must be one of {list(allowed)}, not {getattr(self, name)!r}")
@@ -178,8 +193,48 @@ class TrainConfig:
             raise UserError(
                 f"batch_size ({self.batch_size}) must be a multiple of aug_repeats ({self.aug_repeats} >= 1)"
             )
-        if self.eval_resolution is not None and self.eval_resolution < 8:
-            raise UserError(f"eval_resolution must be >= 8 px, not {self.eval_resolution}")
+
+
+#: (field, lowest, highest) of numeric fields whose range the checks in validate() do not cover
+_RANGES = (
+    ("momentum", 0.0, 1.0), ("beta2", 0.0, 1.0), ("weight_decay", 0.0, math.inf), ("agc_clip", 0.0, math.inf),
+    ("agc_eps", 0.0, math.inf), ("grad_clip_norm", 0.0, math.inf), ("classifier_lr_scale", 0.0, math.inf),
+    ("label_smoothing", 0.0, 1.0), ("divergence_loss_factor", 0.0, math.inf),
+    ("checkpoint_every_seconds", 0.0, math.inf), ("epoch_images", 1, math.inf), ("warmup_steps", 0, math.inf),
+    ("eval_every_steps", 0, math.inf), ("eval_batch_size", 0, math.inf), ("log_every_steps", 1, math.inf),
+    ("checkpoint_every_steps", 0, math.inf), ("threads", 0, 4096), ("eval_resolution", 8, MAX_RESOLUTION),
+)
+_DATA_RANGES = (
+    ("resolution", 8, MAX_RESOLUTION), ("num_classes", 1, MAX_CLASSES), ("heldout_images", 1, math.inf),
+    ("workers", 0, 1024),
+)
+
+
+def check_field_types(obj: Any, prefix: str) -> None:
+    """UserError unless every field of the dataclass ``obj`` holds its annotated type (a JSON or
+    TOML file can hold "16" where 16 belongs) and every float is finite (NaN and inf are never a
+    setting: a NaN learning rate would only show up later as a "diverged" run)."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value, annotation = getattr(obj, f.name), hints[f.name]
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+            if value is None:
+                continue
+            annotation = args[0]
+        if annotation is float:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if ok and not math.isfinite(value):
+                raise UserError(f"{prefix}{f.name} must be a finite number, not {value}")
+        elif annotation is int:
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif annotation in (str, bool):
+            ok = isinstance(value, annotation)
+        else:
+            ok = isinstance(value, typing.get_origin(annotation) or annotation)
+        if not ok:
+            name = getattr(annotation, "__name__", str(annotation))
+            raise UserError(f"{prefix}{f.name} must be a {name}, not {value!r}; fix the value")
 
 
 def _check_fields(cls: type, d: dict[str, Any], what: str) -> None:

@@ -70,6 +70,9 @@ def env_from_slurm(environ: MutableMapping[str, str]) -> None:
     """
     if "RANK" in environ or "SLURM_PROCID" not in environ:
         return
+    for name in ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID", "SLURM_JOB_ID"):
+        if name in environ and not environ[name].strip().isdigit():
+            raise UserError(f"{name}={environ[name]!r} is not a whole number; unset it or run under srun")
     step_tasks = int(environ.get("SLURM_STEP_NUM_TASKS", "1"))
     if step_tasks < 2:
         return
@@ -77,7 +80,11 @@ def env_from_slurm(environ: MutableMapping[str, str]) -> None:
     environ["WORLD_SIZE"] = str(step_tasks)
     environ["LOCAL_RANK"] = environ.get("SLURM_LOCALID", "0")
     if "MASTER_ADDR" not in environ:
-        environ["MASTER_ADDR"] = first_slurm_host(environ.get("SLURM_STEP_NODELIST") or environ["SLURM_NODELIST"])
+        nodelist = environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_NODELIST")
+        if not nodelist:
+            raise UserError("SLURM_PROCID and SLURM_NTASKS are set but SLURM_NODELIST is not; "
+                            "run under srun, set MASTER_ADDR, or unset the SLURM_* variables")
+        environ["MASTER_ADDR"] = first_slurm_host(nodelist)
     if "MASTER_PORT" not in environ:
         # the same port on every task of a job, different for concurrent jobs on one node
         environ["MASTER_PORT"] = str(DEFAULT_MASTER_PORT + 10 + int(environ.get("SLURM_JOB_ID", "0")) % 20000)

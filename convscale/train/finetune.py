@@ -29,20 +29,21 @@ them off (the paper preset) thus fine-tunes with them on, as the paper does.
 from __future__ import annotations
 
 import itertools
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
 from convscale.data.config import WHOLE, DataConfig
 from convscale.data.loading import BatchPlan, Sample, build_batches, plan_part
 from convscale.errors import UserError
-from convscale.train.checkpoint import list_checkpoints
+from convscale.train.checkpoint import list_checkpoints, verify_checkpoint_file
 from convscale.train.config import BUDGET_FIELDS, TrainConfig, apply_overrides
+from convscale.train.rundir import read_run_config, read_run_json
 
 CLASSIFIER_KEYS = ("classifier.weight", "classifier.bias")
 
@@ -108,7 +109,7 @@ def find_pretrained(run_dir: str | Path, use_ema: bool = False) -> PretrainedRun
     result_path = rd / "result.json"
     if not result_path.is_file():
         raise UserError(f"--from {run_dir} has not finished (no result.json); finish it with `convscale train` first")
-    config, result = json.loads((rd / "config.json").read_text()), json.loads(result_path.read_text())
+    config, result = read_run_config(rd), read_run_json(result_path)
     if result.get("status") != "done":
         raise UserError(f"--from {run_dir} ended as {result.get('status')!r}, not 'done'; pick a finished run")
     checkpoints = list_checkpoints(rd)
@@ -133,7 +134,13 @@ def load_pretrained_weights(model: nn.Module, pretrained: PretrainedRun) -> list
     A ViT's ``_load_from_state_dict`` resamples a learned position grid of another size.
     Any other mismatch (another architecture) is a UserError naming the first tensors.
     """
-    state = {k: v for k, v in load_file(pretrained.weights_file).items() if k not in CLASSIFIER_KEYS}
+    try:
+        verify_checkpoint_file(Path(pretrained.weights_file))
+        weights = load_file(pretrained.weights_file)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"{pretrained.weights_file} is damaged ({type(e).__name__}); re-run the pre-training "
+                        f"run {pretrained.run_dir} from its previous checkpoint, or pick another --from") from None
+    state = {k: v for k, v in weights.items() if k not in CLASSIFIER_KEYS}
     try:
         res = model.load_state_dict(state, strict=False)
     except RuntimeError as e:  # size mismatch: another width/depth than the pre-trained run

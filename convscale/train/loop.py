@@ -14,7 +14,6 @@ import io
 import json
 import math
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -53,32 +52,17 @@ from convscale.train.distributed import (
     world_size,
     wrap_model,
 )
-from convscale.train.config import (
-    RUNTIME_ONLY_DATA_FIELDS,
-    RUNTIME_ONLY_FIELDS,
-    TrainConfig,
-    budget_to_steps,
-    resolve_warmup_steps,
-)
+from convscale.train.config import TrainConfig, budget_to_steps, resolve_warmup_steps
 from convscale.train.evaluate import autocast, heldout_sums, means, training_loss
 from convscale.train.finetune import RepeatedAugmentSource, find_pretrained, load_pretrained_weights
-from convscale.train.memory import enable_activation_checkpointing, peak_memory_bytes
+from convscale.train.memory import enable_activation_checkpointing, peak_memory_bytes, physical_memory_bytes
 from convscale.train.metrics import MetricsWriter, Progress
+from convscale.train.rundir import RESULT_FILE, lock_run_dir, prepare_run_dir
 from convscale.train.optim import build_optimizer, clip_global_norm_, set_lr
 from convscale.train.sam import sam_ascend_, sam_restore_
 from convscale.train.schedule import lr_at
 
 EXIT_DIVERGED = 3  # `convscale train` exit code of a run that diverged (0 done, 2 user error)
-CONFIG_FILE = "config.json"
-RESULT_FILE = "result.json"
-
-
-def _comparable(resolved: dict[str, Any]) -> dict[str, Any]:
-    train = {k: v for k, v in resolved["train"].items() if k not in RUNTIME_ONLY_FIELDS}
-    train["data"] = {k: v for k, v in train.get("data", {}).items() if k not in RUNTIME_ONLY_DATA_FIELDS}
-    return {**resolved, "train": train, "convscale_version": None}
-
-
 def configure_cuda() -> None:
     """cuDNN picks the fastest conv algorithm per shape (shapes are fixed in a run); fp32 matmuls
     outside autocast (fp32 runs, the loss) use TF32 tensor cores, as cuDNN convs already do."""
@@ -86,31 +70,6 @@ def configure_cuda() -> None:
     torch.set_float32_matmul_precision("high")
 
 
-def prepare_run_dir(run_dir: Path, resolved: dict[str, Any], restart: bool) -> Optional[dict[str, Any]]:
-    """Create or check the run directory; returns the stored result if the run already finished."""
-    if restart and run_dir.exists():
-        shutil.rmtree(run_dir)
-    config_path = run_dir / CONFIG_FILE
-    if config_path.is_file():
-        stored = json.loads(config_path.read_text())
-        if _comparable(stored) != _comparable(resolved):
-            old, new = _comparable(stored), _comparable(resolved)
-            diff = sorted(
-                f"train.{k}" for k in set(old["train"]) | set(new["train"]) if old["train"].get(k) != new["train"].get(k)
-            ) + sorted(k for k in set(old) | set(new) if k != "train" and old.get(k) != new.get(k))
-            raise UserError(
-                f"{run_dir} holds a run with a different config (differs in {', '.join(diff[:6])}); "
-                f"use a new --run-dir, or --restart to wipe it"
-            )
-        result_path = run_dir / RESULT_FILE
-        if result_path.is_file():
-            return json.loads(result_path.read_text())
-    elif run_dir.exists() and any(run_dir.iterdir()):
-        raise UserError(f"{run_dir} is not empty and has no {CONFIG_FILE}; use a new --run-dir, or --restart to wipe it")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if is_main_process():
-        atomic_write_json(config_path, resolved)
-    return None
 
 
 def to_channels_last(model: nn.Module) -> nn.Module:
@@ -145,20 +104,27 @@ def run(cfg: TrainConfig, restart: bool = False, source: Optional[DataSource] = 
     """
     owns_group = init_distributed()
     ok = False
+    locks: list = []  # the run directory's lock, held (by rank 0) until the run ends
     try:
-        result = _run(cfg, restart, source)
+        result = _run(cfg, restart, source, locks)
         ok = True
         return result
     finally:
+        for lock in locks:
+            lock.release()
         if owns_group:
             shutdown(barrier=ok)
 
 
-def _run(cfg: TrainConfig, restart: bool, source: Optional[DataSource]) -> dict[str, Any]:
+def _run(cfg: TrainConfig, restart: bool, source: Optional[DataSource], locks: list) -> dict[str, Any]:
     cfg.validate()
     if cfg.batch_size % (world_size() * cfg.grad_accum_steps):
         raise UserError(f"batch_size ({cfg.batch_size}) must be a multiple of processes ({world_size()}) "
                         f"x grad_accum_steps ({cfg.grad_accum_steps}); change --batch-size")
+    batch_bytes = cfg.batch_size * 3 * cfg.data.resolution**2 * 4  # one float32 global batch (every rank builds it)
+    if batch_bytes > physical_memory_bytes():
+        raise UserError(f"one batch of {cfg.batch_size} images at {cfg.data.resolution} px takes "
+                        f"{batch_bytes / 2**30:.3g} GiB, more than this machine's memory; lower --batch-size")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
@@ -183,6 +149,10 @@ def _run(cfg: TrainConfig, restart: bool, source: Optional[DataSource]) -> dict[
     if cfg.eval_resolution is not None and cfg.eval_resolution != cfg.data.resolution:
         model_cfg.check_resolution(cfg.eval_resolution)
         eval_source = build_source(data_cfg.replace(resolution=cfg.eval_resolution))
+    for src in {id(source): source, id(eval_source): eval_source}.values():
+        if getattr(src, "num_heldout_images", None) == 0:  # found now, not by the final evaluation
+            raise UserError(f"the data holds no held-out images (heldout_fraction {cfg.data.heldout_fraction} "
+                            f"of {src.num_train_images} images); raise data.heldout_fraction or set data.heldout_path")
     sam_passes = cfg.passes_per_step  # SAM: two forward-backward passes per step
     flops_per_image = cfg.train_flops_per_image(model_cfg.forward_flops(cfg.data.resolution))
     steps = budget_to_steps(cfg, flops_per_image, source.num_train_images)
@@ -203,7 +173,11 @@ def _run(cfg: TrainConfig, restart: bool, source: Optional[DataSource]) -> dict[
     if pretrained is not None:
         resolved["init_from"] = pretrained.record()
     progress = Progress(steps, cfg.quiet, stream=None if is_main_process() else io.StringIO())
-    finished = run_on_main(lambda: prepare_run_dir(run_dir, resolved, restart))  # one rank touches files
+    def prepare() -> Optional[dict[str, Any]]:
+        locks.append(lock_run_dir(run_dir))  # a second `convscale train` on this directory stops here
+        return prepare_run_dir(run_dir, resolved, restart)
+
+    finished = run_on_main(prepare)  # one rank touches files
     if finished is not None:
         progress.message(f"{run_dir}: already finished ({finished['status']}); result: {json.dumps(finished)}")
         return finished
@@ -268,8 +242,10 @@ def _run(cfg: TrainConfig, restart: bool, source: Optional[DataSource]) -> dict[
     batches = DeviceFeed(source.train_batches(cfg.batch_size, start_step, part, uint8=True, pin_memory=pin),
                          device, getattr(source, "normalize", None), memory_format)
     t_start = t_log = t_ckpt = time.monotonic()
-    loss_sum = torch.zeros((), device=device)
-    steps_since_log = 0
+    # a log row averages the steps since the last one, also when a resume falls between them
+    loss_sum = torch.tensor(float(state.get("loss_sum_since_log", 0.0)), device=device)
+    steps_since_log = int(state.get("steps_since_log", 0))
+    steps_timed = 0  # steps since t_log in this process (images/s)
     status = "done"
     step = start_step
     for step in range(start_step, steps):
@@ -300,6 +276,7 @@ def _run(cfg: TrainConfig, restart: bool, source: Optional[DataSource]) -> dict[
         if ema_model is not None:
             update_ema(ema_model, model, cfg.ema_decay, step)
         steps_since_log += 1
+        steps_timed += 1
         if state["first_loss"] is None:
             state["first_loss"] = all_reduce_sum([float(loss_sum)])[0] / world_size()
         done = step + 1
@@ -312,10 +289,10 @@ def _run(cfg: TrainConfig, restart: bool, source: Optional[DataSource]) -> dict[
             due_time = due_time or due_votes > 0
             mean_loss = loss_total / world_size() / steps_since_log
             now = time.monotonic()
-            ips = steps_since_log * cfg.batch_size / max(now - t_log, 1e-9)
+            ips = steps_timed * cfg.batch_size / max(now - t_log, 1e-9)
             log({"kind": "train", **position(done), "loss": mean_loss, "lr": lr, "images_per_second": ips})
-            progress.update(done, mean_loss, ips, (now - t_log) / steps_since_log)
-            t_log, steps_since_log = now, 0
+            progress.update(done, mean_loss, ips, (now - t_log) / steps_timed)
+            t_log, steps_since_log, steps_timed = now, 0, 0
             loss_sum.zero_()
             factor = cfg.divergence_loss_factor
             if not math.isfinite(mean_loss) or (factor > 0 and mean_loss > factor * state["first_loss"]):
@@ -329,8 +306,10 @@ def _run(cfg: TrainConfig, restart: bool, source: Optional[DataSource]) -> dict[
             progress.message(_eval_line(done, steps, ev))
         due_steps = cfg.checkpoint_every_steps and done % cfg.checkpoint_every_steps == 0
         if (due_steps or due_time) and done < steps:  # every rank: FSDP2 gathers collectively
+            pending_loss = all_reduce_sum([float(loss_sum)])[0] / world_size()  # every rank resumes with the mean
             save_checkpoint(run_dir, done, model, optimizer,
-                            {**state, **position(done)}, ema_model)
+                            {**state, **position(done), "loss_sum_since_log": pending_loss,
+                             "steps_since_log": steps_since_log}, ema_model)
             t_ckpt = time.monotonic()
 
     # ---- the end: final evaluation, final checkpoint, result ------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import resource
 import types
 
@@ -43,3 +44,11 @@ def peak_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+
+
+def physical_memory_bytes() -> float:
+    """RAM of this machine (inf where the platform does not tell)."""
+    try:
+        return float(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return float("inf")
