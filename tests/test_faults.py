@@ -251,7 +251,8 @@ def test_shards_with_no_heldout_sample_fail_at_start(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("environ", [
-    {"SLURM_PROCID": "0", "SLURM_NTASKS": "2"},
+    # an srun step of 2 tasks (a batch script's variables alone make one process: test_distributed)
+    {"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_STEP_NUM_TASKS": "2"},
     {"SLURM_PROCID": "zero", "SLURM_NTASKS": "2", "SLURM_NODELIST": "n1"},
     {"SLURM_PROCID": "0", "SLURM_NTASKS": "two", "SLURM_NODELIST": "n1"},
 ])
@@ -393,7 +394,7 @@ TRAIN_VALUES = [
     pytest.param("--set", "momentum=-0.5", "momentum", id="--set momentum=neg"),
     pytest.param("--set", "log_every_steps=0", "log_every_steps", id="--set log_every_steps=zero"),
     pytest.param("--set", "data.heldout_fraction=1", "heldout_fraction", id="--set data.heldout_fraction=one"),
-    pytest.param("--set", "data.workers=-1", "workers", id="--set data.workers=neg"),
+    pytest.param("--set", "data.workers=-2", "workers", id="--set data.workers=neg"),
     pytest.param("--set", "sam_rho=nan", "sam_rho", id="--set sam_rho=nan"),
     pytest.param("--set", "bogus=1", "bogus", id="--set unknown field"),
     pytest.param("--set", "lr", "KEY=VALUE", id="--set without ="),

@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
              _fmt_gflops(r["gflops"]), _fmt_gflops(r["train_gflops"]))
             for r in rows
         ]
-        table += [(name, get_config(name).family, "-", "-", "-") for name in unfit]  # marked, explained below
+        table += [(name, get_config(name).family, "-", "-", "-", "-") for name in unfit]  # marked, explained below
         widths = [max(len(h), *(len(t[i]) for t in table)) for i, h in enumerate(header)]
         line = "  ".join(h.ljust(w) if i < 2 else h.rjust(w) for i, (h, w) in enumerate(zip(header, widths)))
         print(line)

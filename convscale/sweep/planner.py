@@ -46,6 +46,7 @@ class Cell:
     budget_flops: Optional[float]
     params_without_head: Optional[int] = None  # params minus the classifier head's (count_params)
     eval_resolution: Optional[int] = None  # px of the held-out evaluation (TrainConfig.eval_resolution)
+    precision: Optional[str] = None  # bf16 | fp32, "auto" resolved when the study was planned
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -102,10 +103,14 @@ def base_train_config(study: StudyConfig, fam: FamilySpec):
     """The TrainConfig shared by a family's cells (study [train], then the family's overrides)."""
     from convscale.train.config import TrainConfig, apply_overrides
 
+    from convscale.train.precision import resolve_precision
+
     kw = {**study.train, **fam.train}
     model_overrides = dict(kw.pop("model_overrides", {}) or {})
     cfg = apply_overrides(TrainConfig(data=study.data), kw)
-    return cfg.replace(model_overrides=model_overrides, optimizer=fam.optimizer)
+    # "auto" is resolved here, for the study's device: every cell records the same numerics
+    precision = resolve_precision(cfg.precision, "cuda" if study.data.device == "cuda" else "cpu")
+    return cfg.replace(model_overrides=model_overrides, optimizer=fam.optimizer, precision=precision)
 
 
 def cell_train_config(study: StudyConfig, cell: Cell, run_dir: str, data_path: Optional[str] = None):
@@ -117,6 +122,8 @@ def cell_train_config(study: StudyConfig, cell: Cell, run_dir: str, data_path: O
     if data_path is not None:
         cfg = cfg.replace(data=cfg.data.replace(path=data_path))
     # quiet: one line per evaluation instead of a progress bar, since the output goes to a log file
+    if cell.precision is not None:  # as planned (an "auto" study keeps the plan machine's choice)
+        cfg = cfg.replace(precision=cell.precision)
     return cfg.replace(run_dir=str(run_dir), model=cell.model, lr=cell.lr, quiet=True,
                        **{cell.budget_kind: cell.budget})
 
@@ -204,6 +211,7 @@ def plan_study(study: StudyConfig) -> Plan:
                             budget_flops=float(budget) if kind == "train_flops" else None,
                             params_without_head=params_without_head,
                             eval_resolution=base.eval_resolution or resolution,
+                            precision=base.precision,
                         )
                     )
     for budget in budgets:

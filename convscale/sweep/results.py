@@ -8,7 +8,8 @@ budget_flops, train_flops, wall_hours, device_hours (wall hours x devices the ru
 or CPU cores), loss / top1 / top5 (final held-out; top-k as fractions), status
 (done / diverged / failed / pending), run_dir; then cell_id, optimizer, budget_kind, budget,
 steps, device_kind, peak_memory_gb, error (last stderr line of a failed cell), chance_loss
-(ln(classes): the held-out loss of a model that learned nothing), eval_resolution (px of the
+(ln(classes): the held-out loss of a model that learned nothing), precision (bf16 | fp32 as
+planned), eval_resolution (px of the
 held-out images behind loss / top1 / top5; empty for sweeps planned before it existed).
 """
 
@@ -27,7 +28,7 @@ COLUMNS = (
     "loss", "top1", "top5", "status", "run_dir",
 )
 EXTRA_COLUMNS = ("cell_id", "optimizer", "budget_kind", "budget", "steps", "device_kind", "peak_memory_gb", "error",
-                 "chance_loss", "eval_resolution")
+                 "chance_loss", "eval_resolution", "precision")
 STATUSES = ("done", "diverged", "failed", "pending")
 
 
@@ -85,6 +86,7 @@ def collect(root: str | Path):
             "error": failure.get("last_stderr_line", "") if state == "failed" else "",
             "chance_loss": _num(res.get("chance_loss")) if finished else math.nan,
             "eval_resolution": c.eval_resolution if c.eval_resolution is not None else pd.NA,
+            "precision": c.precision or "",
         })
     df = pd.DataFrame(rows, columns=[*COLUMNS, *EXTRA_COLUMNS])
     for col in ("images_seen", "params_without_head", "eval_resolution"):  # integers that may be missing

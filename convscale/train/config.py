@@ -34,7 +34,7 @@ MAX_RESOLUTION = 8192  # px
 MAX_CLASSES = 1_000_000  # JFT-4B has ~30k
 OPTIMIZERS = ("sgd_agc", "adamw")
 LOSSES = ("softmax", "sigmoid")
-PRECISIONS = ("bf16", "fp32")
+PRECISIONS = ("auto", "bf16", "fp32")
 PARALLEL_MODES = ("ddp", "fsdp")  # == convscale.train.distributed.PARALLEL_MODES (no torch import here)
 
 #: Fields that do not change a run's numbers (the memory format only at float round-off, through
@@ -79,7 +79,9 @@ class TrainConfig:
     # loss and numerics
     label_smoothing: float = 0.0
     loss: str = "softmax"  # "softmax" | "sigmoid" (one-hot targets, bias init -log(classes))
-    precision: str = "bf16"  # autocast dtype for activations; params stay fp32
+    # autocast dtype for activations (params stay fp32); "auto": bf16 where the device computes it
+    # natively, else fp32 (train/precision.py), resolved when the run (or its study) starts
+    precision: str = "bf16"
     # NFNets in NHWC; None: on the CPU (faster there, benchmarks/RESULTS.md) but not on CUDA (timm
     # measured NFNets 2.4x slower in NHWC on a GPU; benchmarks/gpu_check.sh times both); ViTs: ignored
     channels_last: Optional[bool] = None
@@ -206,7 +208,7 @@ _RANGES = (
 )
 _DATA_RANGES = (
     ("resolution", 8, MAX_RESOLUTION), ("num_classes", 1, MAX_CLASSES), ("heldout_images", 1, math.inf),
-    ("workers", 0, 1024),
+    ("workers", -1, 1024),  # -1: auto (data.config.resolve_workers)
 )
 
 

@@ -57,6 +57,7 @@ from convscale.train.evaluate import autocast, heldout_sums, means, training_los
 from convscale.train.finetune import RepeatedAugmentSource, find_pretrained, load_pretrained_weights
 from convscale.train.memory import enable_activation_checkpointing, peak_memory_bytes, physical_memory_bytes
 from convscale.train.metrics import MetricsWriter, Progress
+from convscale.train.precision import resolve_precision
 from convscale.train.rundir import RESULT_FILE, lock_run_dir, prepare_run_dir
 from convscale.train.optim import build_optimizer, clip_global_norm_, set_lr
 from convscale.train.sam import sam_ascend_, sam_restore_
@@ -130,6 +131,7 @@ def _run(cfg: TrainConfig, restart: bool, source: Optional[DataSource], locks: l
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
         configure_cuda()
+    cfg = cfg.replace(precision=resolve_precision(cfg.precision, device.type))  # "auto" -> bf16 | fp32
     run_dir = Path(cfg.run_dir)
     part = local_part()  # this rank builds only its share of every batch
     pin = device.type == "cuda"

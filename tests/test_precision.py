@@ -1,0 +1,44 @@
+"""precision = "auto": bf16 only where the device computes it natively, resolved once per study."""
+
+from __future__ import annotations
+
+import pytest
+
+from convscale.sweep.planner import cell_train_config, plan_study
+from convscale.sweep.presets import preset
+from convscale.sweep.study import parse_study
+from convscale.train import precision as prec
+
+
+@pytest.mark.parametrize("flags, native", [
+    ("fpu sse2 avx2 avx512f avx512_bf16 avx512_vnni", True),
+    ("fpu sse2 avx2 amx_bf16 amx_tile", True),
+    ("fpu sse2 avx2 fma", False),  # AVX2 only: bf16 autocast is emulated, ~4.5x slower than fp32
+])
+def test_cpu_flags_decide(tmp_path, flags, native):
+    info = tmp_path / "cpuinfo"
+    info.write_text(f"processor\t: 0\nmodel name\t: x\nflags\t\t: {flags}\n")
+    assert prec.cpu_has_native_bf16(str(info)) is native
+    assert prec.cpu_has_native_bf16(str(tmp_path / "missing")) is False
+
+
+def test_explicit_precision_wins_and_auto_resolves(monkeypatch):
+    assert prec.resolve_precision("fp32", "cpu") == "fp32" and prec.resolve_precision("bf16", "cpu") == "bf16"
+    monkeypatch.setattr(prec, "native_bf16", lambda device_type: False)
+    assert prec.resolve_precision("auto", "cpu") == "fp32"
+    monkeypatch.setattr(prec, "native_bf16", lambda device_type: True)
+    assert prec.resolve_precision("auto", "cpu") == "bf16"
+
+
+@pytest.mark.parametrize("native, expected", [(False, "fp32"), (True, "bf16")])
+def test_a_study_resolves_auto_once_for_every_cell(monkeypatch, native, expected):
+    monkeypatch.setattr(prec, "native_bf16", lambda device_type: native)
+    study = parse_study(preset("demo"))
+    plan = plan_study(study)
+    nfnet = [c for c in plan.cells if c.family == "nfnet"]
+    vit = [c for c in plan.cells if c.family == "vit"]
+    assert nfnet and all(c.precision == expected for c in nfnet)
+    assert vit and all(c.precision == "fp32" for c in vit)  # set explicitly: it wins
+    # the cell keeps the planned precision even when run on a machine that would resolve otherwise
+    monkeypatch.setattr(prec, "native_bf16", lambda device_type: not native)
+    assert cell_train_config(study, nfnet[0], "/tmp/x").precision == expected
