@@ -42,3 +42,18 @@ def test_a_study_resolves_auto_once_for_every_cell(monkeypatch, native, expected
     # the cell keeps the planned precision even when run on a machine that would resolve otherwise
     monkeypatch.setattr(prec, "native_bf16", lambda device_type: not native)
     assert cell_train_config(study, nfnet[0], "/tmp/x").precision == expected
+
+
+def test_a_resumed_auto_run_keeps_the_precision_it_started_with(tmp_path, monkeypatch):
+    import json
+
+    from convscale.train.config import TrainConfig
+    from convscale.train.loop import _precision_for
+
+    monkeypatch.setattr(prec, "native_bf16", lambda device_type: False)
+    cfg = TrainConfig(run_dir=str(tmp_path), model="vit-w8-d4-p4", steps=2)
+    assert cfg.precision == "auto" and _precision_for(cfg, tmp_path, "cpu", False) == "fp32"
+    (tmp_path / "config.json").write_text(json.dumps({"train": {"precision": "bf16"}, "model": {}, "steps": 2}))
+    assert _precision_for(cfg, tmp_path, "cpu", False) == "bf16"  # started on a bf16 machine
+    assert _precision_for(cfg, tmp_path, "cpu", True) == "fp32"  # --restart: a new run, this machine
+    assert _precision_for(cfg.replace(precision="fp32"), tmp_path, "cpu", False) == "fp32"  # explicit wins

@@ -9,7 +9,7 @@ Study file (every table and field is checked; an unknown one is a ``UserError`` 
     num_classes = 100
     [train]                             # TrainConfig defaults for every cell
     batch_size = 128
-    precision = "bf16"
+    precision = "auto"                  # bf16 where the device has it natively, else fp32
     [[family]]
     name = "nfnet"
     models = ["nfnet-w0.0625-d1.1.1", "nfnet-w0.125-d1.1.1"]

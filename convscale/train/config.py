@@ -80,8 +80,9 @@ class TrainConfig:
     label_smoothing: float = 0.0
     loss: str = "softmax"  # "softmax" | "sigmoid" (one-hot targets, bias init -log(classes))
     # autocast dtype for activations (params stay fp32); "auto": bf16 where the device computes it
-    # natively, else fp32 (train/precision.py), resolved when the run (or its study) starts
-    precision: str = "bf16"
+    # natively, else fp32 (train/precision.py), resolved when the run (or its study) starts; a
+    # resumed run keeps the precision it started with
+    precision: str = "auto"
     # NFNets in NHWC; None: on the CPU (faster there, benchmarks/RESULTS.md) but not on CUDA (timm
     # measured NFNets 2.4x slower in NHWC on a GPU; benchmarks/gpu_check.sh times both); ViTs: ignored
     channels_last: Optional[bool] = None

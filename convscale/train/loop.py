@@ -58,12 +58,22 @@ from convscale.train.finetune import RepeatedAugmentSource, find_pretrained, loa
 from convscale.train.memory import enable_activation_checkpointing, peak_memory_bytes, physical_memory_bytes
 from convscale.train.metrics import MetricsWriter, Progress
 from convscale.train.precision import resolve_precision
-from convscale.train.rundir import RESULT_FILE, lock_run_dir, prepare_run_dir
+from convscale.train.rundir import RESULT_FILE, lock_run_dir, prepare_run_dir, read_run_json
 from convscale.train.optim import build_optimizer, clip_global_norm_, set_lr
 from convscale.train.sam import sam_ascend_, sam_restore_
 from convscale.train.schedule import lr_at
 
 EXIT_DIVERGED = 3  # `convscale train` exit code of a run that diverged (0 done, 2 user error)
+def _precision_for(cfg: TrainConfig, run_dir: Path, device_type: str, restart: bool) -> str:
+    """The run's precision: an explicit one, else (``auto``) the one the run was started with when
+    it resumes (its numerics stay those of its first machine), else what this device does natively."""
+    if cfg.precision == "auto" and not restart and (run_dir / "config.json").is_file():
+        stored = read_run_json(run_dir / "config.json").get("train", {}).get("precision")
+        if stored in ("bf16", "fp32"):
+            return stored
+    return resolve_precision(cfg.precision, device_type)
+
+
 def configure_cuda() -> None:
     """cuDNN picks the fastest conv algorithm per shape (shapes are fixed in a run); fp32 matmuls
     outside autocast (fp32 runs, the loss) use TF32 tensor cores, as cuDNN convs already do."""
@@ -131,8 +141,8 @@ def _run(cfg: TrainConfig, restart: bool, source: Optional[DataSource], locks: l
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
         configure_cuda()
-    cfg = cfg.replace(precision=resolve_precision(cfg.precision, device.type))  # "auto" -> bf16 | fp32
     run_dir = Path(cfg.run_dir)
+    cfg = cfg.replace(precision=_precision_for(cfg, run_dir, device.type, restart))  # "auto" -> bf16 | fp32
     part = local_part()  # this rank builds only its share of every batch
     pin = device.type == "cuda"
 
