@@ -7,6 +7,7 @@ finished cells and fine-tunes, so an interrupted demo continues where it stopped
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -149,7 +150,9 @@ def format_summary(r: DemoResult) -> str:
                            ("optimal_images_exponent", "D_opt ~ C^")):
             if key in e:
                 est = e[key]
-                parts.append(f"{label} = {est.value:.3f} [{est.low:.3f}, {est.high:.3f}]")
+                bounds = (f"[{est.low:.3f}, {est.high:.3f}]" if math.isfinite(est.low) and math.isfinite(est.high)
+                          else "(no interval: not identified in enough resamples)")
+                parts.append(f"{label} = {est.value:.3f} {bounds}")
         if "allocation_method" in e:
             parts[-1] += f" ({e['allocation_method']})"
         lines.append(f"  {fam}: " + ("; ".join(parts) if parts else "no law could be fitted"))
