@@ -1,5 +1,12 @@
+"""``python -m convscale``: the SIGTERM handler goes in before anything heavy is imported."""
+
 import sys
 
-from convscale.cli.main import main
+from convscale import signals
 
-sys.exit(main())
+signals.install()
+try:
+    from convscale.cli.main import entry
+except KeyboardInterrupt:  # SIGTERM while importing: nothing has started, nothing to keep
+    sys.exit(130)
+entry()

@@ -747,6 +747,38 @@ def _wait_no_orphans(root: Path, seconds: float = 30.0) -> None:
     assert not _processes_mentioning(str(root)), "a training process outlived its sweep"
 
 
+def test_swallowed_sigterm_still_stops():
+    """A library that swallows the interrupt (seen: an import during start-up, after which the
+    sweep ran to the end and exited 0) does not cancel the stop: the next check raises again."""
+    import threading
+
+    from convscale import signals
+
+    assert threading.current_thread() is threading.main_thread()
+    old = signals.install()
+    try:
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)  # the handler runs here, in the main thread
+        except KeyboardInterrupt:
+            pass  # what a careless library does
+        assert signals.stop_requested()
+        with pytest.raises(KeyboardInterrupt):
+            signals.check()
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # a second SIGTERM kills
+    finally:
+        signal.signal(signal.SIGTERM, old)
+        signals.reset()
+
+
+def test_entry_exit_codes(tmp_path):
+    """The process entry point ends by its own exit code, whatever the interpreter's shutdown does."""
+    for argv, code in ((["--version"], 0), ([], 2), (["bogus"], 2), (["train", "--epochs", "nan"], 2)):
+        done = subprocess.run(convscale(*argv), env=env(), cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert done.returncode == code, (argv, done.returncode, done.stderr[-500:])
+        assert "Traceback" not in done.stderr
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="children die with the sweep via PR_SET_PDEATHSIG (Linux)")
 def test_sweep_kills(tmp_path):

@@ -9,12 +9,17 @@ so that ``convscale --help`` stays fast.
 from __future__ import annotations
 
 import argparse
+import atexit
 import errno
+import os
 import importlib
+import logging
 import signal
 import sys
 import threading
+import traceback
 
+from convscale import signals
 from convscale.errors import UserError
 
 # Order is the order shown in --help. A module missing here is a bug, not a user error.
@@ -69,28 +74,28 @@ FILE_SYSTEM_ERRORS = {
 }
 
 
-def _on_sigterm(signum, frame) -> None:
-    # SIGTERM (kill, Slurm pre-emption, a sweep stopping its cells) ends a command the way Ctrl-C
-    # does: finally blocks run, locks are released, children are stopped. A second one kills.
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    raise KeyboardInterrupt
-
-
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, restore_signals: bool = True) -> int:
+    """Run one command; its exit code. ``restore_signals=False`` (the process entry point) keeps
+    the SIGTERM handler to the end, so that a SIGTERM in the last moments still exits 130."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    # SIGTERM (kill, Slurm pre-emption, a sweep stopping its cells) ends a command the way Ctrl-C
+    # does: finally blocks run, locks are released, children are stopped. A second one kills.
     in_main_thread = threading.current_thread() is threading.main_thread()
-    old_handler = signal.signal(signal.SIGTERM, _on_sigterm) if in_main_thread else None
+    old_handler = signals.install() if in_main_thread else None
     try:
+        signals.check()  # one that arrived while starting, its interrupt swallowed by an import
         return int(args.func(args) or 0)
     except UserError as e:
         print(f"convscale: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("convscale: interrupted; results already written are kept", file=sys.stderr)
+        if restore_signals:
+            signals.reset()  # an in-process caller goes on
         return 130
     except BrokenPipeError:
         return 0
@@ -101,9 +106,41 @@ def main(argv: list[str] | None = None) -> int:
         print(f"convscale: error: {where}{e.strerror}; {FILE_SYSTEM_ERRORS[e.errno]}", file=sys.stderr)
         return 2
     finally:
-        if in_main_thread:
+        if in_main_thread and restore_signals:
             signal.signal(signal.SIGTERM, old_handler)
 
 
+def entry() -> None:
+    """The `convscale` process. A SIGTERM at any moment ends it as Ctrl-C does (exit 130, results
+    kept); once the command has returned, a SIGTERM only hastens the exit with the code decided.
+    The process ends by ``os._exit`` as the last exit handler: the interpreter's own finalisation
+    would reset the SIGTERM handler (a late SIGTERM then kills with -15) and may report exit by
+    SIGINT (-2) for an interrupt that was caught and handled inside a C extension's call."""
+    exit_code = [130]
+    atexit.register(_exit_now, exit_code)  # registered first, so it runs after every other one
+    try:
+        exit_code[0] = main(restore_signals=False)
+    except KeyboardInterrupt:  # arrived after main's own handling (its very last lines)
+        print("convscale: interrupted; results already written are kept", file=sys.stderr)
+        exit_code[0] = 130
+    except SystemExit as e:  # argparse: --help, --version, a usage error
+        exit_code[0] = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except BaseException:  # our bug: the traceback, exit 1
+        traceback.print_exc()
+        exit_code[0] = 1
+    signal.signal(signal.SIGTERM, lambda signum, frame: _exit_now(exit_code))
+    sys.exit(exit_code[0])
+
+
+def _exit_now(exit_code: list[int]) -> None:
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(exit_code[0])
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

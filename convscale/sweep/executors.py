@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
+from convscale import signals
 from convscale.sweep.fsutil import atomic_write_json
 from convscale.sweep.locking import CellLock
 from convscale.sweep.sweepdir import FINISHED, SweepDir
@@ -261,6 +262,7 @@ class LocalExecutor:
             for t in threads:
                 while t.is_alive():
                     t.join(timeout=0.2)
+                    signals.check()  # a SIGTERM whose interrupt a library swallowed
         except KeyboardInterrupt:  # Ctrl-C or SIGTERM (cli.main): stop the children, wait for them to exit
             stop.set()
             stop_children()

@@ -21,7 +21,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from convscale import __version__
+from convscale import __version__, signals
 from convscale.data import build_source
 from convscale.data.config import DataSource, resolve_workers
 from convscale.data.feed import DeviceFeed
@@ -261,6 +261,7 @@ def _run(cfg: TrainConfig, restart: bool, source: Optional[DataSource], locks: l
     status = "done"
     step = start_step
     for step in range(start_step, steps):
+        signals.check()  # a SIGTERM whose interrupt a library swallowed still stops the run here
         images, labels = next(batches)  # this rank's share of global batch k, on the device
         if is_distributed():  # every rank its own dropout / drop-path masks, a function of the step
             torch.manual_seed(rank_seed(cfg.seed, rank(), step))
