@@ -302,7 +302,11 @@ def _count_gradient_reductions(rank: int, world: int, init_file: str, out_file: 
             model(torch.randn(2, 8)).sum().backward()
     counts["fsdp"] = len(rs)
     torch.save(counts, out_file)
+    dist.barrier()
     dist.destroy_process_group()
+    # DDP's reducer and gloo's threads can abort in the interpreter's teardown ("terminate called
+    # without an active exception", seen on a loaded 2-core machine): what is measured is saved
+    os._exit(0)
 
 
 @pytest.mark.slow  # 2 spawned processes: over ~10 s on a loaded 2-core machine
