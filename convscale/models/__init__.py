@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from convscale.errors import UserError
-from convscale.models import nfnet, vit
+from convscale.models import convnext, nfnet, vit
 from convscale.models.base import (
     FamilyTraits,
     ModelConfig,
@@ -26,7 +26,7 @@ from convscale.models.base import (
 
 #: the registered families: a module each, with ``CONFIG`` (its config class), ``VARIANTS`` and
 #: ``parse_name``; adding a family is its module plus one entry here
-FAMILIES = {mod.CONFIG.family: mod for mod in (nfnet, vit)}
+FAMILIES = {mod.CONFIG.family: mod for mod in (nfnet, vit, convnext)}
 CONFIG_CLASSES = {fam: mod.CONFIG for fam, mod in FAMILIES.items()}
 
 
