@@ -39,7 +39,7 @@ from typing import Any, Optional
 
 import pandas as pd
 
-from convscale.report.compare import Comparison
+from convscale.report.compare import Comparison, as_comparisons
 from convscale.report.inputs import SweepInputs
 from convscale.scaling import Estimate
 from convscale.scaling.robust import estimate
@@ -468,8 +468,8 @@ def _finetune_pair(cmp: Comparison, finetunes: pd.DataFrame) -> Optional[Finding
     return Finding("families", f"{a} vs {b} (fine-tuned)", PAPER["families"], measured, verdict, why)
 
 
-def study_findings(inputs: SweepInputs, cmp: Optional[Comparison]) -> list[Finding]:
-    """Every finding of the paper for every family of the sweep, then the two-family comparison."""
+def study_findings(inputs: SweepInputs, cmp: Comparison | list[Comparison] | None) -> list[Finding]:
+    """Every finding of the paper for every family of the sweep, then each two-family comparison."""
     out: list[Finding] = []
     fits = inputs.fit.families if inputs.fit is not None else {}
     for fam in inputs.families:
@@ -482,8 +482,8 @@ def study_findings(inputs: SweepInputs, cmp: Optional[Comparison]) -> list[Findi
         out.append(power_law_finding(fam, f))
         out.append(allocation_finding(fam, f, inputs.results))
         out += lr_findings(fam, f)
-    if cmp is not None:
-        out += family_findings(cmp, inputs.finetunes, fits)
+    for c in as_comparisons(cmp):
+        out += family_findings(c, inputs.finetunes, fits)
     return out
 
 
