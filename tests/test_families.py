@@ -106,6 +106,26 @@ def test_train_a_tiny_convnext_two_steps(tmp_path, capsys):
     assert result["status"] == "done" and result["steps"] == 2
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert saved["model"]["family"] == "convnext"
+    # a fine-tune of it starts from the family's defaults, with its dropout field
+    from convscale.data.config import DataConfig
+    from convscale.train.finetune import finetune_config
+
+    ft = finetune_config(tmp_path / "run", str(tmp_path / "ft"), DataConfig(kind="digits", resolution=16),
+                         dropout=0.1, drop_path_rate=0.05)
+    assert ft.optimizer == "adamw" and ft.lr == family_traits("convnext").finetune_defaults["lr"]
+    assert ft.model_overrides == {"dropout": 0.1, "drop_path_rate": 0.05}
+
+
+def test_convnext_runs_channels_last_with_the_same_numbers():
+    from convscale.train.loop import to_channels_last
+
+    torch.manual_seed(0)
+    model = get_config("convnext-w8-d1.1", num_classes=4).build()
+    torch.nn.init.normal_(model.classifier.weight, std=0.1)
+    x = torch.randn(2, 3, 16, 16)
+    expected = model(x)
+    got = to_channels_last(model)(x.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
 
 
 @pytest.fixture
