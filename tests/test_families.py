@@ -160,3 +160,6 @@ def test_report_has_a_section_per_pair(three_family_sweep):
     assert "nfnet vs vit at matched compute" in md and "nfnet vs convnext at matched compute" in md
     assert len(json.loads((result.out_dir / "compare.json").read_text())) == 2
     assert len(result.comparisons) == 2
+    pairs = [f for f in result.findings if f.key == "families"]
+    assert {f.family.split(" (")[0] for f in pairs} == {"nfnet vs vit", "nfnet vs convnext"}
+    assert all(("nfnet and convnext" in f.paper) == ("convnext" in f.family) for f in pairs)
