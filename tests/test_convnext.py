@@ -97,7 +97,7 @@ def test_block_layout_layer_scale_and_drop_path():
     model = cfg.build()
     blocks = [m for m in model.modules() if isinstance(m, ConvNeXtBlock)]
     assert len(blocks) == 4
-    assert all(torch.all(b.gamma == 1e-6) for b in blocks)
+    assert all(torch.all(b.layer_scale_gain == 1e-6) for b in blocks)
     assert blocks[0].dwconv.kernel_size == (7, 7) and blocks[0].dwconv.groups == 8
     assert blocks[0].fc1.out_features == 32  # 4x expansion
     assert [b.drop_path.rate for b in blocks] == pytest.approx([0.0, 0.1, 0.2, 0.3])
@@ -114,11 +114,11 @@ def test_initial_loss_is_ln_c_and_one_step_trains():
     assert loss.item() == pytest.approx(torch.log(torch.tensor(10.0)).item(), rel=1e-5)
     torch.nn.init.normal_(model.classifier.weight, std=0.1)  # so the body gets a gradient on step one
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    before = model.stem[0].weight.detach().clone()
+    before = model.stem.conv.weight.detach().clone()
     torch.nn.functional.cross_entropy(model(x), y).backward()
     assert all(p.grad is not None for p in model.parameters())
     opt.step()
-    assert not torch.equal(before, model.stem[0].weight)
+    assert not torch.equal(before, model.stem.conv.weight)
 
 
 def test_config_validation():
@@ -130,3 +130,13 @@ def test_config_validation():
 
 def test_variants_are_the_five_sizes():
     assert list(VARIANTS) == ["convnext-t", "convnext-s", "convnext-b", "convnext-l", "convnext-xl"]
+
+
+def test_weight_decay_skips_every_vector_by_name():
+    """The house's by-name rule (train/optim.py) leaves norms, biases and layer scales undecayed,
+    as timm does for ConvNeXt (every tensor of ndim <= 1), and decays every conv and linear weight."""
+    from convscale.train.optim import no_weight_decay
+
+    model = get_config("convnext-w8-d1.1", num_classes=3).build()
+    for name, p in model.named_parameters():
+        assert no_weight_decay(name) == (p.ndim <= 1), name

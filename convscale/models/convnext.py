@@ -134,13 +134,37 @@ class ConvNeXtBlock(nn.Module):
         self.fc1 = nn.Linear(width, MLP_RATIO * width)
         self.act = nn.GELU()
         self.fc2 = nn.Linear(MLP_RATIO * width, width)
-        self.gamma = nn.Parameter(torch.full((width,), cfg.layer_scale_init))
+        # layer scale (timm's "gamma"); named a gain so the by-name rules exempt it from weight decay
+        self.layer_scale_gain = nn.Parameter(torch.full((width,), cfg.layer_scale_init))
         self.drop_path = DropPath(drop_path_rate)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.dwconv(x).permute(0, 2, 3, 1)  # NHWC for the norm and the channel MLP
-        y = self.fc2(self.act(self.fc1(self.norm(y)))) * self.gamma
+        y = self.fc2(self.act(self.fc1(self.norm(y)))) * self.layer_scale_gain
         return x + self.drop_path(y.permute(0, 3, 1, 2))
+
+
+class Downsample(nn.Module):
+    """LayerNorm, then a 2x2 stride-2 conv (the stem: a 4x4 stride-4 conv, then LayerNorm)."""
+
+    def __init__(self, cin: int, cout: int, stride: int, eps: float, norm_first: bool):
+        super().__init__()
+        self.norm_first = norm_first
+        self.norm = LayerNorm2d(cin if norm_first else cout, eps=eps)
+        self.conv = nn.Conv2d(cin, cout, stride, stride=stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(self.norm(x)) if self.norm_first else self.norm(self.conv(x))
+
+
+class Stage(nn.Module):
+    def __init__(self, downsample: nn.Module, blocks: list[ConvNeXtBlock]):
+        super().__init__()
+        self.downsample = downsample
+        self.blocks = nn.Sequential(*blocks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(self.downsample(x))
 
 
 class ConvNeXt(nn.Module):
@@ -150,18 +174,16 @@ class ConvNeXt(nn.Module):
         super().__init__()
         self.cfg = cfg
         eps, w0 = cfg.layernorm_eps, cfg.widths[0]
-        self.stem = nn.Sequential(nn.Conv2d(IN_CHANNELS, w0, STEM_STRIDE, stride=STEM_STRIDE), LayerNorm2d(w0, eps=eps))
+        self.stem = Downsample(IN_CHANNELS, w0, STEM_STRIDE, eps, norm_first=False)
         total = sum(cfg.depths)
         rates = [cfg.drop_path_rate * i / max(1, total - 1) for i in range(total)]
         stages, start = [], 0
         for i, (depth, width) in enumerate(zip(cfg.depths, cfg.widths)):
-            down = [] if i == 0 else [LayerNorm2d(cfg.widths[i - 1], eps=eps),
-                                      nn.Conv2d(cfg.widths[i - 1], width, 2, stride=2)]
-            blocks = [ConvNeXtBlock(width, cfg, rates[start + j]) for j in range(depth)]
-            stages.append(nn.Sequential(*down, *blocks))
+            down = nn.Identity() if i == 0 else Downsample(cfg.widths[i - 1], width, 2, eps, norm_first=True)
+            stages.append(Stage(down, [ConvNeXtBlock(width, cfg, rates[start + j]) for j in range(depth)]))
             start += depth
         self.stages = nn.Sequential(*stages)
-        self.head_norm = nn.LayerNorm(cfg.widths[-1], eps=eps)
+        self.norm_head = nn.LayerNorm(cfg.widths[-1], eps=eps)
         self.head_drop = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
         self.classifier = nn.Linear(cfg.widths[-1], cfg.num_classes)
         self._init_weights()
@@ -177,7 +199,7 @@ class ConvNeXt(nn.Module):
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         """Pooled, normed features (batch, widths[-1])."""
         x = self.stages(self.stem(images))
-        return self.head_norm(x.mean(dim=(2, 3)))
+        return self.norm_head(x.mean(dim=(2, 3)))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.head_drop(self.forward_features(images)))
