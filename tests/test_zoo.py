@@ -26,6 +26,7 @@ def test_zoo_lists_every_named_variant():
     names = model_names()
     expected = [f"nfnet-f{k}" for k in range(8)] + [f"nfnet-f{k}+" for k in range(8)]
     expected += ["vit-ti16", "vit-s16", "vit-b16", "vit-l16", "vit-h14", "vit-g14", "vit-gg14", "vit-so400m14"]
+    expected += ["convnext-t", "convnext-s", "convnext-b", "convnext-l", "convnext-xl"]
     assert sorted(names) == sorted(expected)
     assert model_names("vit") == [n for n in names if n.startswith("vit-")]
 

@@ -1,4 +1,4 @@
-"""`convscale compare SWEEP_DIR`: the two families side by side at matched compute."""
+"""`convscale compare SWEEP_DIR`: the families side by side at matched compute (each against the reference)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "The best run of each family at each budget, the compute each family needs to reach a target loss "
             "(from its fitted power law and measured on its frontier) and their ratio, and fine-tuned top-1 vs "
-            "pre-training compute when SWEEP_DIR/finetune holds results."
+            "pre-training compute when SWEEP_DIR/finetune holds results. With more than two families, each is "
+            "compared with the reference (nfnet when present)."
         ),
     )
     p.add_argument("sweep_dir", metavar="SWEEP_DIR", help="sweep directory (the --dir of `convscale sweep run`)")
@@ -30,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
     import json
 
     from convscale.errors import UserError
-    from convscale.report import compare, format_comparison, load_sweep
+    from convscale.report import compare_all, comparisons_json, format_comparisons, load_sweep
 
     from convscale.cli.checks import check_number
 
@@ -39,6 +40,7 @@ def run(args: argparse.Namespace) -> int:
     check_number("--target-loss", args.target_loss)
     check_number("--target-top1", args.target_top1, 0, 1)
     inputs = load_sweep(args.sweep_dir, bootstrap=args.bootstrap, seed=args.seed)
-    cmp = compare(inputs, target_loss=args.target_loss, target_top1=args.target_top1)
-    print(json.dumps(cmp.to_dict(), indent=2, allow_nan=False) if args.format == "json" else format_comparison(cmp))
+    cmps = compare_all(inputs, target_loss=args.target_loss, target_top1=args.target_top1)
+    print(json.dumps(comparisons_json(cmps), indent=2, allow_nan=False) if args.format == "json"
+          else format_comparisons(cmps))
     return 0

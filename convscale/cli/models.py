@@ -14,7 +14,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("names", nargs="*", help="models to show (default: every named variant)")
     p.add_argument("--resolution", type=int, default=224, help="image side in pixels (default 224)")
     p.add_argument("--num-classes", type=int, default=1000, help="classifier classes (default 1000)")
-    p.add_argument("--family", choices=["nfnet", "vit"], help="only this family")
+    p.add_argument("--family", help="only this family (nfnet, vit, convnext, ...)")
     p.add_argument("--format", choices=["table", "csv", "json"], default="table")
     p.set_defaults(func=run)
 
@@ -30,12 +30,14 @@ def _fmt_gflops(x: float) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from convscale.errors import UserError
-    from convscale.models import get_config, model_names, zoo_table
+    from convscale.models import FAMILIES, get_config, model_names, zoo_table
 
     if args.num_classes < 1:
         raise UserError(f"--num-classes must be >= 1, got {args.num_classes}")
     if args.resolution < 1:
         raise UserError(f"--resolution must be a positive number of pixels, got {args.resolution}")
+    if args.family is not None and args.family not in FAMILIES:
+        raise UserError(f"--family {args.family!r} is unknown; use one of {', '.join(FAMILIES)}")
     names = args.names or model_names(args.family)
     if args.names and args.family:
         names = [n for n in names if get_config(n).family == args.family]

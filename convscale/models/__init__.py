@@ -1,8 +1,8 @@
-"""The model zoo: NFNets and ViTs by name, their configs, parameter and FLOP counts.
+"""The model zoo: NFNets, ViTs and ConvNeXts by name, their configs, parameter and FLOP counts.
 
 Names: ``nfnet-f0`` … ``nfnet-f7``, ``nfnet-f0+`` … ``nfnet-f7+``, ``vit-ti16`` … ``vit-gg14``,
-``vit-so400m14``; the paper's spellings (``NFNet-F7+``, ``ViT-B/16``, ``ViT-G/14``) are aliases;
-scaled-down models are named by width and depth (``nfnet-w0.0625-d1.1.1``, ``vit-w64-d4-p4``).
+``vit-so400m14``, ``convnext-t`` … ``convnext-xl``; the paper's spellings (``NFNet-F7+``, ``ViT-B/16``, ``ViT-G/14``) are aliases;
+scaled-down models are named by width and depth (``nfnet-w0.0625-d1.1.1``, ``vit-w64-d4-p4``, ``convnext-w32-d1.1.1.1``).
 """
 
 from __future__ import annotations
@@ -15,16 +15,35 @@ import torch
 from torch import nn
 
 from convscale.errors import UserError
-from convscale.models import nfnet, vit
+from convscale.models import convnext, nfnet, vit
 from convscale.models.base import (
+    FamilyTraits,
     ModelConfig,
     config_from_dict,
     config_to_dict,
     train_flops_per_image,
 )
 
-FAMILIES = {"nfnet": nfnet, "vit": vit}
-CONFIG_CLASSES = {"nfnet": nfnet.NFNetConfig, "vit": vit.ViTConfig}
+#: the registered families: a module each, with ``CONFIG`` (its config class), ``VARIANTS`` and
+#: ``parse_name``; adding a family is its module plus one entry here
+FAMILIES = {mod.CONFIG.family: mod for mod in (nfnet, vit, convnext)}
+CONFIG_CLASSES = {fam: mod.CONFIG for fam, mod in FAMILIES.items()}
+
+
+def family_traits(family: str) -> FamilyTraits:
+    """The traits of a registered family (its config class's ``traits``)."""
+    if family not in CONFIG_CLASSES:
+        raise UserError(f"unknown model family {family!r}; expected one of {sorted(CONFIG_CLASSES)}")
+    return CONFIG_CLASSES[family].traits
+
+
+BLOCK_TYPES: tuple[type[nn.Module], ...] = tuple(t for c in CONFIG_CLASSES.values() for t in c.traits.block_types)
+
+
+def is_residual_block(module: nn.Module) -> bool:
+    """Whether ``module`` is a residual block of a zoo family: the unit of activation
+    checkpointing (train/memory.py) and of FSDP wrapping (train/distributed.py)."""
+    return isinstance(module, BLOCK_TYPES)
 
 
 def model_names(family: str | None = None, include_test: bool = False) -> list[str]:
@@ -124,13 +143,18 @@ def zoo_table(
 
 
 __all__ = [
+    "BLOCK_TYPES",
+    "FAMILIES",
+    "FamilyTraits",
     "ModelConfig",
     "config_at_resolution",
     "config_from_json_dict",
     "config_to_dict",
     "count_params",
     "create_model",
+    "family_traits",
     "get_config",
+    "is_residual_block",
     "model_names",
     "train_flops_per_image",
     "zoo_table",

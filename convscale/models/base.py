@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any, ClassVar, Protocol, TypeVar, runtime_checkable
+from typing import Any, ClassVar, Mapping, Protocol, TypeVar, runtime_checkable
 
 from torch import nn
 
@@ -25,16 +25,47 @@ def train_flops_per_image(forward_flops_per_image: float) -> float:
     return TRAIN_FLOPS_PER_FORWARD_FLOP * forward_flops_per_image
 
 
+@dataclasses.dataclass(frozen=True)
+class FamilyTraits:
+    """What training code needs to know of a family, so it never compares family names.
+
+    ``block_types``: the residual-block classes, the units of activation checkpointing and of
+    FSDP wrapping; ``channels_last_cpu`` / ``channels_last_cuda``: the memory format by default on
+    each device (NHWC where it is faster for the family); ``channels_last_allowed``: False where
+    NHWC means nothing (a ViT's tokens); ``dropout_field`` / ``drop_path_field``: the config fields
+    of classifier dropout and stochastic depth; ``finetune_defaults``: TrainConfig fields a
+    fine-tune of the family starts from.
+    """
+
+    block_types: tuple[type[nn.Module], ...]
+    dropout_field: str
+    drop_path_field: str = "drop_path_rate"
+    channels_last_allowed: bool = False
+    channels_last_cpu: bool = False
+    channels_last_cuda: bool = False
+    finetune_defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    def channels_last(self, requested: bool | None, device_type: str) -> bool:
+        """Whether the model runs in NHWC: ``requested`` (None: the device default) where allowed."""
+        if not self.channels_last_allowed:
+            return False
+        if requested is not None:
+            return requested
+        return self.channels_last_cpu if device_type == "cpu" else self.channels_last_cuda
+
+
 @runtime_checkable
 class ModelConfig(Protocol):
     """A frozen dataclass that fully determines a model (num_classes included).
 
-    Implementations: ``NFNetConfig`` (models/nfnet.py) and ``ViTConfig`` (models/vit.py).
+    Implementations: ``NFNetConfig`` (models/nfnet.py), ``ViTConfig`` (models/vit.py) and
+    ``ConvNeXtConfig`` (models/convnext.py).
     The classifier of every model is ``model.classifier`` (an ``nn.Linear``), so training code
     can select it by the parameter names ``classifier.weight`` / ``classifier.bias``.
     """
 
     family: ClassVar[str]
+    traits: ClassVar[FamilyTraits]
     num_classes: int
 
     @property

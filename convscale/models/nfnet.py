@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from convscale.errors import UserError
-from convscale.models.base import FLOPS_PER_MAC
+from convscale.models.base import FLOPS_PER_MAC, FamilyTraits
 from convscale.models.layers import ACTIVATION_GAMMAS, Activation, ScaledStdConv2d, SqueezeExcite, avg_pool_same_2x
 
 BASE_WIDTHS = (256, 512, 1536, 1536)
@@ -373,3 +373,18 @@ def _parse(s: str) -> NFNetConfig | None:
     if mult <= 0 or not 1 <= len(depths) <= 4 or min(depths) < 1:
         raise UserError(f"bad NFNet name {s!r}: need width > 0 and 1-4 stages of >= 1 block each; {_USAGE[3:]}")
     return NFNetConfig(depths=depths, width_mult=mult, plus=bool(m.group(2)))
+
+
+# Fine-tune defaults (train/finetune.py explains them): NFNet features are not normalised, so the
+# zero-initialised new head runs at 0.05x the body's lr with a long warm-up.
+NFNetConfig.traits = FamilyTraits(
+    block_types=(NFBlock,),
+    dropout_field="drop_rate",
+    channels_last_allowed=True,
+    channels_last_cpu=True,  # NHWC convolutions are faster on CPU; on CUDA the default stays NCHW
+    channels_last_cuda=False,
+    finetune_defaults=dict(optimizer="sgd_agc", lr=0.05, weight_decay=1e-5, classifier_lr_scale=0.05,
+                           warmup_fraction=0.3),
+)
+
+CONFIG = NFNetConfig

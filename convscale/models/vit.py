@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from convscale.errors import UserError
-from convscale.models.base import FLOPS_PER_MAC
+from convscale.models.base import FLOPS_PER_MAC, FamilyTraits
 from convscale.models.layers import DropPath
 from convscale.models.vit_posemb import posemb_sincos_2d, resample_pos_embed
 
@@ -410,3 +410,12 @@ def load_pretrained(model: VisionTransformer, state_dict: Mapping[str, Tensor], 
         raise RuntimeError(f"checkpoint does not fit {model.cfg.name}: missing {missing}, "
                            f"unexpected {result.unexpected_keys}")
     return dropped
+
+
+ViTConfig.traits = FamilyTraits(
+    block_types=(Block,),
+    dropout_field="dropout",
+    finetune_defaults=dict(optimizer="adamw", lr=3e-3, weight_decay=1e-4),
+)
+
+CONFIG = ViTConfig

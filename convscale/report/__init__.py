@@ -7,11 +7,19 @@ the comparison of two families at matched compute. Reads results and fits; never
 """
 
 from convscale.report.build import ReportResult, build_report
-from convscale.report.compare import Comparison, Reach, compare, format_comparison
+from convscale.report.compare import (
+    Comparison,
+    Reach,
+    compare,
+    compare_all,
+    comparisons_json,
+    format_comparison,
+    format_comparisons,
+)
 from convscale.report.hardware import Hardware, get_hardware
 from convscale.report.inputs import SweepInputs, load_sweep
 
 __all__ = [
-    "Comparison", "Hardware", "Reach", "ReportResult", "SweepInputs", "build_report", "compare",
-    "format_comparison", "get_hardware", "load_sweep",
+    "Comparison", "Hardware", "Reach", "ReportResult", "SweepInputs", "build_report", "compare", "compare_all", "comparisons_json",
+    "format_comparison", "format_comparisons", "get_hardware", "load_sweep",
 ]

@@ -21,7 +21,7 @@ from typing import Any, Callable
 import matplotlib
 
 from convscale.errors import UserError
-from convscale.report.compare import Comparison, compare
+from convscale.report.compare import Comparison, compare_all, comparisons_json, merged_finetunes
 from convscale.report.content import build_sections
 from convscale.report.findings import Finding, study_findings
 from convscale.report.hardware import DEFAULT_MFU, get_hardware
@@ -42,8 +42,9 @@ class ReportResult:
     out_dir: Path
     files: list[Path]
     skipped: dict[str, str]
-    comparison: Comparison | None
+    comparison: Comparison | None  # the first of ``comparisons``
     findings: list[Finding] = dataclasses.field(default_factory=list)
+    comparisons: list[Comparison] = dataclasses.field(default_factory=list)  # every family vs the reference
 
 
 def _write(path: Path, text: str) -> Path:
@@ -76,13 +77,15 @@ def build_report(
     level = inputs.fit.level if inputs.fit is not None else 0.95
     fits = inputs.fit.families if inputs.fit is not None else {}
     laws = {f: (law_curve(fits[f], level) if f in fits else None) for f in inputs.families}
-    cmp, cmp_error = None, None
+    cmps: list[Comparison] = []
+    cmp_error = None
     try:
-        cmp = compare(inputs, target_loss=target_loss, laws=laws)
+        cmps = compare_all(inputs, target_loss=target_loss, laws=laws)
     except UserError as e:
         cmp_error = str(e)
         skipped["comparison"] = cmp_error
-    reach = {f: r.law_flops for f, r in cmp.reach_loss.items()} if cmp else None
+    cmp = cmps[0] if cmps else None
+    reach = {f: r.law_flops for c in cmps for f, r in c.reach_loss.items()} if cmp else None
     hw_note = f" Top axis: {hw.caption()}." if hw is not None else ""
     figures: dict[str, tuple[Callable[[], Any], str]] = {
         "loss_vs_compute": (lambda: loss_vs_compute(inputs, laws, hw),
@@ -97,12 +100,12 @@ def build_report(
         "families": (lambda: families_overlay(inputs, laws, hw, cmp.target_loss if cmp else None, reach),
                      "(e) Both families' frontiers and fitted laws; dash-dot: the target loss of the comparison, "
                      "dotted: the compute each law needs to reach it." + hw_note),
-        "finetune": (lambda: finetune_vs_compute(inputs, cmp.finetune if cmp else {}, hw),
+        "finetune": (lambda: finetune_vs_compute(inputs, merged_finetunes(cmps), hw),
                      "Fine-tuned held-out top-1 vs pre-training compute."),
     }
     drawn: dict[str, str] = {}
     for name, (make, caption) in figures.items():
-        if name == "finetune" and not (cmp and any(cmp.finetune.values())):
+        if name == "finetune" and not any(merged_finetunes(cmps).values()):
             continue  # the section appears only when fine-tune results exist
         try:
             with matplotlib.rc_context(RC):  # fonts and grid are fixed when artists are created
@@ -114,17 +117,18 @@ def build_report(
         drawn[name] = caption
         log(f"wrote {out / name}.png/.svg")
     figure_skips = {k: v for k, v in skipped.items() if k != "comparison"}
-    findings = study_findings(inputs, cmp)
-    sections = build_sections(inputs, cmp, cmp_error, hw, drawn, figure_skips, findings)
+    findings = study_findings(inputs, cmps)
+    sections = build_sections(inputs, cmps, cmp_error, hw, drawn, figure_skips, findings)
     title = f"Scaling report: {inputs.study_name}"
     files.append(_write(out / "summary.md", render_markdown(title, sections)))
     files.append(_write(out / "report.html", render_html(title, sections, out)))
     if cmp is not None:
-        files.append(_write(out / "compare.json", json.dumps(cmp.to_dict(), indent=2, allow_nan=False) + "\n"))
+        files.append(_write(out / "compare.json", json.dumps(comparisons_json(cmps), indent=2, allow_nan=False) + "\n"))
     files.append(_write(out / "findings.json",
                         json.dumps([f.to_dict() for f in findings], indent=2, ensure_ascii=False) + "\n"))
     if inputs.fit_error:
         skipped["fits"] = inputs.fit_error
     for fam, f in fits.items():
         skipped.update({f"{fam}.{k}": v for k, v in f.skipped.items()})
-    return ReportResult(out_dir=out, files=files, skipped=skipped, comparison=cmp, findings=findings)
+    return ReportResult(out_dir=out, files=files, skipped=skipped, comparison=cmp, findings=findings,
+                        comparisons=cmps)

@@ -1,4 +1,7 @@
-"""Two families side by side at matched compute (``convscale compare``, and a report section).
+"""Families side by side at matched compute (``convscale compare``, and a report section).
+
+Each comparison is of two families; a sweep of more families gives one comparison per other
+family against the reference (the first of ``family_order``: the paper's nfnet when present).
 
 - the best run of each family at each budget (its frontier row: loss, model, top-1);
 - the compute each family needs to reach a target loss, from its fitted law L = A*C^-a (with a
@@ -26,6 +29,7 @@ from convscale.scaling import Estimate
 from convscale.scaling.robust import estimate, json_clean
 
 BUDGET_MATCH_RTOL = 0.10  # budgets of two families within 10% are the same budget (step rounding)
+#: the paper's headline pair, compared first (first / second) when both are in the sweep
 PREFERRED_PAIR = ("nfnet", "vit")
 
 
@@ -72,6 +76,18 @@ def pick_pair(families: list[str]) -> tuple[str, str]:
         return PREFERRED_PAIR
     a, b = sorted(families)[:2]
     return a, b
+
+
+def family_order(families: list[str]) -> list[str]:
+    """The families in comparison order: ``pick_pair``'s two first, then the rest sorted."""
+    first = pick_pair(families)
+    return [*first, *sorted(set(families) - set(first))]
+
+
+def comparison_pairs(families: list[str]) -> list[tuple[str, str]]:
+    """(reference, other) for every other family: one pair for a two-family sweep."""
+    order = family_order(families)
+    return [(order[0], f) for f in order[1:]]
 
 
 def _row(r: pd.Series | None) -> dict[str, Any] | None:
@@ -131,10 +147,18 @@ def compare(
     target_loss: float | None = None,
     target_top1: float | None = None,
     laws: dict[str, LawCurve | None] | None = None,
+    pair: tuple[str, str] | None = None,
 ) -> Comparison:
-    """Compare the sweep's two families (see module docstring). ``laws`` reuses curves already drawn."""
-    pair = pick_pair(sorted(inputs.frontiers))
+    """Compare two of the sweep's families (default ``pick_pair``; see module docstring). ``laws``
+    reuses curves already drawn."""
     notes = []
+    if pair is None:
+        pair = pick_pair(sorted(inputs.frontiers))
+    else:
+        missing = [f for f in pair if f not in inputs.frontiers]
+        if missing:
+            raise UserError(f"compare: family {missing[0]!r} is not in the sweep; it has {sorted(inputs.frontiers)}")
+        pair = (pair[0], pair[1])
     if len(inputs.frontiers) > 2:
         notes.append(f"compared {pair[0]} and {pair[1]}; other families: {sorted(set(inputs.frontiers) - set(pair))}")
     fits = inputs.fit.families if inputs.fit is not None else {}
@@ -197,6 +221,37 @@ def compare(
     return cmp
 
 
+def compare_all(
+    inputs: SweepInputs,
+    *,
+    target_loss: float | None = None,
+    target_top1: float | None = None,
+    laws: dict[str, LawCurve | None] | None = None,
+) -> list[Comparison]:
+    """One ``compare`` per ``comparison_pairs`` pair: every family against the reference."""
+    return [compare(inputs, target_loss=target_loss, target_top1=target_top1, laws=laws, pair=pair)
+            for pair in comparison_pairs(sorted(inputs.frontiers))]
+
+
+def as_comparisons(cmp: Comparison | list[Comparison] | None) -> list[Comparison]:
+    """A list of comparisons from one, a list, or None."""
+    return [] if cmp is None else [cmp] if isinstance(cmp, Comparison) else list(cmp)
+
+
+def merged_finetunes(cmps: list[Comparison]) -> dict[str, list[dict[str, Any]]]:
+    """Every family's fine-tune rows across comparisons (the reference's appear in each)."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for c in cmps:
+        for f, recs in c.finetune.items():
+            out.setdefault(f, recs)
+    return out
+
+
+def comparisons_json(cmps: list[Comparison]) -> Any:
+    """JSON-ready comparisons: one dict for one pair (as before), a list for more."""
+    return cmps[0].to_dict() if len(cmps) == 1 else [c.to_dict() for c in cmps]
+
+
 def _e(x: float | None) -> str:
     return "-" if x is None or not math.isfinite(x) else f"{x:.3g}"
 
@@ -243,3 +298,8 @@ def format_comparison(cmp: Comparison) -> str:
                              f"fine-tuned top-1 {_pct(r['heldout_top1'])}")
     lines += [f"note: {n}" for n in cmp.notes]
     return "\n".join(lines)
+
+
+def format_comparisons(cmps: list[Comparison]) -> str:
+    """Plain-text tables of every comparison, separated by a blank line."""
+    return "\n\n".join(format_comparison(c) for c in cmps)

@@ -8,7 +8,7 @@ from typing import Any
 
 import pandas as pd
 
-from convscale.report.compare import Comparison
+from convscale.report.compare import Comparison, as_comparisons, merged_finetunes
 from convscale.report.findings import PAPER, Finding, verdict_counts
 from convscale.report.hardware import Hardware
 from convscale.report.inputs import SweepInputs
@@ -215,7 +215,7 @@ def at_chance_note(results: pd.DataFrame) -> str | None:
             f"or an lr past stability without a loss spike, and count in the fits as the bad results they are.")
 
 
-def build_sections(inputs: SweepInputs, cmp: Comparison | None, cmp_error: str | None, hw: Hardware | None,
+def build_sections(inputs: SweepInputs, cmp: Comparison | list[Comparison] | None, cmp_error: str | None, hw: Hardware | None,
                    figures: dict[str, str], skipped_figures: dict[str, str],
                    findings: list[Finding] | None = None) -> list[Section]:
     """The report's sections; ``figures`` maps each drawn figure's file stem to its caption."""
@@ -242,12 +242,15 @@ def build_sections(inputs: SweepInputs, cmp: Comparison | None, cmp_error: str |
         sections.append(Section("Findings", findings_blocks(findings)))
     sections.append(Section("Fitted laws", [equations(inputs)] + fig("optimal_allocation") + fig("lr_vs_epochs")))
     sections.append(Section("Frontier", [frontier_table(inputs, hw)]))
-    if cmp is not None:
-        sections.append(Section(f"{cmp.families[0]} vs {cmp.families[1]} at matched compute",
-                                comparison_blocks(cmp, hw) + fig("families")))
-        if any(cmp.finetune.values()):
-            sections.append(Section("After fine-tuning", [finetune_table(cmp)] + fig("finetune")))
-    elif cmp_error:
+    cmps = as_comparisons(cmp)
+    for i, c in enumerate(cmps):  # the families figure shows them all: once, after the first
+        sections.append(Section(f"{c.families[0]} vs {c.families[1]} at matched compute",
+                                comparison_blocks(c, hw) + (fig("families") if i == 0 else [])))
+    finetunes = merged_finetunes(cmps)
+    if any(finetunes.values()):
+        sections.append(Section("After fine-tuning",
+                                [finetune_table(dataclasses.replace(cmps[0], finetune=finetunes))] + fig("finetune")))
+    if not cmps and cmp_error:
         sections.append(Section("Comparison", [f"Not compared: {cmp_error}"]))
     sections.append(Section("Training curves", fig("training_curves") or ["No training curves were found."]))
     skipped = skipped_table(inputs, skipped_figures)

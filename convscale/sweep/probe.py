@@ -84,7 +84,7 @@ def probe_model(
         if activation_checkpointing:
             enable_activation_checkpointing(model)
         x = torch.randn(batch_size, 3, resolution, resolution, device=device)
-        if (channels_last if channels_last is not None else device == "cpu") and cfg.family == "nfnet":
+        if cfg.traits.channels_last(channels_last, device):
             model = model.to(memory_format=torch.channels_last)
             x = x.contiguous(memory_format=torch.channels_last)
         y = torch.randint(0, num_classes, (batch_size,), device=device)

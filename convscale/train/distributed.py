@@ -11,7 +11,8 @@ unsharded tensors, so a run resumes on any world size.
 Collectives run on the device the backend serves (NCCL: the rank's GPU; gloo: the CPU).
 
 ``parallel="fsdp"`` shards parameters, gradients and optimizer state on dim 0 with FSDP2
-(``fully_shard``), one unit per ``*Block`` module plus the root; under bf16 the all-gathers move
+(``fully_shard``), one unit per residual block (a family's ``traits.block_types``, the same blocks activation
+checkpointing wraps) plus the root; under bf16 the all-gathers move
 bf16 parameters and gradients are reduced in fp32. FSDP2 cannot shard 0-dim parameters (NFNet
 SkipInit gains): those stay replicated and their gradients are averaged by a hook.
 """
@@ -28,6 +29,8 @@ from typing import Any, Callable, Iterator, Mapping, MutableMapping, Optional, T
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from convscale.models import is_residual_block
 from torch.distributed.tensor import DTensor, Shard
 
 from convscale.errors import UserError
@@ -241,7 +244,7 @@ def _scalar_params(model: nn.Module) -> list[nn.Parameter]:
 
 def fsdp_shard(model: nn.Module, average_replicated_grads: bool = True,
                param_dtype: Optional[torch.dtype] = None) -> nn.Module:
-    """FSDP2 in place: ``fully_shard`` every ``*Block`` module, then the root.
+    """FSDP2 in place: ``fully_shard`` every residual block (``is_residual_block``), then the root.
 
     ``param_dtype`` (bf16 runs): parameters are all-gathered and used in that dtype (half the
     bytes of fp32), gradients reduced in fp32; the optimizer keeps fp32 shards.
@@ -259,7 +262,7 @@ def fsdp_shard(model: nn.Module, average_replicated_grads: bool = True,
     scalars = set(_scalar_params(model))
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
     for module in model.modules():
-        if module is not model and type(module).__name__.endswith("Block"):
+        if module is not model and is_residual_block(module):
             fully_shard(module, ignored_params=scalars, mp_policy=policy)
     fully_shard(model, ignored_params=scalars, mp_policy=policy)
     if average_replicated_grads and scalars and is_distributed():

@@ -41,34 +41,29 @@ from torch import nn
 from convscale.data.config import WHOLE, DataConfig
 from convscale.data.loading import BatchPlan, Sample, build_batches, plan_part
 from convscale.errors import UserError
+from convscale.models import family_traits
 from convscale.train.checkpoint import list_checkpoints, verify_checkpoint_file
 from convscale.train.config import BUDGET_FIELDS, TrainConfig, apply_overrides
 from convscale.train.rundir import read_run_config, read_run_json
 
 CLASSIFIER_KEYS = ("classifier.weight", "classifier.bias")
 
-#: per-family fine-tuning defaults: optimizer and peak lr (CPU-scale runs on digits), weight
-#: decay as in the NFNet fine-tuning recipe (paper.md A.6). NFNet features are not normalised:
-#: a demo-pretrained nfnet-w0.125-d1.1.1 gives digits features of norm ~57, and with the new head
-#: zero-initialised, lr 0.1 (even 0.005 at the start of warm-up) diverged within 10 steps; so the
-#: head runs at 0.05x the body's lr, with a long warm-up (the reference fine-tune warms up for a
-#: third of its steps, paper.md A.6). Measured on digits at 32 px, 8 epochs, batch 32 (top-1):
-#: NFNet body lr 0.01 / 0.02 / 0.05 -> 0.38 / 0.49 / 0.81 with SAM, 0.88 (0.02) / 0.94 (0.05)
-#: without (nfnet-w0.125-d1.1.1 pre-trained 1.6e12 FLOPs); ViT AdamW lr 1e-3 / 3e-3 -> 0.62 / 0.74
-#: (vit-w12-d4-p4 pre-trained 1.6e12 FLOPs).
-FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
-    "nfnet": dict(optimizer="sgd_agc", lr=0.05, weight_decay=1e-5, classifier_lr_scale=0.05,
-                  warmup_fraction=0.3),
-    "vit": dict(optimizer="adamw", lr=3e-3, weight_decay=1e-4),
-}
+#: Per-family fine-tuning defaults are the family's ``traits.finetune_defaults`` (models/): optimizer
+#: and peak lr (CPU-scale runs on digits), weight decay as in the NFNet fine-tuning recipe
+#: (paper.md A.6). NFNet features are not normalised: a demo-pretrained nfnet-w0.125-d1.1.1 gives
+#: digits features of norm ~57, and with the new head zero-initialised, lr 0.1 (even 0.005 at the
+#: start of warm-up) diverged within 10 steps; so the head runs at 0.05x the body's lr, with a long
+#: warm-up (the reference fine-tune warms up for a third of its steps, paper.md A.6). Measured on
+#: digits at 32 px, 8 epochs, batch 32 (top-1): NFNet body lr 0.01 / 0.02 / 0.05 -> 0.38 / 0.49 /
+#: 0.81 with SAM, 0.88 (0.02) / 0.94 (0.05) without (nfnet-w0.125-d1.1.1 pre-trained 1.6e12 FLOPs);
+#: ViT AdamW lr 1e-3 / 3e-3 -> 0.62 / 0.74 (vit-w12-d4-p4 pre-trained 1.6e12 FLOPs).
 #: settings of the pre-training run that a fine-tune keeps unless told otherwise (numerics and
 #: clipping that the pre-trained weights were shaped by)
 INHERITED_FIELDS = ("agc_clip", "agc_eps", "agc_exempt_scalar_gains", "precision", "channels_last",
                     "momentum", "beta2", "grad_clip_norm", "threads")
-#: the model config field for classifier dropout in each family
-DROPOUT_FIELD = {"nfnet": "drop_rate", "vit": "dropout"}
 #: model config fields a fine-tune does not take from the pre-training run (see the module docstring)
-NOT_INHERITED_MODEL_FIELDS = ("image_size", "num_classes", "drop_rate", "dropout", "drop_path_rate")
+#: (with the family's ``traits.dropout_field`` and ``traits.drop_path_field``)
+NOT_INHERITED_MODEL_FIELDS = ("image_size", "num_classes")
 DEFAULT_EPOCHS = 10.0
 DEFAULT_SAM_RHO = 0.05  # the NFNet fine-tuning recipe (paper.md A.6)
 DEFAULT_BATCH_SIZE = 32  # digits (1438 training images): batch 64 reached 0.41 top-1 in 10 epochs, 32 reached 0.69
@@ -178,13 +173,14 @@ def finetune_config(
     """
     pre = pretrain_run_dir if isinstance(pretrain_run_dir, PretrainedRun) else find_pretrained(pretrain_run_dir, use_ema)
     ptrain = pre.config["train"]
-    model_overrides = {k: v for k, v in ptrain.get("model_overrides", {}).items()
-                       if k not in NOT_INHERITED_MODEL_FIELDS}
+    traits = family_traits(pre.family)
+    not_inherited = {*NOT_INHERITED_MODEL_FIELDS, traits.dropout_field, traits.drop_path_field}
+    model_overrides = {k: v for k, v in ptrain.get("model_overrides", {}).items() if k not in not_inherited}
     if drop_path_rate is not None:
-        model_overrides["drop_path_rate"] = drop_path_rate
+        model_overrides[traits.drop_path_field] = drop_path_rate
     if dropout is not None:
-        model_overrides[DROPOUT_FIELD[pre.family]] = dropout
-    base: dict[str, Any] = dict(FAMILY_DEFAULTS[pre.family])
+        model_overrides[traits.dropout_field] = dropout
+    base: dict[str, Any] = dict(traits.finetune_defaults)
     base.update({k: ptrain[k] for k in INHERITED_FIELDS if k in ptrain})
     base.update(epochs=DEFAULT_EPOCHS, sam_rho=DEFAULT_SAM_RHO, batch_size=DEFAULT_BATCH_SIZE,
                 checkpoint_every_seconds=120.0)

@@ -202,7 +202,7 @@ def _run(cfg: TrainConfig, restart: bool, source: Optional[DataSource], locks: l
     if cfg.loss == "sigmoid":  # start at the prior p = 1/C per class instead of 0.5
         with torch.no_grad():
             model.classifier.bias.fill_(-math.log(source.num_classes))
-    channels_last = cfg.resolved_channels_last(model_cfg.family, device.type)
+    channels_last = model_cfg.traits.channels_last(cfg.channels_last, device.type)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     if channels_last:
         model = to_channels_last(model)

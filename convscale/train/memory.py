@@ -10,8 +10,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-#: the residual-block classes of the zoo whose activations are recomputed in the backward pass
-BLOCK_CLASS_NAMES = ("NFBlock", "Block")
+from convscale.models import is_residual_block
+
 
 
 def _checkpointed_forward(self: nn.Module, *args, **kwargs):
@@ -22,7 +22,7 @@ def _checkpointed_forward(self: nn.Module, *args, **kwargs):
 
 
 def enable_activation_checkpointing(model: nn.Module) -> int:
-    """Recompute each residual block's activations in the backward pass instead of storing them.
+    """Recompute each residual block's (a family's ``traits.block_types``) activations in the backward pass instead of storing them.
 
     The block's ``forward`` is replaced on the instance, so parameter names (and with them
     checkpoints, optimizer state and the by-name parameter groups) are unchanged; RNG state is
@@ -33,7 +33,7 @@ def enable_activation_checkpointing(model: nn.Module) -> int:
     """
     wrapped = 0
     for module in model.modules():
-        if type(module).__name__ in BLOCK_CLASS_NAMES and "forward" not in module.__dict__:
+        if is_residual_block(module) and "forward" not in module.__dict__:
             module.forward = types.MethodType(_checkpointed_forward, module)
             wrapped += 1
     return wrapped
