@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from test_report_browser import CHROMIUM, PROBE, _chromium
+from support import CHROMIUM, PROBE, run_chromium
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +78,7 @@ def test_rerun_skips_everything_finished(demo):
     assert "12 finished, 0 to run" in proc.stdout
 
 
-def test_demo_report_loads_in_chromium(demo, tmp_path):
+def test_demo_report_loads_inrun_chromium(demo, tmp_path):
     if CHROMIUM is None:
         if os.environ.get("CI"):
             pytest.fail("chromium is not installed on CI (Debian package `chromium`)")
@@ -87,7 +87,7 @@ def test_demo_report_loads_in_chromium(demo, tmp_path):
     page = (root / "report" / "report.html").read_text()
     probed = tmp_path / "probed.html"
     probed.write_text(page.replace("<head>", "<head>" + PROBE, 1))
-    proc = _chromium(tmp_path, "--dump-dom", probed.as_uri())
+    proc = run_chromium(tmp_path, "--dump-dom", probed.as_uri())
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = re.search(r'<div id="probe-result"[^>]*>', proc.stdout)
     assert result, proc.stderr[-1000:]
@@ -97,5 +97,5 @@ def test_demo_report_loads_in_chromium(demo, tmp_path):
     assert attrs["images"] == str(n_imgs) and attrs["ok"] == str(n_imgs), attrs
     assert attrs["errors"] == "", attrs["errors"]
     shot = tmp_path / "demo.png"
-    _chromium(tmp_path, f"--screenshot={shot}", "--window-size=1280,3000", (root / "report" / "report.html").as_uri())
+    run_chromium(tmp_path, f"--screenshot={shot}", "--window-size=1280,3000", (root / "report" / "report.html").as_uri())
     assert shot.is_file() and shot.stat().st_size > 20_000

@@ -25,7 +25,7 @@ from convscale.train.distributed import (
 from convscale.train.metrics import read_metrics
 from convscale.train.optim import adaptive_grad_clip_
 
-REPO = Path(__file__).resolve().parents[1]
+from support import REPO, env
 STEPS = 24
 TOL = 1e-5  # fp32: summation order differs between 1 and 2 processes (measured <= 5e-7)
 
@@ -37,11 +37,6 @@ def train_args(run_dir: Path, *extra: str) -> list[str]:
             "--agc-exempt-scalar-gains", "--precision", "fp32", "--threads", "1", "--quiet",
             "--set", "log_every_steps=2", "--set", "eval_every_steps=12", "--set", "checkpoint_every_seconds=0",
             "--set", "checkpoint_every_steps=4", *extra]
-
-
-def env() -> dict[str, str]:
-    clean = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID")}
-    return {**clean, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
 
 
 def torchrun(nproc: int) -> list[str]:

@@ -130,11 +130,12 @@ def test_convnext_runs_channels_last_with_the_same_numbers():
 
 @pytest.fixture
 def three_family_sweep(tmp_path, monkeypatch):
-    import test_report
+    import support
+    from support import make_sweep
 
-    monkeypatch.setitem(test_report.LAWS, "convnext", (40.0, 0.11))
-    test_report.make_sweep(tmp_path / "two", families=("nfnet", "vit"), curves=False)
-    test_report.make_sweep(tmp_path / "three", families=("convnext", "nfnet", "vit"), curves=False)
+    monkeypatch.setitem(support.LAWS, "convnext", (40.0, 0.11))
+    make_sweep(tmp_path / "two", families=("nfnet", "vit"), curves=False)
+    make_sweep(tmp_path / "three", families=("convnext", "nfnet", "vit"), curves=False)
     return tmp_path
 
 

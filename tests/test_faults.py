@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import os
 import random
 import signal
@@ -27,23 +26,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from convscale.cli.main import main
+from support import REPO, convscale, env
 from convscale.train.metrics import read_metrics
 
-REPO = Path(__file__).resolve().parents[1]
 MODEL = ["--model", "vit-w8-d4-p4", "--resolution", "16"]
 TINY = [*MODEL, "--batch-size", "8", "--num-classes", "4", "--quiet", "--threads", "1",
         "--set", "data.heldout_images=16", "--set", "checkpoint_every_seconds=0"]
-
-
-def cli(argv: list[str], capsys) -> tuple[int, str, str]:
-    """Run `convscale ARGV` in this process: (exit code, stdout, stderr)."""
-    try:
-        rc = main([str(a) for a in argv])
-    except SystemExit as e:  # argparse
-        rc = e.code
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 def assert_user_error(rc: int, err: str, *needles: str) -> str:
@@ -63,41 +51,32 @@ def train(run_dir: Path, *extra, steps: int = 2) -> list[str]:
     return ["train", "--run-dir", run_dir, *TINY, "--steps", steps, *extra]
 
 
-def env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-            "OMP_NUM_THREADS": "1"}
-
-
-def convscale(*argv) -> list[str]:
-    return [sys.executable, "-m", "convscale", *[str(a) for a in argv]]
-
-
 # ---------------------------------------------------------------------------------------------
 # 1. data loss: --restart removes only a directory that proves it is a run
 
 
-def test_restart_never_removes_a_folder_that_is_not_a_run(tmp_path, capsys):
+def test_restart_never_removes_a_folder_that_is_not_a_run(tmp_path, cli):
     d = tmp_path / "d"
     d.mkdir()
     (d / "thesis.txt").write_text("x")
-    rc, _, err = cli(train(d, "--restart"), capsys)
+    rc, _, err = cli(train(d, "--restart"))
     assert_user_error(rc, err, "nothing was removed")
     assert (d / "thesis.txt").read_text() == "x"
-    rc, _, err = cli(train(d), capsys)  # without --restart the error no longer suggests it
+    rc, _, err = cli(train(d))  # without --restart the error no longer suggests it
     assert "--restart" not in assert_user_error(rc, err, "holds no run")
 
 
-def test_restart_of_a_run_with_foreign_files_removes_nothing_and_of_a_clean_run_restarts(tmp_path, capsys):
+def test_restart_of_a_run_with_foreign_files_removes_nothing_and_of_a_clean_run_restarts(tmp_path, cli):
     d = tmp_path / "run"
-    assert cli(train(d), capsys)[0] == 0
+    assert cli(train(d))[0] == 0
     (d / "notes.txt").write_text("mine")
-    rc, _, err = cli(train(d, "--restart"), capsys)
+    rc, _, err = cli(train(d, "--restart"))
     assert_user_error(rc, err, "notes.txt")
     assert (d / "result.json").is_file() and (d / "notes.txt").is_file()
     (d / "notes.txt").unlink()
     first = json.loads((d / "result.json").read_text())
     (d / "result.json").write_text(json.dumps({**first, "heldout_loss": 99.0}))  # mark: must be rewritten
-    rc, out, err = cli(train(d, "--restart"), capsys)
+    rc, out, err = cli(train(d, "--restart"))
     assert rc == 0, err
     again = json.loads((d / "result.json").read_text())
     assert again["heldout_loss"] == first["heldout_loss"] and json.loads(out)["heldout_loss"] == first["heldout_loss"]
@@ -163,14 +142,14 @@ def _shard(path: Path, n: int, labels=None) -> Path:
 
 
 @pytest.mark.parametrize("cut", ["half", "header", "end_marker"])
-def test_a_cut_shard_is_an_error_not_a_silent_half(tmp_path, cut, capsys):
+def test_a_cut_shard_is_an_error_not_a_silent_half(tmp_path, cut, cli):
     full = _shard(tmp_path / "b.tar", 20).read_bytes()
     size = {"half": len(full) // 2 + 100, "header": 512 * 7, "end_marker": len(full) - 2 * 512 - 4096}[cut]
     size = size if cut != "end_marker" else _end_of_members(tmp_path / "b.tar")
     (tmp_path / "t").mkdir()
     (tmp_path / "t" / "b.tar").write_bytes(full[:size])
     rc, _, err = cli(train(tmp_path / "run", "--data", "shards", "--data-path", tmp_path / "t",
-                           "--set", "data.heldout_fraction=0.3"), capsys)
+                           "--set", "data.heldout_fraction=0.3"))
     assert_user_error(rc, err, "b.tar", "cut short")
 
 
@@ -197,7 +176,7 @@ def test_skipped_images_are_counted_per_distinct_file(tmp_path):
 # 4. unlocked runs
 
 
-def test_a_run_directory_trains_in_one_process_at_a_time(tmp_path, capsys):
+def test_a_run_directory_trains_in_one_process_at_a_time(tmp_path, cli):
     from convscale.fslock import FileLock, is_locked
 
     d = tmp_path / "run"
@@ -205,12 +184,12 @@ def test_a_run_directory_trains_in_one_process_at_a_time(tmp_path, capsys):
     other = FileLock(d / "run.lock")  # as another `convscale train` holds it
     assert other.acquire()
     try:
-        rc, _, err = cli(train(d), capsys)
+        rc, _, err = cli(train(d))
         assert_user_error(rc, err, "another process")
         assert not (d / "config.json").exists()
     finally:
         other.release()
-    assert cli(train(d), capsys)[0] == 0
+    assert cli(train(d))[0] == 0
     assert not is_locked(d / "run.lock")  # released when the run ends
 
 
@@ -239,9 +218,9 @@ def test_two_real_trains_on_one_directory(tmp_path):
 # 5. late failure: no held-out images is found at start
 
 
-def test_shards_with_no_heldout_sample_fail_at_start(tmp_path, capsys):
+def test_shards_with_no_heldout_sample_fail_at_start(tmp_path, cli):
     _shard(tmp_path / "b.tar", 4)
-    rc, _, err = cli(train(tmp_path / "run", "--data", "shards", "--data-path", tmp_path / "b.tar"), capsys)
+    rc, _, err = cli(train(tmp_path / "run", "--data", "shards", "--data-path", tmp_path / "b.tar"))
     assert_user_error(rc, err, "held-out", "heldout_fraction")
     assert not (tmp_path / "run" / "metrics.jsonl").exists()  # nothing was trained
 
@@ -280,26 +259,26 @@ def test_summary_md_escapes_html_from_results_and_study():
     assert md.count("&lt;script&gt;alert(1)&lt;/script&gt;") == 6 and "a \\| b" in md and "&amp; more" in md
 
 
-def test_study_out_keeps_an_existing_file(tmp_path, capsys):
+def test_study_out_keeps_an_existing_file(tmp_path, cli):
     out = tmp_path / "paper.toml"
     out.write_text("mine")
-    rc, _, err = cli(["study", "paper", "--out", out], capsys)
+    rc, _, err = cli(["study", "paper", "--out", out])
     assert_user_error(rc, err, "--force")
     assert out.read_text() == "mine"
-    assert cli(["study", "paper", "--out", out, "--force"], capsys)[0] == 0 and "F0" in out.read_text()
+    assert cli(["study", "paper", "--out", out, "--force"])[0] == 0 and "F0" in out.read_text()
 
 
-def test_steps_zero_is_named_as_such(tmp_path, capsys):
-    rc, _, err = cli(train(tmp_path / "r", steps=0), capsys)
+def test_steps_zero_is_named_as_such(tmp_path, cli):
+    rc, _, err = cli(train(tmp_path / "r", steps=0))
     assert "batch" not in assert_user_error(rc, err, "--steps")
 
 
-def test_a_log_row_that_spans_a_resume_equals_the_uninterrupted_one(tmp_path, capsys, monkeypatch):
+def test_a_log_row_that_spans_a_resume_equals_the_uninterrupted_one(tmp_path, cli, monkeypatch):
     import convscale.train.loop as loop
 
     common = ["--set", "log_every_steps=4", "--set", "checkpoint_every_steps=3"]
     full, cut = tmp_path / "full", tmp_path / "cut"
-    assert cli(train(full, *common, steps=8), capsys)[0] == 0
+    assert cli(train(full, *common, steps=8))[0] == 0
 
     class Killed(Exception):
         pass
@@ -312,22 +291,22 @@ def test_a_log_row_that_spans_a_resume_equals_the_uninterrupted_one(tmp_path, ca
 
     monkeypatch.setattr(loop, "save_checkpoint", save_then_die)
     with pytest.raises(Killed):
-        cli(train(cut, *common, steps=8), capsys)
+        cli(train(cut, *common, steps=8))
     monkeypatch.undo()
     assert read_metrics(cut / "metrics.jsonl") == []  # no row yet: the first is due at step 4
-    rc, _, err = cli(train(cut, *common, steps=8), capsys)
+    rc, _, err = cli(train(cut, *common, steps=8))
     assert rc == 0 and "resuming from step 3" in err
     key = lambda d: [(r["kind"], r["step"], r.get("loss"), r.get("heldout_loss")) for r in read_metrics(d / "metrics.jsonl")]
     assert key(cut) == key(full) and [r[1] for r in key(full)] == [4, 8, 8]
 
 
-def test_models_at_a_resolution_some_models_cannot_take(capsys):
-    rc, out, err = cli(["models", "nfnet-f0", "vit-b16", "vit-h14", "--resolution", "256"], capsys)
+def test_models_at_a_resolution_some_models_cannot_take(cli):
+    rc, out, err = cli(["models", "nfnet-f0", "vit-b16", "vit-h14", "--resolution", "256"])
     assert rc == 0, err
     assert "nfnet-f0" in out and "vit-b16" in out
     assert any(ln.startswith("vit-h14") and ln.split()[2] == "-" for ln in out.splitlines())
     assert "- vit-h14: resolution 256 px is not a multiple" in out
-    rc, _, err = cli(["models", "vit-h14", "--resolution", "256"], capsys)
+    rc, _, err = cli(["models", "vit-h14", "--resolution", "256"])
     assert_user_error(rc, err, "use 252 or 266")
 
 
@@ -402,11 +381,11 @@ TRAIN_VALUES = [
 
 
 @pytest.mark.parametrize("flag, value, needle", TRAIN_VALUES)
-def test_train_bad_values(tmp_path, capsys, monkeypatch, flag, value, needle):
+def test_train_bad_values(tmp_path, cli, monkeypatch, flag, value, needle):
     monkeypatch.chdir(tmp_path)
     argv = [a for a in train(tmp_path / "run") if a != "--steps" and a != 2] if flag in (
         "--epochs", "--images", "--train-flops", "--steps") else train(tmp_path / "run")
-    rc, _, err = cli([*argv, flag, value], capsys)
+    rc, _, err = cli([*argv, flag, value])
     assert_user_error(rc, err, needle)
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
@@ -416,7 +395,7 @@ def ctx(tmp_path_factory):
     """Inputs for the other entry points: a study file, a results CSV, a synthetic sweep dir
     (no training) and one tiny finished run to fine-tune from."""
     from convscale.cli.main import main as run_main
-    from test_report import make_sweep
+    from support import make_sweep
 
     root = tmp_path_factory.mktemp("ctx")
     (root / "study.toml").write_text(STUDY)
@@ -475,13 +454,13 @@ OTHER_VALUES = [
 
 
 @pytest.mark.parametrize("command, needle", OTHER_VALUES, ids=[c for c, _ in OTHER_VALUES])
-def test_entry_point_bad_values(ctx, tmp_path, capsys, monkeypatch, command, needle):
+def test_entry_point_bad_values(ctx, tmp_path, cli, monkeypatch, command, needle):
     monkeypatch.chdir(tmp_path)  # a check that fails to stop a command must not leave sweeps/ in the repo
     paths = {"study": ctx / "study.toml", "csv": ctx / "results.csv", "sweep": ctx / "sweep", "pre": ctx / "pre",
              "tmp": tmp_path}
     (tmp_path / "sweep").mkdir()
     argv = command.format(**paths).split()
-    rc, _, err = cli(argv, capsys)
+    rc, _, err = cli(argv)
     assert_user_error(rc, err, needle.format(**paths))
 
 
@@ -501,24 +480,24 @@ def _damage(path: Path, how: str) -> None:
     path.write_bytes(DAMAGE[how](path.read_bytes()))
 
 
-def _finished_run(d: Path, capsys) -> None:
-    assert cli(train(d, "--set", "checkpoint_every_steps=1", steps=3), capsys)[0] == 0
+def _finished_run(d: Path, cli) -> None:
+    assert cli(train(d, "--set", "checkpoint_every_steps=1", steps=3))[0] == 0
 
 
-def _kind_study(tmp, capsys):
+def _kind_study(tmp, cli):
     (tmp / "s.toml").write_text(STUDY)
     return tmp / "s.toml", ["sweep", "plan", tmp / "s.toml", "--no-probe"], "error"
 
 
-def _kind_train_config(tmp, capsys):
+def _kind_train_config(tmp, cli):
     cfg = {"model": "vit-w8-d4-p4", "steps": 2, "batch_size": 8, "data": {"resolution": 16, "num_classes": 4}}
     (tmp / "c.json").write_text(json.dumps(cfg))
     return tmp / "c.json", ["train", "--config", tmp / "c.json", "--run-dir", tmp / "run"], "error"
 
 
 def _run_file(name: str, drop_result: bool = False):
-    def make(tmp, capsys):
-        _finished_run(tmp / "run", capsys)
+    def make(tmp, cli):
+        _finished_run(tmp / "run", cli)
         if drop_result:  # a run killed after its final checkpoint: the next command reads it
             (tmp / "run" / "result.json").unlink()
         target = tmp / "run" / name
@@ -529,14 +508,14 @@ def _run_file(name: str, drop_result: bool = False):
     return make
 
 
-def _kind_npz(tmp, capsys):
+def _kind_npz(tmp, cli):
     rng = np.random.default_rng(0)
     np.savez(tmp / "a.npz", images=rng.integers(0, 255, (40, 12, 12, 3), dtype=np.uint8), labels=np.arange(40) % 4)
     return tmp / "a.npz", train(tmp / "run", "--data", "arrays", "--data-path", tmp / "a.npz",
                                 "--set", "data.heldout_fraction=0.2"), "error"
 
 
-def _kind_shard(tmp, capsys):
+def _kind_shard(tmp, cli):
     _shard(tmp / "b.tar", 20)
     return tmp / "b.tar", train(tmp / "run", "--data", "shards", "--data-path", tmp / "b.tar",
                                 "--set", "data.heldout_fraction=0.3"), {"corrupted": "ok"}
@@ -544,37 +523,37 @@ def _kind_shard(tmp, capsys):
     # is skipped and counted (test_realdata.test_shards_corrupt_member_skipped_single_tar_and_glob)
 
 
-def _kind_image(tmp, capsys):
+def _kind_image(tmp, cli):
     root = _folder(tmp / "root", classes=2, per_class=5)
     return root / "c0" / "1.png", train(tmp / "run", "--data", "folder", "--data-path", root,
                                         "--set", "data.heldout_fraction=0.2", steps=3), "skipped"
 
 
-def _kind_results_csv(tmp, capsys):
-    from test_report import make_sweep
+def _kind_results_csv(tmp, cli):
+    from support import make_sweep
 
     make_sweep(tmp / "sw", budgets=np.logspace(12, 14, 3), curves=False).to_csv(tmp / "r.csv", index=False)
     return tmp / "r.csv", ["fit", tmp / "r.csv", "--bootstrap", "0"], "error"
 
 
-def _kind_results_parquet(tmp, capsys):
-    from test_report import make_sweep
+def _kind_results_parquet(tmp, cli):
+    from support import make_sweep
 
     make_sweep(tmp / "sw", budgets=np.logspace(12, 14, 3), curves=False)
     return tmp / "sw" / "results.parquet", ["fit", tmp / "sw" / "results.parquet", "--bootstrap", "0"], "error"
 
 
 def _sweep_file(name: str):
-    def make(tmp, capsys):
+    def make(tmp, cli):
         (tmp / "s.toml").write_text(STUDY)
-        assert cli(["sweep", "run", tmp / "s.toml", "--dir", tmp / "sw", "--dry-run"], capsys)[0] == 0
+        assert cli(["sweep", "run", tmp / "s.toml", "--dir", tmp / "sw", "--dry-run"])[0] == 0
         return tmp / "sw" / name, ["sweep", "collect", tmp / "sw"], "error"
     return make
 
 
 def _pretrained_file(name: str):
-    def make(tmp, capsys):
-        _finished_run(tmp / "pre", capsys)
+    def make(tmp, cli):
+        _finished_run(tmp / "pre", cli)
         target = next((tmp / "pre").glob(name))
         return target, ["finetune", "--from", tmp / "pre", "--run-dir", tmp / "ft", "--steps", "1",
                         "--batch-size", "8", "--resolution", "16", "--quiet"], "error"
@@ -605,12 +584,12 @@ FILE_KINDS = {
 
 @pytest.mark.parametrize("how", list(DAMAGE))
 @pytest.mark.parametrize("kind", list(FILE_KINDS))
-def test_damaged_input_files(tmp_path, capsys, kind, how):
-    target, argv, expect = FILE_KINDS[kind](tmp_path, capsys)
+def test_damaged_input_files(tmp_path, capsys, kind, how, cli):
+    target, argv, expect = FILE_KINDS[kind](tmp_path, cli)
     expect = expect.get(how, "error") if isinstance(expect, dict) else expect
     capsys.readouterr()
     _damage(target, how)
-    rc, out, err = cli(argv, capsys)
+    rc, out, err = cli(argv)
     if expect == "error":
         assert_user_error(rc, err)
     else:
@@ -650,35 +629,35 @@ def _sweep_argv(study: Path, root: Path) -> list:
 
 
 @pytest.mark.parametrize("command", ["train", "sweep run", "sweep collect", "report", "finetune"])
-def test_directories_that_are_files(tmp_path, capsys, command):
+def test_directories_that_are_files(tmp_path, cli, command):
     f = tmp_path / "afile"
     f.write_text("x")
     (tmp_path / "s.toml").write_text(STUDY)
     argv = {"train": train(f), "sweep run": _sweep_argv(tmp_path / "s.toml", f), "sweep collect": ["sweep", "collect", f],
             "report": ["report", f], "finetune": ["finetune", "--from", f, "--run-dir", tmp_path / "ft"]}[command]
-    rc, _, err = cli(argv, capsys)
+    rc, _, err = cli(argv)
     assert_user_error(rc, err)
     assert f.read_text() == "x"
 
 
-def test_read_only_file_system(tmpfs, tmp_path, capsys):
+def test_read_only_file_system(tmpfs, tmp_path, cli):
     mnt, remount = tmpfs
     (tmp_path / "s.toml").write_text(STUDY)
-    assert cli(train(mnt / "done"), capsys)[0] == 0
+    assert cli(train(mnt / "done"))[0] == 0
     remount("ro")
     for argv in (train(mnt / "new"), _sweep_argv(tmp_path / "s.toml", mnt / "sweep"),
                  ["study", "paper", "--out", mnt / "p.toml"], ["fit", tmp_path / "none.csv", "--out", mnt / "f.json"]):
-        rc, _, err = cli(argv, capsys)
+        rc, _, err = cli(argv)
         line = assert_user_error(rc, err)
         assert "read-only" in line.lower() or "does not exist" in line, line
-    rc, _, err = cli(train(mnt / "done"), capsys)  # a finished run on a read-only disk: one line too
+    rc, _, err = cli(train(mnt / "done"))  # a finished run on a read-only disk: one line too
     assert_user_error(rc, err, "read-only")
 
 
-def test_full_disk_keeps_the_run_and_it_resumes(tmpfs, tmp_path, capsys):
+def test_full_disk_keeps_the_run_and_it_resumes(tmpfs, tmp_path, cli):
     mnt, _ = tmpfs
     common = ["--set", "checkpoint_every_steps=2", "--set", "log_every_steps=1"]
-    assert cli(train(tmp_path / "elsewhere", *common, steps=6), capsys)[0] == 0
+    assert cli(train(tmp_path / "elsewhere", *common, steps=6))[0] == 0
     want = json.loads((tmp_path / "elsewhere" / "result.json").read_text())
     # room for the config and a row or two, not for a checkpoint
     filler = mnt / "filler"
@@ -691,11 +670,11 @@ def test_full_disk_keeps_the_run_and_it_resumes(tmpfs, tmp_path, capsys):
     finally:
         os.close(fd)
     os.truncate(filler, os.path.getsize(filler) - 24 * 1024)
-    rc, _, err = cli(train(mnt / "run", *common, steps=6), capsys)
+    rc, _, err = cli(train(mnt / "run", *common, steps=6))
     assert_user_error(rc, err, "No space left", "rerun the same command")
     assert (mnt / "run" / "config.json").is_file()
     filler.unlink()
-    rc, out, err = cli(train(mnt / "run", *common, steps=6), capsys)
+    rc, out, err = cli(train(mnt / "run", *common, steps=6))
     assert rc == 0, err
     got = json.loads(out)
     assert (got["heldout_loss"], got["steps"]) == (want["heldout_loss"], want["steps"])

@@ -19,74 +19,7 @@ from convscale.errors import UserError
 from convscale.report import build_report, compare, format_comparison, get_hardware, load_sweep
 from convscale.report.laws import interpolate_compute
 
-# Planted frontier laws L = A * C^-a: the best cell of each budget lies exactly on them.
-LAWS = {"nfnet": (20.0, 0.10), "vit": (60.0, 0.12)}
-BUDGETS = np.logspace(12, 15, 4)
-PARAMS = 1e4 * 10 ** (0.5 * np.arange(4))  # p_opt(C) = 1e4 (C/1e12)^0.5 is one of these at every budget
-LRS = (0.05, 0.1, 0.2)
-K = 6.0  # train_flops = K * params * images_seen
-
-
-def law(family: str, c):
-    A, a = LAWS[family]
-    return A * np.asarray(c, dtype=float) ** -a
-
-
-def make_sweep(root: Path, families=("nfnet", "vit"), budgets=BUDGETS, params=PARAMS, lrs=LRS,
-               curves: bool = True) -> pd.DataFrame:
-    """A sweep dir: study.json, results.parquet, a few metrics.jsonl files and one fine-tune."""
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "study.json").write_text(json.dumps({"name": "synthetic"}))
-    rows = []
-    for fam in families:
-        for j, n in enumerate(params):
-            for c in budgets:
-                n_opt = 1e4 * (c / 1e12) ** 0.5
-                for lr in lrs:
-                    images = c / (K * n)
-                    loss = law(fam, c) * (1 + 0.05 * np.log(n / n_opt) ** 2) * (1 + 0.03 * np.log2(lr / 0.1) ** 2)
-                    cell = f"{fam}-m{j}-c{c:.0e}-lr{lr}"
-                    rows.append(dict(
-                        study="synthetic", family=fam, model=f"{fam}-m{j}", params=n, flops_per_image=K * n / 3,
-                        resolution=16, batch_size=128, images_seen=images, epochs=images / 1e6, lr=lr,
-                        budget_flops=c, train_flops=c, wall_hours=0.01, device_hours=0.02, loss=loss,
-                        top1=float(np.clip(1.2 - loss / 2, 0, 1)), top5=0.9, status="done",
-                        run_dir=str(root / "runs" / cell), cell_id=cell))
-    df = pd.DataFrame(rows)
-    if len(families) == 2 and len(df) > 4:
-        # a diverged and a failed cell: no loss, must be drawn anyway
-        df = pd.concat([df, pd.DataFrame([
-            {**rows[0], "lr": 0.8, "status": "diverged", "loss": math.nan, "top1": math.nan,
-             "cell_id": "nfnet-div", "run_dir": str(root / "runs" / "nfnet-div")},
-            {**rows[-1], "lr": 0.8, "status": "failed", "loss": math.nan, "top1": math.nan, "train_flops": math.nan,
-             "cell_id": "vit-fail", "run_dir": str(root / "runs" / "vit-fail")},
-        ])], ignore_index=True)
-    df.to_parquet(root / "results.parquet", index=False)
-    if curves:
-        for _, r in df.iloc[::7].iterrows():
-            d = root / "runs" / r["cell_id"]
-            d.mkdir(parents=True, exist_ok=True)
-            steps = np.arange(1, 21)
-            lines = []
-            for s in steps:
-                f = s / steps[-1]
-                lines.append({"kind": "train", "step": int(s), "images_seen": int(s * 128),
-                              "train_flops": float(f * (r["train_flops"] if r["train_flops"] == r["train_flops"]
-                                                        else r["budget_flops"])),
-                              "loss": 4.6 * f ** -0.0 - 3 * f ** 0.5 + 0.1, "lr": 0.1})
-                if s % 5 == 0:
-                    lines.append({**lines[-1], "kind": "eval", "heldout_loss": lines[-1]["loss"] + 0.05,
-                                  "heldout_top1": 0.3, "heldout_top5": 0.6})
-            (d / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
-    if "nfnet" in families and len(df) > 4:
-        best = df[(df["family"] == "nfnet") & (df["status"] == "done")].sort_values("loss").iloc[0]
-        ft = root / "finetune" / "ft-best"
-        ft.mkdir(parents=True)
-        (ft / "config.json").write_text(json.dumps({"pretrain_run_dir": best["run_dir"]}))
-        (ft / "result.json").write_text(json.dumps({
-            "status": "done", "heldout_top1": 0.71, "heldout_top5": 0.93, "heldout_loss": 1.1,
-            "finetune_flops": 1e13, "pretrain_run_dir": best["run_dir"]}))
-    return df
+from support import BUDGETS, LAWS, PARAMS, law, make_sweep
 
 
 @pytest.fixture(scope="module")

@@ -5,47 +5,13 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from convscale.report import build_report
-from test_report import make_sweep
-
-CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
-
-# Injected into a copy of the page only (the report itself has no scripts): records window errors
-# (resource errors too, in the capture phase) and marks each <img> as loaded or not after `load`.
-PROBE = """<script>
-window.__errors = [];
-window.addEventListener('error', function (e) {
-  window.__errors.push(e.message || ('resource ' + (e.target && (e.target.src || e.target.tagName)).slice(0, 60)));
-}, true);
-window.addEventListener('load', function () {
-  var imgs = document.images, ok = 0;
-  for (var i = 0; i < imgs.length; i++) {
-    var good = imgs[i].complete && imgs[i].naturalWidth > 0;
-    imgs[i].setAttribute('data-loaded', good ? 'yes' : 'no');
-    imgs[i].setAttribute('data-natural-width', imgs[i].naturalWidth);
-    if (good) ok++;
-  }
-  var d = document.createElement('div');
-  d.id = 'probe-result';
-  d.setAttribute('data-images', imgs.length);
-  d.setAttribute('data-ok', ok);
-  d.setAttribute('data-errors', window.__errors.join(' | '));
-  document.body.appendChild(d);
-});
-</script>"""
-
-
-def _chromium(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
-    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-           "--disable-component-update", "--no-first-run", "--hide-scrollbars",
-           f"--user-data-dir={tmp_path / 'chromium-profile'}", "--virtual-time-budget=10000", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+from support import CHROMIUM, PROBE, make_sweep, run_chromium
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +30,7 @@ def test_every_figure_loads_without_errors(report_html, tmp_path):
     page = report_html.read_text()
     probed = tmp_path / "probed.html"
     probed.write_text(page.replace("<head>", "<head>" + PROBE, 1))
-    proc = _chromium(tmp_path, "--dump-dom", probed.as_uri())
+    proc = run_chromium(tmp_path, "--dump-dom", probed.as_uri())
     dom = proc.stdout
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = re.search(r'<div id="probe-result"[^>]*>', dom)
@@ -81,7 +47,7 @@ def test_every_figure_loads_without_errors(report_html, tmp_path):
 
 def test_screenshot_is_not_blank(report_html, tmp_path):
     shot = tmp_path / "report.png"
-    proc = _chromium(tmp_path, f"--screenshot={shot}", "--window-size=1280,4000", report_html.as_uri())
+    proc = run_chromium(tmp_path, f"--screenshot={shot}", "--window-size=1280,4000", report_html.as_uri())
     assert shot.is_file(), proc.stderr[-2000:]
     from PIL import Image
 

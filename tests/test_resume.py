@@ -4,7 +4,6 @@ the same command, and compare with an uninterrupted run: identical losses, bit f
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -15,7 +14,7 @@ import pytest
 
 from convscale.train.metrics import read_metrics
 
-REPO = Path(__file__).resolve().parents[1]
+from support import REPO, env
 STEPS = 80
 
 
@@ -25,11 +24,6 @@ def command(run_dir: Path) -> list[str]:
             "--data", "digits", "--resolution", "16", "--batch-size", "32", "--steps", str(STEPS), "--lr", "0.2",
             "--agc-exempt-scalar-gains", "--threads", "1", "--quiet", "--set", "checkpoint_every_steps=10",
             "--set", "checkpoint_every_seconds=0", "--set", "log_every_steps=5", "--set", "eval_every_steps=40"]
-
-
-def env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-            "OMP_NUM_THREADS": "1"}
 
 
 def test_sigkill_then_resume_is_bit_identical(tmp_path):
