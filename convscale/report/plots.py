@@ -18,7 +18,7 @@ from matplotlib.lines import Line2D
 
 from convscale.report.hardware import Hardware
 from convscale.report.inputs import SweepInputs
-from convscale.report.laws import LawCurve
+from convscale.report.curves import LawCurve
 
 FAMILY_COLORS = {"nfnet": "#1f5fa8", "vit": "#c8432b"}
 OTHER_COLORS = ("#2a9d5b", "#8e44ad", "#b8860b", "#555555")

@@ -7,7 +7,7 @@ training resolution ``data.resolution``, doubled with SAM (``sam_rho > 0``: two 
 passes per step); ``TrainConfig.train_flops_per_image`` is that per-image cost, charged by both the
 training loop and the sweep planner. An epoch counts image SLOTS: with repeated augmentation (``aug_repeats = k``)
 a run of E epochs takes the same steps and compute as without, but sees each distinct image only
-about E / k times (paper.md A.6: fewer passes, same compute).
+about E / k times (Smith et al. 2023, §3: fewer passes, same compute).
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ RUNTIME_ONLY_DATA_FIELDS = frozenset({"workers"})
 
 @dataclass
 class TrainConfig:
-    """One pre-training run. Defaults are the NFNet reference recipe where one exists (paper.md B.7/B.8)."""
+    """One pre-training run. Defaults are the NFNet reference recipe where one exists (Brock et al. 2021, §4, §6.1 and App. A)."""
 
     run_dir: str = "runs/default"
     model: str = "nfnet-tiny"

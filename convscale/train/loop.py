@@ -54,7 +54,8 @@ from convscale.train.distributed import (
 )
 from convscale.train.config import TrainConfig, budget_to_steps, resolve_warmup_steps
 from convscale.train.evaluate import autocast, heldout_sums, means, training_loss
-from convscale.train.finetune import RepeatedAugmentSource, find_pretrained, load_pretrained_weights
+from convscale.data.repeated import RepeatedAugmentSource
+from convscale.train.finetune import find_pretrained, load_pretrained_weights
 from convscale.train.memory import enable_activation_checkpointing, peak_memory_bytes, physical_memory_bytes
 from convscale.train.metrics import MetricsWriter, Progress
 from convscale.train.precision import resolve_precision
