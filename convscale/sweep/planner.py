@@ -1,4 +1,4 @@
-"""Turn a study into cells: one training run per (model, budget, learning rate).
+"""Turn a study into cells: one training run per (model, budget, learning rate, seed).
 
 Each cell's length comes from ``convscale.train.config.budget_to_steps`` (the one budget -> steps
 conversion the trainer also uses) and its training FLOPs per image from
@@ -11,6 +11,7 @@ its training FLOPs are within half a batch of the budget.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -47,6 +48,7 @@ class Cell:
     params_without_head: Optional[int] = None  # params minus the classifier head's (count_params)
     eval_resolution: Optional[int] = None  # px of the held-out evaluation (TrainConfig.eval_resolution)
     precision: Optional[str] = None  # bf16 | fp32, "auto" resolved when the study was planned
+    seed: Optional[int] = None  # TrainConfig.seed of the run; None: the family's base seed (plans before seeds)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -93,9 +95,13 @@ def _fmt_budget(kind: str, value: float) -> str:
     return f"I{int(value)}"
 
 
-def make_cell_id(model: str, budget_kind: str, budget: float, lr: float, family: Optional[str] = None) -> str:
-    """Stable, file-system-safe id, e.g. ``nfnet-w0.0625-d1.1.1__C1e+12__lr0.2``."""
+def make_cell_id(model: str, budget_kind: str, budget: float, lr: float, family: Optional[str] = None,
+                 seed_index: Optional[int] = None) -> str:
+    """Stable, file-system-safe id, e.g. ``nfnet-w0.0625-d1.1.1__C1e+12__lr0.2``; with several seeds
+    per cell, ``__s0``, ``__s1``, ... follow (a one-seed study keeps the ids of plans before seeds)."""
     cid = f"{model}__{_fmt_budget(budget_kind, budget)}__lr{lr:g}"
+    if seed_index is not None:
+        cid = f"{cid}__s{seed_index}"
     return f"{cid}__{family}" if family else cid
 
 
@@ -124,6 +130,8 @@ def cell_train_config(study: StudyConfig, cell: Cell, run_dir: str, data_path: O
     # quiet: one line per evaluation instead of a progress bar, since the output goes to a log file
     if cell.precision is not None:  # as planned (an "auto" study keeps the plan machine's choice)
         cfg = cfg.replace(precision=cell.precision)
+    if cell.seed is not None:
+        cfg = cfg.replace(seed=cell.seed)
     return cfg.replace(run_dir=str(run_dir), model=cell.model, lr=cell.lr, quiet=True,
                        **{cell.budget_kind: cell.budget})
 
@@ -189,10 +197,11 @@ def plan_study(study: StudyConfig) -> Plan:
                 steps = budget_to_steps(budget_cfg, tfpi, num_train_images)
                 images = steps * base.batch_size
                 train_flops = float(tfpi * images)
-                for lr in fam.learning_rates():
+                n_seeds = study.seeds_of(fam)
+                for lr, s in itertools.product(fam.learning_rates(), range(n_seeds)):
                     cells.append(
                         Cell(
-                            cell_id=make_cell_id(mcfg.name, kind, budget, lr, tag),
+                            cell_id=make_cell_id(mcfg.name, kind, budget, lr, tag, s if n_seeds > 1 else None),
                             study=study.name,
                             family=fam.name,
                             model=mcfg.name,
@@ -212,6 +221,7 @@ def plan_study(study: StudyConfig) -> Plan:
                             params_without_head=params_without_head,
                             eval_resolution=base.eval_resolution or resolution,
                             precision=base.precision,
+                            seed=base.seed + s,
                         )
                     )
     for budget in budgets:
@@ -229,7 +239,7 @@ def plan_study(study: StudyConfig) -> Plan:
     if len(set(ids)) != len(ids):  # only when one family names a model twice (e.g. by an alias)
         dup = sorted({i for i in ids if ids.count(i) > 1})[0]
         raise UserError(f"cell {dup} is planned twice: a family lists the same model twice; list it once")
-    cells.sort(key=lambda c: (c.budget, c.family, c.flops_per_image, c.model, c.lr))
+    cells.sort(key=lambda c: (c.budget, c.family, c.flops_per_image, c.model, c.lr, c.seed))
     return Plan(study=study, cells=cells, skipped=skipped, epoch_images=epoch_images)
 
 

@@ -10,7 +10,9 @@ or CPU cores), loss / top1 / top5 (final held-out; top-k as fractions), status
 steps, device_kind, peak_memory_gb, error (last stderr line of a failed cell), chance_loss
 (ln(classes): the held-out loss of a model that learned nothing), precision (bf16 | fp32 as
 planned), eval_resolution (px of the
-held-out images behind loss / top1 / top5; empty for sweeps planned before it existed).
+held-out images behind loss / top1 / top5; empty for sweeps planned before it existed), seed
+(TrainConfig.seed of the run: a study with ``seeds = N`` has N rows per (model, budget, lr);
+empty for sweeps planned before seeds).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ COLUMNS = (
     "loss", "top1", "top5", "status", "run_dir",
 )
 EXTRA_COLUMNS = ("cell_id", "optimizer", "budget_kind", "budget", "steps", "device_kind", "peak_memory_gb", "error",
-                 "chance_loss", "eval_resolution", "precision")
+                 "chance_loss", "eval_resolution", "precision", "seed")
 STATUSES = ("done", "diverged", "failed", "pending")
 
 
@@ -87,9 +89,10 @@ def collect(root: str | Path):
             "chance_loss": _num(res.get("chance_loss")) if finished else math.nan,
             "eval_resolution": c.eval_resolution if c.eval_resolution is not None else pd.NA,
             "precision": c.precision or "",
+            "seed": c.seed if c.seed is not None else pd.NA,
         })
     df = pd.DataFrame(rows, columns=[*COLUMNS, *EXTRA_COLUMNS])
-    for col in ("images_seen", "params_without_head", "eval_resolution"):  # integers that may be missing
+    for col in ("images_seen", "params_without_head", "eval_resolution", "seed"):  # integers that may be missing
         df[col] = df[col].astype("Int64")
     return df
 

@@ -17,11 +17,17 @@ Study file (every table and field is checked; an unknown one is a ``UserError`` 
     lr_center = 0.2                     # grid = lr_center x lr_factors ...
     lr_factors = [0.5, 1, 2]
     # lrs = [0.1, 0.2]                  # ... or explicit learning rates
+    # seeds = 3                         # optional: this family's seeds per cell (else the study's)
     [family.train]                      # optional TrainConfig overrides for this family only
     agc_exempt_scalar_gains = true
     [budgets]                           # exactly one of train_flops / epochs / images
     train_flops = [1e11, 3e11, 1e12]    # IsoFLOP: images = budget / (3 x forward FLOPs per image, x2 with SAM)
     max_epochs = 100                    # optional: leave out cells that would need more epochs
+
+A top-level ``seeds = N`` (default 1; a family's own ``seeds`` wins) trains every (model, budget,
+lr) cell N times, with TrainConfig ``seed`` = the study's seed + 0 .. N-1: the model's
+initialisation and the training randomness change, the data stream and held-out set do not, so the
+seeds measure the run-to-run noise the fits resample (scaling/design.py).
 
 A top-level ``share_procedural_data = true`` makes `sweep run` generate the procedural training
 stream once (as many images as the longest cell needs) and point every cell's ``data.path`` at it.
@@ -63,6 +69,7 @@ class FamilySpec:
     lr_factors: tuple[float, ...] = (0.5, 1.0, 2.0)
     lrs: Optional[tuple[float, ...]] = None
     train: dict[str, Any] = field(default_factory=dict)  # TrainConfig overrides for this family
+    seeds: Optional[int] = None  # runs per cell, each with its own seed; None: the study's ``seeds``
 
     def learning_rates(self) -> list[float]:
         """The family's learning-rate grid, smallest first, without duplicates."""
@@ -105,6 +112,11 @@ class StudyConfig:
     #: procedural data only: generate the training stream once into SWEEP_DIR/data and let every
     #: cell read it (same images by construction; saves regenerating them in each of many cells)
     share_procedural_data: bool = False
+    seeds: int = 1  # runs per (model, budget, lr) cell, seeds 0..seeds-1 added to TrainConfig.seed
+
+    def seeds_of(self, family: FamilySpec) -> int:
+        """Runs per cell of ``family``: its own ``seeds`` if given, else the study's."""
+        return family.seeds if family.seeds is not None else self.seeds
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -225,8 +237,19 @@ def _parse_family(d: Any, i: int) -> FamilySpec:
         lr_factors=_numbers(d.get("lr_factors", [0.5, 1.0, 2.0]), f"{where} lr_factors"),
         lrs=_numbers(d["lrs"], f"{where} lrs") if has_lrs else None,
         train=_check_train_overrides(d.get("train", {}), f"{where} train"),
+        seeds=_seeds(d["seeds"], f"{where} seeds") if "seeds" in d else None,
     )
     return spec
+
+
+#: more runs per cell than any study needs to see its noise; past it a typo would plan thousands of runs
+MAX_SEEDS = 100
+
+
+def _seeds(v: Any, where: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= MAX_SEEDS:
+        raise UserError(f"{where} must be a whole number of runs per cell from 1 to {MAX_SEEDS}, got {v!r}")
+    return v
 
 
 def _parse_budgets(d: Any) -> Budgets:
@@ -256,7 +279,7 @@ def _parse_budgets(d: Any) -> Budgets:
 
 def parse_study(raw: dict[str, Any], where: str = "study") -> StudyConfig:
     """Validate a parsed study (TOML or JSON) and build the typed config."""
-    top = ("name", "data", "train", "family", "families", "budgets", "share_procedural_data")
+    top = ("name", "data", "train", "family", "families", "budgets", "share_procedural_data", "seeds")
     _check_keys(raw, top, where)
     name = raw.get("name")
     if not isinstance(name, str) or not _SAFE_NAME.match(name):
@@ -281,8 +304,9 @@ def parse_study(raw: dict[str, Any], where: str = "study") -> StudyConfig:
     share = raw.get("share_procedural_data", False)
     if not isinstance(share, bool):
         raise UserError(f"{where}: share_procedural_data must be true or false, got {share!r}")
+    seeds = _seeds(raw["seeds"], f"{where} seeds") if raw.get("seeds") is not None else 1
     study = StudyConfig(name=name, data=data, families=families, budgets=budgets, train=train,
-                        share_procedural_data=share)
+                        share_procedural_data=share, seeds=seeds)
     _check_types(study)
     return study
 
