@@ -153,6 +153,7 @@ def test_compare_takes_any_number_of_families(three_family_sweep):
     assert "nfnet vs convnext at matched compute" in format_comparisons(cmps)
 
 
+@pytest.mark.slow  # over ~2 s on a loaded 2-core machine: not in the quick loop
 def test_report_has_a_section_per_pair(three_family_sweep):
     from convscale.report import build_report
 

@@ -329,6 +329,7 @@ def test_shared_procedural_stream_is_generated_once_and_used_by_every_cell(tmp_p
     assert (sweep.data_path / "meta.json").stat().st_mtime_ns == stamp
 
 
+@pytest.mark.slow  # over ~2 s on a loaded 2-core machine: not in the quick loop
 def test_submitit_local_executor_runs_cells(fake):
     sweep, ids, cmd, behave, calls = fake
     behave(**{ids[1]: "crash"})
