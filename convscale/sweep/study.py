@@ -10,6 +10,8 @@ Study file (every table and field is checked; an unknown one is a ``UserError`` 
     [train]                             # TrainConfig defaults for every cell
     batch_size = 128
     precision = "auto"                  # bf16 where the device has it natively, else fp32
+    schedule = "wsd"                    # optional: cosine (default) | linear | rsqrt | wsd
+    schedule_options = {cooldown_fraction = 0.2}  # that schedule's options (train/schedules/)
     [[family]]
     name = "nfnet"
     models = ["nfnet-w0.0625-d1.1.1", "nfnet-w0.125-d1.1.1"]

@@ -22,6 +22,7 @@ from typing import Any, Optional
 
 from convscale.data.config import DataConfig
 from convscale.errors import UserError
+from convscale.train.schedules import Schedule, schedule_config
 
 #: Images in one "epoch" of an unlimited stream (procedural data): ImageNet-1k's training set
 #: size, so that "0.25 epochs" means the same number of images as in the papers' ImageNet terms.
@@ -68,6 +69,8 @@ class TrainConfig:
     lr: float = 0.1  # peak learning rate
     warmup_fraction: float = 0.05  # linear warm-up over this share of the steps ...
     warmup_steps: Optional[int] = None  # ... or over exactly this many steps (wins when set)
+    schedule: str = "cosine"  # after warm-up: "cosine" (the paper's) | "linear" | "rsqrt" | "wsd" (train/schedules/)
+    schedule_options: dict[str, Any] = field(default_factory=dict)  # that schedule's options, e.g. cooldown_fraction
     momentum: float = 0.9  # SGD: Nesterov momentum; AdamW: beta1
     beta2: float = 0.999  # AdamW only
     weight_decay: float = 2e-5  # SGD: coupled L2; AdamW: decoupled (torch convention, x lr)
@@ -188,6 +191,9 @@ class TrainConfig:
             raise UserError(f"warmup_fraction must be in [0, 1), not {self.warmup_fraction}")
         if self.lr <= 0:
             raise UserError(f"lr must be positive, not {self.lr}")
+        options = schedule_config(self.schedule, self.schedule_options)
+        check_field_types(options, "schedule_options.")
+        options.validate()
         if self.parallel not in PARALLEL_MODES:
             raise UserError(f"parallel must be one of {list(PARALLEL_MODES)}, not {self.parallel!r}")
         if self.sam_rho < 0:
@@ -282,6 +288,22 @@ def resolve_warmup_steps(cfg: TrainConfig, total_steps: int) -> int:
     return int(round(cfg.warmup_fraction * total_steps))
 
 
+def build_schedule(cfg: TrainConfig, total_steps: int) -> Schedule:
+    """The run's learning-rate schedule over ``total_steps`` updates (warm-up included)."""
+    options = schedule_config(cfg.schedule, cfg.schedule_options)
+    return options.build(total_steps, resolve_warmup_steps(cfg, total_steps), cfg.lr)
+
+
+def cooldown_start_step(cfg: TrainConfig, total_steps: int) -> int:
+    """First update of the cooldown of a run of ``total_steps`` updates (``wsd``, or ``rsqrt``
+    with a cooldown): a run stopped here is the trunk its cooldown branches start from."""
+    start = build_schedule(cfg, total_steps).cooldown_start_step
+    if start is None:
+        raise UserError(f"schedule {cfg.schedule!r} has no cooldown; use schedule=wsd (or rsqrt with "
+                        f"schedule_options.cooldown_fraction > 0)")
+    return start
+
+
 # ---------------------------------------------------------------------------------------------
 # "key=value" overrides (CLI --set and config files share them)
 
@@ -325,27 +347,33 @@ def _parse_json_or_str(text: str) -> Any:
 
 
 def apply_overrides(cfg: TrainConfig, overrides: dict[str, Any]) -> TrainConfig:
-    """Set fields by dotted name: ``lr``, ``data.resolution``, ``model_overrides.width``.
+    """Set fields by dotted name: ``lr``, ``data.resolution``, ``model_overrides.width``,
+    ``schedule_options.cooldown_fraction``.
 
     String values (from the command line) are converted to each field's type.
     """
     top: dict[str, Any] = {}
     data_kw: dict[str, Any] = {}
-    model_kw = dict(cfg.model_overrides)
+    tables = {"model_overrides": dict(cfg.model_overrides), "schedule_options": dict(cfg.schedule_options)}
     hints = typing.get_type_hints(TrainConfig)
     data_hints = typing.get_type_hints(DataConfig)
-    for key, value in overrides.items():
+    for key, value in sorted(overrides.items(), key=lambda kv: "." in kv[0]):  # whole tables before dotted keys
         head, _, rest = key.partition(".")
         if head == "data" and rest:
             if rest not in data_hints:
                 raise UserError(f"unknown data field {rest!r} in {key!r}; valid: {sorted(data_hints)}")
             data_kw[rest] = _coerce(value, data_hints[rest], key)
-        elif head == "model_overrides" and rest:
-            model_kw[rest] = _parse_json_or_str(value) if isinstance(value, str) else value
-        elif head in hints and not rest and head not in ("data", "model_overrides"):
+        elif head in tables:
+            value = _parse_json_or_str(value) if isinstance(value, str) else value
+            if rest:
+                tables[head][rest] = value
+            elif isinstance(value, dict):  # a whole table (a study's [train]) replaces the one before
+                tables[head] = dict(value)
+            else:
+                raise UserError(f"{key} must be a table of fields, not {value!r}")
+        elif head in hints and not rest and head != "data":
             top[head] = _coerce(value, hints[head], key)
         else:
-            raise UserError(
-                f"unknown field {key!r}; use a TrainConfig field, data.<field> or model_overrides.<field>"
-            )
-    return dataclasses.replace(cfg, data=cfg.data.replace(**data_kw), model_overrides=model_kw, **top)
+            raise UserError(f"unknown field {key!r}; use a TrainConfig field, data.<field>, "
+                            f"model_overrides.<field> or schedule_options.<field>")
+    return dataclasses.replace(cfg, data=cfg.data.replace(**data_kw), **tables, **top)

@@ -52,7 +52,7 @@ from convscale.train.distributed import (
     world_size,
     wrap_model,
 )
-from convscale.train.config import TrainConfig, budget_to_steps, resolve_warmup_steps
+from convscale.train.config import TrainConfig, budget_to_steps, build_schedule
 from convscale.train.evaluate import autocast, heldout_sums, means, training_loss
 from convscale.data.repeated import RepeatedAugmentSource
 from convscale.train.finetune import find_pretrained, load_pretrained_weights
@@ -62,7 +62,6 @@ from convscale.train.precision import resolve_precision
 from convscale.train.rundir import RESULT_FILE, lock_run_dir, prepare_run_dir, read_run_json
 from convscale.train.optim import build_optimizer, clip_global_norm_, set_lr
 from convscale.train.sam import sam_ascend_, sam_restore_
-from convscale.train.schedule import lr_at
 
 EXIT_DIVERGED = 3  # `convscale train` exit code of a run that diverged (0 done, 2 user error)
 def _precision_for(cfg: TrainConfig, run_dir: Path, device_type: str, restart: bool) -> str:
@@ -169,20 +168,22 @@ def _run(cfg: TrainConfig, restart: bool, source: Optional[DataSource], locks: l
     sam_passes = cfg.passes_per_step  # SAM: two forward-backward passes per step
     flops_per_image = cfg.train_flops_per_image(model_cfg.forward_flops(cfg.data.resolution))
     steps = budget_to_steps(cfg, flops_per_image, source.num_train_images)
-    warmup_steps = resolve_warmup_steps(cfg, steps)
+    schedule = build_schedule(cfg, steps)
     eval_batch_size = cfg.resolved_eval_batch_size()
     resolved = {
         "train": cfg.to_dict(),
         "model": config_to_dict(model_cfg),
         "model_name": model_cfg.name,
         "steps": steps,
-        "warmup_steps": warmup_steps,
+        "warmup_steps": schedule.warmup_steps,
         "flops_per_image": flops_per_image,  # training FLOPs per image (3 x forward, x2 with SAM)
         "train_flops": flops_per_image * cfg.batch_size * steps,
         "num_classes": source.num_classes,
         "num_train_images": source.num_train_images,
         "convscale_version": __version__,
     }
+    if schedule.cooldown_start_step is not None:  # where cooldown branches would start (absent for cosine)
+        resolved["cooldown_start_step"] = schedule.cooldown_start_step
     if pretrained is not None:
         resolved["init_from"] = pretrained.record()
     progress = Progress(steps, cfg.quiet, stream=None if is_main_process() else io.StringIO())
@@ -266,7 +267,7 @@ def _run(cfg: TrainConfig, restart: bool, source: Optional[DataSource], locks: l
         images, labels = next(batches)  # this rank's share of global batch k, on the device
         if is_distributed():  # every rank its own dropout / drop-path masks, a function of the step
             torch.manual_seed(rank_seed(cfg.seed, rank(), step))
-        lr = lr_at(step, steps, warmup_steps, cfg.lr)
+        lr = schedule.lr(step)
         set_lr(optimizer, lr)
         for passes in range(sam_passes):  # SAM (sam.py): the same micro-batches again at w + eps
             if passes == 1:
