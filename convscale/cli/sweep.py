@@ -97,9 +97,41 @@ def _print_table(header: list[str], rows: list[list[str]], right_from: int = 2) 
         print(fmt(r))
 
 
+def _both_plans(study, plan) -> str:
+    """Training compute of the study as one run per budget and as cooldown branches, side by side
+    (the other of the two planned here with the study's schedule, or WSD's default 20 % 1-sqrt
+    cooldown where its schedule has none)."""
+    import dataclasses
+
+    from convscale.sweep.planner import plan_cost, plan_study
+    from convscale.train.config import TrainConfig, apply_overrides, build_schedule
+
+    other = dataclasses.replace(study, cooldown_branches=not study.cooldown_branches)
+    if other.cooldown_branches:
+        has_cooldown = all(
+            build_schedule(apply_overrides(TrainConfig(data=study.data), {
+                k: v for k, v in {**study.train, **f.train}.items() if k != "model_overrides"}), 1000
+            ).cooldown_start_step is not None for f in study.families)
+        if not has_cooldown:
+            other = dataclasses.replace(other, train={**study.train, "schedule": "wsd", "schedule_options": {}},
+                                        families=tuple(dataclasses.replace(f, train={
+                                            k: v for k, v in f.train.items() if k not in ("schedule", "schedule_options")})
+                                            for f in study.families))
+    try:
+        alt = plan_cost(plan_study(other))
+    except UserError as e:
+        return f"the {'cooldown-branch' if other.cooldown_branches else 'one-run-per-budget'} plan: {e}"
+    mine = plan_cost(plan)
+    per_budget, branched = (alt, mine) if study.cooldown_branches else (mine, alt)
+    return (f"compute: one run per budget {per_budget.spent_flops:.3e} FLOPs; cooldown branches "
+            f"{branched.spent_flops:.3e} FLOPs ({branched.spent_flops / per_budget.spent_flops:.2f}x) for the same "
+            f"{mine.represented_flops:.3e} FLOPs of budget runs; this study plans "
+            f"{'cooldown branches' if study.cooldown_branches else 'one run per budget'}")
+
+
 def cmd_plan(args) -> int:
     from convscale.sweep import probe as probe_mod
-    from convscale.sweep.planner import base_train_config, data_facts, plan_study
+    from convscale.sweep.planner import base_train_config, data_facts, plan_cost, plan_study
     from convscale.sweep.study import load_study
     from convscale.sweep.sweepdir import SweepDir
 
@@ -136,8 +168,9 @@ def cmd_plan(args) -> int:
 
         startup = probe_mod.probe_startup(cell_train_config(study, plan.cells[0], "probe"), threads)
         for c in plan.cells:
+            own_images = c.images * c.own_flops / c.train_flops  # a branch trains its cooldown only
             seconds[c.cell_id] = probe_mod.estimate_cell_seconds(
-                c.images, probes[(c.family, c.model)].images_per_second, data_ips, startup)
+                own_images, probes[(c.family, c.model)].images_per_second, data_ips, startup)
 
     print(f"study {study.name}: {len(plan.cells)} cells, {study.budgets.kind} budgets "
           f"[{', '.join(f'{b:g}' for b in study.budgets.values)}], {study.data.kind} data at {study.data.resolution} px, "
@@ -148,8 +181,9 @@ def cmd_plan(args) -> int:
         header.append("est. time")
     rows = []
     for c in plan.cells:
+        budget = "trunk" if c.role == "trunk" else f"{c.budget:g}" + (f" from {c.start_step}" if c.role == "branch" else "")
         r = [c.family, c.model, f"{c.params / 1e6:.3f}M", f"{c.flops_per_image / 1e6:.3g}", str(c.images),
-             f"{c.epochs:.3g}", str(c.steps), f"{c.lr:g}", f"{c.train_flops:.3e}", f"{c.budget:g}",
+             f"{c.epochs:.3g}", str(c.steps), f"{c.lr:g}", f"{c.train_flops:.3e}", budget,
              f"{probe_mod.reference_device_hours(c.train_flops, 'h100', mfu):.3g}",
              f"{probe_mod.reference_device_hours(c.train_flops, 'tpu-v4-core', mfu):.3g}"]
         if seconds:
@@ -160,9 +194,11 @@ def cmd_plan(args) -> int:
         print("\nleft out (cannot meet the budget):")
         for s in plan.skipped:
             print(f"  {s.family} {s.model} at {study.budgets.kind}={s.budget:g}: {s.reason}")
-    total_flops = sum(c.train_flops for c in plan.cells)
-    print(f"\ntotal: {len(plan.cells)} cells, {total_flops:.3e} training FLOPs "
+    cost = plan_cost(plan)
+    total_flops = cost.spent_flops
+    print(f"\ntotal: {len(plan.cells)} cells, {total_flops:.3e} training FLOPs computed "
           f"(FLOPs = 2 x MACs; training = 3 x forward per image, x2 with SAM)")
+    print(_both_plans(study, plan))
     if probes:
         print(f"probe on this machine ({next(iter(probes.values())).device}, "
               f"{probe_mod.default_threads(args.jobs)} threads per job, {args.jobs} job(s) at once):")

@@ -16,6 +16,7 @@ import pandas as pd
 
 from convscale.errors import UserError
 from convscale.scaling import StudyFit, frontier, load_results, prepare_table, sweep_fit
+from convscale.scaling.table import without_trunks
 
 FINETUNE_DIR = "finetune"
 
@@ -185,7 +186,7 @@ def load_sweep(sweep_dir: str | Path, *, bootstrap: int = 1000, seed: int = 0) -
             f"(or `convscale sweep collect {root}`)"
         )
     results_path = next(root / n for n in ("results.parquet", "results.csv") if (root / n).is_file())
-    df = load_results(results_path)
+    df = without_trunks(load_results(results_path))  # a trunk is no budget's run: its branches are
     if len(df) == 0:
         raise UserError(f"{results_path} is empty; run `convscale sweep run STUDY.toml --dir {root}` first")
     for col in ("family", "model", "params", "status"):

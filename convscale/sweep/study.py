@@ -31,6 +31,13 @@ lr) cell N times, with TrainConfig ``seed`` = the study's seed + 0 .. N-1: the m
 initialisation and the training randomness change, the data stream and held-out set do not, so the
 seeds measure the run-to-run noise the fits resample (scaling/design.py).
 
+A top-level ``cooldown_branches = true`` (with a schedule that has a cooldown, e.g. ``schedule =
+"wsd"``) trains, per (model, lr, seed), one trunk at constant lr up to the cooldown start of its
+largest budget, and each budget as a branch from the trunk's checkpoint at that budget's own
+cooldown start (sweep/planner.py): the same runs as one per budget, for the trunk plus the
+cooldowns' compute. Warm-up is then a fixed number of steps for every budget (``warmup_steps``, or
+``warmup_fraction`` of the smallest budget's steps), so the branches share their prefix.
+
 A top-level ``share_procedural_data = true`` makes `sweep run` generate the procedural training
 stream once (as many images as the longest cell needs) and point every cell's ``data.path`` at it.
 """
@@ -115,6 +122,8 @@ class StudyConfig:
     #: cell read it (same images by construction; saves regenerating them in each of many cells)
     share_procedural_data: bool = False
     seeds: int = 1  # runs per (model, budget, lr) cell, seeds 0..seeds-1 added to TrainConfig.seed
+    #: one constant-lr trunk per (model, lr, seed) and a cooldown branch per budget (see above)
+    cooldown_branches: bool = False
 
     def seeds_of(self, family: FamilySpec) -> int:
         """Runs per cell of ``family``: its own ``seeds`` if given, else the study's."""
@@ -281,7 +290,8 @@ def _parse_budgets(d: Any) -> Budgets:
 
 def parse_study(raw: dict[str, Any], where: str = "study") -> StudyConfig:
     """Validate a parsed study (TOML or JSON) and build the typed config."""
-    top = ("name", "data", "train", "family", "families", "budgets", "share_procedural_data", "seeds")
+    top = ("name", "data", "train", "family", "families", "budgets", "share_procedural_data", "seeds",
+           "cooldown_branches")
     _check_keys(raw, top, where)
     name = raw.get("name")
     if not isinstance(name, str) or not _SAFE_NAME.match(name):
@@ -307,8 +317,11 @@ def parse_study(raw: dict[str, Any], where: str = "study") -> StudyConfig:
     if not isinstance(share, bool):
         raise UserError(f"{where}: share_procedural_data must be true or false, got {share!r}")
     seeds = _seeds(raw["seeds"], f"{where} seeds") if raw.get("seeds") is not None else 1
+    branches = raw.get("cooldown_branches", False)
+    if not isinstance(branches, bool):
+        raise UserError(f"{where}: cooldown_branches must be true or false, got {branches!r}")
     study = StudyConfig(name=name, data=data, families=families, budgets=budgets, train=train,
-                        share_procedural_data=share, seeds=seeds)
+                        share_procedural_data=share, seeds=seeds, cooldown_branches=branches)
     _check_types(study)
     return study
 
@@ -330,3 +343,9 @@ def _check_types(study: StudyConfig) -> None:
             images=cfg.batch_size,
         )
         cfg.validate()
+        if study.cooldown_branches:
+            from convscale.train.config import build_schedule
+
+            if build_schedule(cfg, 1000).cooldown_start_step is None:
+                raise UserError(f"[[family]] {fam.name!r}: cooldown_branches needs a schedule with a cooldown; "
+                                f"set schedule = \"wsd\" in [train] (schedule {cfg.schedule!r} has none)")

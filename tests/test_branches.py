@@ -1,0 +1,85 @@
+"""Cooldown branches (study ``cooldown_branches = true``): one constant-lr trunk per (model, lr,
+seed) and a branch per budget from the trunk's checkpoint at the budget's own cooldown start."""
+
+from __future__ import annotations
+
+import pytest
+
+from convscale.errors import UserError
+from convscale.sweep import load_study, plan_study
+from convscale.sweep.planner import Plan, plan_cost
+from convscale.sweep.study import StudyConfig
+
+STUDY = """
+name = "b"
+{top}
+[data]
+kind = "procedural"
+resolution = 16
+num_classes = 10
+heldout_images = 64
+[train]
+batch_size = 32
+precision = "fp32"
+warmup_fraction = 0.05
+{train}
+[[family]]
+name = "vit"
+models = ["vit-tiny"]
+optimizer = "adamw"
+lrs = [0.002, 0.004]
+[budgets]
+images = [640, 1280, 2560]
+"""
+
+WSD = 'schedule = "wsd"\nschedule_options = {cooldown_fraction = 0.2, cooldown_shape = "linear"}'
+
+
+def study(tmp_path, top="cooldown_branches = true", train=WSD) -> StudyConfig:
+    p = tmp_path / "study.toml"
+    p.write_text(STUDY.format(top=top, train=train))
+    return load_study(p)
+
+
+def test_branch_plan_arithmetic(tmp_path):
+    s = study(tmp_path)
+    assert s.cooldown_branches and StudyConfig.from_json(s.to_json()) == s
+    plan = plan_study(s)
+    trunks = [c for c in plan.cells if c.role == "trunk"]
+    branches = [c for c in plan.cells if c.role == "branch"]
+    assert len(trunks) == 2 and len(branches) == 6 and plan.cells[:2] == trunks  # trunks first
+    t = next(c for c in trunks if c.lr == 0.004)
+    # budgets 640 / 1280 / 2560 images at batch 32: 20 / 40 / 80 steps, cooldowns of 4 / 8 / 16
+    assert t.cell_id.endswith("__trunk__lr0.004") and t.budget_flops is None
+    assert (t.steps, t.schedule_steps, t.branch_steps, t.warmup_steps) == (64, 80, (16, 32, 64), 1)
+    mine = sorted((c for c in branches if c.trunk_id == t.cell_id), key=lambda c: c.steps)
+    assert [(c.steps, c.start_step, c.warmup_steps) for c in mine] == [(20, 16, 1), (40, 32, 1), (80, 64, 1)]
+    per_step = t.train_flops / 64
+    assert [c.spent_flops for c in mine] == pytest.approx([4 * per_step, 8 * per_step, 16 * per_step])
+    assert mine[2].train_flops == pytest.approx(80 * per_step)  # the budget it represents
+    cost = plan_cost(plan)
+    assert cost.represented_flops == pytest.approx(2 * 140 * per_step)
+    assert cost.spent_flops == pytest.approx(2 * (64 + 28) * per_step) and cost.ratio == pytest.approx(92 / 140)
+    again = [type(t).from_dict(d) for d in __import__("json").loads(Plan(s, plan.cells).to_json())["cells"]]
+    assert again == plan.cells
+    # the same budget runs as the study without branches: ids, steps, compute
+    plain = plan_study(study(tmp_path, top=""))
+    assert {(c.cell_id, c.steps, c.train_flops) for c in plain.cells} == {
+        (c.cell_id, c.steps, c.train_flops) for c in branches}
+    assert plan_cost(plain).spent_flops == pytest.approx(cost.represented_flops)
+
+
+def test_branches_need_a_schedule_with_a_cooldown(tmp_path):
+    with pytest.raises(UserError, match='cooldown_branches needs a schedule with a cooldown; set schedule = "wsd"'):
+        study(tmp_path, train="")
+    with pytest.raises(UserError, match="cooldown_branches must be true or false"):
+        study(tmp_path, top="cooldown_branches = 1")
+
+
+def test_plan_command_prints_both_plans(tmp_path, cli):
+    p = tmp_path / "study.toml"
+    p.write_text(STUDY.format(top="", train=""))  # cosine: the branch plan is priced with WSD's default
+    rc, out, err = cli(["sweep", "plan", str(p), "--no-probe"])
+    assert rc == 0, err
+    line = next(x for x in out.splitlines() if x.startswith("compute: one run per budget"))
+    assert "cooldown branches" in line and "(0.6" in line and "this study plans one run per budget" in line
