@@ -26,7 +26,8 @@ from convscale.train.config import (
     resolve_warmup_steps,
 )
 from convscale.train.evaluate import evaluate
-from convscale.train.loop import EXIT_DIVERGED, run, update_ema
+from convscale.train.loop import EXIT_DIVERGED, run
+from convscale.train.trainee import update_ema
 from convscale.train.metrics import read_metrics
 from convscale.train.optim import SGDAGC, adaptive_grad_clip_, parameter_groups
 from convscale.train.schedules import lr_at
@@ -465,7 +466,7 @@ def test_sgd_agc_equals_torch_sgd_after_per_tensor_agc_in_float64():
 
 
 def test_channels_last_keeps_1x1_weights_in_the_layout_of_their_gradients():
-    from convscale.train.loop import to_channels_last
+    from convscale.train.trainee import to_channels_last
 
     model = to_channels_last(get_config("nfnet-tiny", num_classes=5).build())
     x = torch.randn(2, 3, 16, 16).contiguous(memory_format=torch.channels_last)
