@@ -83,3 +83,53 @@ def test_plan_command_prints_both_plans(tmp_path, cli):
     assert rc == 0, err
     line = next(x for x in out.splitlines() if x.startswith("compute: one run per budget"))
     assert "cooldown branches" in line and "(0.6" in line and "this study plans one run per budget" in line
+
+
+# ---------------------------------------------------------------------------------------------
+# the trainer half: a trunk stops at its cooldown start keeping its branch points; a branch
+# continues from there and equals the run of its length trained from scratch
+
+
+def _cfg(tmp_path, name, **kw):
+    from convscale.data.config import DataConfig
+    from convscale.train.config import TrainConfig
+
+    base = dict(run_dir=str(tmp_path / name), model="nfnet-tiny", data=DataConfig(resolution=16, num_classes=4),
+                batch_size=16, lr=0.2, agc_exempt_scalar_gains=True, log_every_steps=2, checkpoint_every_seconds=0,
+                threads=1, quiet=True, schedule="wsd", schedule_options={"cooldown_fraction": 0.25},
+                warmup_steps=2, eval_every_steps=4)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_a_branch_from_its_trunk_equals_the_run_from_scratch(tmp_path):
+    from convscale.train.checkpoint import list_checkpoints
+    from convscale.train.loop import run
+    from convscale.train.metrics import read_metrics
+
+    # budgets of 8 and 16 steps: cooldowns of 2 and 4 steps start at 6 and 12
+    trunk = run(_cfg(tmp_path, "trunk", steps=16, stop_at_step=12, keep_checkpoint_steps=[6, 12]))
+    assert trunk["status"] == "done" and trunk["steps"] == 12 and trunk["schedule_steps"] == 16
+    assert [int(p.name[5:]) for p in list_checkpoints(tmp_path / "trunk")] == [6, 12]  # rotation spared both
+    for steps in (8, 16):
+        scratch = run(_cfg(tmp_path, f"scratch{steps}", steps=steps))
+        branch = run(_cfg(tmp_path, f"branch{steps}", steps=steps, branch_from=str(tmp_path / "trunk")))
+        assert branch["heldout_loss"] == scratch["heldout_loss"] and branch["steps"] == steps
+        assert branch["train_flops"] == scratch["train_flops"]  # the budget the branch stands for
+        rows = [{k: v for k, v in r.items() if k not in ("wall_seconds", "images_per_second")}
+                for r in read_metrics(tmp_path / f"branch{steps}")]
+        same = [{k: v for k, v in r.items() if k not in ("wall_seconds", "images_per_second")}
+                for r in read_metrics(tmp_path / f"scratch{steps}")]
+        assert rows == same  # the trunk's rows up to the branch point, then the cooldown's
+
+
+def test_a_branch_refuses_another_trunk_or_a_missing_branch_point(tmp_path):
+    from convscale.train.loop import run
+
+    run(_cfg(tmp_path, "trunk", steps=16, stop_at_step=12, keep_checkpoint_steps=[12]))
+    with pytest.raises(UserError, match="the trunk differs from this run in lr"):
+        run(_cfg(tmp_path, "b1", steps=16, lr=0.1, branch_from=str(tmp_path / "trunk")))
+    with pytest.raises(UserError, match="no checkpoint at step 6 .*keep_checkpoint_steps including 6"):
+        run(_cfg(tmp_path, "b2", steps=8, branch_from=str(tmp_path / "trunk")))
+    with pytest.raises(UserError, match="no trunk run there"):
+        run(_cfg(tmp_path, "b3", steps=8, branch_from=str(tmp_path / "nothing")))

@@ -135,8 +135,10 @@ def save_checkpoint(
     state: dict[str, Any],
     ema_model: Optional[nn.Module] = None,
     keep: int = 1,
+    pinned: frozenset[int] = frozenset(),
 ) -> Path:
-    """Write checkpoint ``step`` atomically, then delete all but the newest ``keep`` checkpoints.
+    """Write checkpoint ``step`` atomically, then delete all but the newest ``keep`` checkpoints
+    and those of the ``pinned`` steps (a cooldown trunk's branch points).
 
     Distributed: call it on EVERY rank (FSDP2 gathers full tensors collectively); only rank 0
     writes, and returns the path (the others return it too, unwritten).
@@ -177,7 +179,8 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+        if checkpoint_step(old) not in pinned:
+            shutil.rmtree(old, ignore_errors=True)
     return final
 
 
@@ -196,13 +199,24 @@ def verify_checkpoint_file(path: Path) -> None:
         raise ValueError(f"{path.name} does not match its checksum in state.json")
 
 
+def checkpoint_step(path: Path) -> int:
+    """The step of checkpoint directory ``path``."""
+    return int(path.name[len(STEP_PREFIX):])
+
+
+def checkpoint_at(run_dir: str | os.PathLike, step: int) -> Optional[Path]:
+    """The complete checkpoint of ``run_dir`` at ``step``, or None."""
+    path = Path(run_dir) / CHECKPOINT_DIR / f"{STEP_PREFIX}{step:08d}"
+    return path if (path / "state.json").is_file() else None
+
+
 def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
     """Complete checkpoints, oldest first (temporary leftovers of a killed write are ignored)."""
     root = Path(run_dir) / CHECKPOINT_DIR
     if not root.is_dir():
         return []
     done = [d for d in root.iterdir() if d.name.startswith(STEP_PREFIX) and (d / "state.json").is_file()]
-    return sorted(done, key=lambda d: int(d.name[len(STEP_PREFIX):]))
+    return sorted(done, key=checkpoint_step)
 
 
 def remove_partial_checkpoints(run_dir: str | os.PathLike) -> None:

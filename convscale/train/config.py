@@ -109,6 +109,10 @@ class TrainConfig:
     sam_rho: float = 0.0  # SAM ascent radius; > 0 costs 2 forward-backward passes per step
     aug_repeats: int = 1  # repeated augmentation: each batch is batch_size/k images seen k times
     eval_resolution: Optional[int] = None  # held-out resolution in px; None = data.resolution
+    # cooldown branches (sweep/planner.py): a trunk trains its schedule's prefix, a branch its cooldown
+    stop_at_step: Optional[int] = None  # a trunk: stop after this many steps of the budget's schedule
+    keep_checkpoint_steps: list[int] = field(default_factory=list)  # checkpoints never rotated away
+    branch_from: Optional[str] = None  # a trunk's run dir: start from its checkpoint at this run's cooldown start
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -198,6 +202,12 @@ class TrainConfig:
             raise UserError(f"parallel must be one of {list(PARALLEL_MODES)}, not {self.parallel!r}")
         if self.sam_rho < 0:
             raise UserError(f"sam_rho must be >= 0 (0 turns SAM off), not {self.sam_rho}")
+        if self.stop_at_step is not None and self.stop_at_step < 1:
+            raise UserError(f"stop_at_step must be >= 1 (or unset), not {self.stop_at_step}")
+        if any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in self.keep_checkpoint_steps):
+            raise UserError(f"keep_checkpoint_steps must be whole step numbers >= 1, not {self.keep_checkpoint_steps}")
+        if self.branch_from is not None and build_schedule(self, 1000).cooldown_start_step is None:
+            raise UserError(f"branch_from needs a schedule with a cooldown (schedule=wsd), not {self.schedule!r}")
         if self.aug_repeats < 1 or self.batch_size % self.aug_repeats:
             raise UserError(
                 f"batch_size ({self.batch_size}) must be a multiple of aug_repeats ({self.aug_repeats} >= 1)"
@@ -320,6 +330,13 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         if annotation is float and isinstance(value, int):
             return float(value)
         return value
+    if typing.get_origin(annotation) is list:  # "[16, 32]" or "16,32"
+        text = value.strip()
+        items = _parse_json_or_str(text) if text.startswith("[") else [v for v in text.split(",") if v.strip()]
+        if not isinstance(items, list):
+            raise UserError(f"{key}={value!r} is not a list; write {key}=16,32")
+        (item_type,) = typing.get_args(annotation) or (str,)
+        return [_coerce(v if isinstance(v, str) else str(v), item_type, key) for v in items]
     try:
         if annotation is bool:
             if value.lower() in ("1", "true", "yes", "on"):

@@ -29,6 +29,7 @@ from convscale.errors import UserError
 from convscale.models import config_at_resolution, get_config
 from convscale.models.base import config_to_dict
 from convscale.train.checkpoint import (
+    atomic_write_bytes,
     atomic_write_json,
     is_main_process,
     list_checkpoints,
@@ -131,7 +132,7 @@ class RunPlan:
     source: DataSource
     eval_source: DataSource  # held-out images at eval_resolution (the training source if the same)
     model_cfg: Any
-    steps: int
+    steps: int  # the schedule's length
     schedule: Schedule
     flops_per_image: float  # training FLOPs per image (3 x forward, x2 with SAM)
     resolved: dict[str, Any]  # what config.json holds
@@ -140,6 +141,11 @@ class RunPlan:
     @property
     def pin_memory(self) -> bool:
         return self.device.type == "cuda"
+
+    @property
+    def end_step(self) -> int:
+        """Where training stops: the schedule's end, or a trunk's ``stop_at_step`` before it."""
+        return min(self.steps, self.cfg.stop_at_step or self.steps)
 
 
 def _check_machine(cfg: TrainConfig) -> None:
@@ -198,6 +204,8 @@ def _resolve(cfg: TrainConfig, restart: bool, source: Optional[DataSource]) -> R
     }
     if schedule.cooldown_start_step is not None:  # where cooldown branches would start (absent for cosine)
         resolved["cooldown_start_step"] = schedule.cooldown_start_step
+    if cfg.stop_at_step is not None:
+        resolved["stop_step"] = min(steps, cfg.stop_at_step)
     if pretrained is not None:
         resolved["init_from"] = pretrained.record()
     progress = Progress(steps, cfg.quiet, stream=None if is_main_process() else io.StringIO())
@@ -238,6 +246,8 @@ def _restore(plan: RunPlan, trainee: Trainee) -> LoopState:
     if checkpoints:
         state = load_checkpoint(checkpoints[-1], trainee.model, trainee.optimizer, trainee.ema_model)
         plan.progress.message(f"{plan.run_dir}: resuming from step {state['step']}/{plan.steps}")
+    elif plan.cfg.branch_from is not None:
+        state = _start_branch(plan, trainee)
     start_step = state["step"]
     metrics = MetricsWriter(plan.run_dir, start_step) if is_main_process() else None
     if plan.cfg.compile:
@@ -245,6 +255,66 @@ def _restore(plan: RunPlan, trainee: Trainee) -> LoopState:
     # a log row averages the steps since the last one, also when a resume falls between them
     loss_sum = torch.tensor(float(state.get("loss_sum_since_log", 0.0)), device=plan.device)
     return LoopState(state, start_step, metrics, loss_sum, int(state.get("steps_since_log", 0)))
+
+
+#: TrainConfig fields in which a cooldown branch may differ from its trunk (besides the runtime
+#: ones): its length, and what makes the trunk a trunk
+BRANCH_FREE_FIELDS = frozenset({"epochs", "steps", "images", "train_flops", "stop_at_step", "keep_checkpoint_steps",
+                                "branch_from"})
+
+
+def _start_branch(plan: RunPlan, trainee: Trainee) -> dict[str, Any]:
+    """A cooldown branch's first start: the trunk's checkpoint at this run's cooldown start, whose
+    steps are this run's own (same config but for length, same schedule before its cooldown)."""
+    from convscale.train.checkpoint import checkpoint_at
+    from convscale.train.config import RUNTIME_ONLY_FIELDS
+
+    cfg, start = plan.cfg, plan.schedule.cooldown_start_step
+    trunk = Path(str(cfg.branch_from))
+    stored = read_run_json(trunk / "config.json") if (trunk / "config.json").is_file() else None
+    if stored is None:
+        raise UserError(f"branch_from {trunk}: no trunk run there (no config.json); train the trunk first")
+    theirs, mine = stored.get("train", {}), cfg.to_dict()
+    differ = sorted(k for k in set(theirs) | set(mine)
+                    if k not in BRANCH_FREE_FIELDS | RUNTIME_ONLY_FIELDS and theirs.get(k) != mine.get(k))
+    if differ or stored.get("warmup_steps") != plan.schedule.warmup_steps:
+        what = ", ".join(differ) or f"warmup_steps {stored.get('warmup_steps')} vs {plan.schedule.warmup_steps}"
+        raise UserError(f"branch_from {trunk}: the trunk differs from this run in {what}; a branch continues "
+                        f"its own trunk only (give the same settings, or train without branch_from)")
+    trunk_cooldown = stored.get("cooldown_start_step")
+    if trunk_cooldown is None or trunk_cooldown < start:
+        raise UserError(f"branch_from {trunk}: the trunk cools down from step {trunk_cooldown}, before this run's "
+                        f"cooldown start {start}; branch from a trunk of at least this run's length")
+    path = checkpoint_at(trunk, start)
+    if path is None:
+        raise UserError(f"branch_from {trunk}: no checkpoint at step {start} (this run's cooldown start) yet; "
+                        f"let the trunk reach it, with keep_checkpoint_steps including {start}")
+    state = load_checkpoint(path, trainee.model, trainee.optimizer, trainee.ema_model)
+    state.pop("final_eval", None)  # the trunk's own end, not this run's
+    # this run's clock starts now: the trunk's time is the trunk's (its prefix FLOPs still count:
+    # a branch stands for the whole budget run)
+    state.update(wall_seconds=0.0, branch_start_step=start)
+    if is_main_process():
+        _copy_trunk_metrics(trunk, plan.run_dir, start)
+    plan.progress.message(f"{plan.run_dir}: branching from {trunk} at step {start}/{plan.steps}")
+    return state
+
+
+def _copy_trunk_metrics(trunk: Path, run_dir: Path, step: int) -> None:
+    """The trunk's metric rows up to ``step`` as the start of this branch's metrics.jsonl (its
+    curve is the whole run's); nothing if the branch has rows already."""
+    src, dst = trunk / "metrics.jsonl", run_dir / "metrics.jsonl"
+    if not src.is_file() or dst.exists():
+        return
+    rows = []
+    for line in src.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # a torn last line of a killed trunk
+            continue
+        if isinstance(row, dict) and int(row.get("step", 0)) <= step:
+            rows.append(line)
+    atomic_write_bytes(dst, "".join(r + "\n" for r in rows).encode())
 
 
 # ---- one training step ---------------------------------------------------------------------
@@ -321,7 +391,8 @@ def _evaluate(plan: RunPlan, trainee: Trainee) -> dict[str, Any]:
 def _checkpoint(plan: RunPlan, trainee: Trainee, loop: LoopState, done: int, **extra: Any) -> None:
     """Save the state after ``done`` steps (every rank: FSDP2 gathers collectively)."""
     save_checkpoint(plan.run_dir, done, trainee.model, trainee.optimizer,
-                    {**loop.state, **_position(plan, loop, done), **extra}, trainee.ema_model)
+                    {**loop.state, **_position(plan, loop, done), **extra}, trainee.ema_model,
+                    pinned=frozenset(plan.cfg.keep_checkpoint_steps))
 
 
 # ---- the loop -------------------------------------------------------------------------------
@@ -329,7 +400,8 @@ def _checkpoint(plan: RunPlan, trainee: Trainee, loop: LoopState, done: int, **e
 
 def _train(plan: RunPlan, trainee: Trainee, loop: LoopState) -> int:
     """Train from ``loop.start_step`` to the end of the budget (or divergence); returns the steps done."""
-    cfg, steps = plan.cfg, plan.steps
+    cfg, steps = plan.cfg, plan.end_step
+    keep = set(cfg.keep_checkpoint_steps)
     trainee.model.train()
     batches = DeviceFeed(plan.source.train_batches(cfg.batch_size, loop.start_step, plan.part, uint8=True,
                                                    pin_memory=plan.pin_memory),
@@ -353,7 +425,7 @@ def _train(plan: RunPlan, trainee: Trainee, loop: LoopState) -> int:
             ev = _evaluate(plan, trainee)
             _log(loop, {"kind": "eval", **_position(plan, loop, done), **ev})
             plan.progress.message(_eval_line(done, steps, ev))
-        due_steps = cfg.checkpoint_every_steps and done % cfg.checkpoint_every_steps == 0
+        due_steps = (cfg.checkpoint_every_steps and done % cfg.checkpoint_every_steps == 0) or done in keep
         if (due_steps or due_time) and done < steps:
             pending_loss = all_reduce_sum([float(loop.loss_sum)])[0] / world_size()  # every rank resumes with the mean
             _checkpoint(plan, trainee, loop, done, loss_sum_since_log=pending_loss,
@@ -387,7 +459,8 @@ def _finish(plan: RunPlan, trainee: Trainee, loop: LoopState, done: int) -> dict
         "model": plan.model_cfg.name,
         "params": sum(p.numel() for p in trainee.model.parameters()),
         "steps": done,
-        "planned_steps": plan.steps,
+        "planned_steps": plan.end_step,
+        "schedule_steps": plan.steps,
         "images_seen": done * cfg.batch_size,
         "flops_per_image": plan.flops_per_image,
         "forward_backward_passes_per_step": cfg.passes_per_step,
