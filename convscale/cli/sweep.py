@@ -33,7 +33,8 @@ def register(subparsers) -> None:
     run = sub.add_parser("run", help="run every unfinished cell (finished ones are skipped)")
     run.add_argument("study", help="study TOML file")
     run.add_argument("--dir", help="sweep directory (default sweeps/<study name>)")
-    run.add_argument("--executor", choices=["local", "slurm"], default="local")
+    run.add_argument("--executor", choices=["local", "slurm"], default="local",
+                     help="where cells run (convscale/sweep/executors: local = here, slurm = submitit array)")
     run.add_argument("--jobs", type=int, default=1, help="local: cells at once (one GPU each, or cores/N threads)")
     run.add_argument("--partition", help="slurm: partition")
     run.add_argument("--gpus-per-node", type=int, default=0, help="slurm: GPUs per cell")
@@ -202,15 +203,18 @@ def cmd_run(args) -> int:
                     sweep.state(c.cell_id) not in ("done", "diverged"):
                 print("  " + sweep.train_command_text(c.cell_id))
         return 0
-    slurm = None
-    if args.executor == "slurm":
-        slurm = dict(partition=args.partition, gpus_per_node=args.gpus_per_node,
-                     cpus_per_task=args.cpus_per_task, timeout_minutes=parse_minutes(args.time),
-                     cluster=args.cluster)
-    out = run_sweep(study, root, executor=args.executor, jobs=args.jobs, only=args.only, slurm=slurm)
+    out = run_sweep(study, root, executor=args.executor, only=args.only, options=executor_options(args))
     if out.failed:
         return 1
     return 130 if out.interrupted else 0
+
+
+def executor_options(args) -> dict:
+    """The chosen executor's Config fields from its flags."""
+    if args.executor == "slurm":
+        return dict(partition=args.partition, gpus_per_node=args.gpus_per_node, cpus_per_task=args.cpus_per_task,
+                    timeout_minutes=parse_minutes(args.time), cluster=args.cluster)
+    return dict(jobs=args.jobs)
 
 
 def cmd_collect(args) -> int:

@@ -41,17 +41,22 @@ def run_sweep(
     only: Sequence[str] = (),
     slurm: Optional[dict] = None,
     log: Callable[[str], None] = lambda s: print(s, flush=True),
+    options: Optional[dict] = None,
 ):
     """Run every unfinished cell of ``study`` under ``root``; finished cells (done or diverged) are
     skipped, crashed ones rerun (their runs resume). Returns a ``SweepOutcome`` and writes
-    ``results.parquet`` / ``results.csv``."""
-    from convscale.sweep.executors import LocalExecutor, SlurmExecutor
+    ``results.parquet`` / ``results.csv``.
+
+    ``executor``: a name in ``convscale.sweep.executors.EXECUTORS``; ``options``: its Config fields
+    (``jobs`` is the local executor's, ``slurm`` the slurm executor's options, as before)."""
+    from convscale.sweep.executors import build_executor
     from convscale.sweep.planner import plan_study
     from convscale.sweep.results import collect, write_results
     from convscale.sweep.sweepdir import SweepDir
 
-    if jobs < 1:
-        raise UserError(f"--jobs must be >= 1, got {jobs}")
+    if options is None:
+        options = {"jobs": jobs} if executor == "local" else dict(slurm or {})
+    runner = build_executor(executor, options)  # bad options are refused before anything is written
     plan = plan_study(study)
     sweep = SweepDir(root)
     sweep.prepare(plan)
@@ -70,10 +75,8 @@ def run_sweep(
         msg = f": {o.message}" if o.message else ""
         log(f"[{i}/{n}] {o.status:<11} {o.cell_id}{extra}{msg}")
 
-    if todo and executor == "local":
-        out.outcomes = LocalExecutor(jobs=jobs, on_outcome=report).run(sweep.root, todo)
-    elif todo:
-        out.outcomes = SlurmExecutor(**(slurm or {})).run(sweep.root, todo, on_outcome=report)
+    if todo:
+        out.outcomes = runner.run(sweep.root, todo, on_outcome=report)
     df = collect(sweep.root)
     out.results_path, _ = write_results(sweep.root, df)
     out.status_counts = df["status"].value_counts().to_dict()
