@@ -1,8 +1,9 @@
-"""`convscale sweep plan|run|collect`: compute-matched sweeps of a study (TOML) into a sweep directory.
+"""`convscale sweep plan|run|status|collect`: compute-matched sweeps of a study (TOML) into a sweep directory.
 
     convscale sweep plan studies/example.toml            # cells, FLOPs, measured time estimate
     convscale sweep run studies/example.toml --jobs 2    # run here (skips finished cells)
     convscale sweep run STUDY.toml --executor slurm --partition gpu --gpus-per-node 1 --time 4:00:00
+    convscale sweep status sweeps/example                # cells per state, FLOPs done, ETA, frontier
     convscale sweep collect sweeps/example               # results.parquet / results.csv
 """
 
@@ -12,13 +13,14 @@ import argparse
 import sys
 from pathlib import Path
 
+from convscale.cli import sweep_status
 from convscale.errors import UserError
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("sweep", help="plan, run and collect a compute-matched sweep (study TOML)",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="sweep_command", metavar="plan|run|collect")
+    sub = p.add_subparsers(dest="sweep_command", metavar="plan|run|status|collect")
 
     plan = sub.add_parser("plan", help="list the cells, their FLOPs and an estimate of the wall time")
     plan.add_argument("study", help="study TOML file")
@@ -46,6 +48,8 @@ def register(subparsers) -> None:
     run.add_argument("--dry-run", action="store_true",
                      help="write the sweep dir and print each cell's command, run nothing")
     run.set_defaults(func=cmd_run)
+
+    sweep_status.register(sub)
 
     col = sub.add_parser("collect", help="write results.parquet / results.csv of a sweep dir and print them")
     col.add_argument("dir", help="sweep directory")
@@ -81,14 +85,6 @@ def parse_minutes(text: str) -> int:
     return days * 1440 + minutes
 
 
-def _fmt_seconds(s: float) -> str:
-    if s < 120:
-        return f"{s:.0f} s"
-    if s < 7200:
-        return f"{s / 60:.1f} min"
-    return f"{s / 3600:.1f} h"
-
-
 def _print_table(header: list[str], rows: list[list[str]], right_from: int = 2) -> None:
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
     fmt = lambda r: "  ".join(c.ljust(w) if i < right_from else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
@@ -101,6 +97,7 @@ def _print_table(header: list[str], rows: list[list[str]], right_from: int = 2) 
 def cmd_plan(args) -> int:
     from convscale.sweep import probe as probe_mod
     from convscale.sweep.planner import base_train_config, data_facts, plan_study
+    from convscale.sweep.progress import format_seconds as _fmt_seconds
     from convscale.sweep.study import load_study
     from convscale.sweep.sweepdir import SweepDir
 

@@ -17,9 +17,10 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass
-from typing import Iterator, Literal, Optional, Protocol
+from typing import TYPE_CHECKING, Iterator, Literal, Optional, Protocol
 
-import torch
+if TYPE_CHECKING:  # type hints only: a config (and a sweep's status) loads no torch
+    import torch
 
 #: the whole batch: ``part=(index, count)`` with one part
 WHOLE: tuple[int, int] = (0, 1)
