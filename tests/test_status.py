@@ -4,6 +4,7 @@ read from a sweep folder with one cell in each state (support.make_status_sweep:
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import subprocess
 import sys
@@ -106,3 +107,34 @@ def test_file_names_match_the_trainers():
     from convscale.train.rundir import LOCK_FILE
 
     assert (RUN_LOCK_FILE, METRICS_FILE) == (LOCK_FILE, TRAIN_METRICS)
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+UNFINISHED = {"nfb__C4e12", "vta__C4e12", "vtb__C4e12", "nfa__C16e12"}
+
+
+def test_live_line_on_a_terminal_shows_the_status_eta(sweep):
+    pytest.importorskip("tqdm")
+    from convscale.sweep.live import LiveLine
+
+    term, logged = Terminal(), []
+    with LiveLine(sweep, UNFINISHED, workers=2, log=logged.append, stream=term, refresh_seconds=60) as line:
+        line.write("[1/4] done        nfb__C4e12")
+    text = term.getvalue()
+    # the cells this sweep runs: 26.5e12 FLOPs to go at the sweep's measured 1e10 FLOPs/s x 2 workers
+    assert "0/4 finished, 1 running, 1 failed, 1 locked | ETA 22.1 min (2 worker(s))" in text
+    assert "[1/4] done        nfb__C4e12\n" in text and "\r" in text and logged == []
+    assert "1.50T/28.0T FLOP" in text  # trained / planned FLOPs of those cells
+
+
+def test_live_line_elsewhere_is_the_plain_lines(sweep):
+    from convscale.sweep.live import LiveLine
+
+    stream, logged = io.StringIO(), []
+    with LiveLine(sweep, UNFINISHED, workers=2, log=logged.append, stream=stream) as line:
+        line.write("[1/4] done        nfb__C4e12")
+    assert logged == ["[1/4] done        nfb__C4e12"] and stream.getvalue() == ""

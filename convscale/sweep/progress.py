@@ -10,7 +10,8 @@ training FLOPs of every cell; done is what the runs trained so far: a finished c
 ``train_flops``, any other cell's last metrics.jsonl row. Remaining is planned minus done over the
 unfinished cells (a diverged cell stopped early and will not train more).
 
-ETA: the measured throughput of one worker is the FLOPs trained divided by the wall seconds spent
+ETA (`sweep status`, and the live line of `sweep run` over the cells it runs): the measured
+throughput of one worker is the FLOPs trained divided by the wall seconds spent
 training them, summed over the finished cells (result.json ``wall_seconds``) and the started ones
 (their last metrics.jsonl row), so it weighs each cell by its FLOPs; ETA = remaining FLOPs /
 (throughput x workers). It leaves out each cell's start-up (imports, data, first evaluation) and
@@ -106,12 +107,17 @@ class SweepProgress:
             return None
         return sum(c.done_flops for c in measured) / sum(c.wall_seconds for c in measured)
 
-    def eta_seconds(self, workers: int) -> Optional[float]:
-        """Seconds until every unfinished cell is trained by ``workers`` cells at once (None: not measured yet)."""
+    def eta_seconds(self, workers: int, flops_per_second: Optional[float] = None) -> Optional[float]:
+        """Seconds until every unfinished cell is trained by ``workers`` cells at once, at the
+        measured throughput or at ``flops_per_second`` per worker (None: nothing measured yet)."""
         if self.remaining_flops == 0:
             return 0.0
-        rate = self.flops_per_second
+        rate = flops_per_second or self.flops_per_second
         return None if rate is None else self.remaining_flops / (rate * max(1, workers))
+
+    def subset(self, cell_ids: set[str]) -> "SweepProgress":
+        """The progress of some of the cells (the ones a sweep invocation runs)."""
+        return SweepProgress(self.root, self.study, [c for c in self.cells if c.cell_id in cell_ids])
 
     def to_dict(self, workers: int) -> dict[str, Any]:
         return {"root": str(self.root), "study": self.study, "cells": len(self.cells), "counts": self.counts,

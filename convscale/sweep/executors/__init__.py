@@ -1,5 +1,6 @@
 """Where a sweep's cells run: a registry of executors, each one module with a ``Config`` dataclass
-(its options; JSON round-trips through ``executor_config``) and ``build(config, train_command,
+(its options, with ``parallel_cells``: how many cells run at once; JSON round-trips through
+``executor_config``) and ``build(config, train_command,
 on_outcome)``, whose result runs cells with ``run(root, cell_ids) -> list[CellOutcome]``.
 
     local   cells as subprocesses here, ``jobs`` at once            (local.py)

@@ -22,6 +22,11 @@ class Config:
     gpus: Optional[int] = None  # GPUs to spread the jobs over; None: every visible one
     threads: Optional[int] = None  # CPU threads per job; None: cpu_count // jobs
 
+    @property
+    def parallel_cells(self) -> int:
+        """Cells that run at once (the ETA's workers)."""
+        return self.jobs
+
 
 def build(config: Config, train_command: Optional[list[str]] = None,
           on_outcome: Optional[Callable[[CellOutcome, int, int], None]] = None) -> "LocalExecutor":

@@ -25,6 +25,11 @@ class Config:
     cluster: Optional[str] = None  # None: submitit's detection (slurm when sbatch exists); "local": here
     extra_parameters: dict = field(default_factory=dict)  # passed to submitit's update_parameters
 
+    @property
+    def parallel_cells(self) -> int:
+        """Cells that run at once at most (the ETA's workers; the queue may grant fewer)."""
+        return self.array_parallelism
+
 
 def build(config: Config, train_command: Optional[list[str]] = None,
           on_outcome: Optional[Callable[[CellOutcome, int, int], None]] = None) -> "SlurmExecutor":
