@@ -1,8 +1,9 @@
-"""`convscale sweep plan|run|collect`: compute-matched sweeps of a study (TOML) into a sweep directory.
+"""`convscale sweep plan|run|status|collect`: compute-matched sweeps of a study (TOML) into a sweep directory.
 
     convscale sweep plan studies/example.toml            # cells, FLOPs, measured time estimate
     convscale sweep run studies/example.toml --jobs 2    # run here (skips finished cells)
     convscale sweep run STUDY.toml --executor slurm --partition gpu --gpus-per-node 1 --time 4:00:00
+    convscale sweep status sweeps/example                # cells per state, FLOPs done, ETA, frontier
     convscale sweep collect sweeps/example               # results.parquet / results.csv
 """
 
@@ -12,13 +13,14 @@ import argparse
 import sys
 from pathlib import Path
 
+from convscale.cli import sweep_status
 from convscale.errors import UserError
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("sweep", help="plan, run and collect a compute-matched sweep (study TOML)",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="sweep_command", metavar="plan|run|collect")
+    sub = p.add_subparsers(dest="sweep_command", metavar="plan|run|status|collect")
 
     plan = sub.add_parser("plan", help="list the cells, their FLOPs and an estimate of the wall time")
     plan.add_argument("study", help="study TOML file")
@@ -33,7 +35,8 @@ def register(subparsers) -> None:
     run = sub.add_parser("run", help="run every unfinished cell (finished ones are skipped)")
     run.add_argument("study", help="study TOML file")
     run.add_argument("--dir", help="sweep directory (default sweeps/<study name>)")
-    run.add_argument("--executor", choices=["local", "slurm"], default="local")
+    run.add_argument("--executor", choices=["local", "slurm"], default="local",
+                     help="where cells run (convscale/sweep/executors: local = here, slurm = submitit array)")
     run.add_argument("--jobs", type=int, default=1, help="local: cells at once (one GPU each, or cores/N threads)")
     run.add_argument("--partition", help="slurm: partition")
     run.add_argument("--gpus-per-node", type=int, default=0, help="slurm: GPUs per cell")
@@ -45,6 +48,8 @@ def register(subparsers) -> None:
     run.add_argument("--dry-run", action="store_true",
                      help="write the sweep dir and print each cell's command, run nothing")
     run.set_defaults(func=cmd_run)
+
+    sweep_status.register(sub)
 
     col = sub.add_parser("collect", help="write results.parquet / results.csv of a sweep dir and print them")
     col.add_argument("dir", help="sweep directory")
@@ -78,14 +83,6 @@ def parse_minutes(text: str) -> int:
     if days * 1440 + minutes < 1:
         raise UserError("--time must be at least 1 minute")
     return days * 1440 + minutes
-
-
-def _fmt_seconds(s: float) -> str:
-    if s < 120:
-        return f"{s:.0f} s"
-    if s < 7200:
-        return f"{s / 60:.1f} min"
-    return f"{s / 3600:.1f} h"
 
 
 def _print_table(header: list[str], rows: list[list[str]], right_from: int = 2) -> None:
@@ -132,6 +129,7 @@ def _both_plans(study, plan) -> str:
 def cmd_plan(args) -> int:
     from convscale.sweep import probe as probe_mod
     from convscale.sweep.planner import base_train_config, data_facts, plan_cost, plan_study
+    from convscale.sweep.progress import format_seconds as _fmt_seconds
     from convscale.sweep.study import load_study
     from convscale.sweep.sweepdir import SweepDir
 
@@ -238,15 +236,18 @@ def cmd_run(args) -> int:
                     sweep.state(c.cell_id) not in ("done", "diverged"):
                 print("  " + sweep.train_command_text(c.cell_id))
         return 0
-    slurm = None
-    if args.executor == "slurm":
-        slurm = dict(partition=args.partition, gpus_per_node=args.gpus_per_node,
-                     cpus_per_task=args.cpus_per_task, timeout_minutes=parse_minutes(args.time),
-                     cluster=args.cluster)
-    out = run_sweep(study, root, executor=args.executor, jobs=args.jobs, only=args.only, slurm=slurm)
+    out = run_sweep(study, root, executor=args.executor, only=args.only, options=executor_options(args))
     if out.failed:
         return 1
     return 130 if out.interrupted else 0
+
+
+def executor_options(args) -> dict:
+    """The chosen executor's Config fields from its flags."""
+    if args.executor == "slurm":
+        return dict(partition=args.partition, gpus_per_node=args.gpus_per_node, cpus_per_task=args.cpus_per_task,
+                    timeout_minutes=parse_minutes(args.time), cluster=args.cluster)
+    return dict(jobs=args.jobs)
 
 
 def cmd_collect(args) -> int:

@@ -19,7 +19,7 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator, Literal, Optional, Protocol
 
-if TYPE_CHECKING:  # type hints only: the data contract itself needs no torch
+if TYPE_CHECKING:  # type hints only: a config (and a sweep's status) loads no torch
     import torch
 
 #: the whole batch: ``part=(index, count)`` with one part

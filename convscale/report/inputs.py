@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from convscale.errors import UserError
-from convscale.scaling import StudyFit, frontier, load_results, prepare_table, sweep_fit
+from convscale.scaling import StudyFit, frontiers_by_family, load_results, sweep_fit
 from convscale.scaling.table import without_trunks
 
 FINETUNE_DIR = "finetune"
@@ -164,8 +164,7 @@ def _load_or_fit(root: Path, bootstrap: int, seed: int):
 def _frontiers(fit: StudyFit | None, df: pd.DataFrame) -> dict[str, pd.DataFrame]:
     if fit is not None:
         return {name: pd.DataFrame(f.frontier) for name, f in fit.families.items()}
-    done = prepare_table(df).done
-    return {str(name): frontier(g.reset_index(drop=True))[0] for name, g in done.groupby("family", sort=True)}
+    return frontiers_by_family(df)
 
 
 def load_sweep(sweep_dir: str | Path, *, bootstrap: int = 1000, seed: int = 0) -> SweepInputs:

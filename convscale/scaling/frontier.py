@@ -152,6 +152,14 @@ def frontier(runs: pd.DataFrame, design: str | None = None) -> tuple[pd.DataFram
     return frontier_table(points, runs), frontier_method(design)
 
 
+def frontiers_by_family(results: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """The frontier rows of each family of a results table (its done runs; UserError if it has none)."""
+    from convscale.scaling.table import prepare_table
+
+    done = prepare_table(results).done
+    return {str(name): frontier(g.reset_index(drop=True))[0] for name, g in done.groupby("family", sort=True)}
+
+
 def frontier_records(rows: pd.DataFrame) -> list[dict]:
     """Frontier rows as JSON-able dicts (NaN -> None)."""
     from convscale.scaling.robust import json_clean
