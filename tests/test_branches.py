@@ -102,6 +102,7 @@ def _cfg(tmp_path, name, **kw):
     return TrainConfig(**base)
 
 
+@pytest.mark.slow  # over ~2 s on a loaded 2-core machine: not in the quick loop
 def test_a_branch_from_its_trunk_equals_the_run_from_scratch(tmp_path):
     from convscale.train.checkpoint import list_checkpoints
     from convscale.train.loop import run
@@ -123,6 +124,7 @@ def test_a_branch_from_its_trunk_equals_the_run_from_scratch(tmp_path):
         assert rows == same  # the trunk's rows up to the branch point, then the cooldown's
 
 
+@pytest.mark.slow  # over ~2 s on a loaded 2-core machine: not in the quick loop
 def test_a_branch_refuses_another_trunk_or_a_missing_branch_point(tmp_path):
     from convscale.train.loop import run
 
@@ -133,3 +135,86 @@ def test_a_branch_refuses_another_trunk_or_a_missing_branch_point(tmp_path):
         run(_cfg(tmp_path, "b2", steps=8, branch_from=str(tmp_path / "trunk")))
     with pytest.raises(UserError, match="no trunk run there"):
         run(_cfg(tmp_path, "b3", steps=8, branch_from=str(tmp_path / "nothing")))
+
+
+# ---------------------------------------------------------------------------------------------
+# the sweep: trunks first, branches once their trunk's checkpoint exists, resumable after kills
+
+SWEEP_STUDY = STUDY.format(top="cooldown_branches = true", train=(
+    'schedule = "wsd"\nschedule_options = {cooldown_fraction = 0.25}\n'
+    "checkpoint_every_seconds = 0\ncheckpoint_every_steps = 7\nlog_every_steps = 1\nbatch_size = 16"
+)).replace("batch_size = 32\n", "").replace("lrs = [0.002, 0.004]", "lrs = [0.004]").replace(
+    "images = [640, 1280, 2560]", "images = [320, 640]")
+
+
+def test_a_branch_waits_for_its_trunk_and_a_failed_trunk_blocks_it(tmp_path):
+    from convscale.sweep import SweepDir
+    from convscale.sweep.dependencies import BLOCKED, READY, WAIT, gate
+    from convscale.train.layout import checkpoint_dir
+
+    (tmp_path / "s.toml").write_text(SWEEP_STUDY)
+    plan = plan_study(load_study(tmp_path / "s.toml"))
+    sweep = SweepDir(tmp_path / "sweep")
+    sweep.prepare(plan)
+    trunk, short, long = plan.cells
+    assert (trunk.role, short.start_step, long.start_step) == ("trunk", 15, 30)
+    assert gate(sweep, trunk).state == READY
+    assert gate(sweep, short, [trunk.cell_id]).state == WAIT  # the trunk is still to run
+    assert gate(sweep, short).state == BLOCKED  # nobody will run it: say so, do not wait forever
+    (checkpoint_dir(sweep.run_dir(trunk.cell_id), 15)).mkdir(parents=True)
+    (checkpoint_dir(sweep.run_dir(trunk.cell_id), 15) / "state.json").write_text("{}")
+    assert gate(sweep, short).state == READY and gate(sweep, long, [trunk.cell_id]).state == WAIT
+
+
+@pytest.mark.slow  # training subprocesses, killed and resumed
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="children die with the sweep (Linux)")
+def test_a_killed_cooldown_sweep_resumes_and_runs_nothing_twice(tmp_path):
+    import json
+    import random
+    import signal
+    import subprocess
+    import time
+    from pathlib import Path
+
+    from support import REPO, convscale, env
+
+    from convscale.sweep import SweepDir, collect
+    from convscale.train.metrics import read_metrics
+
+    study = tmp_path / "s.toml"
+    study.write_text(SWEEP_STUDY)
+    root = tmp_path / "sweep"
+    cmd = convscale("sweep", "run", study, "--dir", root, "--jobs", "2")
+    rng = random.Random(16)
+    for sig in (signal.SIGKILL, signal.SIGTERM):
+        proc = subprocess.Popen(cmd, env=env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        time.sleep(rng.uniform(5.0, 9.0))
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=90)
+        assert "Traceback" not in err, err[-3000:]
+    time.sleep(1.0)  # a SIGKILLed sweep's children end at once, by their parent-death signal
+    final = subprocess.run(cmd, env=env(), cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert final.returncode == 0, final.stderr[-3000:]
+    df = collect(root).set_index("cell_id")
+    assert (df["status"] == "done").all() and sorted(df["role"]) == ["branch", "branch", "trunk"]
+    sweep = SweepDir(root)
+    for cell in sweep.load()[1]:
+        rows = [r["step"] for r in read_metrics(sweep.run_dir(cell.cell_id) / "metrics.jsonl") if r["kind"] == "train"]
+        assert rows == list(range(1, cell.steps + 1)), cell.cell_id  # each step once: resumed, never rerun
+        log = sweep.log_paths(cell.cell_id)[1].read_text()
+        assert log.count(": done after") == 1, cell.cell_id
+    trunk_id = next(c.cell_id for c in sweep.load()[1] if c.role == "trunk")
+    assert df.loc[trunk_id, "spent_flops"] == df.loc[trunk_id, "train_flops"]
+    longest = df[df["role"] == "branch"]["steps"].idxmax()
+    assert df.loc[longest, "spent_flops"] == pytest.approx(df.loc[longest, "train_flops"] * 10 / 40)
+    # the killed, resumed trunk and branch give what one uninterrupted run of that budget gives
+    cfg = json.loads(sweep.config_path(longest).read_text())
+    cfg.update(branch_from=None, run_dir=str(tmp_path / "scratch"))
+    (tmp_path / "scratch.json").write_text(json.dumps(cfg))
+    one = subprocess.run(convscale("train", "--config", tmp_path / "scratch.json", "--run-dir", tmp_path / "scratch"),
+                         env=env(), cwd=REPO,
+                         capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    scratch = json.loads((tmp_path / "scratch" / "result.json").read_text())
+    assert scratch["heldout_loss"] == df.loc[longest, "loss"]
+    assert Path(df.loc[longest, "run_dir"]).is_dir()

@@ -30,10 +30,7 @@ from torch.distributed.tensor import distribute_tensor
 
 from convscale.errors import UserError
 from convscale.train.distributed import has_sharded_params, is_sharded
-
-CHECKPOINT_DIR = "checkpoints"
-STEP_PREFIX = "step-"
-TMP_PREFIX = ".tmp-"
+from convscale.train.layout import CHECKPOINT_DIR, STEP_PREFIX, TMP_PREFIX, checkpoint_dir
 
 
 def is_main_process() -> bool:
@@ -144,7 +141,7 @@ def save_checkpoint(
     writes, and returns the path (the others return it too, unwritten).
     """
     root = Path(run_dir) / CHECKPOINT_DIR
-    final = root / f"{STEP_PREFIX}{step:08d}"
+    final = checkpoint_dir(run_dir, step)
     model_tensors = _model_tensors(model)
     ema_tensors = _model_tensors(ema_model) if ema_model is not None else None
     opt_state = _optimizer_state(model, optimizer)
@@ -206,7 +203,7 @@ def checkpoint_step(path: Path) -> int:
 
 def checkpoint_at(run_dir: str | os.PathLike, step: int) -> Optional[Path]:
     """The complete checkpoint of ``run_dir`` at ``step``, or None."""
-    path = Path(run_dir) / CHECKPOINT_DIR / f"{STEP_PREFIX}{step:08d}"
+    path = checkpoint_dir(run_dir, step)
     return path if (path / "state.json").is_file() else None
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import queue
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,6 +11,7 @@ from typing import Callable, Optional
 from convscale import signals
 from convscale.errors import UserError
 from convscale.sweep.executors.cell import CellOutcome, Resources, run_cell, stop_children, visible_gpus
+from convscale.sweep.sweepdir import SweepDir
 
 
 @dataclass(frozen=True)
@@ -63,29 +63,35 @@ class LocalExecutor:
         """Run the cells; outcomes in completion order. Ctrl-C stops launching and ends running cells.
         ``on_outcome(outcome, finished, total)`` (default: the field) is called as each cell ends."""
         on_outcome = on_outcome or self.on_outcome
-        todo: queue.Queue[str] = queue.Queue()
-        for cid in cell_ids:
-            todo.put(cid)
+        todo = Todo(root, cell_ids)
         outcomes: list[CellOutcome] = []
         stop = threading.Event()
         lock = threading.Lock()
         errors: list[BaseException] = []
 
+        def record(o: CellOutcome) -> None:
+            with lock:
+                outcomes.append(o)
+                on_outcome(o, len(outcomes), len(cell_ids))
+
         def worker(slot: int) -> None:
             while not stop.is_set():
-                try:
-                    cid = todo.get_nowait()
-                except queue.Empty:
-                    return
+                cid, blocked = todo.take()
+                for o in blocked:
+                    record(o)
+                if cid is None:
+                    if todo.empty:
+                        return
+                    stop.wait(WAIT_SECONDS)  # a branch waits for its trunk's checkpoint
+                    continue
                 try:
                     o = run_cell(root, cid, self.resources(slot), self.train_command)
                 except BaseException as e:  # our bug: stop the sweep, keep the traceback
                     errors.append(e)
                     stop.set()
                     return
-                with lock:
-                    outcomes.append(o)
-                    on_outcome(o, len(outcomes), len(cell_ids))
+                todo.finished(cid)
+                record(o)
                 if o.status == "interrupted":
                     stop.set()
 
@@ -106,6 +112,58 @@ class LocalExecutor:
         if errors:
             raise errors[0]
         return outcomes
+
+
+#: how often a worker with nothing ready looks again (a branch waiting for its trunk's checkpoint)
+WAIT_SECONDS = 0.5
+
+
+class Todo:
+    """The cells still to run, handed out when ready (sweep/dependencies.py): trunks first, a
+    branch once its trunk's checkpoint exists; a branch whose trunk can write none is given back as a
+    ``blocked`` outcome. Thread-safe."""
+
+    def __init__(self, root: str | Path, cell_ids: list[str]):
+        from convscale.sweep.dependencies import trunks_first
+
+        self.sweep = SweepDir(root)
+        try:
+            cells = {c.cell_id: c for c in self.sweep.load()[1]}
+        except UserError:  # no plan (a bare list of run configs): every cell is ready
+            cells = {}
+        self.cells = cells
+        known = trunks_first([cells[c] for c in cell_ids if c in cells])
+        self.pending = [c.cell_id for c in known] + [c for c in cell_ids if c not in cells]
+        self.running: set[str] = set()
+        self._lock = threading.Lock()
+
+    @property
+    def empty(self) -> bool:
+        with self._lock:
+            return not self.pending
+
+    def take(self) -> tuple[Optional[str], list[CellOutcome]]:
+        """The next ready cell (None if none is ready now) and the cells found blocked meanwhile."""
+        from convscale.sweep.dependencies import BLOCKED, READY, gate
+
+        blocked: list[CellOutcome] = []
+        with self._lock:
+            outstanding = set(self.pending) | self.running
+            for cid in list(self.pending):
+                cell = self.cells.get(cid)
+                g = gate(self.sweep, cell, outstanding - {cid}) if cell is not None else None
+                if g is None or g.state == READY:
+                    self.pending.remove(cid)
+                    self.running.add(cid)
+                    return cid, blocked
+                if g.state == BLOCKED:
+                    self.pending.remove(cid)
+                    blocked.append(CellOutcome(cid, "blocked", message=g.reason))
+        return None, blocked
+
+    def finished(self, cell_id: str) -> None:
+        with self._lock:
+            self.running.discard(cell_id)
 
 
 def _cuda_device_count() -> int:

@@ -41,8 +41,26 @@ def build(config: Config, train_command: Optional[list[str]] = None,
 
 
 def _array_task(root: str, cell_id: str, resources: Resources, train_command: Optional[list[str]]) -> CellOutcome:
-    """One Slurm array task (module-level so submitit can pickle it)."""
+    """One Slurm array task (module-level so submitit can pickle it). A cooldown branch starts
+    after its trunk's job (a Slurm dependency); where the cluster has none (submitit's local one)
+    it waits here while the trunk has not written its branch point yet."""
+    from convscale.sweep.dependencies import BLOCKED, READY, gate
+
+    sweep = SweepDir(root)
+    cell = next((c for c in sweep.load()[1] if c.cell_id == cell_id), None)
+    while cell is not None:
+        trunk_open = cell.trunk_id is not None and sweep.state(cell.trunk_id) in ("pending", "running", "locked")
+        g = gate(sweep, cell, [cell.trunk_id] if trunk_open else [])
+        if g.state == READY:
+            break
+        if g.state == BLOCKED:
+            return CellOutcome(cell_id, "blocked", message=g.reason)
+        time.sleep(BRANCH_POLL_SECONDS)
     return run_cell(root, cell_id, resources, train_command)
+
+
+#: how often a branch's task looks for its trunk's checkpoint where Slurm did not hold it back
+BRANCH_POLL_SECONDS = 1.0
 
 
 def torchrun_train_command(processes: int) -> list[str]:
@@ -88,9 +106,24 @@ class SlurmExecutor:
         res = Resources(threads=self.cpus_per_task, gpu=None)
         if self.gpus_per_node:
             res = _SlurmGpuResources(threads=self.cpus_per_task, gpus=self.gpus_per_node)
-        n = len(cell_ids)
         command = self.cell_command()
-        return executor.map_array(_array_task, [root] * n, list(cell_ids), [res] * n, [command] * n)
+        # trunks (and cells of their own) first; each trunk's branches as an array held until its job ends
+        cells = {c.cell_id: c for c in SweepDir(root).load()[1]}
+        first = [cid for cid in cell_ids if cells.get(cid) is None or cells[cid].role != "branch"]
+        jobs = dict(zip(first, executor.map_array(_array_task, [root] * len(first), first, [res] * len(first),
+                                                  [command] * len(first))))
+        groups: dict[str, list[str]] = {}
+        for cid in cell_ids:
+            if cid not in jobs:
+                groups.setdefault(str(cells[cid].trunk_id), []).append(cid)
+        for trunk, branch_ids in groups.items():
+            if trunk in jobs:
+                executor.update_parameters(slurm_additional_parameters={
+                    **params.get("slurm_additional_parameters", {}), "dependency": f"afterany:{jobs[trunk].job_id}"})
+            n = len(branch_ids)
+            jobs.update(zip(branch_ids, executor.map_array(_array_task, [root] * n, branch_ids, [res] * n,
+                                                           [command] * n)))
+        return [jobs[cid] for cid in cell_ids]
 
     def cell_command(self) -> list[str]:
         """The command prefix each array task runs its cell with."""
