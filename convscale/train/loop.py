@@ -199,7 +199,7 @@ def _run(cfg: TrainConfig, restart: bool, source: Optional[DataSource], locks: l
     torch.manual_seed(cfg.seed)
     model = model_cfg.build().to(device)
     if pretrained is not None:
-        load_pretrained_weights(model, pretrained)
+        load_pretrained_weights(model, pretrained, model_cfg)
     if cfg.loss == "sigmoid":  # start at the prior p = 1/C per class instead of 0.5
         with torch.no_grad():
             model.classifier.bias.fill_(-math.log(source.num_classes))
