@@ -136,6 +136,24 @@ def test_timm_nfnet_into_a_tanh_gelu_model_is_refused_and_export_too():
         to_timm(plus, plus.build().state_dict())
 
 
+def test_weights_of_another_shape_are_refused():
+    sd = perturbed(timm.create_model("vit_tiny_patch16_224", num_classes=10, **TIMM_VIT)).state_dict()
+    with pytest.raises(UserError, match=r"do not fit vit-w32-d2-p8: cls_token has shape \(1, 1, 64\)"):
+        from_timm(sd, get_config("vit-w32-d2-p8"))
+    with pytest.raises(UserError, match=r"missing \['blocks.2"):
+        from_timm(sd, get_config("vit-w64-d3-p8"))
+
+
+def test_allow_gelu_mismatch_exports_a_tanh_nfnet_that_timm_computes_with_exact_gelu():
+    cfg = get_config("nfnet-w0.125-d1.1.1", num_classes=10)
+    model = perturbed(cfg.build())
+    export = to_timm(cfg, model.state_dict(), allow_gelu_mismatch=True)
+    tm = timm.create_model(export.model_name, num_classes=10, **export.kwargs)
+    tm.load_state_dict(export.state_dict)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    assert 10 * TOL < rel_diff(logits(tm, x), logits(model, x)) < 1e-2  # the GELU forms' difference only
+
+
 # ------------------------------------------------------------------------------------- files
 
 class _Touch:

@@ -53,6 +53,7 @@ TIMM_VIT_LAYERNORM_EPS = 1e-6
 # timm entry points whose defaults are a convscale ViT size: (width, depth, mlp_dim, heads) -> (name, patch, px)
 TIMM_VIT_ENTRIES = {vit.SIZES[s]: (f"vit_{t}", 14 if s == "h" else 16, 224)
                     for t, s in vit.TIMM_SIZES.items() if s in ("ti", "s", "b", "l", "h")}
+DM_NFNET_VARIANTS = ("f0", "f1", "f2", "f3", "f4", "f5", "f6")  # timm's dm_nfnet_* entry points
 _F0 = dict(depths=(1, 2, 6, 3), channels=(256, 512, 1536, 1536), stem_chs=128, group_size=128,
            num_features=3072, alpha=0.2)
 
@@ -196,11 +197,6 @@ def _convert(cfg: ModelConfig, sd: Mapping[str, Tensor], to_timm: bool) -> dict[
         if src not in sd:
             continue
         t = sd[src]
-        free = key.startswith("classifier.") or key == "pos_embed"
-        if (t.shape[-1] != shape[-1] or t.ndim != 3) if key == "pos_embed" else (
-                not free and t.numel() != shape.numel()):
-            raise UserError(f"the {side} weights do not fit {cfg.name}: {src} has shape {tuple(t.shape)} where "
-                            f"{cfg.name} has {tuple(shape)}; pick the model they were trained as")
         if cfg.family == "nfnet" and key.endswith(".gain"):
             factor = _gain_factor(sd[src.removesuffix("gain") + "weight"])
             g = t.double().reshape(-1)
@@ -208,6 +204,15 @@ def _convert(cfg: ModelConfig, sd: Mapping[str, Tensor], to_timm: bool) -> dict[
             t = t.to(sd[src].dtype)
         elif cfg.family == "nfnet" and ".se.fc" in key and key.endswith(".weight"):  # 1x1 conv <-> linear
             t = t.reshape(*t.shape[:2], 1, 1) if to_timm else t.reshape(t.shape[:2])
+        mine = sd[src] if to_timm else t  # the tensor in convscale's layout
+        if key == "pos_embed":  # another grid is resampled when loaded; the width must match
+            fits = mine.ndim == 3 and mine.shape[-1] == shape[-1]
+        else:  # a classifier of other classes is replaced by a fine-tune
+            fits = mine.shape == shape or (key.startswith("classifier.") and mine.shape[1:] == shape[1:])
+        if not fits:
+            raise UserError(f"the {side} weights do not fit {cfg.name}: {src} has shape {tuple(sd[src].shape)} "
+                            f"({tuple(mine.shape)} as convscale's) where {cfg.name} has {tuple(shape)}; "
+                            "pick the model they were trained as")
         out[names[key] if to_timm else key] = t.contiguous()
     return out
 
@@ -341,13 +346,11 @@ def _timm_nfnet_kwargs(cfg: nfnet.NFNetConfig, allow_gelu_mismatch: bool) -> tup
         raise UserError(f"{cfg.name}'s final width {cfg.final_width} is not a multiple of 8 as timm's")
     mine = dict(depths=cfg.depths, channels=cfg.widths, stem_chs=stem, group_size=group,
                 num_features=cfg.final_width, alpha=cfg.alpha)
-    for k in F_NAMES:
+    for k in DM_NFNET_VARIANTS:
         if cfg.shape_key() == nfnet.VARIANTS[f"nfnet-{k}"].shape_key() and cfg.group_width == 128 and cfg.alpha == 0.2:
             return f"dm_nfnet_{k}", {}
     return "dm_nfnet_f0", {k: v for k, v in mine.items() if _F0[k] != v}
 
-
-F_NAMES = ("f0", "f1", "f2", "f3", "f4", "f5", "f6")  # timm's dm_nfnet entry points
 
 
 def _timm_vit_kwargs(cfg: vit.ViTConfig) -> tuple[str, dict[str, Any]]:
