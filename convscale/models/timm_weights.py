@@ -176,7 +176,6 @@ def _gain_factor(weight: Tensor) -> Tensor:
     return (torch.clamp(k * var, min=STD_CONV_EPS) / (k * (var + TIMM_STD_CONV_EPS))).sqrt()
 
 
-
 def _convert(cfg: ModelConfig, sd: Mapping[str, Tensor], to_timm: bool) -> dict[str, Tensor]:
     """Rename and reshape every tensor of ``cfg``'s model between the two layouts; NFNet gains get
     the standardisation-eps factor. Keys and shapes are checked against ``cfg``, except a ViT's
@@ -350,7 +349,6 @@ def _timm_nfnet_kwargs(cfg: nfnet.NFNetConfig, allow_gelu_mismatch: bool) -> tup
         if cfg.shape_key() == nfnet.VARIANTS[f"nfnet-{k}"].shape_key() and cfg.group_width == 128 and cfg.alpha == 0.2:
             return f"dm_nfnet_{k}", {}
     return "dm_nfnet_f0", {k: v for k, v in mine.items() if _F0[k] != v}
-
 
 
 def _timm_vit_kwargs(cfg: vit.ViTConfig) -> tuple[str, dict[str, Any]]:
