@@ -2,9 +2,9 @@
 
 A fine-tune is an ordinary run (``TrainConfig`` + ``run()``) with ``init_from`` set to a finished
 pre-training run directory, or to a timm checkpoint file (``dm_nfnet_f*`` / ``vit_*``, read without
-pickle and mapped by models/timm_weights.py; the model is the one the file holds). ``run()`` then builds the model for the downstream classes and calls
-``load_pretrained_weights``: every body tensor comes from the pre-trained run's final checkpoint
-(its EMA weights with ``init_from_ema``); ViT learned position embeddings are resampled (bicubic,
+pickle and mapped by models/timm_weights.py; the model is the one the file holds). ``run()`` then
+builds the model for the downstream classes and calls ``load_pretrained_weights``: every body
+tensor comes from the pre-trained run's final checkpoint (its EMA weights with ``init_from_ema``); ViT learned position embeddings are resampled (bicubic,
 class token kept) to the fine-tuning grid; NFNets need nothing, being fully convolutional.
 The classifier is always new and ZERO-initialised (weight and bias, both families), as in
 big_vision's transfer recipe: initial logits are 0 and the first updates move only the head.
@@ -40,7 +40,7 @@ from torch import nn
 
 from convscale.data.config import DataConfig
 from convscale.errors import UserError
-from convscale.models import config_to_dict, family_traits, nfnet
+from convscale.models import ModelConfig, config_to_dict, family_traits, nfnet
 from convscale.models.timm_weights import config_from_timm, from_timm, model_spec, read_state_dict
 from convscale.train.checkpoint import list_checkpoints, verify_checkpoint_file
 from convscale.train.config import BUDGET_FIELDS, TrainConfig, apply_overrides
@@ -132,8 +132,8 @@ def find_pretrained(run_dir: str | Path, use_ema: bool = False) -> PretrainedRun
 
 def timm_pretrained(path: Path, use_ema: bool = False) -> PretrainedRun:
     """A timm checkpoint file as a pre-trained "run": the convscale model its shapes are
-    (``config_from_timm``), at the resolution it was trained at (a ViT's position grid, a named
-    NFNet-F's published train size, else 224 px)."""
+    (``config_from_timm``), at the resolution it was most likely trained at (a state dict does not
+    say): a ViT's position grid, a named NFNet-F's published train size, else timm's 224 px."""
     cfg = config_from_timm(read_state_dict(path, ema=use_ema))
     name, overrides = model_spec(cfg)
     variant = nfnet.F_VARIANTS.get(name.removeprefix("nfnet-")) if cfg.family == "nfnet" else None
@@ -144,7 +144,8 @@ def timm_pretrained(path: Path, use_ema: bool = False) -> PretrainedRun:
 
 
 @torch.no_grad()
-def load_pretrained_weights(model: nn.Module, pretrained: PretrainedRun, model_cfg: Any = None) -> list[str]:
+def load_pretrained_weights(model: nn.Module, pretrained: PretrainedRun,
+                            model_cfg: Optional[ModelConfig] = None) -> list[str]:
     """Load the pre-trained body into ``model`` and zero its classifier; returns the loaded names.
 
     A ViT's ``_load_from_state_dict`` resamples a learned position grid of another size.
