@@ -4,8 +4,9 @@ A fine-tune is an ordinary run (``TrainConfig`` + ``run()``) with ``init_from`` 
 pre-training run directory, or to a timm checkpoint file (``dm_nfnet_f*`` / ``vit_*``, read without
 pickle and mapped by models/timm_weights.py; the model is the one the file holds). ``run()`` then
 builds the model for the downstream classes and calls ``load_pretrained_weights``: every body
-tensor comes from the pre-trained run's final checkpoint (its EMA weights with ``init_from_ema``); ViT learned position embeddings are resampled (bicubic,
-class token kept) to the fine-tuning grid; NFNets need nothing, being fully convolutional.
+tensor comes from the pre-trained run's final checkpoint (its EMA weights with ``init_from_ema``);
+ViT learned position embeddings are resampled (bicubic, class token kept) to the fine-tuning grid;
+NFNets need nothing, being fully convolutional.
 The classifier is always new and ZERO-initialised (weight and bias, both families), as in
 big_vision's transfer recipe: initial logits are 0 and the first updates move only the head.
 
