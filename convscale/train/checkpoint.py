@@ -72,13 +72,14 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
-def atomic_save_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor]) -> None:
+def atomic_save_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
+                            metadata: dict[str, str] | None = None) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=TMP_PREFIX + path.name)
     os.close(fd)
     try:
         try:
-            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp)
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
         except SafetensorError as e:  # an I/O error (full disk) as the OSError it is
             code = re.search(r"\(os error (\d+)\)", str(e))
             if code is None:

@@ -1,10 +1,12 @@
 """Fine-tuning: a pre-trained run's final weights, a new classifier, the same training loop.
 
 A fine-tune is an ordinary run (``TrainConfig`` + ``run()``) with ``init_from`` set to a finished
-pre-training run directory. ``run()`` then builds the model for the downstream classes and calls
-``load_pretrained_weights``: every body tensor comes from the pre-trained run's final checkpoint
-(its EMA weights with ``init_from_ema``); ViT learned position embeddings are resampled (bicubic,
-class token kept) to the fine-tuning grid; NFNets need nothing, being fully convolutional.
+pre-training run directory, or to a timm checkpoint file (``dm_nfnet_f*`` / ``vit_*``, read without
+pickle and mapped by models/timm_weights.py; the model is the one the file holds). ``run()`` then
+builds the model for the downstream classes and calls ``load_pretrained_weights``: every body
+tensor comes from the pre-trained run's final checkpoint (its EMA weights with ``init_from_ema``);
+ViT learned position embeddings are resampled (bicubic, class token kept) to the fine-tuning grid;
+NFNets need nothing, being fully convolutional.
 The classifier is always new and ZERO-initialised (weight and bias, both families), as in
 big_vision's transfer recipe: initial logits are 0 and the first updates move only the head.
 
@@ -39,7 +41,8 @@ from torch import nn
 
 from convscale.data.config import DataConfig
 from convscale.errors import UserError
-from convscale.models import family_traits
+from convscale.models import ModelConfig, config_to_dict, family_traits, nfnet
+from convscale.models.timm_weights import config_from_timm, from_timm, model_spec, read_state_dict
 from convscale.train.checkpoint import list_checkpoints, verify_checkpoint_file
 from convscale.train.config import BUDGET_FIELDS, TrainConfig, apply_overrides
 from convscale.train.rundir import read_run_config, read_run_json
@@ -75,8 +78,10 @@ class PretrainedRun:
     run_dir: Path
     step: int  # the optimizer step of the checkpoint loaded (the run's last)
     weights_file: Path  # model.safetensors, or ema.safetensors with init_from_ema
-    config: dict[str, Any]  # the run's config.json
+    config: dict[str, Any]  # the run's config.json (for a timm file: its model, name and overrides)
     result: dict[str, Any]  # the run's result.json
+    source: str = "run"  # "run": a convscale run directory; "timm": a timm checkpoint file (run_dir is it)
+    ema: bool = False  # a timm file: take its state_dict_ema
 
     @property
     def family(self) -> str:
@@ -84,6 +89,9 @@ class PretrainedRun:
 
     def record(self) -> dict[str, Any]:
         """What a fine-tune's config.json stores under ``init_from``."""
+        if self.source == "timm":
+            return {"timm_file": str(self.run_dir), "ema": self.ema, "model": self.result.get("model"),
+                    "resolution": self.config["train"]["data"]["resolution"], "train_flops": None}
         return {
             "run_dir": str(self.run_dir),
             "step": self.step,
@@ -95,8 +103,11 @@ class PretrainedRun:
 
 
 def find_pretrained(run_dir: str | Path, use_ema: bool = False) -> PretrainedRun:
-    """The finished run at ``run_dir`` and its final checkpoint; UserError if there is none."""
+    """The finished run at ``run_dir`` and its final checkpoint (or a timm checkpoint file, see
+    ``timm_pretrained``); UserError if there is none."""
     rd = Path(run_dir).expanduser().resolve()
+    if rd.is_file():
+        return timm_pretrained(rd, use_ema)
     if not (rd / "config.json").is_file():
         raise UserError(f"--from {run_dir} is not a run directory (no config.json); pass a pre-training --run-dir")
     result_path = rd / "result.json"
@@ -120,19 +131,35 @@ def find_pretrained(run_dir: str | Path, use_ema: bool = False) -> PretrainedRun
     return PretrainedRun(rd, step, weights, config, result)
 
 
+def timm_pretrained(path: Path, use_ema: bool = False) -> PretrainedRun:
+    """A timm checkpoint file as a pre-trained "run": the convscale model its shapes are
+    (``config_from_timm``), at the resolution it was most likely trained at (a state dict does not
+    say): a ViT's position grid, a named NFNet-F's published train size, else timm's 224 px."""
+    cfg = config_from_timm(read_state_dict(path, ema=use_ema))
+    name, overrides = model_spec(cfg)
+    variant = nfnet.F_VARIANTS.get(name.removeprefix("nfnet-")) if cfg.family == "nfnet" else None
+    resolution = cfg.image_size if cfg.family == "vit" else (variant["train_px"] if variant else 224)
+    config = {"model": config_to_dict(cfg),
+              "train": {"model": name, "model_overrides": overrides, "data": {"resolution": resolution}}}
+    return PretrainedRun(path, 0, path, config, {"model": name, "status": "done"}, source="timm", ema=use_ema)
+
+
 @torch.no_grad()
-def load_pretrained_weights(model: nn.Module, pretrained: PretrainedRun) -> list[str]:
+def load_pretrained_weights(model: nn.Module, pretrained: PretrainedRun,
+                            model_cfg: Optional[ModelConfig] = None) -> list[str]:
     """Load the pre-trained body into ``model`` and zero its classifier; returns the loaded names.
 
     A ViT's ``_load_from_state_dict`` resamples a learned position grid of another size.
     Any other mismatch (another architecture) is a UserError naming the first tensors.
+    A timm file needs ``model_cfg`` (the config ``model`` was built from): the mapping checks that
+    the two compute the same function.
     """
-    try:
-        verify_checkpoint_file(Path(pretrained.weights_file))
-        weights = load_file(pretrained.weights_file)
-    except (SafetensorError, OSError, ValueError) as e:
-        raise UserError(f"{pretrained.weights_file} is damaged ({type(e).__name__}); re-run the pre-training "
-                        f"run {pretrained.run_dir} from its previous checkpoint, or pick another --from") from None
+    if pretrained.source == "timm":
+        if model_cfg is None:
+            raise ValueError("load_pretrained_weights needs model_cfg to load a timm checkpoint")
+        _, weights = from_timm(read_state_dict(pretrained.weights_file, ema=pretrained.ema), model_cfg)
+    else:
+        weights = read_run_weights(pretrained)
     state = {k: v for k, v in weights.items() if k not in CLASSIFIER_KEYS}
     try:
         res = model.load_state_dict(state, strict=False)
@@ -147,6 +174,16 @@ def load_pretrained_weights(model: nn.Module, pretrained: PretrainedRun) -> list
     nn.init.zeros_(model.classifier.weight)
     nn.init.zeros_(model.classifier.bias)
     return sorted(state)
+
+
+def read_run_weights(pretrained: PretrainedRun) -> dict[str, torch.Tensor]:
+    """The tensors of a run's checkpoint file (verified against its recorded checksum)."""
+    try:
+        verify_checkpoint_file(Path(pretrained.weights_file))
+        return load_file(pretrained.weights_file)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"{pretrained.weights_file} is damaged ({type(e).__name__}); re-run the pre-training "
+                        f"run {pretrained.run_dir} from its previous checkpoint, or pick another --from") from None
 
 
 def finetune_config(

@@ -45,7 +45,7 @@ def build_trainee(cfg: TrainConfig, model_cfg: Any, device: torch.device, num_cl
     torch.manual_seed(cfg.seed)
     model = model_cfg.build().to(device)
     if pretrained is not None:
-        load_pretrained_weights(model, pretrained)
+        load_pretrained_weights(model, pretrained, model_cfg)
     if cfg.loss == "sigmoid":  # start at the prior p = 1/C per class instead of 0.5
         with torch.no_grad():
             model.classifier.bias.fill_(-math.log(num_classes))
