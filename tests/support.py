@@ -35,6 +35,37 @@ def convscale(*argv) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------
+# a small study of the tiny models ({budgets}: the [budgets] table's body)
+
+SWEEP_STUDY = """
+name = "t"
+[data]
+kind = "procedural"
+resolution = 16
+num_classes = 10
+heldout_images = 64
+[train]
+batch_size = 32
+precision = "fp32"
+[[family]]
+name = "nfnet"
+models = ["nfnet-tiny"]
+optimizer = "sgd_agc"
+lr_center = 0.2
+lr_factors = [0.5, 2]
+[family.train]
+agc_exempt_scalar_gains = true
+[[family]]
+name = "vit"
+models = ["vit-tiny"]
+optimizer = "adamw"
+lrs = [0.004]
+[budgets]
+{budgets}
+"""
+
+
+# ---------------------------------------------------------------------------------------------
 # a synthetic sweep folder drawn from planted laws (no training, no torch)
 
 # Planted frontier laws L = A * C^-a: the best cell of each budget lies exactly on them.

@@ -7,37 +7,13 @@ import json
 from pathlib import Path
 
 import pytest
+from support import SWEEP_STUDY
 
 from convscale.sweep.smoke import SMOKE_BATCH, smoke_study
 from convscale.sweep.study import load_study
 
-STUDY = """
-name = "s"
-[data]
-kind = "procedural"
-resolution = 16
-num_classes = 10
-heldout_images = 128
-[train]
-batch_size = 32
-precision = "fp32"
-warmup_fraction = 0.05
-[[family]]
-name = "nfnet"
-models = ["nfnet-tiny"]
-optimizer = "sgd_agc"
-lr_center = 0.2
-lr_factors = [0.5, 1, 2]
-[family.train]
-agc_exempt_scalar_gains = true
-[[family]]
-name = "vit"
-models = ["vit-tiny"]
-optimizer = "adamw"
-lrs = [0.004, 0.008]
-[budgets]
-images = [64, 128]
-"""
+# the tiny models' study with 128 held-out images (the smoke run keeps 64)
+STUDY = SWEEP_STUDY.replace("{budgets}", "images = [64, 128]").replace("heldout_images = 64", "heldout_images = 128")
 
 
 @pytest.fixture
@@ -58,7 +34,7 @@ def test_set_reaches_every_cells_config(study_file, tmp_path, cli):
                         "--set", "model_overrides.drop_path_rate=0.1", "--set", "batch_size=16"])
     assert rc == 0, err
     cells = configs(root)
-    assert len(cells) == 2 * (3 + 2)  # 2 budgets x (3 + 2 lrs): the grid itself is unchanged
+    assert len(cells) == 2 * (2 + 1)  # 2 budgets x (2 + 1 lrs): the grid itself is unchanged
     for cfg in cells.values():
         assert cfg["warmup_fraction"] == 0.25 and cfg["data"]["seed"] == 7 and cfg["batch_size"] == 16
         assert cfg["model_overrides"] == {"drop_path_rate": 0.1}
@@ -97,9 +73,10 @@ def test_a_changed_set_of_a_started_cell_is_refused(study_file, tmp_path, cli):
 def test_smoke_shrinks_the_study_and_keeps_models_and_data(study_file):
     study = load_study(study_file)
     smoke = smoke_study(study)
-    assert smoke.name == "s-smoke" and smoke_study(smoke) is smoke
+    assert smoke.name == "t-smoke" and smoke_study(smoke) is smoke
     assert [f.models for f in smoke.families] == [f.models for f in study.families]
-    assert [f.learning_rates() for f in smoke.families] == [[0.2], [0.008]]  # the middle of each grid
+    assert [f.learning_rates() for f in study.families] == [[0.1, 0.4], [0.004]]
+    assert [f.learning_rates() for f in smoke.families] == [[0.4], [0.004]]  # the middle of each grid
     assert smoke.budgets.kind == "images" and smoke.budgets.values == (2 * SMOKE_BATCH, 4 * SMOKE_BATCH)
     assert smoke.data.resolution == 16 and smoke.data.heldout_images == 64 and smoke.data.num_classes == 10
     from convscale.sweep.planner import cell_train_config, plan_study
@@ -113,12 +90,12 @@ def test_smoke_shrinks_the_study_and_keeps_models_and_data(study_file):
 def test_smoke_and_real_results_never_share_a_directory(study_file, tmp_path, cli, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert cli(["sweep", "run", study_file, "--smoke", "--dry-run"])[0] == 0
-    assert (tmp_path / "sweeps" / "s-smoke" / "plan.json").is_file()  # its own default directory
-    rc, _, err = cli(["sweep", "run", study_file, "--dir", "sweeps/s-smoke", "--dry-run"])
+    assert (tmp_path / "sweeps" / "t-smoke" / "plan.json").is_file()  # its own default directory
+    rc, _, err = cli(["sweep", "run", study_file, "--dir", "sweeps/t-smoke", "--dry-run"])
     assert rc == 2 and "holds a smoke run" in err
     assert cli(["sweep", "run", study_file, "--dir", "real", "--dry-run"])[0] == 0
     rc, _, err = cli(["sweep", "run", study_file, "--dir", "real", "--smoke"])
-    assert rc == 2 and "holds the real sweep of study 's'" in err
+    assert rc == 2 and "holds the real sweep of study 't'" in err
 
 
 @pytest.mark.slow  # ~30 s on 2 cores: 12 `convscale train` subprocesses, then the fit and the report
