@@ -4,7 +4,9 @@ results -> fit -> report), as big_vision's ``runlocal`` shrinks a config.
 What is kept: the data (kind, resolution, classes), every family and model, the training recipe.
 What shrinks: one learning rate per family (the middle of its grid), two budgets of 2 and 4 steps
 of a batch of 8 images (image budgets: the fits see a grid of 2 data sizes x the models), a
-procedural held-out set of 64 images, no evaluations but the last.
+procedural held-out set of 64 images, no evaluations but the last. The demo study's smoke run
+takes ~30 s on 2 CPU cores; the paper's (F0-F7 at 224 px) keeps its models and resolution, so
+its 12 cells want a GPU to take minutes rather than hours. Real data keeps its held-out split.
 
 A smoke study is named ``<name>-smoke`` and its default directory is ``sweeps/<name>-smoke``;
 ``check_no_mixing`` refuses a smoke run into a real sweep's directory and a real run into a smoke
