@@ -65,7 +65,7 @@ def register(subparsers) -> None:
 def _study_flags(p) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a setting of every cell, as `train --set` takes it: warmup_fraction=0.1, data.seed=1, "
-                        "model_overrides.width=16 (repeatable; recorded in the sweep dir's study.json)")
+                        "model_overrides.drop_path_rate=0.1 (repeatable; recorded in the sweep dir's study.json)")
     p.add_argument("--smoke", action="store_true",
                    help="shrink the study to a check of the whole path in about a minute (1 lr per family, "
                         "2 budgets of 2 and 4 steps of 8 images, 64 held-out images; then fit and report), "

@@ -5,6 +5,7 @@ plain lines the sweep always printed."""
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 import threading
 from pathlib import Path
@@ -42,9 +43,7 @@ class LiveLine:
 
     @property
     def enabled(self) -> bool:
-        try:
-            import tqdm  # noqa: F401
-        except ImportError:  # an install without it: plain lines
+        if importlib.util.find_spec("tqdm") is None:  # an install without it: plain lines
             return False
         if self._enabled is not None:
             return self._enabled
