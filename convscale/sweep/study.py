@@ -23,9 +23,10 @@ Study file (every table and field is checked; an unknown one is a ``UserError`` 
     train_flops = [1e11, 3e11, 1e12]    # IsoFLOP: images = budget / (3 x forward FLOPs per image, x2 with SAM)
     max_epochs = 100                    # optional: leave out cells that would need more epochs
 
-A top-level ``overrides`` table holds ``key = value`` settings in the form of `train --set`
-(``lr_schedule = ...``, ``model_overrides.width = 16``) applied to every cell over all of the above;
-`sweep run --set` writes them there (``with_overrides``), so the sweep dir's study.json records them.
+A top-level ``overrides`` table holds settings in the form of `train --set` (``warmup_fraction =
+0.1``, ``"model_overrides.drop_path_rate" = 0.1``: dotted keys quoted in TOML) applied to every cell
+over all of the above; `sweep run --set` writes them there (``with_overrides``), so the sweep dir's
+study.json records them.
 
 A top-level ``share_procedural_data = true`` makes `sweep run` generate the procedural training
 stream once (as many images as the longest cell needs) and point every cell's ``data.path`` at it.
