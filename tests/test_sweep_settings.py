@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from support import SWEEP_STUDY
 
+from convscale.errors import UserError
 from convscale.sweep.smoke import SMOKE_BATCH, smoke_study
 from convscale.sweep.study import load_study
 
@@ -112,3 +113,18 @@ def test_smoke_of_the_demo_study_runs_the_whole_path(tmp_path, cli):
     assert f"smoke check passed: report {root / 'report' / 'report.html'}" in out
     assert (root / "fit.json").is_file() and (root / "report" / "report.html").is_file()
     assert json.loads((root / "study.json").read_text())["name"] == "demo-smoke"
+
+
+def test_an_overrides_table_in_the_study_file_acts_as_set(tmp_path):
+    from convscale.sweep.planner import cell_train_config, plan_study
+
+    p = tmp_path / "o.toml"
+    p.write_text(STUDY + '\n[overrides]\nwarmup_fraction = 0.3\n"model_overrides.drop_path_rate" = 0.1\n')
+    study = load_study(p)
+    assert study.overrides == {"warmup_fraction": 0.3, "model_overrides.drop_path_rate": 0.1}
+    for cell in plan_study(study).cells:
+        cfg = cell_train_config(study, cell, "r")
+        assert cfg.warmup_fraction == 0.3 and cfg.model_overrides == {"drop_path_rate": 0.1}
+    p.write_text(STUDY + '\n[overrides]\nlr = 0.3\n')
+    with pytest.raises(UserError, match=r"overrides sets \[.lr.\]"):
+        load_study(p)
