@@ -80,6 +80,17 @@ def finetune_best(root: Path, best: dict[str, Any], pretrain_resolution: int, th
     return results
 
 
+def fit_and_report(root: str | Path, bootstrap: int = 20, log: Callable[[str], None] = lambda s: print(s, flush=True)
+                   ) -> Path:
+    """Fit a finished sweep's laws (SWEEP/fit.json) and write its report; the report's HTML path.
+    The rest of the path that `sweep run --smoke` checks after its cells."""
+    from convscale.report.build import build_report
+    from convscale.scaling import sweep_fit
+
+    sweep_fit(root, bootstrap=bootstrap, seed=0, refit=True)
+    return build_report(root, bootstrap=bootstrap, seed=0, log=log).out_dir / "report.html"
+
+
 def run_demo(scale: str = "quick", out: Optional[str] = None, jobs: int = 0, bootstrap: int = 1000,
              log: Callable[[str], None] = lambda s: print(s, flush=True)) -> DemoResult:
     """Run the preset study of ``scale`` (quick | medium | tiny | gpu) end to end under ``out``."""

@@ -35,6 +35,37 @@ def convscale(*argv) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------
+# a small study of the tiny models ({budgets}: the [budgets] table's body)
+
+SWEEP_STUDY = """
+name = "t"
+[data]
+kind = "procedural"
+resolution = 16
+num_classes = 10
+heldout_images = 64
+[train]
+batch_size = 32
+precision = "fp32"
+[[family]]
+name = "nfnet"
+models = ["nfnet-tiny"]
+optimizer = "sgd_agc"
+lr_center = 0.2
+lr_factors = [0.5, 2]
+[family.train]
+agc_exempt_scalar_gains = true
+[[family]]
+name = "vit"
+models = ["vit-tiny"]
+optimizer = "adamw"
+lrs = [0.004]
+[budgets]
+{budgets}
+"""
+
+
+# ---------------------------------------------------------------------------------------------
 # a synthetic sweep folder drawn from planted laws (no training, no torch)
 
 # Planted frontier laws L = A * C^-a: the best cell of each budget lies exactly on them.
@@ -122,8 +153,10 @@ STATUS_CELLS = {
     "nfa__C16e12": ("nfnet", "nfnet-a", 16e12, "pending", 0.0, 0.0, None),
 }
 # by hand: planned 35e12 FLOPs, trained 5.5e12 in 550 s -> 1e10 FLOPs/s per worker; to go (diverged
-# cells are over): 3e12 + 3.5e12 + 4e12 + 16e12 = 26.5e12 -> ETA 2650 s with 1 worker, 1325 s with 2
-STATUS_PLANNED, STATUS_DONE, STATUS_REMAINING, STATUS_RATE = 35e12, 5.5e12, 26.5e12, 1e10
+# cells are over): 3e12 + 3.5e12 + 4e12 + 16e12 = 26.5e12 -> 2650 s; the finished cells each took
+# STATUS_STARTUP s more from launch to result than they trained, and 3 cells (failed, locked,
+# pending) are still to start: ETA (2650 + 3 x 10) / workers = 2680 s with 1 worker, 1340 s with 2
+STATUS_PLANNED, STATUS_DONE, STATUS_REMAINING, STATUS_RATE, STATUS_STARTUP = 35e12, 5.5e12, 26.5e12, 1e10, 10.0
 
 
 def make_status_sweep(root: Path) -> list[Path]:
@@ -150,6 +183,10 @@ def make_status_sweep(root: Path) -> list[Path]:
             (run / "result.json").write_text(json.dumps({
                 "status": state, "train_flops": flops, "wall_seconds": seconds, "heldout_loss": loss,
                 "images_seen": int(flops / (3 * fpi)), "heldout_top1": 0.5 if loss else None}))
+            started = 1.7e9
+            (root / "launches").mkdir(exist_ok=True)
+            (root / "launches" / f"{cid}.json").write_text(json.dumps({"started": started, "devices": 1}))
+            os.utime(run / "result.json", (started + STATUS_STARTUP + seconds,) * 2)
         elif flops:
             run.mkdir(parents=True)
             rows = [{"kind": "train", "step": s, "train_flops": flops * s / 4, "wall_seconds": seconds * s / 4}

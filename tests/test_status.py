@@ -10,10 +10,11 @@ import subprocess
 import sys
 
 import pytest
-from support import (STATUS_DONE, STATUS_PLANNED, STATUS_RATE, STATUS_REMAINING, env, make_status_sweep)
+from support import (STATUS_DONE, STATUS_PLANNED, STATUS_RATE, STATUS_REMAINING, STATUS_STARTUP, env,
+                     make_status_sweep)
 
 from convscale.fslock import FileLock
-from convscale.sweep.progress import last_jsonl_row, read_progress, summary_line
+from convscale.sweep.progress import last_jsonl_row, read_progress
 
 
 @contextlib.contextmanager
@@ -41,9 +42,8 @@ def test_progress_counts_flops_and_eta(sweep):
     assert p.planned_flops == STATUS_PLANNED and p.done_flops == STATUS_DONE
     assert p.remaining_flops == STATUS_REMAINING
     assert p.flops_per_second == pytest.approx(STATUS_RATE) and p.measured_cells == 6
-    assert p.eta_seconds(1) == pytest.approx(2650.0) and p.eta_seconds(2) == pytest.approx(1325.0)
-    assert summary_line(p, 2) == ("8 cells (3 done, 1 running, 1 failed, 1 diverged, 1 locked, 1 pending); "
-                                  "5.5e+12 of 3.5e+13 training FLOPs (15.7%); ETA 22.1 min with 2 worker(s)")
+    assert p.startup_seconds == pytest.approx(STATUS_STARTUP) and sum(c.to_start for c in p.cells) == 3
+    assert p.eta_seconds(1) == pytest.approx(2680.0) and p.eta_seconds(2) == pytest.approx(1340.0)
 
 
 def test_progress_before_any_cell_trained_and_after_the_last(tmp_path):
@@ -55,7 +55,9 @@ def test_progress_before_any_cell_trained_and_after_the_last(tmp_path):
     p = read_progress(root)
     assert p.counts["pending"] == 7 and p.counts["failed"] == 1
     assert p.flops_per_second is None and p.eta_seconds(4) is None
-    assert "ETA measuring" in summary_line(p, 4)
+    from convscale.sweep.live import live_text
+
+    assert live_text(p, 4) == "0/8 finished, 1 failed | ETA measuring (4 worker(s))"
 
 
 def test_last_row_of_a_growing_metrics_file(tmp_path):
@@ -73,13 +75,13 @@ def test_cli_prints_counts_flops_eta_and_frontier(sweep, cli):
     assert rc == 0, err
     assert "done 3, running 1, failed 1, diverged 1, locked 1, pending 1" in out
     assert "training FLOPs: 5.5e+12 done of 3.5e+13 planned (15.7%), 2.65e+13 to go" in out
-    assert "throughput: 1e+10 FLOPs/s per worker, measured over 6 cell(s)" in out
-    assert "ETA: 22.1 min (2.65e+13 FLOPs / (1e+10 FLOPs/s x 2 worker(s))" in out
+    assert "throughput: 1e+10 FLOPs/s per worker, measured over 6 cell(s); start-up 10.0 s per cell" in out
+    assert "ETA: 22.3 min ((2.65e+13 FLOPs / 1e+10 FLOPs/s + 3 cell(s) to start x 10.0 s) / 2 worker(s))" in out
     # the best done cell of each family at the one budget with done cells
     assert "frontier of nfnet (best held-out loss per budget so far):\n  1e+12 FLOPs  loss 1.8000  nfnet-b  lr 0.1  (2 run(s))" in out
     assert "frontier of vit (best held-out loss per budget so far):\n  1e+12 FLOPs  loss 2.5000  vit-a" in out
     rc, out, _ = cli(["sweep", "status", sweep])  # workers default to the cells running now: 1
-    assert "ETA: 44.2 min" in out and "x 1 worker(s)" in out
+    assert "ETA: 44.7 min" in out and "/ 1 worker(s)" in out
     assert cli(["sweep", "status", sweep, "--jobs", "0"])[0] == 2
     rc, _, err = cli(["sweep", "status", sweep / "nothing"])
     assert rc == 2 and "holds no sweep" in err
@@ -95,7 +97,8 @@ def test_cli_json_loads_no_torch(sweep):
     d = json.loads(done.stdout)
     assert d["counts"]["locked"] == 1 and d["cells"] == 8 and d["workers"] == 1
     assert (d["planned_flops"], d["done_flops"], d["remaining_flops"]) == (STATUS_PLANNED, STATUS_DONE, STATUS_REMAINING)
-    assert d["flops_per_second_per_worker"] == pytest.approx(STATUS_RATE) and d["eta_seconds"] == pytest.approx(2650.0)
+    assert d["flops_per_second_per_worker"] == pytest.approx(STATUS_RATE) and d["eta_seconds"] == pytest.approx(2680.0)
+    assert d["startup_seconds"] == pytest.approx(STATUS_STARTUP) and d["cells_to_start"] == 3
     assert [(r["model"], r["loss"], r["compute_flops"]) for r in d["frontier"]["nfnet"]] == [("nfnet-b", 1.8, 1e12)]
 
 
@@ -125,8 +128,9 @@ def test_live_line_on_a_terminal_shows_the_status_eta(sweep):
     with LiveLine(sweep, UNFINISHED, workers=2, log=logged.append, stream=term, refresh_seconds=60) as line:
         line.write("[1/4] done        nfb__C4e12")
     text = term.getvalue()
-    # the cells this sweep runs: 26.5e12 FLOPs to go at the sweep's measured 1e10 FLOPs/s x 2 workers
-    assert "0/4 finished, 1 running, 1 failed, 1 locked | ETA 22.1 min (2 worker(s))" in text
+    # the cells this sweep runs: 26.5e12 FLOPs to go at the sweep's measured 1e10 FLOPs/s, and 3 of
+    # them to start at its measured 10 s each, over 2 workers
+    assert "0/4 finished, 1 running, 1 failed, 1 locked | ETA 22.3 min (2 worker(s))" in text
     assert "[1/4] done        nfb__C4e12\n" in text and "\r" in text and logged == []
     assert "1.50T/28.0T FLOP" in text  # trained / planned FLOPs of those cells
 

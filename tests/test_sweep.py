@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from support import SWEEP_STUDY as STUDY
+
 from convscale.errors import UserError
 from convscale.sweep import (
     COLUMNS,
@@ -27,32 +29,6 @@ from convscale.train.config import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
-STUDY = """
-name = "t"
-[data]
-kind = "procedural"
-resolution = 16
-num_classes = 10
-heldout_images = 64
-[train]
-batch_size = 32
-precision = "fp32"
-[[family]]
-name = "nfnet"
-models = ["nfnet-tiny"]
-optimizer = "sgd_agc"
-lr_center = 0.2
-lr_factors = [0.5, 2]
-[family.train]
-agc_exempt_scalar_gains = true
-[[family]]
-name = "vit"
-models = ["vit-tiny"]
-optimizer = "adamw"
-lrs = [0.004]
-[budgets]
-{budgets}
-"""
 
 
 def study_from(tmp_path: Path, budgets: str = "images = [64, 128]", text: str = STUDY) -> StudyConfig:

@@ -3,6 +3,8 @@
     convscale sweep plan studies/example.toml            # cells, FLOPs, measured time estimate
     convscale sweep run studies/example.toml --jobs 2    # run here (skips finished cells)
     convscale sweep run STUDY.toml --executor slurm --partition gpu --gpus-per-node 1 --time 4:00:00
+    convscale sweep run studies/example.toml --set warmup_fraction=0.1 --set data.seed=1
+    convscale sweep run studies/example.toml --smoke     # the whole path in about a minute
     convscale sweep status sweeps/example                # cells per state, FLOPs done, ETA, frontier
     convscale sweep collect sweeps/example               # results.parquet / results.csv
 """
@@ -30,6 +32,7 @@ def register(subparsers) -> None:
     plan.add_argument("--probe-seconds", type=float, default=1.0, help="seconds of timed steps per model")
     plan.add_argument("--mfu", type=float, default=None, help="assumed MFU on reference hardware (default 0.4)")
     plan.add_argument("--commands", action="store_true", help="also print each cell's `convscale train` command")
+    _study_flags(plan)
     plan.set_defaults(func=cmd_plan)
 
     run = sub.add_parser("run", help="run every unfinished cell (finished ones are skipped)")
@@ -47,6 +50,7 @@ def register(subparsers) -> None:
                      help="run only cells whose id contains TEXT (repeatable)")
     run.add_argument("--dry-run", action="store_true",
                      help="write the sweep dir and print each cell's command, run nothing")
+    _study_flags(run)
     run.set_defaults(func=cmd_run)
 
     sweep_status.register(sub)
@@ -56,6 +60,26 @@ def register(subparsers) -> None:
     col.add_argument("--format", choices=["table", "csv", "json"], default="table")
     col.set_defaults(func=cmd_collect)
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
+
+
+def _study_flags(p) -> None:
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a setting of every cell, as `train --set` takes it: warmup_fraction=0.1, data.seed=1, "
+                        "model_overrides.drop_path_rate=0.1 (repeatable; recorded in the sweep dir's study.json)")
+    p.add_argument("--smoke", action="store_true",
+                   help="shrink the study to a check of the whole path in about a minute (1 lr per family, "
+                        "2 budgets of 2 and 4 steps of 8 images, 64 held-out images; then fit and report), "
+                        "into its own directory (default sweeps/<name>-smoke)")
+
+
+def _load(args):
+    """The study of ``args.study`` with ``--set`` and ``--smoke`` applied."""
+    from convscale.cli.train import parse_set
+    from convscale.sweep.smoke import smoke_study
+    from convscale.sweep.study import load_study, with_overrides
+
+    study = with_overrides(load_study(args.study), parse_set(args.set))
+    return smoke_study(study) if args.smoke else study
 
 
 def _sweep_dir(args, study) -> Path:
@@ -100,15 +124,13 @@ def _both_plans(study, plan) -> str:
     cooldown where its schedule has none)."""
     import dataclasses
 
-    from convscale.sweep.planner import plan_cost, plan_study
-    from convscale.train.config import TrainConfig, apply_overrides, build_schedule
+    from convscale.sweep.planner import base_train_config, plan_cost, plan_study
+    from convscale.train.config import build_schedule
 
     other = dataclasses.replace(study, cooldown_branches=not study.cooldown_branches)
     if other.cooldown_branches:
-        has_cooldown = all(
-            build_schedule(apply_overrides(TrainConfig(data=study.data), {
-                k: v for k, v in {**study.train, **f.train}.items() if k != "model_overrides"}), 1000
-            ).cooldown_start_step is not None for f in study.families)
+        has_cooldown = all(build_schedule(base_train_config(study, f), 1000).cooldown_start_step is not None
+                           for f in study.families)
         if not has_cooldown:
             other = dataclasses.replace(other, train={**study.train, "schedule": "wsd", "schedule_options": {}},
                                         families=tuple(dataclasses.replace(f, train={
@@ -130,7 +152,6 @@ def cmd_plan(args) -> int:
     from convscale.sweep import probe as probe_mod
     from convscale.sweep.planner import base_train_config, data_facts, plan_cost, plan_study
     from convscale.sweep.progress import format_seconds as _fmt_seconds
-    from convscale.sweep.study import load_study
     from convscale.sweep.sweepdir import SweepDir
 
     from convscale.cli.checks import check_number
@@ -138,7 +159,7 @@ def cmd_plan(args) -> int:
     if args.jobs < 1:
         raise UserError(f"--jobs must be >= 1, got {args.jobs}")
     check_number("--probe-seconds", args.probe_seconds, 0, 3600)
-    study = load_study(args.study)
+    study = _load(args)
     plan = plan_study(study)
     sweep = SweepDir(_sweep_dir(args, study))
     mfu = args.mfu if args.mfu is not None else probe_mod.DEFAULT_MFU
@@ -220,14 +241,15 @@ def cmd_plan(args) -> int:
 
 def cmd_run(args) -> int:
     from convscale.sweep.run import run_sweep
-    from convscale.sweep.study import load_study
+    from convscale.sweep.smoke import check_no_mixing
 
-    study = load_study(args.study)
+    study = _load(args)
     root = _sweep_dir(args, study)
     if args.dry_run:
         from convscale.sweep.planner import plan_study
         from convscale.sweep.sweepdir import SweepDir
 
+        check_no_mixing(root, study)
         plan = plan_study(study)
         sweep = SweepDir(root)
         sweep.prepare(plan)
@@ -239,7 +261,13 @@ def cmd_run(args) -> int:
     out = run_sweep(study, root, executor=args.executor, only=args.only, options=executor_options(args))
     if out.failed:
         return 1
-    return 130 if out.interrupted else 0
+    if out.interrupted:
+        return 130
+    if args.smoke:  # the rest of the path: fit the smoke results and write their report
+        from convscale.demo import fit_and_report
+
+        print(f"smoke check passed: report {fit_and_report(out.root)}")
+    return 0
 
 
 def executor_options(args) -> dict:

@@ -14,9 +14,11 @@ from convscale.errors import UserError
 HELP = """cells per state (done, running, failed, diverged, locked, pending), training FLOPs done of
 planned, an ETA and each family's frontier so far (best held-out loss per budget).
 
-ETA = remaining training FLOPs / (measured FLOPs per second of one worker x --jobs). The
-throughput is the FLOPs trained divided by the wall seconds they took, over the finished cells
-(result.json) and the started ones (their last metrics.jsonl row); cell start-up is not counted.
+ETA = (remaining training FLOPs / measured FLOPs per second of one worker + cells still to start
+x measured start-up per cell) / --jobs. The throughput is the FLOPs trained divided by the wall
+seconds they took, over the finished cells (result.json) and the started ones (their last
+metrics.jsonl row); a cell's start-up is the time from its launch to its result less its
+training seconds, averaged over the finished cells.
 running: a sweep holds the cell's lock; locked: a `convscale train` outside any sweep trains the
 run directory, so no sweep can run the cell until it ends."""
 
@@ -69,9 +71,12 @@ def cmd_status(args) -> int:
     if rate is None:
         print(f"ETA: unknown (no cell has trained yet), with {workers} worker(s)")
     else:
-        print(f"throughput: {rate:.4g} FLOPs/s per worker, measured over {p.measured_cells} cell(s)")
-        print(f"ETA: {format_seconds(eta)} ({p.remaining_flops:.4g} FLOPs / ({rate:.4g} FLOPs/s x {workers} "
-              f"worker(s)); cell start-up not counted)")
+        startup = p.startup_seconds
+        to_start = sum(c.to_start for c in p.cells)
+        print(f"throughput: {rate:.4g} FLOPs/s per worker, measured over {p.measured_cells} cell(s); start-up "
+              + ("not measured yet" if startup is None else f"{startup:.1f} s per cell"))
+        print(f"ETA: {format_seconds(eta)} (({p.remaining_flops:.4g} FLOPs / {rate:.4g} FLOPs/s + {to_start} cell(s) "
+              f"to start x {startup or 0:.1f} s) / {workers} worker(s))")
     if not frontiers:
         print("frontier: no cell done yet")
     for fam, fr in frontiers.items():

@@ -72,13 +72,7 @@ def build_config(args: argparse.Namespace):
             cfg = TrainConfig.from_dict({**cfg.to_dict(), **_load_json(path)})
         except TypeError as e:
             raise UserError(f"config file {path}: {e}; fix the field's value") from None
-    overrides: dict[str, object] = {}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise UserError(f"--set expects KEY=VALUE, got {item!r}")
-        overrides[key.strip()] = value
-    cfg = apply_overrides(cfg, overrides)
+    cfg = apply_overrides(cfg, parse_set(args.set))
     flags = {name: getattr(args, name) for name in [*FLAGS, "init_from", "agc_exempt_scalar_gains", "compile",
                                                  "activation_checkpointing", "quiet"]}
     data_flags = {"data.kind": args.data_kind, "data.path": args.data_path,
@@ -90,6 +84,17 @@ def build_config(args: argparse.Namespace):
     cfg = cfg.replace(run_dir=args.run_dir)
     cfg.validate()
     return cfg
+
+
+def parse_set(items: list[str]) -> dict[str, str]:
+    """``--set KEY=VALUE`` items as ``{key: value}`` (values as typed; ``apply_overrides`` converts them)."""
+    overrides: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--set expects KEY=VALUE, got {item!r}")
+        overrides[key.strip()] = value
+    return overrides
 
 
 def _load_json(path: Path) -> dict:

@@ -5,6 +5,7 @@ plain lines the sweep always printed."""
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 import threading
 from pathlib import Path
@@ -13,12 +14,13 @@ from typing import Callable, Iterable, Optional, TextIO
 from convscale.sweep.progress import SweepProgress, format_seconds, read_progress
 
 
-def live_text(p: SweepProgress, workers: int, flops_per_second: Optional[float] = None) -> str:
+def live_text(p: SweepProgress, workers: int, flops_per_second: Optional[float] = None,
+              startup_seconds: Optional[float] = None) -> str:
     """'3/12 finished, 2 running, 1 failed | ETA 3.5 min (2 worker(s))': the line's words."""
     counts = p.counts
     finished = counts["done"] + counts["diverged"]
     others = ", ".join(f"{counts[s]} {s}" for s in ("running", "failed", "locked", "diverged") if counts[s])
-    eta = p.eta_seconds(workers, flops_per_second)
+    eta = p.eta_seconds(workers, flops_per_second, startup_seconds)
     return (f"{finished}/{len(p.cells)} finished" + (f", {others}" if others else "")
             + f" | ETA {'measuring' if eta is None else format_seconds(eta)} ({workers} worker(s))")
 
@@ -41,9 +43,7 @@ class LiveLine:
 
     @property
     def enabled(self) -> bool:
-        try:
-            import tqdm  # noqa: F401
-        except ImportError:  # an install without it: plain lines
+        if importlib.util.find_spec("tqdm") is None:  # an install without it: plain lines
             return False
         if self._enabled is not None:
             return self._enabled
@@ -71,17 +71,17 @@ class LiveLine:
             self.bar.close()
             self.bar = None
 
-    def progress(self) -> tuple[SweepProgress, Optional[float]]:
-        """The cells this line follows, and the throughput measured over the whole sweep."""
+    def progress(self) -> tuple[SweepProgress, Optional[float], Optional[float]]:
+        """The cells this line follows, and the throughput and start-up measured over the whole sweep."""
         p = read_progress(self.root)
-        return p.subset(self.cell_ids), p.flops_per_second
+        return p.subset(self.cell_ids), p.flops_per_second, p.startup_seconds
 
-    def refresh(self, progress: Optional[tuple[SweepProgress, Optional[float]]] = None) -> None:
+    def refresh(self, progress: Optional[tuple[SweepProgress, Optional[float], Optional[float]]] = None) -> None:
         if self.bar is None:
             return
-        p, rate = progress or self.progress()
+        p, rate, startup = progress or self.progress()
         self.bar.n = p.done_flops
-        self.bar.set_description_str(live_text(p, self.workers, rate), refresh=False)
+        self.bar.set_description_str(live_text(p, self.workers, rate, startup), refresh=False)
         self.bar.refresh()
 
     def write(self, msg: str) -> None:

@@ -132,17 +132,19 @@ def make_trunk_id(model: str, lr: float, family: Optional[str] = None, seed_inde
 
 
 def base_train_config(study: StudyConfig, fam: FamilySpec):
-    """The TrainConfig shared by a family's cells (study [train], then the family's overrides)."""
+    """The TrainConfig shared by a family's cells (study [train], the family's overrides, then the
+    study's ``overrides``: `sweep run --set`)."""
     from convscale.train.config import TrainConfig, apply_overrides
 
     from convscale.train.precision import resolve_precision
 
     kw = {**study.train, **fam.train}
     model_overrides = dict(kw.pop("model_overrides", {}) or {})
-    cfg = apply_overrides(TrainConfig(data=study.data), kw)
+    cfg = apply_overrides(TrainConfig(data=study.data), kw).replace(model_overrides=model_overrides)
+    cfg = apply_overrides(cfg, study.overrides)  # `sweep run --set`: over every table of the study
     # "auto" is resolved here, for the study's device: every cell records the same numerics
     precision = resolve_precision(cfg.precision, "cuda" if study.data.device == "cuda" else "cpu")
-    return cfg.replace(model_overrides=model_overrides, optimizer=fam.optimizer, precision=precision)
+    return cfg.replace(optimizer=fam.optimizer, precision=precision)
 
 
 def cell_train_config(study: StudyConfig, cell: Cell, run_dir: str, data_path: Optional[str] = None):

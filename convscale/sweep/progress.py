@@ -11,11 +11,13 @@ training FLOPs of every cell; done is what the runs trained so far: a finished c
 unfinished cells (a diverged cell stopped early and will not train more).
 
 ETA (`sweep status`, and the live line of `sweep run` over the cells it runs): the measured
-throughput of one worker is the FLOPs trained divided by the wall seconds spent
-training them, summed over the finished cells (result.json ``wall_seconds``) and the started ones
-(their last metrics.jsonl row), so it weighs each cell by its FLOPs; ETA = remaining FLOPs /
-(throughput x workers). It leaves out each cell's start-up (imports, data, first evaluation) and
-assumes the remaining cells train as fast, per FLOP, as the measured ones.
+throughput of one worker is the FLOPs trained divided by the wall seconds spent training them,
+summed over the finished cells (result.json ``wall_seconds``) and the started ones (their last
+metrics.jsonl row), so it weighs each cell by its FLOPs. A cell's start-up (process, imports, data,
+model) is measured on the finished cells as the time from its launch (launches/<cell>.json) to its
+result.json, less its training seconds. ETA = (remaining FLOPs / throughput + cells still to start
+x mean start-up) / workers: it assumes the remaining cells train as fast, per FLOP, as the
+measured ones, and the workers stay busy.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from convscale.sweep.fsutil import read_json
 from convscale.sweep.sweepdir import FINISHED, SweepDir
 
 #: the order in which states are listed
@@ -65,6 +68,12 @@ class CellProgress:
     planned_flops: float  # training FLOPs the plan gives the cell
     done_flops: float  # training FLOPs its run has trained so far
     wall_seconds: float  # wall seconds its run has trained them in (0: not started)
+    startup_seconds: Optional[float] = None  # finished cells: launch to result.json, less training
+
+    @property
+    def to_start(self) -> bool:
+        """Whether a worker has yet to start the cell (it is neither finished nor running)."""
+        return self.state not in FINISHED and self.state != "running"
 
     @property
     def remaining_flops(self) -> float:
@@ -107,13 +116,24 @@ class SweepProgress:
             return None
         return sum(c.done_flops for c in measured) / sum(c.wall_seconds for c in measured)
 
-    def eta_seconds(self, workers: int, flops_per_second: Optional[float] = None) -> Optional[float]:
+    @property
+    def startup_seconds(self) -> Optional[float]:
+        """Mean measured start-up of a cell (None before a cell with a launch record has finished)."""
+        measured = [c.startup_seconds for c in self.cells if c.startup_seconds is not None]
+        return sum(measured) / len(measured) if measured else None
+
+    def eta_seconds(self, workers: int, flops_per_second: Optional[float] = None,
+                    startup_seconds: Optional[float] = None) -> Optional[float]:
         """Seconds until every unfinished cell is trained by ``workers`` cells at once, at the
-        measured throughput or at ``flops_per_second`` per worker (None: nothing measured yet)."""
+        measured throughput and start-up, or at the given ones (None: nothing measured yet)."""
         if self.remaining_flops == 0:
             return 0.0
         rate = flops_per_second or self.flops_per_second
-        return None if rate is None else self.remaining_flops / (rate * max(1, workers))
+        if rate is None:
+            return None
+        startup = startup_seconds if startup_seconds is not None else (self.startup_seconds or 0.0)
+        to_start = sum(c.to_start for c in self.cells)
+        return (self.remaining_flops / rate + to_start * startup) / max(1, workers)
 
     def subset(self, cell_ids: set[str]) -> "SweepProgress":
         """The progress of some of the cells (the ones a sweep invocation runs)."""
@@ -124,6 +144,7 @@ class SweepProgress:
                 "planned_flops": self.planned_flops, "done_flops": self.done_flops,
                 "remaining_flops": self.remaining_flops, "measured_cells": self.measured_cells,
                 "flops_per_second_per_worker": self.flops_per_second, "workers": workers,
+                "startup_seconds": self.startup_seconds, "cells_to_start": sum(c.to_start for c in self.cells),
                 "eta_seconds": self.eta_seconds(workers)}
 
 
@@ -134,14 +155,28 @@ def read_progress(root: str | Path) -> SweepProgress:
     out = SweepProgress(root=sweep.root, study=study.name)
     for c in cells:
         state = sweep.state(c.cell_id)
+        startup = None
         if state in FINISHED:
             res = sweep.result(c.cell_id) or {}
             done, seconds = _num(res.get("train_flops")), _num(res.get("wall_seconds"))
+            startup = _startup_seconds(sweep, c.cell_id, seconds)
         else:
             row = last_jsonl_row(sweep.run_dir(c.cell_id) / METRICS_FILE) or {}
             done, seconds = _num(row.get("train_flops")), _num(row.get("wall_seconds"))
-        out.cells.append(CellProgress(c.cell_id, c.family, state, float(c.train_flops), done, seconds))
+        out.cells.append(CellProgress(c.cell_id, c.family, state, float(c.train_flops), done, seconds, startup))
     return out
+
+
+def _startup_seconds(sweep: SweepDir, cell_id: str, train_seconds: float) -> Optional[float]:
+    """Launch to result.json less the training seconds; None without a launch record (a cell run
+    by hand) or when the run trained over several launches (its seconds span more than this one)."""
+    started = _num((read_json(sweep.launch_path(cell_id)) or {}).get("started"))
+    try:
+        ended = (sweep.run_dir(cell_id) / "result.json").stat().st_mtime
+    except OSError:
+        return None
+    startup = ended - started - train_seconds
+    return startup if started and startup >= 0 else None
 
 
 def format_seconds(s: Optional[float]) -> str:
@@ -153,13 +188,3 @@ def format_seconds(s: Optional[float]) -> str:
     if s < 7200:
         return f"{s / 60:.1f} min"
     return f"{s / 3600:.1f} h"
-
-
-def summary_line(p: SweepProgress, workers: int) -> str:
-    """One line: cells per state, FLOPs done of planned, ETA (the live line and `sweep status`)."""
-    counts = ", ".join(f"{n} {s}" for s, n in p.counts.items() if n)
-    share = p.done_flops / p.planned_flops if p.planned_flops else 0.0
-    eta = p.eta_seconds(workers)
-    eta_text = "measuring" if eta is None else format_seconds(eta)
-    return (f"{len(p.cells)} cells ({counts}); {p.done_flops:.3g} of {p.planned_flops:.3g} training FLOPs "
-            f"({100 * share:.1f}%); ETA {eta_text} with {workers} worker(s)")

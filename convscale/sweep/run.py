@@ -55,12 +55,14 @@ def run_sweep(
     from convscale.sweep.live import LiveLine
     from convscale.sweep.planner import plan_study
     from convscale.sweep.results import collect, write_results
+    from convscale.sweep.smoke import check_no_mixing
     from convscale.sweep.sweepdir import SweepDir
 
     if options is None:
         options = {"jobs": jobs} if executor == "local" else dict(slurm or {})
     config = executor_config(executor, options)
     runner = build_executor(executor, config)  # bad options are refused before anything is written
+    check_no_mixing(root, study)
     plan = plan_study(study)
     sweep = SweepDir(root)
     sweep.prepare(plan)

@@ -38,6 +38,11 @@ cooldown start (sweep/planner.py): the same runs as one per budget, for the trun
 cooldowns' compute. Warm-up is then a fixed number of steps for every budget (``warmup_steps``, or
 ``warmup_fraction`` of the smallest budget's steps), so the branches share their prefix.
 
+A top-level ``overrides`` table holds settings in the form of `train --set` (``warmup_fraction =
+0.1``, ``"model_overrides.drop_path_rate" = 0.1``: dotted keys quoted in TOML) applied to every cell
+over all of the above; `sweep run --set` writes them there (``with_overrides``), so the sweep dir's
+study.json records them.
+
 A top-level ``share_procedural_data = true`` makes `sweep run` generate the procedural training
 stream once (as many images as the longest cell needs) and point every cell's ``data.path`` at it.
 """
@@ -128,6 +133,8 @@ class StudyConfig:
     def seeds_of(self, family: FamilySpec) -> int:
         """Runs per cell of ``family``: its own ``seeds`` if given, else the study's."""
         return family.seeds if family.seeds is not None else self.seeds
+    #: `train --set`-style ``key: value`` settings over [train] and every [family.train] (`sweep run --set`)
+    overrides: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -291,7 +298,7 @@ def _parse_budgets(d: Any) -> Budgets:
 def parse_study(raw: dict[str, Any], where: str = "study") -> StudyConfig:
     """Validate a parsed study (TOML or JSON) and build the typed config."""
     top = ("name", "data", "train", "family", "families", "budgets", "share_procedural_data", "seeds",
-           "cooldown_branches")
+           "cooldown_branches", "overrides")
     _check_keys(raw, top, where)
     name = raw.get("name")
     if not isinstance(name, str) or not _SAFE_NAME.match(name):
@@ -320,10 +327,39 @@ def parse_study(raw: dict[str, Any], where: str = "study") -> StudyConfig:
     branches = raw.get("cooldown_branches", False)
     if not isinstance(branches, bool):
         raise UserError(f"{where}: cooldown_branches must be true or false, got {branches!r}")
+    overrides = raw.get("overrides", {})
+    _check_cell_fields(overrides, f"{where} overrides")
     study = StudyConfig(name=name, data=data, families=families, budgets=budgets, train=train,
-                        share_procedural_data=share, seeds=seeds, cooldown_branches=branches)
+                        share_procedural_data=share, seeds=seeds, cooldown_branches=branches,
+                        overrides=dict(overrides))
     _check_types(study)
     return study
+
+
+def _check_cell_fields(overrides: Any, where: str) -> None:
+    if not isinstance(overrides, dict):
+        raise UserError(f"{where} must be a table of key = value settings")
+    taken = sorted(k for k in overrides if k.partition(".")[0] in CELL_FIELDS)
+    if taken:
+        raise UserError(f"{where} sets {taken}, which the sweep sets per cell from the study's [[family]] "
+                        f"models / optimizer / lrs and its [budgets]; change those in the study file instead")
+
+
+def with_overrides(study: StudyConfig, overrides: dict[str, Any], where: str = "--set") -> StudyConfig:
+    """The study with `train --set`-style settings applied to every cell (``convscale.train.config.
+    apply_overrides`` reads them): ``data.<field>`` goes to the study's data, anything else over
+    [train] and each [family.train]. A field the sweep sets per cell (model, lr, budgets) is a UserError."""
+    if not overrides:
+        return study
+    from convscale.train.config import TrainConfig, apply_overrides
+
+    data_keys = {k: v for k, v in overrides.items() if k.startswith("data.")}
+    rest = {k: v for k, v in overrides.items() if k not in data_keys}
+    _check_cell_fields(rest, where)
+    data = apply_overrides(TrainConfig(data=study.data), data_keys).data if data_keys else study.data
+    new = dataclasses.replace(study, data=data, overrides={**study.overrides, **rest})
+    _check_types(new)
+    return new
 
 
 def _check_types(study: StudyConfig) -> None:
@@ -335,9 +371,9 @@ def _check_types(study: StudyConfig) -> None:
         model_overrides = kw.pop("model_overrides", {})
         if not isinstance(model_overrides, dict):
             raise UserError(f"[[family]] {fam.name!r}: model_overrides must be a table")
-        cfg = apply_overrides(TrainConfig(data=study.data), kw)
+        cfg = apply_overrides(TrainConfig(data=study.data), kw).replace(model_overrides=model_overrides)
+        cfg = apply_overrides(cfg, study.overrides)
         cfg = cfg.replace(
-            model_overrides=model_overrides,
             optimizer=fam.optimizer,
             lr=fam.learning_rates()[0],
             images=cfg.batch_size,
