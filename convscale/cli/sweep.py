@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from convscale.errors import UserError
+from convscale.status import EXIT_DONE, EXIT_FAILED, EXIT_INTERRUPTED, FINISHED
 
 
 def register(subparsers) -> None:
@@ -199,7 +200,7 @@ def cmd_run(args) -> int:
         sweep.prepare(plan)
         for c in plan.cells:
             if (not args.only or any(t in c.cell_id for t in args.only)) and \
-                    sweep.state(c.cell_id) not in ("done", "diverged"):
+                    sweep.state(c.cell_id) not in FINISHED:
                 print("  " + sweep.train_command_text(c.cell_id))
         return 0
     slurm = None
@@ -208,9 +209,7 @@ def cmd_run(args) -> int:
                      cpus_per_task=args.cpus_per_task, timeout_minutes=parse_minutes(args.time),
                      cluster=args.cluster)
     out = run_sweep(study, root, executor=args.executor, jobs=args.jobs, only=args.only, slurm=slurm)
-    if out.failed:
-        return 1
-    return 130 if out.interrupted else 0
+    return EXIT_FAILED if out.failed else EXIT_INTERRUPTED if out.interrupted else EXIT_DONE
 
 
 def cmd_collect(args) -> int:

@@ -23,10 +23,11 @@ import numpy as np
 import pandas as pd
 
 from convscale.errors import UserError
+from convscale.fileio import json_clean
 from convscale.report.inputs import SweepInputs
 from convscale.report.laws import LawCurve, compute_samples, interpolate_compute, law_curve
 from convscale.scaling import Estimate
-from convscale.scaling.robust import estimate, json_clean
+from convscale.scaling.robust import estimate
 
 BUDGET_MATCH_RTOL = 0.10  # budgets of two families within 10% are the same budget (step rounding)
 #: the paper's headline pair, compared first (first / second) when both are in the sweep

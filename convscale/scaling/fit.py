@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from convscale.errors import UserError
+from convscale.fileio import atomic_write_json, json_clean
 from convscale.scaling.design import GRID, ISOFLOP, Replicates, build_points, detect_design, k_of_params, smooth_surface
 from convscale.scaling.extrapolate import ExtrapolationCheck, extrapolation_from_replicates
 from convscale.scaling.frontier import METHOD_TEXT as FRONTIER_TEXT
@@ -41,7 +42,7 @@ from convscale.scaling.optimal import (
 )
 from convscale.scaling.parametric import ParametricFit, parametric_from_replicates
 from convscale.scaling.powerlaw import PowerLawFit, power_law_from_replicates
-from convscale.scaling.robust import DEFAULT_LEVEL, estimate, json_clean, single_threaded_blas
+from convscale.scaling.robust import DEFAULT_LEVEL, estimate, single_threaded_blas
 from convscale.scaling.table import RESULTS_FILES, flops_per_param_sample, load_results, prepare_table
 
 DEFAULT_BOOTSTRAP = 1000
@@ -380,23 +381,10 @@ FIT_FILE = "fit.json"
 
 def write_fit(path: str | Path, fit: StudyFit) -> Path:
     """Write ``fit`` as JSON to ``path`` atomically (a reader never sees half a file)."""
-    import json
-    import os
-    import tempfile
-
     target = Path(path)
     if not target.parent.is_dir():
         raise UserError(f"directory {target.parent} does not exist; create it or choose another path for the fit")
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(fit.to_dict(), indent=1, allow_nan=False) + "\n")
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return target
+    return atomic_write_json(target, fit.to_dict(), indent=1, sort_keys=False, allow_nan=False)
 
 
 def read_fit(path: str | Path) -> StudyFit | None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from convscale.fileio import json_clean
 from convscale.scaling.design import ISOFLOP, Points
 
 METHOD_BUDGET, METHOD_PARETO = "budget", "pareto"
@@ -143,6 +144,4 @@ def frontier(runs: pd.DataFrame, design: str | None = None) -> tuple[pd.DataFram
 
 def frontier_records(rows: pd.DataFrame) -> list[dict]:
     """Frontier rows as JSON-able dicts (NaN -> None)."""
-    from convscale.scaling.robust import json_clean
-
     return json_clean(rows.to_dict(orient="records"))

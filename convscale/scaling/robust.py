@@ -56,21 +56,6 @@ def _num(x: float) -> float | None:
     return x if math.isfinite(x) else None
 
 
-def json_clean(obj: Any) -> Any:
-    """``obj`` with every non-finite float (NaN, inf) replaced by None and numpy scalars unboxed."""
-    if isinstance(obj, dict):
-        return {str(k): json_clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_clean(v) for v in obj]
-    if isinstance(obj, (bool, np.bool_)):
-        return bool(obj)
-    if isinstance(obj, (int, np.integer)):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        return _num(obj)
-    return obj
-
-
 def _from_num(x: Any) -> float:
     return float("nan") if x is None else float(x)
 

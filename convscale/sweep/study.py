@@ -130,7 +130,7 @@ class StudyConfig:
         return parse_study(json.loads(text))
 
     def write(self, path: str | Path) -> None:
-        from convscale.sweep.fsutil import atomic_write_text
+        from convscale.fileio import atomic_write_text
 
         atomic_write_text(Path(path), self.to_json() + "\n")
 

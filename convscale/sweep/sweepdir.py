@@ -20,12 +20,12 @@ from pathlib import Path
 from typing import Any, Optional
 
 from convscale.errors import UserError
-from convscale.sweep.fsutil import atomic_write_json, atomic_write_text, read_json
+from convscale.fileio import atomic_write_json, atomic_write_text, read_json
+from convscale.status import FAILED, FINISHED, PENDING, RUNNING
 from convscale.sweep.locking import is_locked
 from convscale.sweep.planner import Cell, Plan, cell_train_config
 from convscale.sweep.study import StudyConfig
 
-FINISHED = ("done", "diverged")  # train's result.json statuses: such a cell never runs again
 
 
 def _numbers_part(train_config: dict[str, Any]) -> dict[str, Any]:
@@ -176,10 +176,10 @@ class SweepDir:
         if res is not None and res.get("status") in FINISHED:
             return res["status"]
         if is_locked(self.lock_path(cell_id)):
-            return "running"
+            return RUNNING
         if self.failure_path(cell_id).is_file():
-            return "failed"
-        return "pending"
+            return FAILED
+        return PENDING
 
     def train_command(self, cell_id: str, prefix: Optional[list[str]] = None) -> list[str]:
         """The command that runs (or resumes) the cell, exactly as a human could type it."""

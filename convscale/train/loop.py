@@ -63,7 +63,7 @@ from convscale.train.optim import build_optimizer, clip_global_norm_, set_lr
 from convscale.train.sam import sam_ascend_, sam_restore_
 from convscale.train.schedule import lr_at
 
-EXIT_DIVERGED = 3  # `convscale train` exit code of a run that diverged (0 done, 2 user error)
+from convscale.status import EXIT_DIVERGED  # noqa: E402,F401  (`convscale train`'s exit code of a diverged run)
 def _precision_for(cfg: TrainConfig, run_dir: Path, device_type: str, restart: bool) -> str:
     """The run's precision: an explicit one, else (``auto``) the one the run was started with when
     it resumes (its numerics stay those of its first machine), else what this device does natively."""
