@@ -10,17 +10,17 @@ its training FLOPs are within half a batch of the budget.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from convscale.errors import UserError
+from convscale.serde import Serde, to_dict
 from convscale.sweep.study import FamilySpec, StudyConfig
 
 
 @dataclass(frozen=True)
-class Cell:
+class Cell(Serde):
     """One planned training run. FLOPs follow models/base.py (2 x MACs; training = 3 x forward per
     forward-backward pass, two passes per step with SAM). Fields after ``budget_flops`` were added
     later: plan.json files written before them read as None."""
@@ -48,13 +48,6 @@ class Cell:
     eval_resolution: Optional[int] = None  # px of the held-out evaluation (TrainConfig.eval_resolution)
     precision: Optional[str] = None  # bf16 | fp32, "auto" resolved when the study was planned
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Cell":
-        return cls(**d)
-
 
 @dataclass(frozen=True)
 class Skipped:
@@ -78,7 +71,7 @@ class Plan:
             "study": self.study.name,
             "epoch_images": self.epoch_images,
             "cells": [c.to_dict() for c in self.cells],
-            "skipped": [dataclasses.asdict(s) for s in self.skipped],
+            "skipped": [to_dict(s) for s in self.skipped],
         }
 
     def to_json(self) -> str:

@@ -162,8 +162,9 @@ class SweepDir:
         plan = read_json(self.plan_path)
         try:
             return study, [Cell.from_dict(c) for c in plan["cells"]]
-        except (TypeError, KeyError, ValueError):
-            raise UserError(f"{self.plan_path} is damaged; rerun `convscale sweep run STUDY.toml --dir {self.root}` "
+        except (TypeError, KeyError, ValueError, UserError) as e:
+            detail = f" ({e})" if isinstance(e, UserError) else ""
+            raise UserError(f"{self.plan_path} is damaged{detail}; rerun `convscale sweep run STUDY.toml --dir {self.root}` "
                             f"to rewrite it (finished cells are kept)") from None
 
     def result(self, cell_id: str) -> Optional[dict[str, Any]]:
