@@ -45,7 +45,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
     file next to ``path``, then fsync it and rename it over ``path``. Returns ``path``.
 
     The parent directory is created if missing; on any error (or a kill) the target is untouched and
-    the temporary file removed (a SIGKILL leaves it: it starts with ``TMP_PREFIX``).
+    the temporary file removed (a SIGKILL leaves it: it starts with ``TMP_PREFIX``). Its name does not
+    end like the target's (a glob for ``*.json`` never sees it): give writers that guess the format
+    from the name the format (``savefig(p, format="png")``), and ``np.save`` an open file, not the name.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from convscale.errors import UserError
-from convscale.fileio import atomic_write_json
+from convscale.fileio import atomic_write_json, json_clean
 from convscale.scaling.design import GRID, ISOFLOP, Replicates, build_points, detect_design, k_of_params, smooth_surface
 from convscale.scaling.extrapolate import ExtrapolationCheck, extrapolation_from_replicates
 from convscale.scaling.frontier import METHOD_TEXT as FRONTIER_TEXT
@@ -170,7 +170,7 @@ def _rng(seed: int, family: str) -> np.random.Generator:
 
 
 def _rows(a: np.ndarray) -> list[list[float]]:
-    return [[float(v) if np.isfinite(v) else None for v in row] for row in np.atleast_2d(a)] if np.size(a) else []
+    return json_clean(np.atleast_2d(np.asarray(a, dtype=float))) if np.size(a) else []
 
 
 def _fit_family(

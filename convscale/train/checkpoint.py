@@ -29,7 +29,7 @@ from torch import nn
 from torch.distributed.tensor import distribute_tensor
 
 from convscale.errors import UserError
-# atomic_write_json and TMP_PREFIX are imported from here by the trainer and rundir
+# atomic_write_json: the trainer (train/loop.py) imports it from here
 from convscale.fileio import TMP_PREFIX, atomic_write, atomic_write_json, fsync_dir  # noqa: F401
 from convscale.train.distributed import has_sharded_params, is_sharded
 
