@@ -22,11 +22,20 @@ Hooks a class may define (each applies at every level of nesting):
     accept what older versions wrote: rename or regroup legacy keys, fill removed ones, refuse a
     layout version it cannot read (raise ``ValueError``);
   * ``serde_write(self, data) -> dict``: called on the written dict, to drop or reshape keys.
+
+For example a config whose flat fields moved into groups still reads its old files with::
+
+    @classmethod
+    def serde_read(cls, data):
+        for key in OPTIM_FIELDS & data.keys():      # {"lr": 0.1} -> {"optim": {"lr": 0.1}}
+            data.setdefault("optim", {})[key] = data.pop(key)
+        return data
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 import math
 import types
@@ -61,22 +70,25 @@ def _write(v: Any) -> Any:
 def from_dict(cls: type[T], data: Any, where: str | None = None) -> T:
     """An instance of the dataclass ``cls`` from ``data`` (``to_dict`` output, or a file written by an
     earlier version that ``cls.serde_read`` accepts); ``where`` names the place in error messages."""
-    where = where or cls.__name__
+    at = f" in {where}" if where else ""
     if not isinstance(data, dict):
-        raise UserError(f"{where}: expected a JSON object for {cls.__name__}, got {type(data).__name__}")
+        raise UserError(f"expected a JSON object for {cls.__name__}{at}, got {type(data).__name__}")
     hook = getattr(cls, "serde_read", None)
     if hook is not None:
         data = hook(dict(data))
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise UserError(f"{where}: unknown key {unknown[0]!r} for {cls.__name__}; valid keys: {sorted(fields)}")
+        close = difflib.get_close_matches(unknown[0], list(fields), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise UserError(f"unknown {cls.__name__} field {unknown[0]!r}{at}{hint}; valid fields: {sorted(fields)}")
     missing = [n for n, f in fields.items() if n not in data and f.default is dataclasses.MISSING
                and f.default_factory is dataclasses.MISSING]
     if missing:
-        raise UserError(f"{where}: missing key {missing[0]!r} for {cls.__name__}")
+        raise UserError(f"missing {cls.__name__} field {missing[0]!r}{at}")
     hints = _hints(cls)
-    return cls(**{k: _read(hints.get(k, Any), v, f"{where}.{k}") for k, v in data.items()})
+    prefix = f"{where}." if where else ""
+    return cls(**{k: _read(hints.get(k, Any), v, prefix + k) for k, v in data.items()})
 
 
 @functools.lru_cache(maxsize=None)

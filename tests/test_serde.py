@@ -84,13 +84,16 @@ def test_read_back_types_nan_and_defaults():
 
 
 def test_unknown_key_is_a_user_error_naming_it():
-    with pytest.raises(UserError, match=r"Law: unknown key 'slop' for Law; valid keys: \[.*'slope'"):
+    with pytest.raises(UserError, match=r"^unknown Law field 'slop'; did you mean 'slope'\?; valid fields: \[.*'r2'"):
         Law.from_dict({"name": "x", "slop": {}, "r2": 1.0})
-    with pytest.raises(UserError, match=r"Law\.slope: unknown key 'mid' for Interval"):
+    with pytest.raises(UserError, match=r"^unknown Interval field 'mid' in slope; valid fields: \['high', 'low'"):
         Law.from_dict({"name": "x", "slope": {"value": 1, "low": 0, "high": 2, "mid": 1}, "r2": 1.0})
-    with pytest.raises(UserError, match=r"Law: missing key 'slope' for Law"):
+    with pytest.raises(UserError, match=r"^unknown Interval field 'hgh' in fit\.json\.per_family\.vit; did you mean"):
+        from_dict(Law, {"name": "x", "slope": {"value": 1, "low": 0, "high": 2}, "r2": 1.0,
+                        "per_family": {"vit": {"value": 1, "low": 0, "hgh": 2}}}, where="fit.json")
+    with pytest.raises(UserError, match=r"^missing Law field 'slope'$"):
         Law.from_dict({"name": "x", "r2": 1.0})
-    with pytest.raises(UserError, match=r"fit\.json: expected a JSON object for Law, got list"):
+    with pytest.raises(UserError, match=r"^expected a JSON object for Law in fit\.json, got list$"):
         from_dict(Law, [1, 2], where="fit.json")
 
 
@@ -99,7 +102,7 @@ def test_hooks_read_legacy_keys_and_shape_what_is_written():
     assert Renamed.from_dict({"learning_rate": 0.2, "note": "n"}) == Renamed(0.2, "n")
     assert Renamed(0.1).to_dict() == {"learning_rate": 0.1}
     assert to_dict(Renamed(0.1, "n")) == {"learning_rate": 0.1, "note": "n"}
-    with pytest.raises(UserError, match="unknown key 'lrr'"):
+    with pytest.raises(UserError, match=r"^unknown Renamed field 'lrr'; valid fields: \['learning_rate', 'note'\]$"):
         Renamed.from_dict({"lrr": 0.1})
 
 
