@@ -3,10 +3,11 @@
 import sys
 
 from convscale import signals
+from convscale.status import EXIT_INTERRUPTED
 
 signals.install()
 try:
     from convscale.cli.main import entry
 except KeyboardInterrupt:  # SIGTERM while importing: nothing has started, nothing to keep
-    sys.exit(130)
+    sys.exit(EXIT_INTERRUPTED)
 entry()

@@ -108,6 +108,7 @@ def test_workers_give_the_same_batches():
 def test_cache_equals_generation_and_falls_back(tmp_path):
     cfg = DataConfig(num_classes=20, resolution=16, seed=7)
     materialize(cfg, 100, str(tmp_path / "c"))
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["images.npy", "labels.npy", "meta.json"]
     cached = build_source(cfg.replace(path=str(tmp_path / "c")))
     fresh = ProceduralSource(cfg)
     for step in (0, 2, 3, 5):  # 96..128 straddles the cache end; 160.. is past it

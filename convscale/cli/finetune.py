@@ -18,7 +18,7 @@ import argparse
 import json
 import sys
 
-EXIT_DIVERGED = 3  # == convscale.train.loop.EXIT_DIVERGED (the loop imports torch; --help must not)
+from convscale.status import DIVERGED, EXIT_DIVERGED, EXIT_DONE
 
 # flag -> TrainConfig field
 FLAGS = {"lr": float, "optimizer": str, "sam_rho": float, "aug_repeats": int, "eval_resolution": int,
@@ -94,4 +94,4 @@ def main(args: argparse.Namespace) -> int:
 
     if is_main_process():  # under torchrun every rank returns the result; one prints it
         print(json.dumps(result, sort_keys=True), file=sys.stdout)
-    return EXIT_DIVERGED if result["status"] == "diverged" else 0
+    return EXIT_DIVERGED if result["status"] == DIVERGED else EXIT_DONE

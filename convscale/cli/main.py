@@ -21,6 +21,7 @@ import traceback
 
 from convscale import signals
 from convscale.errors import UserError
+from convscale.status import EXIT_DONE, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USER_ERROR
 
 # Order is the order shown in --help. A module missing here is a bug, not a user error.
 COMMAND_MODULES = (
@@ -82,14 +83,14 @@ def main(argv: list[str] | None = None, restore_signals: bool = True) -> int:
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
-        return 2
+        return EXIT_USER_ERROR
     # SIGTERM (kill, Slurm pre-emption, a sweep stopping its cells) ends a command the way Ctrl-C
     # does: finally blocks run, locks are released, children are stopped. A second one kills.
     in_main_thread = threading.current_thread() is threading.main_thread()
     old_handler = signals.install() if in_main_thread else None
     try:
         signals.check()  # one that arrived while starting, its interrupt swallowed by an import
-        return int(args.func(args) or 0)
+        return int(args.func(args) or EXIT_DONE)
     except UserError as e:
         print(f"convscale: error: {e}", file=sys.stderr)
         return e.exit_code
@@ -97,15 +98,15 @@ def main(argv: list[str] | None = None, restore_signals: bool = True) -> int:
         print("convscale: interrupted; results already written are kept", file=sys.stderr)
         if restore_signals:
             signals.reset()  # an in-process caller goes on
-        return 130
+        return EXIT_INTERRUPTED
     except BrokenPipeError:
-        return 0
+        return EXIT_DONE
     except OSError as e:
         if e.errno not in FILE_SYSTEM_ERRORS:
             raise
         where = f"{e.filename}: " if e.filename else ""
         print(f"convscale: error: {where}{e.strerror}; {FILE_SYSTEM_ERRORS[e.errno]}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
     finally:
         if in_main_thread and restore_signals:
             signal.signal(signal.SIGTERM, old_handler)
@@ -117,18 +118,18 @@ def entry() -> None:
     The process ends by ``os._exit`` as the last exit handler: the interpreter's own finalisation
     would reset the SIGTERM handler (a late SIGTERM then kills with -15) and may report exit by
     SIGINT (-2) for an interrupt that was caught and handled inside a C extension's call."""
-    exit_code = [130]
+    exit_code = [EXIT_INTERRUPTED]
     atexit.register(_exit_now, exit_code)  # registered first, so it runs after every other one
     try:
         exit_code[0] = main(restore_signals=False)
     except KeyboardInterrupt:  # arrived after main's own handling (its very last lines)
         print("convscale: interrupted; results already written are kept", file=sys.stderr)
-        exit_code[0] = 130
+        exit_code[0] = EXIT_INTERRUPTED
     except SystemExit as e:  # argparse: --help, --version, a usage error
         exit_code[0] = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except BaseException:  # our bug: the traceback, exit 1
         traceback.print_exc()
-        exit_code[0] = 1
+        exit_code[0] = EXIT_FAILED
     signal.signal(signal.SIGTERM, lambda signum, frame: _exit_now(exit_code))
     sys.exit(exit_code[0])
 

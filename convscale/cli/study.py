@@ -20,7 +20,7 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from convscale.errors import UserError
-    from convscale.sweep.fsutil import atomic_write_text
+    from convscale.fileio import atomic_write_text
     from convscale.sweep.presets import preset, to_toml
     from convscale.sweep.study import parse_study
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from convscale.cli import sweep_status
 from convscale.errors import UserError
+from convscale.status import EXIT_DONE, EXIT_FAILED, EXIT_INTERRUPTED, FINISHED
 
 
 def register(subparsers) -> None:
@@ -255,19 +256,19 @@ def cmd_run(args) -> int:
         sweep.prepare(plan)
         for c in plan.cells:
             if (not args.only or any(t in c.cell_id for t in args.only)) and \
-                    sweep.state(c.cell_id) not in ("done", "diverged"):
+                    sweep.state(c.cell_id) not in FINISHED:
                 print("  " + sweep.train_command_text(c.cell_id))
         return 0
     out = run_sweep(study, root, executor=args.executor, only=args.only, options=executor_options(args))
     if out.failed:
-        return 1
+        return EXIT_FAILED
     if out.interrupted:
-        return 130
+        return EXIT_INTERRUPTED
     if args.smoke:  # the rest of the path: fit the smoke results and write their report
         from convscale.demo import fit_and_report
 
         print(f"smoke check passed: report {fit_and_report(out.root)}")
-    return 0
+    return EXIT_DONE
 
 
 def executor_options(args) -> dict:

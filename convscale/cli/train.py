@@ -13,7 +13,7 @@ from pathlib import Path
 
 from convscale.errors import UserError
 
-EXIT_DIVERGED = 3  # == convscale.train.loop.EXIT_DIVERGED (the loop imports torch; --help must not)
+from convscale.status import DIVERGED, EXIT_DIVERGED, EXIT_DONE
 
 # flag -> TrainConfig field (every one of these is also reachable with --set)
 FLAGS = {
@@ -121,4 +121,4 @@ def main(args: argparse.Namespace) -> int:
 
     if is_main_process():  # under torchrun every rank returns the result; one prints it
         print(json.dumps(result, sort_keys=True), file=sys.stdout)
-    return EXIT_DIVERGED if result["status"] == "diverged" else 0
+    return EXIT_DIVERGED if result["status"] == DIVERGED else EXIT_DONE

@@ -16,6 +16,7 @@ import itertools
 import json
 import math
 import os
+from pathlib import Path
 from typing import Iterator, Optional
 
 import numpy as np
@@ -24,6 +25,7 @@ import torch
 from convscale.data import ifs
 from convscale.data.config import WHOLE, DataConfig, part_bounds
 from convscale.errors import UserError
+from convscale.fileio import atomic_write, atomic_write_json
 
 CACHE_FORMAT = "convscale-procedural-v1"
 
@@ -236,26 +238,30 @@ def materialize(cfg: DataConfig, num_images: int, path: str, chunk_images: int =
     (uses ``cfg.workers`` processes); returns ``path``. Point ``cfg.path`` at it to read it back."""
     if num_images < 1:
         raise UserError(f"materialize needs num_images >= 1, got {num_images}")
-    os.makedirs(path, exist_ok=True)
     r = cfg.resolution
-    images = np.lib.format.open_memmap(os.path.join(path, "images.npy.tmp"), mode="w+", dtype=np.uint8,
-                                       shape=(num_images, 3, r, r))
     labels = np.empty(num_images, dtype=np.int64)
     gen_cfg = cfg.replace(path=None, device="cpu")
     steps = -(-num_images // chunk_images)
-    if cfg.workers <= 0:
-        source = ProceduralSource(gen_cfg)
-        batches = (source.train_batch_uint8(step, chunk_images) for step in range(steps))
-    else:
-        batches = _ordered(_worker_loader(gen_cfg, None, chunk_images, 0), 0)
-    for step, (x, y) in zip(range(steps), batches):
-        lo, hi = step * chunk_images, min(num_images, (step + 1) * chunk_images)
-        images[lo:hi] = x[: hi - lo].numpy()
-        labels[lo:hi] = y[: hi - lo].numpy()
-    images.flush()
-    del images
-    os.replace(os.path.join(path, "images.npy.tmp"), os.path.join(path, "images.npy"))
-    np.save(os.path.join(path, "labels.npy"), labels)
-    with open(os.path.join(path, "meta.json"), "w") as f:
-        json.dump(_cache_meta(cfg, num_images), f, indent=1)
+
+    def write_images(tmp: Path) -> None:
+        images = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(num_images, 3, r, r))
+        if cfg.workers <= 0:
+            source = ProceduralSource(gen_cfg)
+            batches = (source.train_batch_uint8(step, chunk_images) for step in range(steps))
+        else:
+            batches = _ordered(_worker_loader(gen_cfg, None, chunk_images, 0), 0)
+        for step, (x, y) in zip(range(steps), batches):
+            lo, hi = step * chunk_images, min(num_images, (step + 1) * chunk_images)
+            images[lo:hi] = x[: hi - lo].numpy()
+            labels[lo:hi] = y[: hi - lo].numpy()
+        images.flush()
+
+    def write_labels(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # a file, not a name: np.save would add ".npy" to the temporary's
+            np.save(f, labels)
+
+    # meta.json last: a directory without it (a killed write) is regenerated
+    atomic_write(Path(path) / "images.npy", write_images)
+    atomic_write(Path(path) / "labels.npy", write_labels)
+    atomic_write_json(Path(path) / "meta.json", _cache_meta(cfg, num_images), indent=1, sort_keys=False)
     return path

@@ -265,6 +265,16 @@ def model_spec(cfg: ModelConfig) -> tuple[str, dict[str, Any]]:
     return cfg.name, {k: list(v) if isinstance(v, tuple) else v for k, v in overrides.items()}
 
 
+def training_resolution(cfg: ModelConfig) -> int:
+    """The resolution a timm checkpoint of ``cfg`` was most likely trained at (a state dict does not
+    say): a ViT's position grid, a named NFNet-F's published train size, else timm's 224 px."""
+    if cfg.family == "vit":
+        return int(cfg.image_size)
+    name, _ = model_spec(cfg)
+    variant = nfnet.F_VARIANTS.get(name.removeprefix("nfnet-")) if cfg.family == "nfnet" else None
+    return int(variant["train_px"]) if variant else 224
+
+
 def from_timm(sd: Mapping[str, Tensor], cfg: ModelConfig | None = None) -> tuple[ModelConfig, dict[str, Tensor]]:
     """(config, convscale state dict) of a timm state dict; ``cfg`` the model to load it into
     (default: ``config_from_timm``). UserError when the two compute different functions."""

@@ -14,13 +14,13 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any, Callable
 
 import matplotlib
 
 from convscale.errors import UserError
+from convscale.fileio import atomic_write_json, atomic_write_text
 from convscale.report.compare import Comparison, compare_all, comparisons_json, merged_finetunes
 from convscale.report.content import build_sections
 from convscale.report.findings import Finding, study_findings
@@ -45,13 +45,6 @@ class ReportResult:
     comparison: Comparison | None  # the first of ``comparisons``
     findings: list[Finding] = dataclasses.field(default_factory=list)
     comparisons: list[Comparison] = dataclasses.field(default_factory=list)  # every family vs the reference
-
-
-def _write(path: Path, text: str) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-    return path
 
 
 def build_report(
@@ -120,12 +113,12 @@ def build_report(
     findings = study_findings(inputs, cmps)
     sections = build_sections(inputs, cmps, cmp_error, hw, drawn, figure_skips, findings)
     title = f"Scaling report: {inputs.study_name}"
-    files.append(_write(out / "summary.md", render_markdown(title, sections)))
-    files.append(_write(out / "report.html", render_html(title, sections, out)))
+    files.append(atomic_write_text(out / "summary.md", render_markdown(title, sections)))
+    files.append(atomic_write_text(out / "report.html", render_html(title, sections, out)))
     if cmp is not None:
-        files.append(_write(out / "compare.json", json.dumps(comparisons_json(cmps), indent=2, allow_nan=False) + "\n"))
-    files.append(_write(out / "findings.json",
-                        json.dumps([f.to_dict() for f in findings], indent=2, ensure_ascii=False) + "\n"))
+        files.append(atomic_write_json(out / "compare.json", comparisons_json(cmps), sort_keys=False, allow_nan=False))
+    files.append(atomic_write_json(out / "findings.json", [f.to_dict() for f in findings], sort_keys=False,
+                                   ensure_ascii=False))
     if inputs.fit_error:
         skipped["fits"] = inputs.fit_error
     for fam, f in fits.items():

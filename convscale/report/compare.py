@@ -26,7 +26,8 @@ from convscale.errors import UserError
 from convscale.report.inputs import SweepInputs
 from convscale.report.curves import LawCurve, compute_samples, interpolate_compute, law_curve
 from convscale.scaling import Estimate
-from convscale.scaling.robust import estimate, json_clean
+from convscale.scaling.robust import estimate
+from convscale.serde import Serde
 
 BUDGET_MATCH_RTOL = 0.10  # budgets of two families within 10% are the same budget (step rounding)
 #: the paper's headline pair, compared first (first / second) when both are in the sweep
@@ -34,7 +35,7 @@ PREFERRED_PAIR = ("nfnet", "vit")
 
 
 @dataclasses.dataclass
-class Reach:
+class Reach(Serde):
     """Compute (FLOPs) a family needs to reach a target; NaN where it cannot be said."""
 
     law_flops: float
@@ -44,7 +45,7 @@ class Reach:
 
 
 @dataclasses.dataclass
-class Comparison:
+class Comparison(Serde):
     families: tuple[str, str]  # ratios are first / second
     budgets: list[dict[str, Any]]  # compute_flops, then per family {loss, model, top1} or None, winner
     target_loss: float
@@ -59,9 +60,6 @@ class Comparison:
     reach_top1_finetuned: dict[str, float] = dataclasses.field(default_factory=dict)
     finetune: dict[str, list[dict[str, Any]]] = dataclasses.field(default_factory=dict)
     notes: list[str] = dataclasses.field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        return json_clean(dataclasses.asdict(self))
 
 
 def pick_pair(families: list[str]) -> tuple[str, str]:

@@ -43,6 +43,7 @@ from convscale.report.compare import PREFERRED_PAIR, Comparison, as_comparisons
 from convscale.report.inputs import SweepInputs
 from convscale.scaling import Estimate
 from convscale.scaling.robust import estimate
+from convscale.serde import Serde
 
 AGREES, DISAGREES, CANNOT_TELL = "agrees", "disagrees", "cannot tell"
 # |change of the local exponent across the range| / exponent still "a power law": the local exponent
@@ -80,16 +81,13 @@ SHORT = {
 
 
 @dataclasses.dataclass
-class Finding:
+class Finding(Serde):
     key: str  # one of PAPER's keys
     family: str  # a family, or "nfnet vs vit"
     paper: str
     measured: str
     verdict: str  # AGREES | DISAGREES | CANNOT_TELL
     why: str
-
-    def to_dict(self) -> dict[str, str]:
-        return dataclasses.asdict(self)
 
 
 def _g(x: float, digits: int = 3) -> str:

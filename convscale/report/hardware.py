@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from convscale.errors import UserError
+from convscale.serde import Serde
 
 DEFAULT_MFU = 0.4
 
@@ -26,7 +27,7 @@ HARDWARE_CHOICES = (*_DEVICES, "none")
 
 
 @dataclasses.dataclass(frozen=True)
-class Hardware:
+class Hardware(Serde):
     """A reference device and the model-FLOPs utilisation assumed on it."""
 
     name: str
@@ -49,9 +50,6 @@ class Hardware:
     def caption(self) -> str:
         """The stated assumption, for captions and legends."""
         return f"{self.unit} assume {self.source} at {100 * self.mfu:g}% MFU"
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 def get_hardware(name: str, mfu: float = DEFAULT_MFU) -> Hardware | None:

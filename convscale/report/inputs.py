@@ -6,15 +6,14 @@ Nothing here trains or imports torch: metrics.jsonl and result.json files are re
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from convscale.errors import UserError
+from convscale.fileio import read_json, read_jsonl
 from convscale.scaling import StudyFit, frontiers_by_family, load_results, sweep_fit
 from convscale.scaling.table import without_trunks
 
@@ -54,27 +53,6 @@ class SweepInputs:
         return sorted(self.results["family"].astype(str).unique())
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    rows = []
-    try:
-        lines = path.read_text().splitlines()
-    except (FileNotFoundError, UnicodeDecodeError):
-        return rows
-    for line in lines:
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            break  # a killed run can leave a torn last line
-    return rows
-
-
-def _read_json(path: Path) -> Any | None:
-    try:
-        return json.loads(Path(path).read_text())
-    except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError, UnicodeDecodeError):
-        return None
-
-
 def cell_run_dir(root: Path, row: pd.Series) -> Path:
     """The cell's run dir: the recorded path, or runs/<cell_id> when the sweep dir was moved."""
     recorded = Path(str(row.get("run_dir", "")))
@@ -94,7 +72,7 @@ def read_curves(root: Path, results: pd.DataFrame) -> list[Curve]:
     """Training curves of every cell that has a metrics.jsonl (finished or not)."""
     curves = []
     for _, row in results.iterrows():
-        rows = _read_jsonl(cell_run_dir(root, row) / "metrics.jsonl")
+        rows = read_jsonl(cell_run_dir(root, row) / "metrics.jsonl")
         if not rows:
             continue
         train = [r for r in rows if r.get("kind", "train") == "train" and r.get("loss") is not None]
@@ -129,7 +107,7 @@ def read_finetunes(root: Path, results: pd.DataFrame) -> pd.DataFrame:
         by_dir.setdefault(_cell_id(row), row)
     base = root / FINETUNE_DIR
     for res_path in sorted(base.glob("*/result.json")) if base.is_dir() else []:
-        res = _read_json(res_path)
+        res = read_json(res_path)
         if not isinstance(res, dict):
             continue
         pre = str(res.get("pretrain_run_dir", ""))
@@ -172,7 +150,7 @@ def load_sweep(sweep_dir: str | Path, *, bootstrap: int = 1000, seed: int = 0) -
     root = Path(sweep_dir)
     if not root.is_dir():
         raise UserError(f"{root} is not a directory; give the sweep directory written by `convscale sweep run`")
-    study = _read_json(root / "study.json")
+    study = read_json(root / "study.json")
     has_results = any((root / n).is_file() for n in ("results.parquet", "results.csv"))
     if study is None and not has_results:
         raise UserError(

@@ -16,6 +16,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
+from convscale.fileio import atomic_write
 from convscale.report.hardware import Hardware
 from convscale.report.inputs import SweepInputs
 from convscale.report.curves import LawCurve
@@ -57,8 +58,9 @@ def save_figure(fig: Figure, out_dir: Path, name: str) -> tuple[Path, Path]:
     # text as paths in the SVG: it renders the same without the fonts installed
     with matplotlib.rc_context({**RC, "svg.fonttype": "path"}):
         # no bbox_inches="tight": constrained layout already fits everything, and "tight" draws twice
-        fig.savefig(png, dpi=PNG_DPI, facecolor="white")
-        fig.savefig(svg, facecolor="white", metadata={"Date": None})
+        # the format given: the temporary file's name does not end in .png/.svg
+        atomic_write(png, lambda p: fig.savefig(p, format="png", dpi=PNG_DPI, facecolor="white"))
+        atomic_write(svg, lambda p: fig.savefig(p, format="svg", facecolor="white", metadata={"Date": None}))
     return png, svg
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import numpy as np
 
@@ -11,10 +10,11 @@ from convscale.errors import UserError
 from convscale.scaling.batch import iid_weights
 from convscale.scaling.powerlaw import FORM_IRREDUCIBLE, FORM_PURE, MIN_POINTS, power_law_from_replicates, predict_samples
 from convscale.scaling.robust import DEFAULT_LEVEL, Estimate, estimate, single_threaded_blas
+from convscale.serde import Serde
 
 
 @dataclasses.dataclass
-class ExtrapolationCheck:
+class ExtrapolationCheck(Serde):
     """Prediction of the largest budget's frontier loss from a fit on the smaller budgets.
 
     ``relative_error`` = (predicted - actual) / actual; ``predicted`` carries the bootstrap interval
@@ -28,15 +28,6 @@ class ExtrapolationCheck:
     relative_error: float
     n_fit_points: int
     fit_compute_max_flops: float
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["predicted"] = self.predicted.to_dict()
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ExtrapolationCheck":
-        return cls(**{**d, "predicted": Estimate.from_dict(d["predicted"])})
 
 
 def extrapolation_from_replicates(

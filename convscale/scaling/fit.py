@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from convscale.errors import UserError
+from convscale.fileio import atomic_write_json, json_clean
 from convscale.scaling.design import GRID, ISOFLOP, Replicates, build_points, detect_design, k_of_params, smooth_surface
 from convscale.scaling.extrapolate import ExtrapolationCheck, extrapolation_from_replicates
 from convscale.scaling.frontier import METHOD_TEXT as FRONTIER_TEXT
@@ -41,8 +42,9 @@ from convscale.scaling.optimal import (
 )
 from convscale.scaling.parametric import ParametricFit, parametric_from_replicates
 from convscale.scaling.powerlaw import PowerLawFit, power_law_from_replicates
-from convscale.scaling.robust import DEFAULT_LEVEL, estimate, json_clean, single_threaded_blas
+from convscale.scaling.robust import DEFAULT_LEVEL, estimate, single_threaded_blas
 from convscale.scaling.table import RESULTS_FILES, flops_per_param_sample, load_results, prepare_table
+from convscale.serde import Serde
 
 DEFAULT_BOOTSTRAP = 1000
 FIT_VERSION = 2  # fit.json layout: 2 = run-resampled intervals with their samples
@@ -80,7 +82,7 @@ RESAMPLING_TEXT = {
 
 
 @dataclasses.dataclass
-class FamilyFit:
+class FamilyFit(Serde):
     """All fits of one family. A None item has its reason in ``skipped[item]``.
 
     ``design``: isoflop | grid (see ``scaling.design``); ``frontier_method``: budget | pareto.
@@ -140,22 +142,9 @@ class FamilyFit:
             return np.empty((0, 0))
         return np.array([[np.nan if v is None else v for v in r] for r in rows], dtype=float)
 
-    def to_dict(self) -> dict[str, Any]:
-        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        for k in _ITEMS:
-            d[k] = None if d[k] is None else d[k].to_dict()
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "FamilyFit":
-        kw = dict(d)
-        for k, typ in _ITEMS.items():
-            kw[k] = None if d.get(k) is None else typ.from_dict(d[k])
-        return cls(**kw)
-
 
 @dataclasses.dataclass
-class StudyFit:
+class StudyFit(Serde):
     """The whole fit: run counts, how compute was measured, and one ``FamilyFit`` per family."""
 
     n_runs: int
@@ -168,16 +157,11 @@ class StudyFit:
     families: dict[str, FamilyFit]
     version: int = FIT_VERSION
 
-    def to_dict(self) -> dict[str, Any]:
-        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        d["families"] = {k: v.to_dict() for k, v in self.families.items()}
-        return json_clean(d)
-
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "StudyFit":
+    def serde_read(cls, d: dict[str, Any]) -> dict[str, Any]:
         if d.get("version") != FIT_VERSION:
             raise ValueError(f"fit.json version {d.get('version')} is not {FIT_VERSION}")
-        return cls(**{**d, "families": {k: FamilyFit.from_dict(v) for k, v in d["families"].items()}})
+        return d
 
 
 def _rng(seed: int, family: str) -> np.random.Generator:
@@ -186,7 +170,7 @@ def _rng(seed: int, family: str) -> np.random.Generator:
 
 
 def _rows(a: np.ndarray) -> list[list[float]]:
-    return [[float(v) if np.isfinite(v) else None for v in row] for row in np.atleast_2d(a)] if np.size(a) else []
+    return json_clean(np.atleast_2d(np.asarray(a, dtype=float))) if np.size(a) else []
 
 
 def _fit_family(
@@ -380,23 +364,10 @@ FIT_FILE = "fit.json"
 
 def write_fit(path: str | Path, fit: StudyFit) -> Path:
     """Write ``fit`` as JSON to ``path`` atomically (a reader never sees half a file)."""
-    import json
-    import os
-    import tempfile
-
     target = Path(path)
     if not target.parent.is_dir():
         raise UserError(f"directory {target.parent} does not exist; create it or choose another path for the fit")
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(fit.to_dict(), indent=1, allow_nan=False) + "\n")
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return target
+    return atomic_write_json(target, fit.to_dict(), indent=1, sort_keys=False, allow_nan=False)
 
 
 def read_fit(path: str | Path) -> StudyFit | None:
@@ -405,7 +376,7 @@ def read_fit(path: str | Path) -> StudyFit | None:
 
     try:
         return StudyFit.from_dict(json.loads(Path(path).read_text()))
-    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError):
+    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError, UserError):
         return None
 
 

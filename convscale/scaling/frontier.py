@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from convscale.fileio import json_clean
 from convscale.scaling.design import ISOFLOP, Points
 
 METHOD_BUDGET, METHOD_PARETO = "budget", "pareto"
@@ -162,6 +163,4 @@ def frontiers_by_family(results: pd.DataFrame) -> dict[str, pd.DataFrame]:
 
 def frontier_records(rows: pd.DataFrame) -> list[dict]:
     """Frontier rows as JSON-able dicts (NaN -> None)."""
-    from convscale.scaling.robust import json_clean
-
     return json_clean(rows.to_dict(orient="records"))

@@ -23,13 +23,14 @@ from convscale.errors import UserError
 from convscale.scaling.batch import iid_weights, wls
 from convscale.scaling.design import Points, Replicates, build_points, detect_design, lr_optimum_batch
 from convscale.scaling.robust import DEFAULT_LEVEL, Estimate, estimate, single_threaded_blas, slope_sign, studentized_estimate
+from convscale.serde import Serde
 
 MIN_BUDGETS = 3
 MIN_SIZES_PER_PARABOLA = 3
 
 
 @dataclasses.dataclass
-class AllocationFit:
+class AllocationFit(Serde):
     """quantity_opt(C) = coef * C^exponent; C in training FLOPs, quantity ``params`` or ``images_seen``."""
 
     quantity: str
@@ -41,15 +42,6 @@ class AllocationFit:
 
     def predict(self, compute_flops: Any) -> np.ndarray:
         return self.coef.value * np.asarray(compute_flops, dtype=float) ** self.exponent.value
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["coef"], d["exponent"] = self.coef.to_dict(), self.exponent.to_dict()
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "AllocationFit":
-        return cls(**{**d, "coef": Estimate.from_dict(d["coef"]), "exponent": Estimate.from_dict(d["exponent"])})
 
 
 def _loglog_line(log_c: np.ndarray, log_v: np.ndarray, w: np.ndarray) -> np.ndarray:
@@ -147,7 +139,7 @@ def parabola_samples(log_c: np.ndarray, log_n_opt: np.ndarray, log_d_opt: np.nda
 
 
 @dataclasses.dataclass
-class LrTrendFit:
+class LrTrendFit(Serde):
     """log lr_opt = intercept + slope_duration * log duration (+ slope_params * log N).
 
     ``duration_column`` is ``epochs`` when the table has it, else ``images_seen``. Signs are
@@ -169,19 +161,6 @@ class LrTrendFit:
         if self.slope_params is not None:
             log_lr = log_lr + self.slope_params.value * np.log(np.asarray(params, dtype=float))
         return np.exp(log_lr)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        for k in ("intercept", "slope_duration", "slope_params"):
-            d[k] = None if getattr(self, k) is None else getattr(self, k).to_dict()
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "LrTrendFit":
-        kw = dict(d)
-        for k in ("intercept", "slope_duration", "slope_params"):
-            kw[k] = None if d.get(k) is None else Estimate.from_dict(d[k])
-        return cls(**kw)
 
 
 def lr_point_optima(points: Points) -> pd.DataFrame:

@@ -36,6 +36,7 @@ from convscale.scaling.robust import (
     huber,
     r2_log,
 )
+from convscale.serde import Serde
 
 MIN_POINTS = 8
 MIN_DISTINCT = 3
@@ -55,7 +56,7 @@ _BOUNDS = [(None, None), (None, None), (None, None), (1e-4, 5.0), (1e-4, 5.0)]
 
 
 @dataclasses.dataclass
-class ParametricFit:
+class ParametricFit(Serde):
     """L(N, D) = E + A/N^alpha + B/D^beta and its compute-optimal allocation (see module doc).
 
     ``flops_per_param_sample`` is k in C = k*N*D, the median of train_flops/(params*images_seen).
@@ -97,16 +98,6 @@ class ParametricFit:
             f"L = {self.E.value:{g}} + {self.A.value:{g}}/N^{self.alpha.value:{g}}"
             f" + {self.B.value:{g}}/D^{self.beta.value:{g}}"
         )
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            f.name: (v.to_dict() if isinstance(v := getattr(self, f.name), Estimate) else v)
-            for f in dataclasses.fields(self)
-        }
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ParametricFit":
-        return cls(**{k: (Estimate.from_dict(v) if isinstance(v, dict) else v) for k, v in d.items()})
 
 
 def _objective(log_n: np.ndarray, log_d: np.ndarray, log_l: np.ndarray, delta: float):

@@ -23,6 +23,7 @@ from convscale.scaling.robust import (
     estimate,
     r2_log,
 )
+from convscale.serde import Serde
 
 FORM_PURE = "A*C^-a"
 FORM_IRREDUCIBLE = "E + A*C^-a"
@@ -33,7 +34,7 @@ N_PARAMS = {FORM_PURE: 2, FORM_IRREDUCIBLE: 3}
 
 
 @dataclasses.dataclass
-class PowerLawFit:
+class PowerLawFit(Serde):
     """L(C) = E + A * C^-a with C in training FLOPs (E is None for the pure form A*C^-a)."""
 
     form: str
@@ -59,18 +60,6 @@ class PowerLawFit:
         s = f"L = {self.A.value:{g}} * C^-{self.a.value:{g}}"
         return s if self.E is None else f"L = {self.E.value:{g}} + {self.A.value:{g}} * C^-{self.a.value:{g}}"
 
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        for k in ("A", "a", "E", "curvature"):
-            d[k] = None if getattr(self, k) is None else getattr(self, k).to_dict()
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "PowerLawFit":
-        kw = dict(d)
-        for k in ("A", "a", "E", "curvature"):
-            kw[k] = None if d.get(k) is None else Estimate.from_dict(d[k])
-        return cls(**kw)
 
 
 def _inits(x: np.ndarray, log_l: np.ndarray, irreducible: bool) -> np.ndarray:

@@ -19,6 +19,8 @@ from typing import Any, Callable, TypeVar
 import numpy as np
 from scipy import optimize
 
+from convscale.serde import Serde
+
 HUBER_DELTA = 1e-3
 DEFAULT_LEVEL = 0.95
 
@@ -50,36 +52,12 @@ def single_threaded_blas(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def _num(x: float) -> float | None:
-    """JSON has no NaN/inf: they become null."""
-    x = float(x)
-    return x if math.isfinite(x) else None
-
-
-def json_clean(obj: Any) -> Any:
-    """``obj`` with every non-finite float (NaN, inf) replaced by None and numpy scalars unboxed."""
-    if isinstance(obj, dict):
-        return {str(k): json_clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_clean(v) for v in obj]
-    if isinstance(obj, (bool, np.bool_)):
-        return bool(obj)
-    if isinstance(obj, (int, np.integer)):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        return _num(obj)
-    return obj
-
-
-def _from_num(x: Any) -> float:
-    return float("nan") if x is None else float(x)
-
-
 @dataclasses.dataclass(frozen=True)
-class Estimate:
+class Estimate(Serde):
     """A fitted parameter: point estimate on all data and its bootstrap (low, high) interval.
 
-    The interval is NaN when no bootstrap was run (``bootstrap=0``) or every resample failed.
+    The interval is NaN when no bootstrap was run (``bootstrap=0``) or every resample failed
+    (written to JSON as null, read back as NaN).
     """
 
     value: float
@@ -88,13 +66,6 @@ class Estimate:
 
     def contains(self, x: float) -> bool:
         return bool(self.low <= x <= self.high)
-
-    def to_dict(self) -> dict[str, float | None]:
-        return {"value": _num(self.value), "low": _num(self.low), "high": _num(self.high)}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Estimate":
-        return cls(_from_num(d["value"]), _from_num(d["low"]), _from_num(d["high"]))
 
 
 def estimate(value: float, samples: np.ndarray, level: float = DEFAULT_LEVEL) -> Estimate:

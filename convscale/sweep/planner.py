@@ -18,11 +18,12 @@ from pathlib import Path
 from typing import Any, Optional
 
 from convscale.errors import UserError
+from convscale.serde import Serde, to_dict
 from convscale.sweep.study import FamilySpec, StudyConfig
 
 
 @dataclass(frozen=True)
-class Cell:
+class Cell(Serde):
     """One planned training run. FLOPs follow models/base.py (2 x MACs; training = 3 x forward per
     forward-backward pass, two passes per step with SAM). Fields after ``budget_flops`` were added
     later: plan.json files written before them read as None."""
@@ -61,16 +62,6 @@ class Cell:
     #: any other run its ``train_flops`` (None in plans before branches: read as train_flops)
     spent_flops: Optional[float] = None
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Cell":
-        d = dict(d)
-        if d.get("branch_steps") is not None:
-            d["branch_steps"] = tuple(d["branch_steps"])
-        return cls(**d)
-
     @property
     def own_flops(self) -> float:
         """The training FLOPs this cell computes itself (``spent_flops``, else ``train_flops``)."""
@@ -99,7 +90,7 @@ class Plan:
             "study": self.study.name,
             "epoch_images": self.epoch_images,
             "cells": [c.to_dict() for c in self.cells],
-            "skipped": [dataclasses.asdict(s) for s in self.skipped],
+            "skipped": [to_dict(s) for s in self.skipped],
         }
 
     def to_json(self) -> str:

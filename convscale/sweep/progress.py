@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from convscale.sweep.fsutil import read_json
+from convscale.fileio import read_json
 from convscale.sweep.sweepdir import FINISHED, SweepDir
 
 #: the order in which states are listed

@@ -24,7 +24,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from convscale.sweep.fsutil import atomic_write, read_json
+from convscale.fileio import atomic_write, read_json
+from convscale.status import DIVERGED, DONE, FAILED, FINISHED, PENDING
 from convscale.sweep.sweepdir import SweepDir
 
 COLUMNS = (
@@ -34,7 +35,7 @@ COLUMNS = (
 )
 EXTRA_COLUMNS = ("cell_id", "optimizer", "budget_kind", "budget", "steps", "device_kind", "peak_memory_gb", "error",
                  "chance_loss", "eval_resolution", "precision", "seed", "role", "spent_flops")
-STATUSES = ("done", "diverged", "failed", "pending")
+STATUSES = (DONE, DIVERGED, FAILED, PENDING)
 
 
 def _num(v: Any) -> float:
@@ -62,7 +63,7 @@ def collect(root: str | Path):
         res = sweep.result(c.cell_id) or {}
         launch = read_json(sweep.launch_path(c.cell_id)) or {}
         failure = read_json(sweep.failure_path(c.cell_id)) or {}
-        finished = state in ("done", "diverged")
+        finished = state in FINISHED
         images_seen = res.get("images_seen") if finished else None
         wall_hours = _num(res.get("wall_seconds")) / 3600.0 if finished else math.nan
         devices = launch.get("devices") or 1
@@ -86,7 +87,7 @@ def collect(root: str | Path):
             "top1": _num(res.get("heldout_top1")) if finished else math.nan,
             "top5": _num(res.get("heldout_top5")) if finished else math.nan,
             # a running cell has no result yet: for the table it is pending
-            "status": state if state in STATUSES else "pending",
+            "status": state if state in STATUSES else PENDING,
             "run_dir": str(sweep.run_dir(c.cell_id)),
             "cell_id": c.cell_id,
             "optimizer": c.optimizer,
@@ -96,7 +97,7 @@ def collect(root: str | Path):
             "device_kind": launch.get("device_kind", ""),
             # GPU: peak allocated; CPU: the run process's peak resident set
             "peak_memory_gb": _num(res.get("peak_memory_bytes")) / 2**30 if finished else math.nan,
-            "error": failure.get("last_stderr_line", "") if state == "failed" else "",
+            "error": failure.get("last_stderr_line", "") if state == FAILED else "",
             "chance_loss": _num(res.get("chance_loss")) if finished else math.nan,
             "eval_resolution": c.eval_resolution if c.eval_resolution is not None else pd.NA,
             "precision": c.precision or "",

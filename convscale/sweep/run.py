@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from convscale.errors import UserError
+from convscale.status import FAILED, INTERRUPTED, FINISHED
 from convscale.sweep.study import StudyConfig
 
 
@@ -22,11 +23,11 @@ class SweepOutcome:
 
     @property
     def failed(self) -> list:
-        return [o for o in self.outcomes if o.status == "failed"]
+        return [o for o in self.outcomes if o.status == FAILED]
 
     @property
     def interrupted(self) -> bool:
-        return any(o.status == "interrupted" for o in self.outcomes)
+        return any(o.status == INTERRUPTED for o in self.outcomes)
 
     @property
     def locked(self) -> list:
@@ -70,7 +71,7 @@ def run_sweep(
     if not cells:
         raise UserError(f"--only {list(only)} matches no cell id; run `convscale sweep plan` to see the ids")
     states = {c.cell_id: sweep.state(c.cell_id) for c in cells}
-    todo = [c.cell_id for c in cells if states[c.cell_id] not in ("done", "diverged")]
+    todo = [c.cell_id for c in cells if states[c.cell_id] not in FINISHED]
     out = SweepOutcome(root=sweep.root, cells=len(cells), finished_before=len(cells) - len(todo))
     log(f"sweep {sweep.root}: {len(cells)} cells, {out.finished_before} finished, {len(todo)} to run")
     if todo:

@@ -19,7 +19,7 @@ import dataclasses
 from pathlib import Path
 
 from convscale.errors import UserError
-from convscale.sweep.fsutil import read_json
+from convscale.fileio import read_json
 from convscale.sweep.study import Budgets, StudyConfig, with_overrides
 
 SMOKE_SUFFIX = "-smoke"

@@ -60,6 +60,7 @@ from typing import Any, Optional
 
 from convscale.data.config import DataConfig
 from convscale.errors import UserError
+from convscale.serde import to_dict
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -94,6 +95,11 @@ class FamilySpec:
             values = [self.lr_center * f for f in self.lr_factors]
         # 12 significant digits: 0.1 x 3 and 0.3 are the same grid point
         return sorted({float(f"{v:.12g}") for v in values})
+
+    def serde_write(self, d: dict[str, Any]) -> dict[str, Any]:
+        if self.lrs is not None:  # explicit lrs: the centre and factors do not apply
+            del d["lr_factors"]
+        return d
 
 
 @dataclass(frozen=True)
@@ -137,15 +143,8 @@ class StudyConfig:
     overrides: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        for fam in d["families"]:
-            fam["models"] = list(fam["models"])
-            fam["lr_factors"] = list(fam["lr_factors"])
-            if fam["lrs"] is not None:  # explicit lrs: the centre and factors do not apply
-                fam["lrs"] = list(fam["lrs"])
-                del fam["lr_factors"]
-        d["budgets"] = {k: list(v) if isinstance(v, tuple) else v for k, v in d["budgets"].items()}
-        return d
+        """The study as ``study.json`` holds it (``from_dict`` reads it back through the TOML checks)."""
+        return to_dict(self)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
@@ -160,7 +159,7 @@ class StudyConfig:
         return parse_study(json.loads(text))
 
     def write(self, path: str | Path) -> None:
-        from convscale.sweep.fsutil import atomic_write_text
+        from convscale.fileio import atomic_write_text
 
         atomic_write_text(Path(path), self.to_json() + "\n")
 

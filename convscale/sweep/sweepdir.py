@@ -20,12 +20,12 @@ from pathlib import Path
 from typing import Any, Optional
 
 from convscale.errors import UserError
-from convscale.sweep.fsutil import atomic_write_json, atomic_write_text, read_json
+from convscale.fileio import atomic_write_json, atomic_write_text, read_json
+from convscale.status import FAILED, FINISHED, LOCKED, PENDING, RUNNING
 from convscale.sweep.locking import is_locked
 from convscale.sweep.planner import Cell, Plan, cell_train_config
 from convscale.sweep.study import StudyConfig
 
-FINISHED = ("done", "diverged")  # train's result.json statuses: such a cell never runs again
 RUN_LOCK_FILE = "run.lock"  # == convscale.train.rundir.LOCK_FILE (the train package imports torch)
 
 
@@ -163,8 +163,9 @@ class SweepDir:
         plan = read_json(self.plan_path)
         try:
             return study, [Cell.from_dict(c) for c in plan["cells"]]
-        except (TypeError, KeyError, ValueError):
-            raise UserError(f"{self.plan_path} is damaged; rerun `convscale sweep run STUDY.toml --dir {self.root}` "
+        except (TypeError, KeyError, ValueError, UserError) as e:
+            detail = f" ({e})" if isinstance(e, UserError) else ""
+            raise UserError(f"{self.plan_path} is damaged{detail}; rerun `convscale sweep run STUDY.toml --dir {self.root}` "
                             f"to rewrite it (finished cells are kept)") from None
 
     def result(self, cell_id: str) -> Optional[dict[str, Any]]:
@@ -178,12 +179,12 @@ class SweepDir:
         if res is not None and res.get("status") in FINISHED:
             return res["status"]
         if is_locked(self.lock_path(cell_id)):
-            return "running"
+            return RUNNING
         if is_locked(self.run_dir(cell_id) / RUN_LOCK_FILE):
-            return "locked"
+            return LOCKED
         if self.failure_path(cell_id).is_file():
-            return "failed"
-        return "pending"
+            return FAILED
+        return PENDING
 
     def train_command(self, cell_id: str, prefix: Optional[list[str]] = None) -> list[str]:
         """The command that runs (or resumes) the cell, exactly as a human could type it."""

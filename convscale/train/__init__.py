@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from convscale.train.config import TrainConfig, apply_overrides, budget_to_steps
 
-EXIT_DIVERGED = 3  # same constant as convscale.train.loop.EXIT_DIVERGED (kept import-light here)
+from convscale.status import EXIT_DIVERGED
 
 
 def run(cfg: TrainConfig, restart: bool = False, source=None) -> dict:

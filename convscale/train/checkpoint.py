@@ -29,8 +29,10 @@ from torch import nn
 from torch.distributed.tensor import distribute_tensor
 
 from convscale.errors import UserError
+# atomic_write_json: the trainer (train/loop.py) imports it from here
+from convscale.fileio import TMP_PREFIX, atomic_write, atomic_write_json, fsync_dir  # noqa: F401
 from convscale.train.distributed import has_sharded_params, is_sharded
-from convscale.train.layout import CHECKPOINT_DIR, STEP_PREFIX, TMP_PREFIX, checkpoint_dir
+from convscale.train.layout import CHECKPOINT_DIR, STEP_PREFIX, checkpoint_dir
 
 
 def is_main_process() -> bool:
@@ -41,57 +43,21 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0))) == 0
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # some platforms cannot open directories
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same directory, fsync, os.replace."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=TMP_PREFIX + path.name)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
-
-
 def atomic_save_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
                             metadata: dict[str, str] | None = None) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=TMP_PREFIX + path.name)
-    os.close(fd)
+    cpu = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    atomic_write(path, lambda tmp: _save_safetensors(tmp, cpu, Path(path), metadata))
+
+
+def _save_safetensors(tmp: Path, tensors: dict[str, torch.Tensor], path: Path,
+                      metadata: dict[str, str] | None = None) -> None:
     try:
-        try:
-            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-        except SafetensorError as e:  # an I/O error (full disk) as the OSError it is
-            code = re.search(r"\(os error (\d+)\)", str(e))
-            if code is None:
-                raise
-            raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from None
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+        save_file(tensors, tmp, metadata=metadata)
+    except SafetensorError as e:  # an I/O error (full disk) as the OSError it is
+        code = re.search(r"\(os error (\d+)\)", str(e))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from None
 
 
 def _full_state_options():
@@ -172,7 +138,7 @@ def save_checkpoint(
         if final.exists():  # same step written twice (a resumed run re-saving): replace it
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

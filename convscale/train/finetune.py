@@ -41,8 +41,8 @@ from torch import nn
 
 from convscale.data.config import DataConfig
 from convscale.errors import UserError
-from convscale.models import ModelConfig, config_to_dict, family_traits, nfnet
-from convscale.models.timm_weights import config_from_timm, from_timm, model_spec, read_state_dict
+from convscale.models import ModelConfig, config_to_dict, family_traits
+from convscale.models.timm_weights import config_from_timm, from_timm, model_spec, read_state_dict, training_resolution
 from convscale.train.checkpoint import list_checkpoints, verify_checkpoint_file
 from convscale.train.config import BUDGET_FIELDS, TrainConfig, apply_overrides
 from convscale.train.rundir import read_run_config, read_run_json
@@ -137,8 +137,7 @@ def timm_pretrained(path: Path, use_ema: bool = False) -> PretrainedRun:
     say): a ViT's position grid, a named NFNet-F's published train size, else timm's 224 px."""
     cfg = config_from_timm(read_state_dict(path, ema=use_ema))
     name, overrides = model_spec(cfg)
-    variant = nfnet.F_VARIANTS.get(name.removeprefix("nfnet-")) if cfg.family == "nfnet" else None
-    resolution = cfg.image_size if cfg.family == "vit" else (variant["train_px"] if variant else 224)
+    resolution = training_resolution(cfg)
     config = {"model": config_to_dict(cfg),
               "train": {"model": name, "model_overrides": overrides, "data": {"resolution": resolution}}}
     return PretrainedRun(path, 0, path, config, {"model": name, "status": "done"}, source="timm", ema=use_ema)

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from convscale.fileio import TMP_PREFIX  # noqa: F401  (a checkpoint being written: TMP_PREFIX + name)
+
 CHECKPOINT_DIR = "checkpoints"
 STEP_PREFIX = "step-"
-TMP_PREFIX = ".tmp-"
 #: written last into a checkpoint folder: the folder is complete when it exists
 CHECKPOINT_STATE = "state.json"
 

@@ -28,9 +28,8 @@ from convscale.data.feed import DeviceFeed
 from convscale.errors import UserError
 from convscale.models import config_at_resolution, get_config
 from convscale.models.base import config_to_dict
+from convscale.fileio import atomic_write_json, atomic_write_text, jsonl_line, read_jsonl
 from convscale.train.checkpoint import (
-    atomic_write_bytes,
-    atomic_write_json,
     is_main_process,
     list_checkpoints,
     load_checkpoint,
@@ -61,7 +60,7 @@ from convscale.train.optim import set_lr
 from convscale.train.schedules import Schedule
 from convscale.train.trainee import Trainee, build_trainee, optimizer_update
 
-EXIT_DIVERGED = 3  # `convscale train` exit code of a run that diverged (0 done, 2 user error)
+from convscale.status import EXIT_DIVERGED  # noqa: F401  (`convscale train`'s exit code of a diverged run)
 
 
 def _precision_for(cfg: TrainConfig, run_dir: Path, device_type: str, restart: bool) -> str:
@@ -306,15 +305,8 @@ def _copy_trunk_metrics(trunk: Path, run_dir: Path, step: int) -> None:
     src, dst = trunk / "metrics.jsonl", run_dir / "metrics.jsonl"
     if not src.is_file() or dst.exists():
         return
-    rows = []
-    for line in src.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:  # a torn last line of a killed trunk
-            continue
-        if isinstance(row, dict) and int(row.get("step", 0)) <= step:
-            rows.append(line)
-    atomic_write_bytes(dst, "".join(r + "\n" for r in rows).encode())
+    rows = [r for r in read_jsonl(src) if isinstance(r, dict) and int(r.get("step", 0)) <= step]
+    atomic_write_text(dst, "".join(jsonl_line(r) for r in rows))
 
 
 # ---- one training step ---------------------------------------------------------------------

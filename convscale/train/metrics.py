@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
@@ -10,30 +9,14 @@ import time
 from pathlib import Path
 from typing import Any, Optional, TextIO
 
-from convscale.train.checkpoint import atomic_write_bytes
+from convscale.fileio import atomic_write_text, jsonl_line, read_jsonl
 
 METRICS_FILE = "metrics.jsonl"
 
 
-def _clean(v: Any) -> Any:
-    """Non-finite floats become None: strict JSON has no NaN/inf."""
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    return v
-
-
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
     """All complete rows of a metrics file (a torn last line from a killed run is dropped)."""
-    path = Path(path)
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            break  # only the last line can be torn; nothing valid follows it
-    return rows
+    return read_jsonl(path)
 
 
 class MetricsWriter:
@@ -43,11 +26,11 @@ class MetricsWriter:
         self.path = Path(run_dir) / METRICS_FILE
         # On resume, rows past the checkpoint's step will be written again: drop them (and any torn line).
         kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
-        atomic_write_bytes(self.path, "".join(json.dumps(r) + "\n" for r in kept).encode())
+        atomic_write_text(self.path, "".join(map(jsonl_line, kept)))
         self._f = open(self.path, "a")
 
     def write(self, row: dict[str, Any]) -> None:
-        self._f.write(json.dumps({k: _clean(v) for k, v in row.items()}) + "\n")
+        self._f.write(jsonl_line(row))
         self._f.flush()
 
     def close(self) -> None:

@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 from convscale.errors import UserError
+from convscale.fileio import TMP_PREFIX, atomic_write_json
 from convscale.fslock import FileLock
-from convscale.train.checkpoint import CHECKPOINT_DIR, TMP_PREFIX, atomic_write_json, is_main_process
+from convscale.train.checkpoint import CHECKPOINT_DIR, is_main_process
 from convscale.train.config import RUNTIME_ONLY_DATA_FIELDS, RUNTIME_ONLY_FIELDS, TrainConfig
 from convscale.train.metrics import METRICS_FILE
 

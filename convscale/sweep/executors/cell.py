@@ -23,11 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from convscale.sweep.fsutil import atomic_write_json
+from convscale.fileio import atomic_write_json
 from convscale.sweep.locking import CellLock
 from convscale.sweep.sweepdir import FINISHED, SweepDir
 
-EXIT_DONE, EXIT_DIVERGED = 0, 3
+from convscale.status import EXIT_DIVERGED, EXIT_DONE, EXIT_INTERRUPTED  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -138,7 +138,7 @@ def run_cell(
                 msg = f"held-out loss {loss:.4f}" if isinstance(loss, (int, float)) else ""
                 return CellOutcome(cell_id, res["status"], rc, seconds, msg)
             last = f"exit code {rc} but no finished result.json in {sweep.run_dir(cell_id)}" + (f"; {last}" if last else "")
-        if rc < 0 or rc == 130:  # killed by a signal / Ctrl-C: not the cell's fault, resumes next time
+        if rc < 0 or rc == EXIT_INTERRUPTED:  # killed by a signal / Ctrl-C: not the cell's fault, resumes next time
             return CellOutcome(cell_id, "interrupted", rc, seconds, last)
         atomic_write_json(sweep.failure_path(cell_id),
                           {"exit_code": rc, "last_stderr_line": last, "seconds": seconds, "time": time.time(),
@@ -181,7 +181,7 @@ def _die_with_parent(parent_pid: int) -> Callable[[], None]:
         if _PRCTL is not None:
             _PRCTL(PR_SET_PDEATHSIG, signal.SIGTERM)
         if os.getppid() != parent_pid:  # the sweep died before prctl took effect
-            os._exit(130)
+            os._exit(EXIT_INTERRUPTED)
 
     return preexec
 

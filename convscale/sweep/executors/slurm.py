@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from convscale.sweep.executors.cell import CellOutcome, Resources, run_cell
-from convscale.sweep.fsutil import atomic_write_json
+from convscale.fileio import atomic_write_json
 from convscale.sweep.sweepdir import SweepDir
 
 
