@@ -66,7 +66,7 @@ def build_config(args: argparse.Namespace):
         if not path.is_file():
             raise UserError(f"config file {path} not found; pass an existing JSON file to --config")
         try:
-            cfg = TrainConfig.from_dict({**cfg.to_dict(), **_load_json(path)})
+            cfg = TrainConfig.from_dict(_load_json(path))  # nested or flat; fields not given keep defaults
         except TypeError as e:
             raise UserError(f"config file {path}: {e}; fix the field's value") from None
     overrides: dict[str, object] = {}

@@ -165,8 +165,8 @@ def plan_study(study: StudyConfig) -> Plan:
         for name in fam.models:
             probe = get_config(name, num_classes=num_classes, **base.model_overrides)
             probe.check_resolution(resolution)
-            if base.eval_resolution is not None:
-                probe.check_resolution(base.eval_resolution)
+            if base.finetune.eval_resolution is not None:
+                probe.check_resolution(base.finetune.eval_resolution)
             mcfg = config_at_resolution(name, resolution, num_classes=num_classes, **base.model_overrides)
             fwd = int(mcfg.forward_flops(resolution))
             tfpi = base.train_flops_per_image(fwd)
@@ -210,7 +210,7 @@ def plan_study(study: StudyConfig) -> Plan:
                             train_flops=train_flops,
                             budget_flops=float(budget) if kind == "train_flops" else None,
                             params_without_head=params_without_head,
-                            eval_resolution=base.eval_resolution or resolution,
+                            eval_resolution=base.finetune.eval_resolution or resolution,
                             precision=base.precision,
                         )
                     )

@@ -154,8 +154,8 @@ def _check_machine(cfg: TrainConfig) -> None:
 def _resolve(cfg: TrainConfig, restart: bool, source: Optional[DataSource]) -> RunPlan:
     cfg.validate()
     _check_machine(cfg)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    if cfg.runtime.threads:
+        torch.set_num_threads(cfg.runtime.threads)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
         configure_cuda()
@@ -163,19 +163,20 @@ def _resolve(cfg: TrainConfig, restart: bool, source: Optional[DataSource]) -> R
     cfg = cfg.replace(precision=_precision_for(cfg, run_dir, device.type, restart))  # "auto" -> bf16 | fp32
 
     get_config(cfg.model, **cfg.model_overrides)  # a bad model name fails before data is loaded
-    pretrained = find_pretrained(cfg.init_from, cfg.init_from_ema) if cfg.init_from else None
+    ft = cfg.finetune
+    pretrained = find_pretrained(ft.init_from, ft.init_from_ema) if ft.init_from else None
     local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     data_cfg = cfg.data.replace(workers=resolve_workers(cfg.data, device.type, local_processes))
     source = source if source is not None else build_source(data_cfg)
-    if cfg.aug_repeats > 1:
-        source = RepeatedAugmentSource(source, cfg.aug_repeats)
+    if ft.aug_repeats > 1:
+        source = RepeatedAugmentSource(source, ft.aug_repeats)
     model_cfg = config_at_resolution(cfg.model, cfg.data.resolution, num_classes=source.num_classes,
                                      **cfg.model_overrides)
     model_cfg.check_resolution(cfg.data.resolution)
     eval_source = source
-    if cfg.eval_resolution is not None and cfg.eval_resolution != cfg.data.resolution:
-        model_cfg.check_resolution(cfg.eval_resolution)
-        eval_source = build_source(data_cfg.replace(resolution=cfg.eval_resolution))
+    if ft.eval_resolution is not None and ft.eval_resolution != cfg.data.resolution:
+        model_cfg.check_resolution(ft.eval_resolution)
+        eval_source = build_source(data_cfg.replace(resolution=ft.eval_resolution))
     for src in {id(source): source, id(eval_source): eval_source}.values():
         if getattr(src, "num_heldout_images", None) == 0:  # found now, not by the final evaluation
             raise UserError(f"the data holds no held-out images (heldout_fraction {cfg.data.heldout_fraction} "
@@ -199,7 +200,7 @@ def _resolve(cfg: TrainConfig, restart: bool, source: Optional[DataSource]) -> R
         resolved["cooldown_start_step"] = schedule.cooldown_start_step
     if pretrained is not None:
         resolved["init_from"] = pretrained.record()
-    progress = Progress(steps, cfg.quiet, stream=None if is_main_process() else io.StringIO())
+    progress = Progress(steps, cfg.runtime.quiet, stream=None if is_main_process() else io.StringIO())
     return RunPlan(cfg, run_dir, device, local_part(), pretrained, source, eval_source, model_cfg, steps,
                    schedule, flops_per_image, resolved, progress)
 
@@ -342,7 +343,8 @@ def _train(plan: RunPlan, trainee: Trainee, loop: LoopState) -> int:
         done = step + 1
         # time-based checkpoints: every step on 1 process; with several, rank 0's clock decides at
         # log steps, carried by the log step's all-reduce (no extra collective, no extra sync)
-        clock_due = bool(cfg.checkpoint_every_seconds) and time.monotonic() - loop.t_ckpt >= cfg.checkpoint_every_seconds
+        every_seconds = cfg.runtime.checkpoint_every_seconds
+        clock_due = bool(every_seconds) and time.monotonic() - loop.t_ckpt >= every_seconds
         due_time = clock_due and not is_distributed()
         if done % cfg.log_every_steps == 0 or done == steps:
             due_time = _log_train_row(plan, loop, done, lr, clock_due) or due_time
@@ -352,7 +354,7 @@ def _train(plan: RunPlan, trainee: Trainee, loop: LoopState) -> int:
             ev = _evaluate(plan, trainee)
             _log(loop, {"kind": "eval", **_position(plan, loop, done), **ev})
             plan.progress.message(_eval_line(done, steps, ev))
-        due_steps = cfg.checkpoint_every_steps and done % cfg.checkpoint_every_steps == 0
+        due_steps = cfg.runtime.checkpoint_every_steps and done % cfg.runtime.checkpoint_every_steps == 0
         if (due_steps or due_time) and done < steps:
             pending_loss = all_reduce_sum([float(loop.loss_sum)])[0] / world_size()  # every rank resumes with the mean
             _checkpoint(plan, trainee, loop, done, loss_sum_since_log=pending_loss,
@@ -382,7 +384,7 @@ def _finish(plan: RunPlan, trainee: Trainee, loop: LoopState, done: int) -> dict
         **final_eval,
         # held-out loss is softmax cross-entropy: a model that learned nothing scores ln(classes)
         "chance_loss": math.log(plan.model_cfg.num_classes),
-        "heldout_resolution": cfg.eval_resolution or cfg.data.resolution,  # px of the held-out metrics above
+        "heldout_resolution": cfg.finetune.eval_resolution or cfg.data.resolution,  # px of the held-out metrics above
         "model": plan.model_cfg.name,
         "params": sum(p.numel() for p in trainee.model.parameters()),
         "steps": done,
