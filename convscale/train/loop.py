@@ -1,5 +1,9 @@
 """The training loop: one run from a TrainConfig to result.json, resumable from its run directory.
 
+``_run`` reads top to bottom: resolve (device, data, model config, budget, schedule) -> claim the
+run directory -> build the modules (trainee.py) -> restore the latest checkpoint -> train (one
+update, a log row, evaluations, checkpoints per step) -> finish (final evaluation, result.json).
+
 Run directory:
   config.json     resolved TrainConfig + model config + steps + flops_per_image (written first)
   metrics.jsonl   one row per log step ("kind": "train") and per evaluation ("kind": "eval")
