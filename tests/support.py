@@ -239,3 +239,8 @@ def run_chromium(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
            "--disable-component-update", "--no-first-run", "--hide-scrollbars",
            f"--user-data-dir={tmp_path / 'chromium-profile'}", "--virtual-time-budget=10000", *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+
+def by_name(train: dict) -> dict:
+    """A TrainConfig dict (``to_dict``: groups nested) with every group's fields also by their own names."""
+    return {**train, **{k: v for g in ("optim", "finetune", "runtime") for k, v in train.get(g, {}).items()}}

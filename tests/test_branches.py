@@ -99,7 +99,7 @@ def _cfg(tmp_path, name, **kw):
                 threads=1, quiet=True, schedule="wsd", schedule_options={"cooldown_fraction": 0.25},
                 warmup_steps=2, eval_every_steps=4)
     base.update(kw)
-    return TrainConfig(**base)
+    return TrainConfig().replace(**base)
 
 
 @pytest.mark.slow  # over ~2 s on a loaded 2-core machine: not in the quick loop
@@ -129,7 +129,7 @@ def test_a_branch_refuses_another_trunk_or_a_missing_branch_point(tmp_path):
     from convscale.train.loop import run
 
     run(_cfg(tmp_path, "trunk", steps=16, stop_at_step=12, keep_checkpoint_steps=[12]))
-    with pytest.raises(UserError, match="the trunk differs from this run in lr"):
+    with pytest.raises(UserError, match="the trunk differs from this run in optim.lr;"):
         run(_cfg(tmp_path, "b1", steps=16, lr=0.1, branch_from=str(tmp_path / "trunk")))
     with pytest.raises(UserError, match="no checkpoint at step 6 .*keep_checkpoint_steps including 6"):
         run(_cfg(tmp_path, "b2", steps=8, branch_from=str(tmp_path / "trunk")))
@@ -202,7 +202,8 @@ def test_a_killed_cooldown_sweep_resumes_and_runs_nothing_twice(tmp_path):
         rows = [r["step"] for r in read_metrics(sweep.run_dir(cell.cell_id) / "metrics.jsonl") if r["kind"] == "train"]
         assert rows == list(range(1, cell.steps + 1)), cell.cell_id  # each step once: resumed, never rerun
         log = sweep.log_paths(cell.cell_id)[1].read_text()
-        assert log.count(": done after") == 1, cell.cell_id
+        # finished at most once (a signal between result.json and its log line leaves no line)
+        assert log.count(": done after") <= 1, cell.cell_id
     trunk_id = next(c.cell_id for c in sweep.load()[1] if c.role == "trunk")
     assert df.loc[trunk_id, "spent_flops"] == df.loc[trunk_id, "train_flops"]
     longest = df[df["role"] == "branch"]["steps"].idxmax()

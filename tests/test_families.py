@@ -112,7 +112,7 @@ def test_train_a_tiny_convnext_two_steps(tmp_path, capsys):
 
     ft = finetune_config(tmp_path / "run", str(tmp_path / "ft"), DataConfig(kind="digits", resolution=16),
                          dropout=0.1, drop_path_rate=0.05)
-    assert ft.optimizer == "adamw" and ft.lr == family_traits("convnext").finetune_defaults["lr"]
+    assert ft.optim.optimizer == "adamw" and ft.optim.lr == family_traits("convnext").finetune_defaults["lr"]
     assert ft.model_overrides == {"dropout": 0.1, "drop_path_rate": 0.05}
 
 

@@ -34,6 +34,7 @@ from convscale.train.loop import run
 from convscale.train.metrics import read_metrics
 from convscale.train.optim import build_optimizer
 from convscale.train.sam import sam_ascend_, sam_epsilon, sam_restore_
+from support import by_name
 
 torch.set_num_threads(1)
 
@@ -41,7 +42,7 @@ COMMON = dict(checkpoint_every_seconds=0, threads=1, quiet=True, log_every_steps
 
 
 def _pretrain(root: Path, name: str, model: str, **kw) -> Path:
-    cfg = TrainConfig(run_dir=str(root / name), model=model, batch_size=32, steps=6,
+    cfg = TrainConfig().replace(run_dir=str(root / name), model=model, batch_size=32, steps=6,
                       data=DataConfig(kind="procedural", resolution=16, num_classes=10, heldout_images=32),
                       agc_exempt_scalar_gains=True, **COMMON, **kw)
     assert run(cfg)["status"] == "done"
@@ -103,7 +104,7 @@ def test_vit_posemb_resampled_and_runs_at_higher_eval_resolution(pre_vit, tmp_pa
     # the whole fine-tune: train at 32 px, held-out at 48 px, adamw by default for ViTs
     cfg = finetune_config(pre_vit, str(tmp_path / "ft"), _digits(32), steps=8, batch_size=32, sam_rho=0.0,
                           eval_resolution=48, **COMMON)
-    assert cfg.optimizer == "adamw" and cfg.init_from == str(pre.run_dir)
+    assert cfg.optim.optimizer == "adamw" and cfg.finetune.init_from == str(pre.run_dir)
     result = run(cfg)
     conf = json.loads((tmp_path / "ft" / "config.json").read_text())
     assert conf["model"]["image_size"] == 32 and conf["init_from"]["step"] == 6
@@ -117,7 +118,7 @@ def test_nfnet_finetune_on_digits_learns_and_reports(pre_nfnet, tmp_path):
     pre_result = json.loads((pre_nfnet / "result.json").read_text())
     cfg = finetune_config(pre_nfnet, str(tmp_path / "ft"), _digits(16), epochs=3, batch_size=32, sam_rho=0.0,
                           lr=0.1, overrides={"agc_clip": "0.1"}, **COMMON)
-    assert cfg.optimizer == "sgd_agc" and cfg.agc_exempt_scalar_gains  # family default; inherited
+    assert cfg.optim.optimizer == "sgd_agc" and cfg.optim.agc_exempt_scalar_gains  # family default; inherited
     result = run(cfg)
     assert result["status"] == "done"
     assert result["heldout_top1"] > 0.3  # chance is 0.1; measured 0.47 after 3 epochs from a 6-step pre-train
@@ -128,8 +129,8 @@ def test_nfnet_finetune_on_digits_learns_and_reports(pre_nfnet, tmp_path):
     assert result["pretrain_run_dir"] == str(pre_nfnet.resolve()) and result["pretrain_step"] == 6
     assert result["pretrain_train_flops"] == pre_result["train_flops"]
     conf = json.loads((tmp_path / "ft" / "config.json").read_text())
-    assert conf["init_from"]["run_dir"] == str(pre_nfnet.resolve()) and conf["train"]["init_from"]
-    assert conf["num_classes"] == 10 and conf["train"]["eval_resolution"] is None
+    assert conf["init_from"]["run_dir"] == str(pre_nfnet.resolve()) and conf["train"]["finetune"]["init_from"]
+    assert conf["num_classes"] == 10 and conf["train"]["finetune"]["eval_resolution"] is None
 
 
 # ----------------------------------------------------------------------------------- SAM
@@ -152,7 +153,7 @@ def test_sam_rho_zero_is_a_plain_step():
 
 
 def _sam_cfg(tmp_path: Path, name: str, rho: float) -> TrainConfig:
-    return TrainConfig(run_dir=str(tmp_path / name), model="nfnet-tiny", data=DataConfig(kind="digits", resolution=16),
+    return TrainConfig().replace(run_dir=str(tmp_path / name), model="nfnet-tiny", data=DataConfig(kind="digits", resolution=16),
                        batch_size=16, steps=1, lr=0.3, precision="fp32", channels_last=False, sam_rho=rho,
                        weight_decay=1e-3, **COMMON)
 
@@ -179,7 +180,7 @@ def test_sam_step_equals_hand_computed(tmp_path):
         for p, w, t in zip(params, w0, g_sam):
             p.copy_(w)
             p.grad = t.clone()
-    build_optimizer(model, cfg).step()  # lr = peak: one step, no warm-up
+    build_optimizer(model, cfg.optim).step()  # lr = peak: one step, no warm-up
     got = load_file(list_checkpoints(tmp_path / "sam")[-1] / "model.safetensors")
     plain_w = load_file(list_checkpoints(tmp_path / "plain")[-1] / "model.safetensors")
     differs = 0
@@ -267,12 +268,12 @@ def test_bad_input_is_one_line_user_error(pre_nfnet, pre_vit, tmp_path):
         run(finetune_config(pre_vit, str(tmp_path / "c"), _digits(16), steps=1,
                             overrides={"model_overrides.width": "64"}, **COMMON))
     with pytest.raises(UserError, match="indexed data source"):
-        run(TrainConfig(run_dir=str(tmp_path / "d"), model="nfnet-tiny", steps=1, batch_size=8, aug_repeats=2,
+        run(TrainConfig().replace(run_dir=str(tmp_path / "d"), model="nfnet-tiny", steps=1, batch_size=8, aug_repeats=2,
                         data=DataConfig(resolution=16, num_classes=4, heldout_images=8), **COMMON))
     with pytest.raises(UserError, match="multiple of aug_repeats"):
-        TrainConfig(batch_size=10, aug_repeats=4, steps=1).validate()
+        TrainConfig().replace(batch_size=10, aug_repeats=4, steps=1).validate()
     with pytest.raises(UserError, match="sam_rho"):
-        TrainConfig(sam_rho=-1, steps=1).validate()
+        TrainConfig().replace(sam_rho=-1, steps=1).validate()
 
 
 def test_cli_finetune(pre_nfnet, tmp_path, capsys):
@@ -289,7 +290,7 @@ def test_cli_finetune(pre_nfnet, tmp_path, capsys):
     assert call("--run-dir", str(tmp_path / "p"), *base, "--resolution", "24", "--eval-resolution", "32",
                 "--steps", "4", "--set", "steps=9", "--set", "agc_clip=0.1", "--dropout", "0.25",
                 "--drop-path-rate", "0.1", "--aug-repeats", "4", "--print-config") == 0
-    printed = json.loads(capsys.readouterr().out)
+    printed = by_name(json.loads(capsys.readouterr().out))
     assert printed["steps"] == 4 and printed["epochs"] is None and printed["agc_clip"] == 0.1
     assert printed["sam_rho"] == 0.05 and printed["optimizer"] == "sgd_agc" and printed["aug_repeats"] == 4
     assert printed["model_overrides"] == {"drop_rate": 0.25, "drop_path_rate": 0.1}
@@ -312,7 +313,7 @@ def test_cli_finetune_recipe(pre_nfnet, tmp_path, capsys):
         args = parser.parse_args(["finetune", "--from", str(pre_nfnet), "--run-dir", str(tmp_path / "p"),
                                   "--print-config", *argv])
         assert args.func(args) == 0
-        return json.loads(capsys.readouterr().out)
+        return by_name(json.loads(capsys.readouterr().out))
 
     paper = printed("--recipe", "paper")  # Smith et al. 2023, §3: 50 epochs, SAM, 384 px, held-out 480 px
     assert paper["data"]["resolution"] == 384 and paper["eval_resolution"] == 480

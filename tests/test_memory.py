@@ -72,7 +72,7 @@ def test_ema_held_out_loss_is_identical_with_and_without_checkpointing(tmp_path)
 
     results = []
     for ac in (False, True):
-        cfg = TrainConfig(run_dir=str(tmp_path / f"ac{ac}"), model="nfnet-tiny", steps=6, lr=0.4, batch_size=16,
+        cfg = TrainConfig().replace(run_dir=str(tmp_path / f"ac{ac}"), model="nfnet-tiny", steps=6, lr=0.4, batch_size=16,
                           data=DataConfig(resolution=16, num_classes=10, heldout_images=64), ema_decay=0.5,
                           agc_exempt_scalar_gains=True, precision="fp32", activation_checkpointing=ac,
                           checkpoint_every_seconds=0, threads=1, quiet=True)

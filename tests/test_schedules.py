@@ -25,7 +25,7 @@ def old_lr_at(step: int, total_steps: int, warmup_steps: int, peak_lr: float) ->
 
 
 def lrs(total_steps: int, schedule: str = "cosine", peak_lr: float = 1.0, warmup_steps: int = 2, **options):
-    cfg = TrainConfig(steps=total_steps, lr=peak_lr, warmup_steps=warmup_steps, schedule=schedule,
+    cfg = TrainConfig().replace(steps=total_steps, lr=peak_lr, warmup_steps=warmup_steps, schedule=schedule,
                       schedule_options=options)
     cfg.validate()
     s = build_schedule(cfg, total_steps)
@@ -36,13 +36,13 @@ def test_cosine_is_bit_identical_to_the_old_formula():
     for total in (1, 2, 7, 100, 1001):
         for warmup in (0, 1, 3, total // 3):
             for peak in (0.1, 0.2, 3e-3, 1.7):
-                cfg = TrainConfig(steps=total, lr=peak, warmup_steps=warmup)  # the default schedule
+                cfg = TrainConfig().replace(steps=total, lr=peak, warmup_steps=warmup)  # the default schedule
                 s = build_schedule(cfg, total)
                 assert s.warmup_steps == resolve_warmup_steps(cfg, total)  # what the loop passed to lr_at
                 for step in range(total + 1):
                     assert s.lr(step) == old_lr_at(step, total, s.warmup_steps, peak)
                     assert lr_at(step, total, warmup, peak) == old_lr_at(step, total, warmup, peak)
-    assert TrainConfig().schedule == "cosine" and TrainConfig().schedule_options == {}
+    assert TrainConfig().optim.schedule == "cosine" and TrainConfig().optim.schedule_options == {}
 
 
 def test_linear_exact_values():
@@ -61,7 +61,7 @@ def test_rsqrt_exact_values_big_vision_convention():
     c = lrs(20, "rsqrt", peak_lr=0.8, timescale_steps=4, cooldown_fraction=0.25)
     assert c[:15] == v[:15]
     assert c[18] == pytest.approx(0.8 / math.sqrt(5) * 0.4, abs=1e-15) == pytest.approx(0.143108350559987)
-    assert build_schedule(TrainConfig(schedule="rsqrt", schedule_options={"cooldown_fraction": 0.25}),
+    assert build_schedule(TrainConfig().replace(schedule="rsqrt", schedule_options={"cooldown_fraction": 0.25}),
                           20).cooldown_start_step == 15
 
 
@@ -75,7 +75,7 @@ def test_wsd_exact_values_and_cooldown_start():
     assert sqrt[:81] == lin[:81]
     assert sqrt[85] == 0.5  # 1 - sqrt(5 / 20)
     assert sqrt[96] == pytest.approx(1 - math.sqrt(0.8), abs=1e-15) == pytest.approx(0.105572809000084)
-    cfg = TrainConfig(schedule="wsd", warmup_steps=5)
+    cfg = TrainConfig().replace(schedule="wsd", warmup_steps=5)
     assert cooldown_start_step(cfg, 100) == 80  # default 20 %
     assert cooldown_start_step(cfg, 13) == 10  # round(2.6) = 3 cooldown steps
     assert cooldown_start_step(cfg.replace(schedule_options={"cooldown_fraction": 0.9}), 10) == 5  # not in warm-up
@@ -93,13 +93,13 @@ def test_wsd_runs_of_any_length_share_the_trunk_before_their_cooldown():
 def test_schedule_selected_by_overrides_and_round_trips():
     cfg = apply_overrides(TrainConfig(steps=10), {"schedule": "wsd", "schedule_options.cooldown_fraction": "0.1",
                                                   "schedule_options.cooldown_shape": "linear"})
-    assert cfg.schedule == "wsd" and cfg.schedule_options == {"cooldown_fraction": 0.1, "cooldown_shape": "linear"}
+    assert cfg.optim.schedule == "wsd" and cfg.optim.schedule_options == {"cooldown_fraction": 0.1, "cooldown_shape": "linear"}
     cfg.validate()
     assert TrainConfig.from_json(cfg.to_json()) == cfg
-    assert json.loads(cfg.to_json())["schedule_options"] == {"cooldown_fraction": 0.1, "cooldown_shape": "linear"}
+    assert json.loads(cfg.to_json())["optim"]["schedule_options"] == {"cooldown_fraction": 0.1, "cooldown_shape": "linear"}
     # a whole table (a study's [train]) replaces the options; dotted keys then edit it, in any order
     again = apply_overrides(cfg, {"schedule_options.cooldown_shape": "1-sqrt", "schedule_options": {"cooldown_fraction": 0.3}})
-    assert again.schedule_options == {"cooldown_fraction": 0.3, "cooldown_shape": "1-sqrt"}
+    assert again.optim.schedule_options == {"cooldown_fraction": 0.3, "cooldown_shape": "1-sqrt"}
     assert sorted(SCHEDULES) == ["cosine", "linear", "rsqrt", "wsd"]
 
 
@@ -140,9 +140,9 @@ def test_a_study_sets_the_schedule_per_study_and_per_family_and_each_cell_record
     plan = plan_study(study)
     by_family = {c.family: cell_train_config(study, c, "/tmp/x") for c in plan.cells}
     nf, vit = by_family["nfnet"], by_family["vit"]
-    assert (nf.schedule, nf.schedule_options) == ("wsd", {"cooldown_fraction": 0.1, "cooldown_shape": "linear"})
-    assert (vit.schedule, vit.schedule_options) == ("rsqrt", {"timescale_steps": 100})
-    assert json.loads(nf.to_json())["schedule"] == "wsd"  # what `convscale train --config` receives
+    assert (nf.optim.schedule, nf.optim.schedule_options) == ("wsd", {"cooldown_fraction": 0.1, "cooldown_shape": "linear"})
+    assert (vit.optim.schedule, vit.optim.schedule_options) == ("rsqrt", {"timescale_steps": 100})
+    assert json.loads(nf.to_json())["optim"]["schedule"] == "wsd"  # what `convscale train --config` receives
     bad = {**STUDY, "train": {**STUDY["train"], "schedule_options": {"cooldown_fraction": 2.0}}}
     with pytest.raises(UserError, match="cooldown_fraction"):
         parse_study(bad)
@@ -153,6 +153,6 @@ def test_train_cli_selects_a_schedule_with_set(cli, tmp_path):
                         "--set", "schedule_options.cooldown_shape=linear", "--print-config"])
     assert rc == 0, err
     printed = json.loads(out)
-    assert printed["schedule"] == "wsd" and printed["schedule_options"] == {"cooldown_shape": "linear"}
+    assert printed["optim"]["schedule"] == "wsd" and printed["optim"]["schedule_options"] == {"cooldown_shape": "linear"}
     rc, out, err = cli(["train", "--run-dir", tmp_path / "r", "--steps", 10, "--set", "schedule=cosnie"])
     assert rc == 2 and "schedule must be one of ['cosine', 'linear', 'rsqrt', 'wsd']" in err

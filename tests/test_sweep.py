@@ -529,11 +529,11 @@ def test_paper_preset_pretrains_at_224_evaluates_at_256_and_finetunes_with_each_
     assert f0.params_without_head == 68_416_284 and f0.params - f0.params_without_head == 3073 * 30_000
     for model, cell in first.items():
         cfg, pre_mcfg, pre = _pretrained_from_cell(study, cell, tmp_path)
-        assert cfg.data.resolution == 224 and cfg.eval_resolution == 256
+        assert cfg.data.resolution == 224 and cfg.finetune.eval_resolution == 256
         assert pre_mcfg.drop_rate == 0.0 and pre_mcfg.drop_path_rate == 0.0  # pre-training: none (A.3)
         ft = finetune_config(pre, str(tmp_path / "ft" / model), DataConfig(kind="procedural", resolution=224,
                              num_classes=1000), overrides=finetune_recipe("paper"))
-        assert ft.data.resolution == 384 and ft.eval_resolution == 480 and ft.sam_rho == 0.05 and ft.epochs == 50
+        assert ft.data.resolution == 384 and ft.finetune.eval_resolution == 480 and ft.finetune.sam_rho == 0.05 and ft.epochs == 50
         mcfg = config_at_resolution(ft.model, ft.data.resolution, num_classes=1000, **ft.model_overrides)
         assert (mcfg.drop_rate, mcfg.drop_path_rate) == (PUBLISHED_DROPOUT[model], 0.25), model
         assert mcfg.name == model
@@ -553,7 +553,7 @@ def test_vit_finetune_keeps_its_own_regularisation_not_the_pretraining_runs(tmp_
     cfg, pre_mcfg, pre = _pretrained_from_cell(study, cell, tmp_path)
     assert pre_mcfg.dropout == 0.3
     ft = finetune_config(pre, str(tmp_path / "ft"), DataConfig(resolution=32))
-    assert ft.optimizer == "adamw" and "dropout" not in ft.model_overrides
+    assert ft.optim.optimizer == "adamw" and "dropout" not in ft.model_overrides
     assert config_at_resolution(ft.model, 32, **ft.model_overrides).dropout == 0.0  # vit-tiny's own
     ft = finetune_config(pre, str(tmp_path / "ft2"), DataConfig(resolution=32), dropout=0.2, drop_path_rate=0.1)
     assert ft.model_overrides == {"dropout": 0.2, "drop_path_rate": 0.1}
@@ -606,6 +606,6 @@ def test_paper_preset_steps_in_micro_batches_with_checkpointing():
     plan = plan_study(study)
     f7 = next(c for c in plan.cells if c.model == "nfnet-f7+")
     cfg = cell_train_config(study, f7, "runs/x")
-    assert (cfg.batch_size, cfg.grad_accum_steps, cfg.activation_checkpointing) == (4096, 8, True)
+    assert (cfg.batch_size, cfg.grad_accum_steps, cfg.runtime.activation_checkpointing) == (4096, 8, True)
     assert cfg.resolved_eval_batch_size() == 512 and cfg.batch_size % (8 * cfg.grad_accum_steps) == 0
     assert TrainConfig().resolved_eval_batch_size() == 128  # the default: one micro-batch = the batch

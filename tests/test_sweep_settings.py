@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from support import SWEEP_STUDY
+from support import SWEEP_STUDY, by_name
 
 from convscale.errors import UserError
 from convscale.sweep.smoke import SMOKE_BATCH, smoke_study
@@ -25,7 +25,7 @@ def study_file(tmp_path) -> Path:
 
 
 def configs(root: Path) -> dict[str, dict]:
-    return {p.stem: json.loads(p.read_text()) for p in sorted((root / "configs").glob("*.json"))}
+    return {p.stem: by_name(json.loads(p.read_text())) for p in sorted((root / "configs").glob("*.json"))}
 
 
 def test_set_reaches_every_cells_config(study_file, tmp_path, cli):
@@ -85,7 +85,7 @@ def test_smoke_shrinks_the_study_and_keeps_models_and_data(study_file):
     plan = plan_study(smoke)
     assert sorted(c.steps for c in plan.cells) == [2, 2, 4, 4]
     cfg = cell_train_config(smoke, plan.cells[0], "r")
-    assert cfg.batch_size == 8 and cfg.eval_every_steps == 0 and cfg.agc_exempt_scalar_gains is True
+    assert cfg.batch_size == 8 and cfg.eval_every_steps == 0 and cfg.optim.agc_exempt_scalar_gains is True
 
 
 def test_smoke_and_real_results_never_share_a_directory(study_file, tmp_path, cli, monkeypatch):
@@ -124,7 +124,7 @@ def test_an_overrides_table_in_the_study_file_acts_as_set(tmp_path):
     assert study.overrides == {"warmup_fraction": 0.3, "model_overrides.drop_path_rate": 0.1}
     for cell in plan_study(study).cells:
         cfg = cell_train_config(study, cell, "r")
-        assert cfg.warmup_fraction == 0.3 and cfg.model_overrides == {"drop_path_rate": 0.1}
+        assert cfg.optim.warmup_fraction == 0.3 and cfg.model_overrides == {"drop_path_rate": 0.1}
     p.write_text(STUDY + '\n[overrides]\nlr = 0.3\n')
     with pytest.raises(UserError, match=r"overrides sets \[.lr.\]"):
         load_study(p)

@@ -238,7 +238,7 @@ def test_train_init_from_a_timm_vit_file(tmp_path, cli):
 @pytest.mark.parametrize("model, overrides", [("nfnet-w0.125-d1.1.1", {"activation": "gelu_erf"}),
                                               ("vit-w32-d2-p4", {})], ids=["nfnet", "vit"])
 def test_export_loads_in_timm_with_the_same_logits(tmp_path, cli, model, overrides):
-    cfg = TrainConfig(run_dir=str(tmp_path / "run"), model=model, model_overrides=overrides, lr=0.05,
+    cfg = TrainConfig().replace(run_dir=str(tmp_path / "run"), model=model, model_overrides=overrides, lr=0.05,
                       agc_exempt_scalar_gains=True, ema_decay=0.5, **COMMON)
     assert run(cfg)["status"] == "done"
     out = tmp_path / "out" / "w.safetensors"

@@ -28,6 +28,7 @@ from convscale.train.config import (
 from convscale.train.evaluate import evaluate
 from convscale.train.loop import EXIT_DIVERGED, run
 from convscale.train.trainee import update_ema
+from support import by_name
 from convscale.train.metrics import read_metrics
 from convscale.train.optim import SGDAGC, adaptive_grad_clip_, parameter_groups
 from convscale.train.schedules import lr_at
@@ -79,7 +80,7 @@ def tiny_cfg(tmp_path: Path, name: str = "run", **kw) -> TrainConfig:
                 batch_size=16, steps=12, lr=0.2, agc_exempt_scalar_gains=True, log_every_steps=2,
                 checkpoint_every_seconds=0, threads=1, quiet=True)
     base.update(kw)
-    return TrainConfig(**base)
+    return TrainConfig().replace(**base)
 
 
 # ---------------------------------------------------------------------------------- config
@@ -106,14 +107,14 @@ def test_budget_to_steps_every_kind():
 
 
 def test_config_json_round_trip_and_overrides():
-    cfg = TrainConfig(model="vit-tiny", model_overrides={"depth": 2}, data=DataConfig(resolution=16, kind="digits"),
+    cfg = TrainConfig().replace(model="vit-tiny", model_overrides={"depth": 2}, data=DataConfig(resolution=16, kind="digits"),
                       epochs=0.5, ema_decay=0.99)
     again = TrainConfig.from_json(cfg.to_json())
     assert again == cfg and isinstance(again.data, DataConfig)
     out = apply_overrides(cfg, {"data.resolution": "24", "lr": "0.4", "warmup_steps": "none", "steps": "5",
                                 "epochs": "null", "compile": "true", "model_overrides.width": "48"})
     assert out.data.resolution == 24 and out.data.kind == "digits"
-    assert out.lr == 0.4 and out.warmup_steps is None and out.steps == 5 and out.epochs is None
+    assert out.optim.lr == 0.4 and out.optim.warmup_steps is None and out.steps == 5 and out.epochs is None
     assert out.compile is True and out.model_overrides == {"depth": 2, "width": 48}
     with pytest.raises(UserError, match="unknown field 'nope'"):
         apply_overrides(cfg, {"nope": "1"})
@@ -339,7 +340,7 @@ def test_each_schedule_trains_with_its_own_lrs(tmp_path, schedule, options):
     rows = [r for r in read_metrics(Path(cfg.run_dir) / "metrics.jsonl") if r["kind"] == "train"]
     assert [r["lr"] for r in rows] == [expected.lr(r["step"] - 1) for r in rows]  # each row: its last step's lr
     conf = json.loads((Path(cfg.run_dir) / "config.json").read_text())
-    assert conf["train"]["schedule"] == schedule and conf["train"]["schedule_options"] == options
+    assert conf["train"]["optim"]["schedule"] == schedule and conf["train"]["optim"]["schedule_options"] == options
     assert conf.get("cooldown_start_step") == expected.cooldown_start_step
 
 
@@ -359,17 +360,70 @@ def test_wsd_run_killed_mid_cooldown_resumes_bit_identical(tmp_path):
     assert rows["killed"] == rows["full"]
 
 
-def test_a_run_dir_from_before_schedules_resumes(tmp_path):
+def test_a_run_dir_of_an_older_version_resumes(tmp_path):
     cfg = tiny_cfg(tmp_path, steps=6, checkpoint_every_steps=4)
     with pytest.raises(KeyboardInterrupt):
         run(cfg, source=TinySource(fail_at_step=5))
     path = Path(cfg.run_dir) / "config.json"
     conf = json.loads(path.read_text())
-    del conf["train"]["schedule"], conf["train"]["schedule_options"]  # as an older version wrote it
+    # as versions before the groups and the schedules wrote it: flat, no schedule fields
+    conf["train"] = {k: v for k, v in by_name(conf["train"]).items()
+                     if k not in ("optim", "finetune", "runtime", "schedule", "schedule_options")}
+    assert "lr" in conf["train"] and "quiet" in conf["train"]
     path.write_text(json.dumps(conf))
-    assert run(cfg, source=TinySource())["steps"] == 6  # not refused as "a different config"
-    with pytest.raises(UserError, match="differs in train.schedule"):
+    # not refused as "a different config"; runtime-only fields may still differ
+    assert run(cfg.replace(threads=2), source=TinySource())["steps"] == 6
+    with pytest.raises(UserError, match="differs in train.optim.schedule"):
         run(cfg.replace(schedule="linear"), source=TinySource())
+
+
+#: config.json "train" of a run before TrainConfig had groups (written by convscale 25a20a4)
+OLD_FLAT_TRAIN = {
+    "activation_checkpointing": False, "agc_clip": 0.01, "agc_eps": 0.001, "agc_exempt_scalar_gains": True,
+    "aug_repeats": 1, "batch_size": 16, "beta2": 0.999, "channels_last": None, "checkpoint_every_seconds": 0,
+    "checkpoint_every_steps": 0, "classifier_lr_scale": 1.0, "compile": False,
+    "data": {"device": "cpu", "heldout_fraction": 0.01, "heldout_images": 2048, "heldout_path": None,
+             "kind": "procedural", "num_classes": 4, "path": None, "resolution": 16, "seed": 0, "strict": False,
+             "workers": -1},
+    "divergence_loss_factor": 3.0, "ema_decay": 0.9, "epoch_images": 1281167, "epochs": None, "eval_batch_size": 0,
+    "eval_every_steps": 0, "eval_resolution": 24, "grad_accum_steps": 1, "grad_clip_norm": 1.0, "images": None,
+    "init_from": None, "init_from_ema": False, "label_smoothing": 0.0, "log_every_steps": 2, "loss": "softmax",
+    "lr": 0.2, "model": "nfnet-tiny", "model_overrides": {}, "momentum": 0.9, "optimizer": "sgd_agc",
+    "parallel": "ddp", "precision": "fp32", "quiet": True, "run_dir": "runs/r", "sam_rho": 0.05, "seed": 0,
+    "steps": 12, "threads": 1, "train_flops": None, "warmup_fraction": 0.05, "warmup_steps": None,
+    "weight_decay": 2e-05,
+}
+
+
+def test_an_old_flat_config_is_read_into_the_groups():
+    cfg = TrainConfig.from_dict(OLD_FLAT_TRAIN)
+    assert (cfg.optim.lr, cfg.optim.ema_decay, cfg.optim.agc_exempt_scalar_gains) == (0.2, 0.9, True)
+    assert (cfg.finetune.sam_rho, cfg.finetune.eval_resolution) == (0.05, 24)
+    assert (cfg.runtime.quiet, cfg.runtime.threads, cfg.runtime.checkpoint_every_seconds) == (True, 1, 0)
+    assert (cfg.steps, cfg.batch_size, cfg.data.num_classes, cfg.precision) == (12, 16, 4, "fp32")
+    assert cfg.optim.schedule == "cosine"  # added since: its default is what that run used
+    nested = cfg.to_dict()
+    assert nested["optim"]["lr"] == 0.2 and "lr" not in nested and TrainConfig.from_dict(nested) == cfg
+    assert by_name(nested) | OLD_FLAT_TRAIN == by_name(nested)  # every old field kept its value
+    with pytest.raises(UserError, match=r"unknown TrainConfig field\(s\) \['lrr'\]"):
+        TrainConfig.from_dict({**OLD_FLAT_TRAIN, "lrr": 0.1})
+    with pytest.raises(UserError, match="unknown TrainConfig.optim field"):
+        TrainConfig.from_dict({"optim": {"quiet": True}})
+
+
+def test_overrides_take_flat_legacy_names_and_dotted_group_names():
+    cfg = TrainConfig(steps=3)
+    a = apply_overrides(cfg, {"lr": "0.3", "quiet": "true", "sam_rho": "0.1"})
+    b = apply_overrides(cfg, {"optim.lr": "0.3", "runtime.quiet": "true", "finetune.sam_rho": "0.1"})
+    c = apply_overrides(cfg, {"optim": {"lr": 0.3}, "runtime": {"quiet": True}, "finetune": {"sam_rho": 0.1}})
+    assert a == b == c == cfg.replace(lr=0.3, quiet=True, sam_rho=0.1)
+    assert (a.optim.lr, a.runtime.quiet, a.finetune.sam_rho) == (0.3, True, 0.1)
+    assert apply_overrides(cfg, {"optim.schedule_options.cooldown_fraction": "0.5"}).optim.schedule_options == {
+        "cooldown_fraction": 0.5}
+    with pytest.raises(UserError, match="unknown field 'optim.nope'|unknown field 'nope'"):
+        apply_overrides(cfg, {"optim.nope": "1"})
+    with pytest.raises(UserError, match="must be a table of optim fields"):
+        apply_overrides(cfg, {"optim": "7"})
 
 
 def test_grad_accumulation_equals_big_batch_fp32(tmp_path):
@@ -439,7 +493,7 @@ def test_cli_train_exit_codes(tmp_path, capsys):
     assert main(["train", "--run-dir", str(tmp_path / "d"), "--config", str(cfg_file), "--steps", "2",
                  "--print-config", "--set", "seed=3"]) == 0
     printed = json.loads(capsys.readouterr().out)
-    assert printed["lr"] == 0.05 and printed["steps"] == 2 and printed["epochs"] is None
+    assert printed["optim"]["lr"] == 0.05 and printed["steps"] == 2 and printed["epochs"] is None
     assert printed["data"]["resolution"] == 24 and printed["seed"] == 3
 
 

@@ -181,8 +181,8 @@ def cmd_plan(args) -> int:
                 # one micro-batch per process, as the run steps (a 4096-image F7 step would not fit)
                 probes[key] = probe_mod.probe_model(
                     c.model, c.batch_size // base.grad_accum_steps, c.resolution, num_classes, base.precision,
-                    base.channels_last, base.model_overrides, seconds=args.probe_seconds, threads=threads,
-                    activation_checkpointing=base.activation_checkpointing)
+                    base.runtime.channels_last, base.model_overrides, seconds=args.probe_seconds, threads=threads,
+                    activation_checkpointing=base.runtime.activation_checkpointing)
         data_ips = probe_mod.probe_data(study.data, plan.cells[0].batch_size, threads=threads)
         from convscale.sweep.planner import cell_train_config
 

@@ -32,9 +32,11 @@ def register(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--run-dir", required=True, help="run directory (created; an existing one is resumed)")
-    p.add_argument("--config", help="JSON file with TrainConfig fields (nested 'data' allowed)")
+    p.add_argument("--config", help="JSON file with TrainConfig fields: nested (data, optim, finetune, runtime), "
+                                    "flat as older versions wrote them, or a run's config.json")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="any field: lr=0.2, data.resolution=16, model_overrides.width=16 (repeatable)")
+                   help="any field: lr=0.2 (or optim.lr=0.2), data.resolution=16, model_overrides.width=16, "
+                        "schedule=wsd, schedule_options.cooldown_fraction=0.1 (repeatable)")
     budget = p.add_mutually_exclusive_group()
     for name, typ in BUDGET_FLAGS.items():
         budget.add_argument(f"--{name.replace('_', '-')}", type=typ, default=None,
@@ -69,7 +71,7 @@ def build_config(args: argparse.Namespace):
         if not path.is_file():
             raise UserError(f"config file {path} not found; pass an existing JSON file to --config")
         try:
-            cfg = TrainConfig.from_dict({**cfg.to_dict(), **_load_json(path)})
+            cfg = TrainConfig.from_dict(_load_json(path))  # nested or flat; fields not given keep defaults
         except TypeError as e:
             raise UserError(f"config file {path}: {e}; fix the field's value") from None
     cfg = apply_overrides(cfg, parse_set(args.set))

@@ -199,8 +199,8 @@ def plan_study(study: StudyConfig) -> Plan:
         for name in fam.models:
             probe = get_config(name, num_classes=num_classes, **base.model_overrides)
             probe.check_resolution(resolution)
-            if base.eval_resolution is not None:
-                probe.check_resolution(base.eval_resolution)
+            if base.finetune.eval_resolution is not None:
+                probe.check_resolution(base.finetune.eval_resolution)
             mcfg = config_at_resolution(name, resolution, num_classes=num_classes, **base.model_overrides)
             fwd = int(mcfg.forward_flops(resolution))
             tfpi = base.train_flops_per_image(fwd)
@@ -245,7 +245,7 @@ def plan_study(study: StudyConfig) -> Plan:
                             train_flops=train_flops,
                             budget_flops=float(budget) if kind == "train_flops" else None,
                             params_without_head=params_without_head,
-                            eval_resolution=base.eval_resolution or resolution,
+                            eval_resolution=base.finetune.eval_resolution or resolution,
                             precision=base.precision,
                             seed=base.seed + s,
                         )
@@ -290,7 +290,7 @@ def _as_branches(study: StudyConfig, cells: list[Cell], num_train_images: Option
         base = base.replace(warmup_steps=warmup)
         starts = [build_schedule(base, c.steps).cooldown_start_step for c in runs]
         if any(k is None for k in starts):
-            raise UserError(f"cooldown_branches: schedule {base.schedule!r} of family {family!r} has no cooldown; "
+            raise UserError(f"cooldown_branches: schedule {base.optim.schedule!r} of family {family!r} has no cooldown; "
                             f"use schedule = \"wsd\"")
         tfpi = runs[0].train_flops / runs[0].images
         stop = max(starts)

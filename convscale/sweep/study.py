@@ -205,11 +205,14 @@ def _numbers(v: Any, where: str, positive: bool = True) -> tuple[float, ...]:
 
 def _check_train_overrides(d: Any, where: str) -> dict[str, Any]:
     """Validate a [train]-like table against TrainConfig (fields the sweep sets are refused)."""
-    from convscale.train.config import TrainConfig
+    from convscale.train.config import FIELD_GROUP, GROUPS, TrainConfig
 
-    valid = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in CELL_FIELDS]
+    # a group's fields by their own names (flat, as before the groups) or in its table ([train.optim])
+    names = [f.name for f in dataclasses.fields(TrainConfig)] + list(FIELD_GROUP)
+    valid = [n for n in names if n not in CELL_FIELDS]
     if isinstance(d, dict):
-        taken = sorted(set(d) & set(CELL_FIELDS))
+        grouped = [k for g in GROUPS if isinstance(d.get(g), dict) for k in d[g]]
+        taken = sorted((set(d) | set(grouped)) & set(CELL_FIELDS))
         if taken:
             raise UserError(
                 f"{where} sets {taken}, which the sweep sets per cell: give data in [data], "
@@ -383,4 +386,4 @@ def _check_types(study: StudyConfig) -> None:
 
             if build_schedule(cfg, 1000).cooldown_start_step is None:
                 raise UserError(f"[[family]] {fam.name!r}: cooldown_branches needs a schedule with a cooldown; "
-                                f"set schedule = \"wsd\" in [train] (schedule {cfg.schedule!r} has none)")
+                                f"set schedule = \"wsd\" in [train] (schedule {cfg.optim.schedule!r} has none)")

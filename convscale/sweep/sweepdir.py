@@ -31,9 +31,9 @@ RUN_LOCK_FILE = "run.lock"  # == convscale.train.rundir.LOCK_FILE (the train pac
 
 def _numbers_part(train_config: dict[str, Any]) -> dict[str, Any]:
     """The fields of a TrainConfig dict that change a run's numbers (not run_dir, threads, ...)."""
-    from convscale.train.config import RUNTIME_ONLY_FIELDS
+    from convscale.train.config import numbers_part
 
-    d = {k: v for k, v in train_config.items() if k not in RUNTIME_ONLY_FIELDS}
+    d = numbers_part(train_config)  # also of an older version's cell config (flat, fields added since)
     if d.get("data", {}).get("kind") == "procedural":  # a stream cache holds the same images as no cache
         d["data"] = {k: v for k, v in d["data"].items() if k != "path"}
     return d

@@ -215,11 +215,12 @@ def finetune_config(
     if dropout is not None:
         model_overrides[traits.dropout_field] = dropout
     base: dict[str, Any] = dict(traits.finetune_defaults)
-    base.update({k: ptrain[k] for k in INHERITED_FIELDS if k in ptrain})
+    stored = TrainConfig.from_dict(ptrain)  # nested, or flat as older versions wrote it
+    base.update({k: stored.value(k) for k in INHERITED_FIELDS})
     base.update(epochs=DEFAULT_EPOCHS, sam_rho=DEFAULT_SAM_RHO, batch_size=DEFAULT_BATCH_SIZE,
                 checkpoint_every_seconds=120.0)
-    cfg = TrainConfig(run_dir=run_dir, model=ptrain["model"], model_overrides=model_overrides, data=data,
-                      init_from=str(pre.run_dir), init_from_ema=use_ema, **base)
+    cfg = TrainConfig(run_dir=run_dir, model=ptrain["model"], model_overrides=model_overrides, data=data).replace(
+        init_from=str(pre.run_dir), init_from_ema=use_ema, **base)
     for given in (overrides or {}), {k: v for k, v in fields.items() if v is not None}:
         if any(k in BUDGET_FIELDS for k in given):  # a budget replaces the default (or earlier) one
             cfg = cfg.replace(**{k: None for k in BUDGET_FIELDS})

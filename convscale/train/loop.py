@@ -1,5 +1,9 @@
 """The training loop: one run from a TrainConfig to result.json, resumable from its run directory.
 
+``_run`` reads top to bottom: resolve (device, data, model config, budget, schedule) -> claim the
+run directory -> build the modules (trainee.py) -> restore the latest checkpoint -> train (one
+update, a log row, evaluations, checkpoints per step) -> finish (final evaluation, result.json).
+
 Run directory:
   config.json     resolved TrainConfig + model config + steps + flops_per_image (written first)
   metrics.jsonl   one row per log step ("kind": "train") and per evaluation ("kind": "eval")
@@ -160,8 +164,8 @@ def _check_machine(cfg: TrainConfig) -> None:
 def _resolve(cfg: TrainConfig, restart: bool, source: Optional[DataSource]) -> RunPlan:
     cfg.validate()
     _check_machine(cfg)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    if cfg.runtime.threads:
+        torch.set_num_threads(cfg.runtime.threads)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
         configure_cuda()
@@ -169,19 +173,20 @@ def _resolve(cfg: TrainConfig, restart: bool, source: Optional[DataSource]) -> R
     cfg = cfg.replace(precision=_precision_for(cfg, run_dir, device.type, restart))  # "auto" -> bf16 | fp32
 
     get_config(cfg.model, **cfg.model_overrides)  # a bad model name fails before data is loaded
-    pretrained = find_pretrained(cfg.init_from, cfg.init_from_ema) if cfg.init_from else None
+    ft = cfg.finetune
+    pretrained = find_pretrained(ft.init_from, ft.init_from_ema) if ft.init_from else None
     local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     data_cfg = cfg.data.replace(workers=resolve_workers(cfg.data, device.type, local_processes))
     source = source if source is not None else build_source(data_cfg)
-    if cfg.aug_repeats > 1:
-        source = RepeatedAugmentSource(source, cfg.aug_repeats)
+    if ft.aug_repeats > 1:
+        source = RepeatedAugmentSource(source, ft.aug_repeats)
     model_cfg = config_at_resolution(cfg.model, cfg.data.resolution, num_classes=source.num_classes,
                                      **cfg.model_overrides)
     model_cfg.check_resolution(cfg.data.resolution)
     eval_source = source
-    if cfg.eval_resolution is not None and cfg.eval_resolution != cfg.data.resolution:
-        model_cfg.check_resolution(cfg.eval_resolution)
-        eval_source = build_source(data_cfg.replace(resolution=cfg.eval_resolution))
+    if ft.eval_resolution is not None and ft.eval_resolution != cfg.data.resolution:
+        model_cfg.check_resolution(ft.eval_resolution)
+        eval_source = build_source(data_cfg.replace(resolution=ft.eval_resolution))
     for src in {id(source): source, id(eval_source): eval_source}.values():
         if getattr(src, "num_heldout_images", None) == 0:  # found now, not by the final evaluation
             raise UserError(f"the data holds no held-out images (heldout_fraction {cfg.data.heldout_fraction} "
@@ -207,7 +212,7 @@ def _resolve(cfg: TrainConfig, restart: bool, source: Optional[DataSource]) -> R
         resolved["stop_step"] = min(steps, cfg.stop_at_step)
     if pretrained is not None:
         resolved["init_from"] = pretrained.record()
-    progress = Progress(steps, cfg.quiet, stream=None if is_main_process() else io.StringIO())
+    progress = Progress(steps, cfg.runtime.quiet, stream=None if is_main_process() else io.StringIO())
     return RunPlan(cfg, run_dir, device, local_part(), pretrained, source, eval_source, model_cfg, steps,
                    schedule, flops_per_image, resolved, progress)
 
@@ -266,16 +271,15 @@ def _start_branch(plan: RunPlan, trainee: Trainee) -> dict[str, Any]:
     """A cooldown branch's first start: the trunk's checkpoint at this run's cooldown start, whose
     steps are this run's own (same config but for length, same schedule before its cooldown)."""
     from convscale.train.checkpoint import checkpoint_at
-    from convscale.train.config import RUNTIME_ONLY_FIELDS
+    from convscale.train.config import numbers_part
 
     cfg, start = plan.cfg, plan.schedule.cooldown_start_step
     trunk = Path(str(cfg.branch_from))
     stored = read_run_json(trunk / "config.json") if (trunk / "config.json").is_file() else None
     if stored is None:
         raise UserError(f"branch_from {trunk}: no trunk run there (no config.json); train the trunk first")
-    theirs, mine = stored.get("train", {}), cfg.to_dict()
-    differ = sorted(k for k in set(theirs) | set(mine)
-                    if k not in BRANCH_FREE_FIELDS | RUNTIME_ONLY_FIELDS and theirs.get(k) != mine.get(k))
+    theirs, mine = (_dotted(numbers_part(d)) for d in (stored.get("train", {}), cfg.to_dict()))
+    differ = sorted(k for k in set(theirs) | set(mine) if k not in BRANCH_FREE_FIELDS and theirs.get(k) != mine.get(k))
     if differ or stored.get("warmup_steps") != plan.schedule.warmup_steps:
         what = ", ".join(differ) or f"warmup_steps {stored.get('warmup_steps')} vs {plan.schedule.warmup_steps}"
         raise UserError(f"branch_from {trunk}: the trunk differs from this run in {what}; a branch continues "
@@ -297,6 +301,16 @@ def _start_branch(plan: RunPlan, trainee: Trainee) -> dict[str, Any]:
         _copy_trunk_metrics(trunk, plan.run_dir, start)
     plan.progress.message(f"{plan.run_dir}: branching from {trunk} at step {start}/{plan.steps}")
     return state
+
+
+def _dotted(train: dict[str, Any]) -> dict[str, Any]:
+    """A TrainConfig dict with each group's fields as ``group.field`` (so a difference names its field)."""
+    from convscale.train.config import GROUPS
+
+    out = {k: v for k, v in train.items() if k not in GROUPS}
+    for g in GROUPS:
+        out.update({f"{g}.{k}": v for k, v in (train.get(g) or {}).items()})
+    return out
 
 
 def _copy_trunk_metrics(trunk: Path, run_dir: Path, step: int) -> None:
@@ -407,7 +421,8 @@ def _train(plan: RunPlan, trainee: Trainee, loop: LoopState) -> int:
         done = step + 1
         # time-based checkpoints: every step on 1 process; with several, rank 0's clock decides at
         # log steps, carried by the log step's all-reduce (no extra collective, no extra sync)
-        clock_due = bool(cfg.checkpoint_every_seconds) and time.monotonic() - loop.t_ckpt >= cfg.checkpoint_every_seconds
+        every_seconds = cfg.runtime.checkpoint_every_seconds
+        clock_due = bool(every_seconds) and time.monotonic() - loop.t_ckpt >= every_seconds
         due_time = clock_due and not is_distributed()
         if done % cfg.log_every_steps == 0 or done == steps:
             due_time = _log_train_row(plan, loop, done, lr, clock_due) or due_time
@@ -417,7 +432,8 @@ def _train(plan: RunPlan, trainee: Trainee, loop: LoopState) -> int:
             ev = _evaluate(plan, trainee)
             _log(loop, {"kind": "eval", **_position(plan, loop, done), **ev})
             plan.progress.message(_eval_line(done, steps, ev))
-        due_steps = (cfg.checkpoint_every_steps and done % cfg.checkpoint_every_steps == 0) or done in keep
+        due_steps = (cfg.runtime.checkpoint_every_steps and done % cfg.runtime.checkpoint_every_steps == 0) \
+            or done in keep
         if (due_steps or due_time) and done < steps:
             pending_loss = all_reduce_sum([float(loop.loss_sum)])[0] / world_size()  # every rank resumes with the mean
             _checkpoint(plan, trainee, loop, done, loss_sum_since_log=pending_loss,
@@ -447,7 +463,7 @@ def _finish(plan: RunPlan, trainee: Trainee, loop: LoopState, done: int) -> dict
         **final_eval,
         # held-out loss is softmax cross-entropy: a model that learned nothing scores ln(classes)
         "chance_loss": math.log(plan.model_cfg.num_classes),
-        "heldout_resolution": cfg.eval_resolution or cfg.data.resolution,  # px of the held-out metrics above
+        "heldout_resolution": cfg.finetune.eval_resolution or cfg.data.resolution,  # px of the held-out metrics above
         "model": plan.model_cfg.name,
         "params": sum(p.numel() for p in trainee.model.parameters()),
         "steps": done,

@@ -23,6 +23,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from convscale.train.config import OptimConfig
 from convscale.train.distributed import is_sharded, local, process_group_of
 
 CLASSIFIER_WEIGHT = "classifier.weight"
@@ -189,19 +190,18 @@ class SGDAGC(torch.optim.Optimizer):
         return loss
 
 
-def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
-    """The run's optimizer from a TrainConfig (lr is set every step by the schedule)."""
-    if cfg.optimizer == "sgd_agc":
-        groups = parameter_groups(model, cfg.weight_decay, cfg.agc_clip > 0, cfg.agc_exempt_scalar_gains,
-                                  cfg.classifier_lr_scale)
-        return SGDAGC(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True,
-                      agc_clip=cfg.agc_clip, agc_eps=cfg.agc_eps)
-    if cfg.optimizer == "adamw":
-        groups = parameter_groups(model, cfg.weight_decay, False, False, cfg.classifier_lr_scale)
+def build_optimizer(model: nn.Module, o: OptimConfig) -> torch.optim.Optimizer:
+    """The run's optimizer from a TrainConfig's ``optim`` group (lr is set every step by the schedule)."""
+    if o.optimizer == "sgd_agc":
+        groups = parameter_groups(model, o.weight_decay, o.agc_clip > 0, o.agc_exempt_scalar_gains,
+                                  o.classifier_lr_scale)
+        return SGDAGC(groups, lr=o.lr, momentum=o.momentum, nesterov=True, agc_clip=o.agc_clip, agc_eps=o.agc_eps)
+    if o.optimizer == "adamw":
+        groups = parameter_groups(model, o.weight_decay, False, False, o.classifier_lr_scale)
         fused = all(p.is_cuda for g in groups for p in g["params"])
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.momentum, cfg.beta2),
+        return torch.optim.AdamW(groups, lr=o.lr, betas=(o.momentum, o.beta2),
                                  foreach=not fused, fused=fused or None)
-    raise ValueError(f"unknown optimizer {cfg.optimizer!r}")  # validated earlier: a bug if reached
+    raise ValueError(f"unknown optimizer {o.optimizer!r}")  # validated earlier: a bug if reached
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

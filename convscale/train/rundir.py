@@ -16,7 +16,7 @@ from convscale.errors import UserError
 from convscale.fileio import TMP_PREFIX, atomic_write_json
 from convscale.fslock import FileLock
 from convscale.train.checkpoint import CHECKPOINT_DIR, is_main_process
-from convscale.train.config import RUNTIME_ONLY_DATA_FIELDS, RUNTIME_ONLY_FIELDS, TrainConfig
+from convscale.train.config import GROUPS, numbers_part
 from convscale.train.metrics import METRICS_FILE
 
 CONFIG_FILE = "config.json"
@@ -54,19 +54,20 @@ def read_run_config(run_dir: Path) -> dict[str, Any]:
     return d
 
 
-def _as_written_now(train: dict[str, Any]) -> dict[str, Any]:
-    """A stored train table as this version writes it: fields added since then appear at their
-    defaults (which reproduce the old behaviour), so a run directory of an older version resumes."""
-    try:
-        return TrainConfig.from_dict(train).to_dict()
-    except (UserError, TypeError):  # not one this version can read: compared as it is
-        return train
-
-
 def _comparable(resolved: dict[str, Any]) -> dict[str, Any]:
-    train = {k: v for k, v in _as_written_now(resolved["train"]).items() if k not in RUNTIME_ONLY_FIELDS}
-    train["data"] = {k: v for k, v in train.get("data", {}).items() if k not in RUNTIME_ONLY_DATA_FIELDS}
-    return {**resolved, "train": train, "convscale_version": None}
+    # a run dir of an older version (flat train table, fields added since) resumes
+    return {**resolved, "train": numbers_part(resolved["train"]), "convscale_version": None}
+
+
+def _differing(old: dict[str, Any], new: dict[str, Any], prefix: str) -> list[str]:
+    """Dotted names of the keys whose values differ, into the groups of train (``train.optim.lr``)."""
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if a != b:
+            both_groups = isinstance(a, dict) and isinstance(b, dict) and k in GROUPS and prefix == "train."
+            out += _differing(a, b, f"{prefix}{k}.") if both_groups else [f"{prefix}{k}"]
+    return out
 
 
 def wipe_run(run_dir: Path) -> None:
@@ -113,9 +114,8 @@ def prepare_run_dir(run_dir: Path, resolved: dict[str, Any], restart: bool) -> O
         stored = read_run_config(run_dir)
         old, new = _comparable(stored), _comparable(resolved)
         if old != new:
-            diff = sorted(
-                f"train.{k}" for k in set(old["train"]) | set(new["train"]) if old["train"].get(k) != new["train"].get(k)
-            ) + sorted(k for k in set(old) | set(new) if k != "train" and old.get(k) != new.get(k))
+            diff = _differing(old["train"], new["train"], "train.") + _differing(
+                {k: v for k, v in old.items() if k != "train"}, {k: v for k, v in new.items() if k != "train"}, "")
             raise UserError(
                 f"{run_dir} holds a run with a different config (differs in {', '.join(diff[:6])}); "
                 f"use a new --run-dir, or --restart to wipe it"

@@ -49,19 +49,19 @@ def build_trainee(cfg: TrainConfig, model_cfg: Any, device: torch.device, num_cl
     if cfg.loss == "sigmoid":  # start at the prior p = 1/C per class instead of 0.5
         with torch.no_grad():
             model.classifier.bias.fill_(-math.log(num_classes))
-    channels_last = model_cfg.traits.channels_last(cfg.channels_last, device.type)
+    channels_last = model_cfg.traits.channels_last(cfg.runtime.channels_last, device.type)
     if channels_last:
         model = to_channels_last(model)
-    if cfg.activation_checkpointing:
+    if cfg.runtime.activation_checkpointing:
         enable_activation_checkpointing(model)
-    ema_model = copy.deepcopy(model).requires_grad_(False) if cfg.ema_decay > 0 else None
+    ema_model = copy.deepcopy(model).requires_grad_(False) if cfg.optim.ema_decay > 0 else None
     # before the optimizer: FSDP2 replaces ``model``'s parameters by sharded ones (DDP wraps it)
     param_dtype = torch.bfloat16 if cfg.precision == "bf16" else None  # FSDP2 all-gathers in bf16
-    train_model = wrap_model(model, cfg.parallel, device, param_dtype)
-    if ema_model is not None and resolve_parallel(cfg.parallel) == "fsdp":
+    train_model = wrap_model(model, cfg.runtime.parallel, device, param_dtype)
+    if ema_model is not None and resolve_parallel(cfg.runtime.parallel) == "fsdp":
         # sharded like model: EMA updates stay local (and evaluation gathers what training does)
         fsdp_shard(ema_model, average_replicated_grads=False, param_dtype=param_dtype)
-    optimizer = build_optimizer(model, cfg)
+    optimizer = build_optimizer(model, cfg.optim)
     return Trainee(model, train_model, ema_model, optimizer, channels_last)
 
 
@@ -110,12 +110,13 @@ def optimizer_update(trainee: Trainee, images: torch.Tensor, labels: torch.Tenso
     ``w + eps`` when ``sam_rho > 0``), clipping, optimizer step, EMA. The batch's mean training
     loss is added to ``loss_sum``."""
     forward_backward(trainee, images, labels, cfg, device_type, loss_sum=loss_sum)
-    if cfg.sam_rho > 0:  # the step uses the gradient taken at w + eps (sam.py)
-        sam_gradient_(trainee.model, cfg.sam_rho, functools.partial(forward_backward, trainee, images, labels,
-                                                                    cfg, device_type))
-    if cfg.optimizer == "adamw" and cfg.grad_clip_norm > 0:
-        clip_global_norm_(trainee.model, cfg.grad_clip_norm)
+    if cfg.finetune.sam_rho > 0:  # the step uses the gradient taken at w + eps (sam.py)
+        sam_gradient_(trainee.model, cfg.finetune.sam_rho,
+                      functools.partial(forward_backward, trainee, images, labels, cfg, device_type))
+    o = cfg.optim
+    if o.optimizer == "adamw" and o.grad_clip_norm > 0:
+        clip_global_norm_(trainee.model, o.grad_clip_norm)
     trainee.optimizer.step()
     trainee.optimizer.zero_grad(set_to_none=True)
     if trainee.ema_model is not None:
-        update_ema(trainee.ema_model, trainee.model, cfg.ema_decay, step)
+        update_ema(trainee.ema_model, trainee.model, o.ema_decay, step)
