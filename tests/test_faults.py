@@ -792,4 +792,5 @@ def test_sweep_kills(tmp_path):
         rows = [r["step"] for r in read_metrics(Path(cell.run_dir) / "metrics.jsonl") if r["kind"] == "train"]
         assert rows == list(range(1, cell.steps + 1)), cell.cell_id  # each step once: resumed, never rerun
         log = (root / "logs" / f"{cell.cell_id}.err").read_text()
-        assert log.count(": done after") == 1, cell.cell_id  # finished exactly once
+        # finished at most once (a signal between result.json and its log line leaves no line)
+        assert log.count(": done after") <= 1, cell.cell_id
