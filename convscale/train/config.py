@@ -41,7 +41,7 @@ PARALLEL_MODES = ("ddp", "fsdp")  # == convscale.train.distributed.PARALLEL_MODE
 #: other conv kernels): a run directory may be resumed with other values.
 RUNTIME_ONLY_FIELDS = frozenset(
     {"run_dir", "quiet", "checkpoint_every_steps", "checkpoint_every_seconds", "threads", "parallel",
-     "activation_checkpointing", "channels_last"}
+     "activation_checkpointing", "channels_last", "log", "log_options"}
 )
 #: DataConfig fields of the same kind (worker processes build the very batches of in-process loading)
 RUNTIME_ONLY_DATA_FIELDS = frozenset({"workers"})
@@ -100,6 +100,9 @@ class TrainConfig:
     threads: int = 0  # torch intra-op threads; 0 = torch default
     quiet: bool = False  # one line per evaluation instead of a progress bar
     parallel: str = "ddp"  # under torchrun/srun with > 1 process: "ddp" | "fsdp" (FSDP2, sharded)
+    # experiment trackers beside metrics.jsonl (train/loggers): "tensorboard" | "wandb" | "mlflow"
+    log: list[str] = field(default_factory=list)
+    log_options: dict[str, Any] = field(default_factory=dict)  # per tracker: {"wandb": {"project": "p"}}
     # fine-tuning (train/finetune.py); the defaults leave pre-training unchanged
     init_from: Optional[str] = None  # a finished run dir: start from its final weights, new classifier
     init_from_ema: bool = False  # load that run's EMA weights instead of its raw ones
@@ -188,6 +191,9 @@ class TrainConfig:
             raise UserError(f"warmup_fraction must be in [0, 1), not {self.warmup_fraction}")
         if self.lr <= 0:
             raise UserError(f"lr must be positive, not {self.lr}")
+        from convscale.train.loggers import check_log  # torch-free, imports no tracker
+
+        check_log(self.log, self.log_options)
         if self.parallel not in PARALLEL_MODES:
             raise UserError(f"parallel must be one of {list(PARALLEL_MODES)}, not {self.parallel!r}")
         if self.sam_rho < 0:
@@ -294,6 +300,8 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
             return None
         return _coerce(value, args[0], key)
+    if origin is list and isinstance(value, str):  # --log tensorboard,wandb
+        return [item.strip() for item in value.split(",") if item.strip()]
     if not isinstance(value, str):
         if annotation is float and isinstance(value, int):
             return float(value)
@@ -342,6 +350,17 @@ def apply_overrides(cfg: TrainConfig, overrides: dict[str, Any]) -> TrainConfig:
             data_kw[rest] = _coerce(value, data_hints[rest], key)
         elif head == "model_overrides" and rest:
             model_kw[rest] = _parse_json_or_str(value) if isinstance(value, str) else value
+        elif head == "log_options" and rest:  # log_options.wandb.project=p
+            name, _, option = rest.partition(".")
+            if not option:
+                raise UserError(f"{key!r}: give log_options.<logger>.<field>=value")
+            from convscale.train.loggers import logger_module  # torch-free, imports no tracker
+
+            option_hints = typing.get_type_hints(logger_module(name).Options)
+            if option not in option_hints:
+                raise UserError(f"unknown field {option!r} in {key!r}; valid: {sorted(option_hints)}")
+            log_kw = top.setdefault("log_options", {**cfg.log_options})
+            log_kw[name] = {**log_kw.get(name, {}), option: _coerce(value, option_hints[option], key)}
         elif head in hints and not rest and head not in ("data", "model_overrides"):
             top[head] = _coerce(value, hints[head], key)
         else:

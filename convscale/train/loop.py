@@ -56,7 +56,8 @@ from convscale.train.config import TrainConfig, budget_to_steps, resolve_warmup_
 from convscale.train.evaluate import autocast, heldout_sums, means, training_loss
 from convscale.train.finetune import RepeatedAugmentSource, find_pretrained, load_pretrained_weights
 from convscale.train.memory import enable_activation_checkpointing, peak_memory_bytes, physical_memory_bytes
-from convscale.train.metrics import MetricsWriter, Progress
+from convscale.train.loggers import open_loggers
+from convscale.train.metrics import Progress
 from convscale.train.precision import resolve_precision
 from convscale.train.rundir import RESULT_FILE, lock_run_dir, prepare_run_dir, read_run_json
 from convscale.train.optim import build_optimizer, clip_global_norm_, set_lr
@@ -224,7 +225,8 @@ def _run(cfg: TrainConfig, restart: bool, source: Optional[DataSource], locks: l
         state = load_checkpoint(checkpoints[-1], model, optimizer, ema_model)
         progress.message(f"{run_dir}: resuming from step {state['step']}/{steps}")
     start_step = state["step"]
-    metrics = MetricsWriter(run_dir, start_step) if is_main_process() else None
+    # metrics.jsonl and the trackers cfg.log names (train/loggers), on the process that writes files
+    metrics = open_loggers(cfg, run_dir, resolved, start_step) if is_main_process() else None
     train_model = torch.compile(train_model) if cfg.compile else train_model
 
     def log(row: dict[str, Any]) -> None:
