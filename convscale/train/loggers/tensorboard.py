@@ -8,6 +8,7 @@ logged again, so every (tag, step) appears once.
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -34,6 +35,19 @@ def log_dir(options: Options, ctx: LoggerContext) -> Path:
     return Path(options.dir).expanduser() / (options.group or "") / ctx.run_name
 
 
+def after_earlier_files(path: Path) -> None:
+    """Wait (at most 1 s) until a new event file's name sorts after the existing ones'.
+
+    TensorBoard reads a folder's files in name order, and the name starts with the creation
+    time in whole seconds (then host, pid, a counter: not ordered): a resume within the same
+    second would otherwise be read before the attempt it continues."""
+    stamps = [int(p.name.split(".")[3]) for p in path.glob("events.out.tfevents.*")
+              if len(p.name.split(".")) > 3 and p.name.split(".")[3].isdigit()]
+    wait = max(stamps, default=0) + 1 - time.time()
+    if wait > 0:
+        time.sleep(min(wait, 1.0))
+
+
 class TensorBoardLogger:
     def __init__(self, options: Options, ctx: LoggerContext):
         require("tensorboard", EXTRA)
@@ -41,8 +55,9 @@ class TensorBoardLogger:
 
         path = log_dir(options, ctx)
         earlier = path.is_dir() and any(path.glob("events.out.tfevents.*"))
-        # flush_secs: a run killed between checkpoints loses nothing the resume will not log again
-        self.writer = SummaryWriter(str(path), purge_step=ctx.start_step + 1 if earlier else None, flush_secs=10)
+        if earlier:
+            after_earlier_files(path)
+        self.writer = SummaryWriter(str(path), purge_step=ctx.start_step + 1 if earlier else None)
         if not earlier:
             self.writer.add_text("config", "```\n" + json.dumps(ctx.resolved, indent=2, sort_keys=True) + "\n```", 0)
         self.state = {"log_dir": str(path)}
@@ -50,6 +65,8 @@ class TensorBoardLogger:
     def write(self, row: dict[str, Any]) -> None:
         for tag, value in scalars(row).items():
             self.writer.add_scalar(tag, value, row["step"])
+        # now, not within flush_secs: a killed run must not lose steps up to its checkpoint
+        self.writer.flush()
 
     def close(self) -> None:
         self.writer.close()
