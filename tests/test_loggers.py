@@ -182,6 +182,19 @@ def test_tensorboard_reader_reads_the_scalars_back(tmp_path):
     got = tensorboard_scalars(Path(cfg.run_dir) / "tensorboard")
     assert got["train/loss"][0][0] == 2 and [s for s, _ in got["eval/heldout_top1"]] == [6, 12]
     assert_same_scalars(got, expected(rows), rel=1e-6)  # event files hold float32
+    # --restart wipes the tracker files with the run (they are a run's own entries)
+    run(cfg.replace(steps=4), restart=True)
+    assert [s for s, _ in tensorboard_scalars(Path(cfg.run_dir) / "tensorboard")["train/loss"]] == [2, 4]
+
+
+def test_only_the_process_that_writes_files_logs(tmp_path, monkeypatch):
+    pytest.importorskip("tensorboard")
+    import convscale.train.loop as loop
+
+    monkeypatch.setattr(loop, "is_main_process", lambda: False)  # as on rank 1 of a torchrun job
+    cfg = tiny(tmp_path, "r", steps=4, log=["tensorboard"])
+    run(cfg)
+    assert not (Path(cfg.run_dir) / "tensorboard").exists() and not (Path(cfg.run_dir) / STATE_FILE).exists()
 
 
 # ------------------------------------------------------------------ MLflow
