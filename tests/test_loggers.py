@@ -351,3 +351,41 @@ def test_study_log_table_groups_cells_under_the_sweep(tmp_path):
     if _installed("tensorboard"):  # the cell's events land in DIR/<sweep>/<cell id>
         run(cfg.replace(log=["tensorboard"], threads=1))
         assert tensorboard_scalars(tmp_path / "tb" / "mini" / cell.cell_id)["train/loss"][-1][0] == 4
+
+
+@pytest.mark.slow
+def test_sweep_cells_are_tracked_runs_grouped_under_the_study(tmp_path, monkeypatch):
+    pytest.importorskip("mlflow")
+    pytest.importorskip("wandb")
+    from mlflow.tracking import MlflowClient
+    from support import DISTRIBUTED_VARIABLES, env
+
+    from convscale.sweep.run import run_sweep
+    from convscale.sweep.study import parse_study
+
+    for key in DISTRIBUTED_VARIABLES:
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env(WANDB_MODE="offline", WANDB_SILENT="true").items():  # the cells' subprocesses
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 reads file stores only when told to
+    study = parse_study({"name": "mini", "data": {"resolution": 16, "num_classes": 4, "heldout_images": 32},
+                         "train": {"batch_size": 16, "log_every_steps": 2, "threads": 1},
+                         "family": [{"name": "nfnet", "models": ["nfnet-tiny"], "optimizer": "sgd_agc",
+                                     "lrs": [0.1, 0.2], "train": {"agc_exempt_scalar_gains": True}}],
+                         "budgets": {"images": [64]}, "log": {"to": ["mlflow", "wandb"]}})
+    root = tmp_path / "sweep"
+    out = run_sweep(study, root, jobs=2, log=lambda line: None)  # two cells at once: one experiment made
+    assert out.status_counts == {"done": 2}
+    cells = {o.cell_id for o in out.outcomes}
+    client = MlflowClient(tracking_uri=str(root / "mlruns"))
+    runs = client.search_runs([client.get_experiment_by_name("mini").experiment_id])
+    assert sorted(r.info.run_name for r in runs) == sorted(cells)
+    for r in runs:
+        assert [m.step for m in client.get_metric_history(r.info.run_id, "train/loss")] == [2, 4]
+        assert r.data.params["model_name"] == "nfnet-w0.03125-d1.1.1"
+    for cell in cells:
+        (records,) = wandb_records(root / "runs" / cell)
+        run_record, history = wandb_run_and_history(records)
+        config = {item.key: json.loads(item.value_json) for item in run_record.config.update}
+        assert (run_record.run_group, run_record.display_name) == ("mini", cell)
+        assert f"lr{config['train']['lr']:g}" in cell and [s for s, _ in history["train/loss"]] == [2, 4]
