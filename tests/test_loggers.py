@@ -389,3 +389,11 @@ def test_sweep_cells_are_tracked_runs_grouped_under_the_study(tmp_path, monkeypa
         config = {item.key: json.loads(item.value_json) for item in run_record.config.update}
         assert (run_record.run_group, run_record.display_name) == ("mini", cell)
         assert f"lr{config['train']['lr']:g}" in cell and [s for s, _ in history["train/loss"]] == [2, 4]
+
+
+def test_a_tracker_that_cannot_start_stops_the_run_with_one_line(tmp_path):
+    pytest.importorskip("mlflow")
+    (tmp_path / "taken").write_text("a file where the store would go")
+    cfg = tiny(tmp_path, "r", steps=2, log=["mlflow"], log_options={"mlflow": {"tracking_uri": str(tmp_path / "taken")}})
+    with pytest.raises(UserError, match=r"^mlflow could not start a run at .*taken \(.*\); fix log_options.mlflow.tracking_uri"):
+        run(cfg)

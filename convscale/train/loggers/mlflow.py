@@ -86,8 +86,11 @@ class MlflowLogger:
         except UserError:
             raise
         except Exception as e:
-            raise UserError(f"mlflow could not start a run at {uri} ({type(e).__name__}: {str(e)[:300]}); "
-                            f"fix log_options.mlflow.tracking_uri or $MLFLOW_TRACKING_URI") from None
+            database = urlparse(uri).scheme.split("+")[0] in ("sqlite", "postgresql", "mysql", "mssql")
+            fix = ("a database store needs the full package (pip install mlflow; convscale[mlflow] is mlflow-skinny)"
+                   if database else "fix log_options.mlflow.tracking_uri or $MLFLOW_TRACKING_URI")
+            raise UserError(f"mlflow could not start a run at {uri} ({type(e).__name__}: {str(e)[:200]}); "
+                            f"{fix}") from None
         self.state = {"run_id": self.run_id, "tracking_uri": uri, "experiment": options.experiment}
 
     def _experiment(self, name: str) -> str:
