@@ -219,6 +219,31 @@ def test_mlflow_client_reads_the_metrics_and_config_back(tmp_path):
     assert_same_scalars(got, want)
 
 
+def test_an_attempt_that_ends_by_an_exception_is_marked_killed_and_resumed(tmp_path):
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    from convscale.train.loggers.fanout import open_fanout
+
+    run_dir, store = tmp_path / "r", str(tmp_path / "mlruns")
+    run_dir.mkdir()
+    options = {"mlflow": {"tracking_uri": store}}
+    first = open_fanout(["mlflow"], options, run_dir, {"steps": 4}, 0)
+    first.write({"kind": "train", "step": 2, "loss": 1.5})
+    first.abandon()  # what exit does for a run whose loop raised (and a resume in the same process)
+    client = MlflowClient(tracking_uri=store)
+    run_id = json.loads((run_dir / STATE_FILE).read_text())["mlflow"]["run_id"]
+    assert client.get_run(run_id).info.status == "KILLED"
+    again = open_fanout(["mlflow"], options, run_dir, {"steps": 4}, 0)  # resumed from step 0
+    assert client.get_run(run_id).info.status == "RUNNING"
+    again.write({"kind": "train", "step": 2, "loss": 1.5})  # replayed: the store holds it already
+    again.write({"kind": "train", "step": 4, "loss": 1.25})
+    again.close()
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "train/loss")] == [(2, 1.5), (4, 1.25)]
+    assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")] == [2, 4]
+
+
 # ------------------------------------------------------------------ W&B (offline)
 
 

@@ -10,7 +10,8 @@ Adding a tracker is one module plus one line in ``LOGGERS``. The module defines:
   ``EXTRA``           the pyproject extra that installs its library: pip install 'convscale[EXTRA]'
   ``sweep_defaults``  (sweep_name, sweep_dir) -> options that put a sweep's cells in one group
   ``build``           (Options, LoggerContext) -> an object with write(row), close() and ``state``
-                      (a JSON dict stored in the run dir, read back on resume as ``context.state``)
+                      (a JSON dict stored in the run dir, read back on resume as ``context.state``),
+                      optionally abandon(): at exit of a run that ended by an exception
 and imports its library inside ``build`` only: a run that tracks nothing never pays for it.
 
 This module is torch-free and imports no tracker: TrainConfig.validate() calls ``check_log``.

@@ -117,6 +117,9 @@ class MlflowLogger:
     def close(self) -> None:
         self.client.set_terminated(self.run_id, "FINISHED")
 
+    def abandon(self) -> None:
+        self.client.set_terminated(self.run_id, "KILLED")
+
 
 def build(options: Options, ctx: LoggerContext) -> MlflowLogger:
     return MlflowLogger(options, ctx)

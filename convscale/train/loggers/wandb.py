@@ -32,17 +32,10 @@ def sweep_defaults(sweep_name: str, sweep_dir: Optional[Path]) -> dict[str, Any]
     return {"group": sweep_name}
 
 
-#: runs this process started and has not finished, by id: a run killed by an exception (the
-#: loop does not close its loggers then) and resumed in the same process ends its attempt first
-_LIVE: dict[str, Any] = {}
-
-
 class WandbLogger:
     def __init__(self, options: Options, ctx: LoggerContext):
         wandb = require("wandb", EXTRA)
         run_id = ctx.state.get("run_id") or uuid.uuid4().hex[:16]  # W&B ids: [a-z0-9]
-        if run_id in _LIVE:
-            _LIVE.pop(run_id).finish(exit_code=1)
         try:
             self.run = wandb.init(
                 project=options.project, entity=options.entity, group=options.group, name=ctx.run_name,
@@ -53,7 +46,6 @@ class WandbLogger:
         except Exception as e:
             raise UserError(f"wandb could not start a run ({type(e).__name__}: {e}); run `wandb login`, "
                             f"or set WANDB_MODE=offline") from None
-        _LIVE[run_id] = self.run
         self.skip = ctx.replayed
         self.state = {"run_id": run_id, "project": options.project, "group": options.group}
 
@@ -63,8 +55,10 @@ class WandbLogger:
         self.run.log(scalars(row), step=row["step"])
 
     def close(self) -> None:
-        _LIVE.pop(self.run.id, None)
         self.run.finish()
+
+    def abandon(self) -> None:
+        self.run.finish(exit_code=1)
 
 
 def build(options: Options, ctx: LoggerContext) -> WandbLogger:
