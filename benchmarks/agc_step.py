@@ -28,7 +28,7 @@ from convscale.train.optim import GRAD_NORM_FLOOR, SGDAGC, parameter_groups, set
 
 
 def reference_agc_(params: list[torch.Tensor], grads: list[torch.Tensor], clip: float, eps: float) -> None:
-    """Unit-wise AGC, one tensor at a time (the plain reading of paper.md B.7)."""
+    """Unit-wise AGC, one tensor at a time (the plain reading of Brock et al. 2021, §4)."""
     for p, g in zip(params, grads):
         dims = tuple(range(1, p.ndim)) if p.ndim >= 2 else None
         p_norm = torch.linalg.vector_norm(p, dim=dims, keepdim=p.ndim >= 2).clamp_min(eps)

@@ -108,6 +108,66 @@ def make_sweep(root: Path, families=("nfnet", "vit"), budgets=BUDGETS, params=PA
 
 
 # ---------------------------------------------------------------------------------------------
+# a sweep folder with a cell in every state, as `convscale sweep status` reads it (no training)
+
+#: cell -> (family, model, budget = planned training FLOPs, state, trained FLOPs, wall seconds, held-out loss)
+STATUS_CELLS = {
+    "nfa__C1e12": ("nfnet", "nfnet-a", 1e12, "done", 1e12, 100.0, 2.0),
+    "nfb__C1e12": ("nfnet", "nfnet-b", 1e12, "done", 1e12, 100.0, 1.8),
+    "vta__C1e12": ("vit", "vit-a", 1e12, "done", 1e12, 150.0, 2.5),
+    "nfa__C4e12": ("nfnet", "nfnet-a", 4e12, "diverged", 1e12, 100.0, None),  # stopped at a quarter
+    "nfb__C4e12": ("nfnet", "nfnet-b", 4e12, "running", 1e12, 50.0, None),
+    "vta__C4e12": ("vit", "vit-a", 4e12, "failed", 0.5e12, 50.0, None),
+    "vtb__C4e12": ("vit", "vit-b", 4e12, "locked", 0.0, 0.0, None),  # a train outside the sweep, no row yet
+    "nfa__C16e12": ("nfnet", "nfnet-a", 16e12, "pending", 0.0, 0.0, None),
+}
+# by hand: planned 35e12 FLOPs, trained 5.5e12 in 550 s -> 1e10 FLOPs/s per worker; to go (diverged
+# cells are over): 3e12 + 3.5e12 + 4e12 + 16e12 = 26.5e12 -> ETA 2650 s with 1 worker, 1325 s with 2
+STATUS_PLANNED, STATUS_DONE, STATUS_REMAINING, STATUS_RATE = 35e12, 5.5e12, 26.5e12, 1e10
+
+
+def make_status_sweep(root: Path) -> list[Path]:
+    """A sweep dir with the cells of STATUS_CELLS; returns the lock files a test must hold (with
+    ``convscale.fslock.FileLock``) for the running and the locked cell to read as such."""
+    study = {"name": "status", "data": {"kind": "procedural", "resolution": 16, "num_classes": 10},
+             "family": [{"name": "nfnet", "models": ["nfnet-a", "nfnet-b"], "optimizer": "sgd_agc", "lrs": [0.1]},
+                        {"name": "vit", "models": ["vit-a", "vit-b"], "optimizer": "adamw", "lrs": [0.004]}],
+             "budgets": {"train_flops": [1e12, 4e12, 16e12]}}
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "study.json").write_text(json.dumps(study))
+    cells, locks = [], []
+    for cid, (fam, model, budget, state, flops, seconds, loss) in STATUS_CELLS.items():
+        params = 1e6 if model.endswith("a") else 4e6
+        fpi = 2 * params  # forward FLOPs per image
+        images = int(budget / (3 * fpi))
+        cells.append(dict(cell_id=cid, study="status", family=fam, model=model, optimizer="sgd_agc", lr=0.1,
+                          budget_kind="train_flops", budget=budget, params=params, flops_per_image=fpi,
+                          resolution=16, batch_size=32, steps=images // 32, images=images, epochs=0.1,
+                          train_flops=budget, budget_flops=budget))
+        run = root / "runs" / cid
+        if state in ("done", "diverged"):
+            run.mkdir(parents=True)
+            (run / "result.json").write_text(json.dumps({
+                "status": state, "train_flops": flops, "wall_seconds": seconds, "heldout_loss": loss,
+                "images_seen": int(flops / (3 * fpi)), "heldout_top1": 0.5 if loss else None}))
+        elif flops:
+            run.mkdir(parents=True)
+            rows = [{"kind": "train", "step": s, "train_flops": flops * s / 4, "wall_seconds": seconds * s / 4}
+                    for s in (1, 2, 3, 4)]
+            # the row being written as the status is read: half a line, to be ignored
+            (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"kind": "tr')
+        if state == "failed":
+            (root / "failures").mkdir(exist_ok=True)
+            (root / "failures" / f"{cid}.json").write_text(json.dumps({"exit_code": 1, "last_stderr_line": "boom"}))
+        if state == "running":
+            locks.append(root / "locks" / f"{cid}.lock")
+        if state == "locked":
+            locks.append(run / "run.lock")
+    (root / "plan.json").write_text(json.dumps({"study": "status", "epoch_images": 1000, "cells": cells}))
+    return locks
+
+
+# ---------------------------------------------------------------------------------------------
 # headless Chromium, for the tests that load the HTML report in a browser
 
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)

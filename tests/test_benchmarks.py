@@ -1,5 +1,6 @@
 """The benchmark scripts run: benchmarks/gpu_check.py's sections in their --tiny CPU form (the
-GPU check itself needs a GPU), with a failing section (no timm here) shown, not fatal."""
+GPU check itself needs a GPU), with a failing section (no timm here) shown, not fatal; the JPEG
+decode benchmark on a few images."""
 
 from __future__ import annotations
 
@@ -36,3 +37,13 @@ def test_gpu_check_sections_smoke_run_on_cpu(tmp_path, capsys, monkeypatch):
     gc.main(["table", rows, "--expect", "peak", "nccl"])
     table = capsys.readouterr().out
     assert "missing (timed out or crashed" in table and "timm unavailable" in table and "goal vit-b16" in table
+
+
+def test_jpeg_decode_benchmark_measures_both_decoders_on_both_sources(capsys):
+    jd = _load("jpeg_decode")
+    jd.main(["--images", "8", "--seconds", "0.01", "--rounds", "1", "--resolutions", "32", "--batch-size", "4"])
+    out = capsys.readouterr().out
+    rows = [line.split(",") for line in out.splitlines() if line.startswith(("folder,", "shards,"))]
+    assert {(r[0], r[2]) for r in rows} >= {("folder", "pil"), ("shards", "pil")}
+    assert all(float(r[3]) > 0 for r in rows)
+    assert "cores to feed a GPU training NFNet-F0 at 441 images/s" in out

@@ -26,6 +26,7 @@ def demo(tmp_path_factory):
     return root, proc.stdout
 
 
+@pytest.mark.slow  # over ~2 s on a loaded 2-core machine: not in the quick loop
 def test_demo_runs_every_stage_from_its_own_runs(demo):
     root, out = demo
     df = pd.read_parquet(root / "results.parquet")
@@ -68,6 +69,7 @@ def test_demo_runs_every_stage_from_its_own_runs(demo):
     assert "## Findings" in (root / "report" / "summary.md").read_text()
 
 
+@pytest.mark.slow  # over ~2 s on a loaded 2-core machine: not in the quick loop
 def test_rerun_skips_everything_finished(demo):
     root, _ = demo
     proc = subprocess.run(
@@ -78,6 +80,7 @@ def test_rerun_skips_everything_finished(demo):
     assert "12 finished, 0 to run" in proc.stdout
 
 
+@pytest.mark.slow  # over ~2 s on a loaded 2-core machine: not in the quick loop
 def test_demo_report_loads_inrun_chromium(demo, tmp_path):
     if CHROMIUM is None:
         if os.environ.get("CI"):

@@ -72,6 +72,7 @@ def reference(tmp_path_factory) -> Path:
     return run_dir
 
 
+@pytest.mark.slow  # over ~2 s on a loaded 2-core machine: not in the quick loop
 def test_ddp_two_processes_follow_the_one_process_trajectory(reference, tmp_path):
     run_dir = tmp_path / "ddp"
     p = subprocess.run([*torchrun(2), *train_args(run_dir)], env=env(), cwd=REPO, capture_output=True,
@@ -101,6 +102,7 @@ def test_one_process_torchrun_takes_the_collective_path(reference, tmp_path):
     assert json.loads((run_dir / "result.json").read_text())["processes"] == 1
 
 
+@pytest.mark.slow  # over ~2 s on a loaded 2-core machine: not in the quick loop
 def test_fsdp_killed_run_resumes_on_one_process(reference, tmp_path):
     """FSDP2 on 2 processes, SIGKILLed after its first checkpoint (full tensors gathered on rank 0),
     resumed by a plain 1-process run: every row matches the 1-process reference."""
@@ -160,6 +162,7 @@ def _agc_case() -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     return params, grads
 
 
+@pytest.mark.slow  # over ~2 s on a loaded 2-core machine: not in the quick loop
 def test_agc_whole_tensor_norms_are_all_reduced_over_dim0_shards(tmp_path):
     import torch.multiprocessing as mp
 

@@ -117,7 +117,7 @@ def test_train_a_tiny_convnext_two_steps(tmp_path, capsys):
 
 
 def test_convnext_runs_channels_last_with_the_same_numbers():
-    from convscale.train.loop import to_channels_last
+    from convscale.train.trainee import to_channels_last
 
     torch.manual_seed(0)
     model = get_config("convnext-w8-d1.1", num_classes=4).build()
@@ -153,6 +153,7 @@ def test_compare_takes_any_number_of_families(three_family_sweep):
     assert "nfnet vs convnext at matched compute" in format_comparisons(cmps)
 
 
+@pytest.mark.slow  # over ~2 s on a loaded 2-core machine: not in the quick loop
 def test_report_has_a_section_per_pair(three_family_sweep):
     from convscale.report import build_report
 

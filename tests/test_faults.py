@@ -750,6 +750,7 @@ def test_swallowed_sigterm_still_stops():
         signals.reset()
 
 
+@pytest.mark.slow  # over ~2 s on a loaded 2-core machine: not in the quick loop
 def test_entry_exit_codes(tmp_path):
     """The process entry point ends by its own exit code, whatever the interpreter's shutdown does."""
     for argv, code in ((["--version"], 0), ([], 2), (["bogus"], 2), (["train", "--epochs", "nan"], 2)):

@@ -169,6 +169,7 @@ def _write_sweep(root: Path, df: pd.DataFrame, finetunes: dict[str, tuple[float,
     return root
 
 
+@pytest.mark.slow  # over ~2 s on a loaded 2-core machine: not in the quick loop
 def test_report_findings_section_for_matching_and_unmatched_families(tmp_path):
     # equal laws and equal fine-tuned accuracy on 200k images each (the difference's interval is
     # +-0.25 pp, inside the 1 pp margin): "match" agrees. On 400 images the same accuracies cannot tell.

@@ -23,8 +23,8 @@ from convscale.models.vit_posemb import resample_pos_embed
 from convscale.train.checkpoint import list_checkpoints
 from convscale.train.config import TrainConfig
 from convscale.train.evaluate import training_loss
+from convscale.data.repeated import RepeatedAugmentSource
 from convscale.train.finetune import (
-    RepeatedAugmentSource,
     default_data,
     find_pretrained,
     finetune_config,
@@ -314,7 +314,7 @@ def test_cli_finetune_recipe(pre_nfnet, tmp_path, capsys):
         assert args.func(args) == 0
         return json.loads(capsys.readouterr().out)
 
-    paper = printed("--recipe", "paper")  # paper.md A.6: 50 epochs, SAM, 384 px, held-out 480 px
+    paper = printed("--recipe", "paper")  # Smith et al. 2023, §3: 50 epochs, SAM, 384 px, held-out 480 px
     assert paper["data"]["resolution"] == 384 and paper["eval_resolution"] == 480
     assert paper["epochs"] == 50 and paper["sam_rho"] == 0.05 and paper["batch_size"] == 2048
     assert paper["optimizer"] == "sgd_agc" and paper["classifier_lr_scale"] == 1.0

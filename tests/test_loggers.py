@@ -75,7 +75,7 @@ def expected(rows: list[dict]) -> dict[str, list[tuple[int, float]]]:
 
 
 def test_log_config_is_checked_coerced_and_round_trips():
-    cfg = apply_overrides(TrainConfig(steps=1), {"log": "tensorboard, mlflow", "log_options.wandb.tags": "a,b",
+    cfg = apply_overrides(TrainConfig(steps=1), {"log": "tensorboard,mlflow", "log_options.wandb.tags": "a,b",
                                                  "log_options.mlflow.experiment": "exp"})
     assert cfg.log == ["tensorboard", "mlflow"]
     assert cfg.log_options == {"wandb": {"tags": ["a", "b"]}, "mlflow": {"experiment": "exp"}}

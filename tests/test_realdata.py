@@ -15,7 +15,7 @@ from convscale.data.arrays import ArraySource, DigitsSource
 from convscale.data.config import DataConfig
 from convscale.data.folder import FolderSource
 from convscale.data.loading import rng_for, stratified_split
-from convscale.data.shards import ShardSource
+from convscale.data.shards import ShardSource, expand_braces, resolve_shards
 from convscale.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -226,6 +226,58 @@ def _shards(tmp_path: Path, corrupt: bool = False) -> Path:
         _write_shard(d / f"part-{s:03d}.tar", 10 * s, 10, extra if s == 1 else None)
     (d / "README.md").write_text("ignored")
     return d
+
+
+@pytest.mark.parametrize("draft_side_px", [None, 64, 20])
+def test_simplejpeg_decodes_the_pixels_pil_decodes(monkeypatch, draft_side_px):
+    from convscale.data import loading
+
+    if loading.SIMPLEJPEG is None:
+        pytest.skip("simplejpeg is not installed (a dependency: pip install simplejpeg)")
+    rng = np.random.default_rng(0)
+    photo = np.clip(rng.normal(128, 40, (150, 200, 3)).cumsum(axis=1) / 20, 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(photo).save(buf, format="JPEG", quality=90)
+    grey = io.BytesIO()
+    Image.fromarray(photo[..., 0]).save(grey, format="JPEG", quality=90)
+    for data in (buf.getvalue(), grey.getvalue()):
+        fast = loading.decode_image(data, draft_side_px)
+        monkeypatch.setattr(loading, "SIMPLEJPEG", None)
+        plain = loading.decode_image(data, draft_side_px)
+        monkeypatch.undo()
+        assert fast.mode == plain.mode == "RGB" and fast.size == plain.size
+        assert np.array_equal(np.asarray(fast), np.asarray(plain))
+    if draft_side_px == 20:
+        assert fast.size == (50, 38)  # 1/4 scale: the shorter side stays >= 20 px (1/8 would be 19)
+    assert loading.decode_image(buf.getvalue()[:500]) is None  # cut short: PIL decides, as before
+
+
+def test_brace_specs_expand_as_webdataset_writes_them():
+    assert expand_braces("train-{000000..000002}.tar") == [f"train-00000{i}.tar" for i in range(3)]
+    assert expand_braces("s{8..11}.tar") == ["s8.tar", "s9.tar", "s10.tar", "s11.tar"]  # unpadded bound
+    assert expand_braces("{a,b}-{0..1}.tar") == ["a-0.tar", "a-1.tar", "b-0.tar", "b-1.tar"]
+    assert len(expand_braces("imagenet-train-{000000..001281}.tar")) == 1282
+    with pytest.raises(UserError, match="runs backwards"):
+        expand_braces("x-{5..1}.tar")
+    with pytest.raises(UserError, match="neither a range"):
+        expand_braces("x-{5}.tar")
+
+
+def test_shard_paths_take_brace_ranges_lists_and_double_colon_joins(tmp_path):
+    d = _shards(tmp_path)
+    every = resolve_shards(str(d))
+    assert resolve_shards(str(d / "part-{000..002}.tar")) == every
+    assert resolve_shards(str(d / "part-{002,000}.tar")) == [every[2], every[0]]  # in the order written
+    joined = f"{d / 'part-001.tar'}::{d / 'part-{000..002}.tar'}"
+    assert resolve_shards(joined) == [every[1], every[0], every[2]]  # a shard named twice is read once
+    assert resolve_shards(f"{d / 'part-000.tar'}::{d}/part-00[12].tar") == every  # a glob after ::
+    with pytest.raises(UserError, match=r"names 5 shards, 2 of them missing \(first: .*part-003.tar\)"):
+        resolve_shards(str(d / "part-{000..004}.tar"))
+    src = ShardSource(DataConfig(kind="shards", path=str(d / "part-{000..002}.tar"), heldout_fraction=0.25,
+                                 resolution=16, seed=3), shuffle_buffer=4)
+    same = ShardSource(DataConfig(kind="shards", path=str(d), heldout_fraction=0.25, resolution=16, seed=3),
+                       shuffle_buffer=4)
+    assert [r for r, _ in src.epoch_stream(0)] == [r for r, _ in same.epoch_stream(0)]
 
 
 def test_shards_stream_each_epoch_once_and_resume(tmp_path):

@@ -17,7 +17,7 @@ import pytest
 
 from convscale.errors import UserError
 from convscale.report import build_report, compare, format_comparison, get_hardware, load_sweep
-from convscale.report.laws import interpolate_compute
+from convscale.report.curves import interpolate_compute
 
 from support import BUDGETS, LAWS, PARAMS, law, make_sweep
 

@@ -26,6 +26,7 @@ def command(run_dir: Path) -> list[str]:
             "--set", "checkpoint_every_seconds=0", "--set", "log_every_steps=5", "--set", "eval_every_steps=40"]
 
 
+@pytest.mark.slow  # over ~2 s on a loaded 2-core machine: not in the quick loop
 def test_sigkill_then_resume_is_bit_identical(tmp_path):
     full_dir, killed_dir = tmp_path / "full", tmp_path / "killed"
     # one thread each: the uninterrupted run and the victim run side by side on two cores

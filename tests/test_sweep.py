@@ -329,6 +329,40 @@ def test_shared_procedural_stream_is_generated_once_and_used_by_every_cell(tmp_p
     assert (sweep.data_path / "meta.json").stat().st_mtime_ns == stamp
 
 
+def test_executor_registry_builds_each_executor_from_its_json_config(fake):
+    import dataclasses
+
+    from convscale.cli.sweep import register
+    from convscale.sweep.executors import EXECUTORS, build_executor, executor_config
+
+    sweep, ids, cmd, behave, calls = fake
+    slurm = executor_config("slurm", {"partition": "gpu", "gpus_per_node": 2, "timeout_minutes": 90})
+    back = executor_config("slurm", json.loads(json.dumps(dataclasses.asdict(slurm))))
+    assert back == slurm
+    ex = build_executor("slurm", back)
+    assert (ex.partition, ex.gpus_per_node, ex.timeout_minutes, ex.cpus_per_task) == ("gpu", 2, 90, 4)
+    with pytest.raises(UserError, match=r"no option\(s\) \['partitoin'\]; valid: .*'partition'"):
+        executor_config("slurm", {"partitoin": "gpu"})
+    with pytest.raises(UserError, match="unknown executor 'k8s'; choose one of local, slurm"):
+        build_executor("k8s")
+    with pytest.raises(UserError, match="--jobs must be >= 1"):
+        build_executor("local", {"jobs": 0})
+    seen = []
+    local = build_executor("local", {"jobs": 2, "threads": 1, "gpus": 0}, train_command=cmd,
+                           on_outcome=lambda o, i, n: seen.append((o.cell_id, i, n)))
+    out = local.run(sweep.root, ids[:2])
+    assert sorted(o.cell_id for o in out) == sorted(ids[:2]) and all(o.status == "done" for o in out)
+    assert sorted(seen) == sorted([(out[0].cell_id, 1, 2), (out[1].cell_id, 2, 2)])
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    run_parser = parser._subparsers._group_actions[0].choices["sweep"]._subparsers._group_actions[0].choices["run"]
+    choices = next(a.choices for a in run_parser._actions if a.dest == "executor")
+    assert list(choices) == list(EXECUTORS)
+
+
+@pytest.mark.slow  # over ~2 s on a loaded 2-core machine: not in the quick loop
 def test_submitit_local_executor_runs_cells(fake):
     sweep, ids, cmd, behave, calls = fake
     behave(**{ids[1]: "crash"})
@@ -550,7 +584,8 @@ def test_vit_finetune_keeps_its_own_regularisation_not_the_pretraining_runs(tmp_
 
 
 def test_local_cells_take_the_inherited_gpus_and_no_launcher_variables(monkeypatch):
-    from convscale.sweep.executors import LocalExecutor, Resources, SlurmExecutor, _SlurmGpuResources
+    from convscale.sweep.executors import LocalExecutor, Resources, SlurmExecutor
+    from convscale.sweep.executors.slurm import _SlurmGpuResources
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")
     ex = LocalExecutor(jobs=4, gpus=4, threads=2)

@@ -21,13 +21,16 @@ from convscale.train.config import (
     TrainConfig,
     apply_overrides,
     budget_to_steps,
+    build_schedule,
+    cooldown_start_step,
     resolve_warmup_steps,
 )
 from convscale.train.evaluate import evaluate
-from convscale.train.loop import EXIT_DIVERGED, run, update_ema
+from convscale.train.loop import EXIT_DIVERGED, run
+from convscale.train.trainee import update_ema
 from convscale.train.metrics import read_metrics
 from convscale.train.optim import SGDAGC, adaptive_grad_clip_, parameter_groups
-from convscale.train.schedule import lr_at
+from convscale.train.schedules import lr_at
 
 torch.set_num_threads(1)
 
@@ -324,6 +327,51 @@ def test_interrupted_run_resumes_bit_identical(tmp_path):
     assert not (rd / "checkpoints" / ".tmp-junk").exists()
 
 
+@pytest.mark.parametrize("schedule, options", [
+    ("cosine", {}), ("linear", {}), ("rsqrt", {"timescale_steps": 3, "cooldown_fraction": 0.25}),
+    ("wsd", {"cooldown_fraction": 0.5, "cooldown_shape": "linear"}),
+])
+def test_each_schedule_trains_with_its_own_lrs(tmp_path, schedule, options):
+    cfg = tiny_cfg(tmp_path, steps=8, warmup_steps=2, schedule=schedule, schedule_options=options)
+    result = run(cfg, source=TinySource())
+    assert result["status"] == "done" and result["steps"] == 8
+    expected = build_schedule(cfg, 8)
+    rows = [r for r in read_metrics(Path(cfg.run_dir) / "metrics.jsonl") if r["kind"] == "train"]
+    assert [r["lr"] for r in rows] == [expected.lr(r["step"] - 1) for r in rows]  # each row: its last step's lr
+    conf = json.loads((Path(cfg.run_dir) / "config.json").read_text())
+    assert conf["train"]["schedule"] == schedule and conf["train"]["schedule_options"] == options
+    assert conf.get("cooldown_start_step") == expected.cooldown_start_step
+
+
+def test_wsd_run_killed_mid_cooldown_resumes_bit_identical(tmp_path):
+    # 12 steps, 50 % cooldown from step 6; killed at step 9, after the step-8 checkpoint
+    wsd = dict(schedule="wsd", schedule_options={"cooldown_fraction": 0.5}, checkpoint_every_steps=4)
+    full = run(tiny_cfg(tmp_path, "full", **wsd), source=TinySource())
+    cfg = tiny_cfg(tmp_path, "killed", **wsd)
+    assert cooldown_start_step(cfg, 12) == 6
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg, source=TinySource(fail_at_step=9))
+    resumed = run(cfg, source=TinySource())
+    for key in ("heldout_loss", "heldout_top1", "heldout_top5", "steps", "train_flops"):
+        assert resumed[key] == full[key], key
+    rows = {name: [(r["step"], r["loss"], r["lr"]) for r in read_metrics(tmp_path / name / "metrics.jsonl")
+                   if r["kind"] == "train"] for name in ("full", "killed")}
+    assert rows["killed"] == rows["full"]
+
+
+def test_a_run_dir_from_before_schedules_resumes(tmp_path):
+    cfg = tiny_cfg(tmp_path, steps=6, checkpoint_every_steps=4)
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg, source=TinySource(fail_at_step=5))
+    path = Path(cfg.run_dir) / "config.json"
+    conf = json.loads(path.read_text())
+    del conf["train"]["schedule"], conf["train"]["schedule_options"]  # as an older version wrote it
+    path.write_text(json.dumps(conf))
+    assert run(cfg, source=TinySource())["steps"] == 6  # not refused as "a different config"
+    with pytest.raises(UserError, match="differs in train.schedule"):
+        run(cfg.replace(schedule="linear"), source=TinySource())
+
+
 def test_grad_accumulation_equals_big_batch_fp32(tmp_path):
     common = dict(precision="fp32", steps=3, batch_size=16, weight_decay=1e-3, log_every_steps=1)
     big = run(tiny_cfg(tmp_path, "big", **common), source=TinySource())
@@ -418,7 +466,7 @@ def test_sgd_agc_equals_torch_sgd_after_per_tensor_agc_in_float64():
 
 
 def test_channels_last_keeps_1x1_weights_in_the_layout_of_their_gradients():
-    from convscale.train.loop import to_channels_last
+    from convscale.train.trainee import to_channels_last
 
     model = to_channels_last(get_config("nfnet-tiny", num_classes=5).build())
     x = torch.randn(2, 3, 16, 16).contiguous(memory_format=torch.channels_last)

@@ -18,6 +18,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "convscale"
+#: each probe forks and imports a whole stage: ~6-25 s per test on a loaded 2-core machine
+pytestmark = pytest.mark.slow
+
 STAGES = ("models", "data", "train", "sweep", "scaling", "report", "cli")
 TORCH_FREE = {"scaling", "report"}
 

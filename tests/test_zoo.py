@@ -128,6 +128,7 @@ def test_models_command_json(capsys):
     assert b16["gflops"] == pytest.approx(2 * 17.58, rel=0.01)
 
 
+@pytest.mark.slow  # over ~2 s on a loaded 2-core machine: not in the quick loop
 def test_models_command_table_and_csv(capsys):
     assert main(["models", "nfnet-f0", "vit-b16", "--num-classes", "10"]) == 0
     out = capsys.readouterr().out
@@ -140,6 +141,7 @@ def test_models_command_table_and_csv(capsys):
     assert len(lines) == 1 + 16
 
 
+@pytest.mark.slow  # over ~2 s on a loaded 2-core machine: not in the quick loop
 @pytest.mark.parametrize(
     "args, message",
     [

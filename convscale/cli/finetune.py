@@ -1,7 +1,7 @@
 """`convscale finetune`: fine-tune a finished pre-training run on downstream data (resumable).
 
-The model is the pre-trained run's (same name and overrides) with a new zero-initialised
-classifier for the downstream classes; ViT position embeddings are resampled to --resolution.
+The model is the pre-trained run's (same name and overrides), or the one a timm checkpoint file
+holds (``--from dm_nfnet_f0.safetensors``), with a new zero-initialised classifier for the downstream classes; ViT position embeddings are resampled to --resolution.
 Defaults: the family's optimizer (sgd_agc for NFNets, adamw for ViTs), SAM rho 0.05 (two
 forward-backward passes per step, counted in train_flops), 10 epochs, batch 32; dropout and
 stochastic depth are the model's own (an NFNet-F variant's published rates), not the pre-training
@@ -33,8 +33,9 @@ def register(subparsers) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--from", dest="from_dir", required=True, metavar="PRETRAIN_RUN_DIR",
-                   help="a finished `convscale train` run directory")
+    p.add_argument("--from", dest="from_dir", required=True, metavar="PRETRAIN_RUN_DIR_OR_FILE",
+                   help="a finished `convscale train` run directory, or a timm dm_nfnet_f* / vit_* checkpoint "
+                        "(.safetensors, .pth, .bin; read without pickle): the model is the one it holds")
     p.add_argument("--run-dir", required=True, help="fine-tuning run directory (created; an existing one is resumed)")
     p.add_argument("--data", dest="data_kind", default="digits", help="downstream data kind (default digits)")
     p.add_argument("--data-path", default=None, help="path of the downstream data (folder, shards, .npz)")

@@ -31,6 +31,7 @@ COMMAND_MODULES = (
     "report",
     "compare",
     "finetune",
+    "export",
     "study",
     "demo",
 )

@@ -1,8 +1,9 @@
-"""`convscale sweep plan|run|collect`: compute-matched sweeps of a study (TOML) into a sweep directory.
+"""`convscale sweep plan|run|status|collect`: compute-matched sweeps of a study (TOML) into a sweep directory.
 
     convscale sweep plan studies/example.toml            # cells, FLOPs, measured time estimate
     convscale sweep run studies/example.toml --jobs 2    # run here (skips finished cells)
     convscale sweep run STUDY.toml --executor slurm --partition gpu --gpus-per-node 1 --time 4:00:00
+    convscale sweep status sweeps/example                # cells per state, FLOPs done, ETA, frontier
     convscale sweep collect sweeps/example               # results.parquet / results.csv
 """
 
@@ -12,13 +13,14 @@ import argparse
 import sys
 from pathlib import Path
 
+from convscale.cli import sweep_status
 from convscale.errors import UserError
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("sweep", help="plan, run and collect a compute-matched sweep (study TOML)",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="sweep_command", metavar="plan|run|collect")
+    sub = p.add_subparsers(dest="sweep_command", metavar="plan|run|status|collect")
 
     plan = sub.add_parser("plan", help="list the cells, their FLOPs and an estimate of the wall time")
     plan.add_argument("study", help="study TOML file")
@@ -33,7 +35,8 @@ def register(subparsers) -> None:
     run = sub.add_parser("run", help="run every unfinished cell (finished ones are skipped)")
     run.add_argument("study", help="study TOML file")
     run.add_argument("--dir", help="sweep directory (default sweeps/<study name>)")
-    run.add_argument("--executor", choices=["local", "slurm"], default="local")
+    run.add_argument("--executor", choices=["local", "slurm"], default="local",
+                     help="where cells run (convscale/sweep/executors: local = here, slurm = submitit array)")
     run.add_argument("--jobs", type=int, default=1, help="local: cells at once (one GPU each, or cores/N threads)")
     run.add_argument("--partition", help="slurm: partition")
     run.add_argument("--gpus-per-node", type=int, default=0, help="slurm: GPUs per cell")
@@ -45,6 +48,8 @@ def register(subparsers) -> None:
     run.add_argument("--dry-run", action="store_true",
                      help="write the sweep dir and print each cell's command, run nothing")
     run.set_defaults(func=cmd_run)
+
+    sweep_status.register(sub)
 
     col = sub.add_parser("collect", help="write results.parquet / results.csv of a sweep dir and print them")
     col.add_argument("dir", help="sweep directory")
@@ -80,14 +85,6 @@ def parse_minutes(text: str) -> int:
     return days * 1440 + minutes
 
 
-def _fmt_seconds(s: float) -> str:
-    if s < 120:
-        return f"{s:.0f} s"
-    if s < 7200:
-        return f"{s / 60:.1f} min"
-    return f"{s / 3600:.1f} h"
-
-
 def _print_table(header: list[str], rows: list[list[str]], right_from: int = 2) -> None:
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
     fmt = lambda r: "  ".join(c.ljust(w) if i < right_from else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
@@ -97,9 +94,42 @@ def _print_table(header: list[str], rows: list[list[str]], right_from: int = 2) 
         print(fmt(r))
 
 
+def _both_plans(study, plan) -> str:
+    """Training compute of the study as one run per budget and as cooldown branches, side by side
+    (the other of the two planned here with the study's schedule, or WSD's default 20 % 1-sqrt
+    cooldown where its schedule has none)."""
+    import dataclasses
+
+    from convscale.sweep.planner import plan_cost, plan_study
+    from convscale.train.config import TrainConfig, apply_overrides, build_schedule
+
+    other = dataclasses.replace(study, cooldown_branches=not study.cooldown_branches)
+    if other.cooldown_branches:
+        has_cooldown = all(
+            build_schedule(apply_overrides(TrainConfig(data=study.data), {
+                k: v for k, v in {**study.train, **f.train}.items() if k != "model_overrides"}), 1000
+            ).cooldown_start_step is not None for f in study.families)
+        if not has_cooldown:
+            other = dataclasses.replace(other, train={**study.train, "schedule": "wsd", "schedule_options": {}},
+                                        families=tuple(dataclasses.replace(f, train={
+                                            k: v for k, v in f.train.items() if k not in ("schedule", "schedule_options")})
+                                            for f in study.families))
+    try:
+        alt = plan_cost(plan_study(other))
+    except UserError as e:
+        return f"the {'cooldown-branch' if other.cooldown_branches else 'one-run-per-budget'} plan: {e}"
+    mine = plan_cost(plan)
+    per_budget, branched = (alt, mine) if study.cooldown_branches else (mine, alt)
+    return (f"compute: one run per budget {per_budget.spent_flops:.3e} FLOPs; cooldown branches "
+            f"{branched.spent_flops:.3e} FLOPs ({branched.spent_flops / per_budget.spent_flops:.2f}x) for the same "
+            f"{mine.represented_flops:.3e} FLOPs of budget runs; this study plans "
+            f"{'cooldown branches' if study.cooldown_branches else 'one run per budget'}")
+
+
 def cmd_plan(args) -> int:
     from convscale.sweep import probe as probe_mod
-    from convscale.sweep.planner import base_train_config, data_facts, plan_study
+    from convscale.sweep.planner import base_train_config, data_facts, plan_cost, plan_study
+    from convscale.sweep.progress import format_seconds as _fmt_seconds
     from convscale.sweep.study import load_study
     from convscale.sweep.sweepdir import SweepDir
 
@@ -136,8 +166,9 @@ def cmd_plan(args) -> int:
 
         startup = probe_mod.probe_startup(cell_train_config(study, plan.cells[0], "probe"), threads)
         for c in plan.cells:
+            own_images = c.images * c.own_flops / c.train_flops  # a branch trains its cooldown only
             seconds[c.cell_id] = probe_mod.estimate_cell_seconds(
-                c.images, probes[(c.family, c.model)].images_per_second, data_ips, startup)
+                own_images, probes[(c.family, c.model)].images_per_second, data_ips, startup)
 
     print(f"study {study.name}: {len(plan.cells)} cells, {study.budgets.kind} budgets "
           f"[{', '.join(f'{b:g}' for b in study.budgets.values)}], {study.data.kind} data at {study.data.resolution} px, "
@@ -148,8 +179,9 @@ def cmd_plan(args) -> int:
         header.append("est. time")
     rows = []
     for c in plan.cells:
+        budget = "trunk" if c.role == "trunk" else f"{c.budget:g}" + (f" from {c.start_step}" if c.role == "branch" else "")
         r = [c.family, c.model, f"{c.params / 1e6:.3f}M", f"{c.flops_per_image / 1e6:.3g}", str(c.images),
-             f"{c.epochs:.3g}", str(c.steps), f"{c.lr:g}", f"{c.train_flops:.3e}", f"{c.budget:g}",
+             f"{c.epochs:.3g}", str(c.steps), f"{c.lr:g}", f"{c.train_flops:.3e}", budget,
              f"{probe_mod.reference_device_hours(c.train_flops, 'h100', mfu):.3g}",
              f"{probe_mod.reference_device_hours(c.train_flops, 'tpu-v4-core', mfu):.3g}"]
         if seconds:
@@ -160,9 +192,11 @@ def cmd_plan(args) -> int:
         print("\nleft out (cannot meet the budget):")
         for s in plan.skipped:
             print(f"  {s.family} {s.model} at {study.budgets.kind}={s.budget:g}: {s.reason}")
-    total_flops = sum(c.train_flops for c in plan.cells)
-    print(f"\ntotal: {len(plan.cells)} cells, {total_flops:.3e} training FLOPs "
+    cost = plan_cost(plan)
+    total_flops = cost.spent_flops
+    print(f"\ntotal: {len(plan.cells)} cells, {total_flops:.3e} training FLOPs computed "
           f"(FLOPs = 2 x MACs; training = 3 x forward per image, x2 with SAM)")
+    print(_both_plans(study, plan))
     if probes:
         print(f"probe on this machine ({next(iter(probes.values())).device}, "
               f"{probe_mod.default_threads(args.jobs)} threads per job, {args.jobs} job(s) at once):")
@@ -202,15 +236,18 @@ def cmd_run(args) -> int:
                     sweep.state(c.cell_id) not in ("done", "diverged"):
                 print("  " + sweep.train_command_text(c.cell_id))
         return 0
-    slurm = None
-    if args.executor == "slurm":
-        slurm = dict(partition=args.partition, gpus_per_node=args.gpus_per_node,
-                     cpus_per_task=args.cpus_per_task, timeout_minutes=parse_minutes(args.time),
-                     cluster=args.cluster)
-    out = run_sweep(study, root, executor=args.executor, jobs=args.jobs, only=args.only, slurm=slurm)
+    out = run_sweep(study, root, executor=args.executor, only=args.only, options=executor_options(args))
     if out.failed:
         return 1
     return 130 if out.interrupted else 0
+
+
+def executor_options(args) -> dict:
+    """The chosen executor's Config fields from its flags."""
+    if args.executor == "slurm":
+        return dict(partition=args.partition, gpus_per_node=args.gpus_per_node, cpus_per_task=args.cpus_per_task,
+                    timeout_minutes=parse_minutes(args.time), cluster=args.cluster)
+    return dict(jobs=args.jobs)
 
 
 def cmd_collect(args) -> int:

@@ -41,6 +41,9 @@ def register(subparsers) -> None:
                             help=f"budget in {name.replace('_', ' ')}")
     for name, typ in FLAGS.items():
         p.add_argument(f"--{name.replace('_', '-')}", type=typ, default=None)
+    p.add_argument("--init-from", default=None, metavar="RUN_DIR_OR_FILE",
+                   help="start from a finished run's final weights or a timm checkpoint file (dm_nfnet_f*: "
+                        "needs --set model_overrides.activation=gelu_erf; vit_*), with a new classifier")
     p.add_argument("--data", dest="data_kind", default=None, help="data kind (procedural, folder, shards, ...)")
     p.add_argument("--data-path", default=None, help="path of real data (folder, shards, .npz)")
     p.add_argument("--resolution", type=int, default=None, help="image side in pixels (data.resolution)")
@@ -79,7 +82,7 @@ def build_config(args: argparse.Namespace):
             raise UserError(f"--set expects KEY=VALUE, got {item!r}")
         overrides[key.strip()] = value
     cfg = apply_overrides(cfg, overrides)
-    flags = {name: getattr(args, name) for name in [*FLAGS, "agc_exempt_scalar_gains", "compile",
+    flags = {name: getattr(args, name) for name in [*FLAGS, "init_from", "agc_exempt_scalar_gains", "compile",
                                                  "activation_checkpointing", "quiet", "log"]}
     data_flags = {"data.kind": args.data_kind, "data.path": args.data_path,
                   "data.resolution": args.resolution, "data.num_classes": args.num_classes}

@@ -17,9 +17,10 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass
-from typing import Iterator, Literal, Optional, Protocol
+from typing import TYPE_CHECKING, Iterator, Literal, Optional, Protocol
 
-import torch
+if TYPE_CHECKING:  # type hints only: a config (and a sweep's status) loads no torch
+    import torch
 
 #: the whole batch: ``part=(index, count)`` with one part
 WHOLE: tuple[int, int] = (0, 1)
@@ -34,7 +35,8 @@ class DataConfig:
 
     kind: ``procedural`` (built-in FractalDB-style stream, no download), ``folder`` (ImageFolder
     layout: one sub-folder per class), ``shards`` (WebDataset-style ``.tar`` files with
-    ``.jpg``/``.png`` + ``.cls`` members; ``path`` is a file, a folder of tars or a glob),
+    ``.jpg``/``.png`` + ``.cls`` members; ``path`` is a file, a folder of tars, a glob or a WebDataset brace spec
+    such as ``train-{000000..000999}.tar``, several joined by ``::``),
     ``arrays`` (an ``.npz`` with ``images`` uint8 ``[N,H,W,C]`` or ``[N,H,W]`` and ``labels``),
     ``digits`` (scikit-learn's bundled handwritten digits, a real 10-class image set).
     """

@@ -48,12 +48,35 @@ def rng_for(*keys: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([int(k) % 2**64 for k in keys]))
 
 
+def _find_simplejpeg() -> Any:
+    try:
+        import simplejpeg
+    except ImportError:  # pragma: no cover - a dependency; PIL alone decodes the same pixels
+        return None
+    return simplejpeg
+
+
+#: the JPEG decoder: simplejpeg (libjpeg-turbo, pixel-identical to PIL's own decode and draft
+#: scaling, measured in benchmarks/jpeg_decode.py) where it is installed, else PIL. Set to None
+#: to decode with PIL alone.
+SIMPLEJPEG = _find_simplejpeg()
+_JPEG_MAGIC = b"\xff\xd8"
+
+
 def decode_image(data: bytes, draft_side_px: Optional[int] = None) -> Optional[Image.Image]:
     """Decode encoded image bytes to RGB, or None if they are not a readable image.
 
     ``draft_side_px`` lets JPEGs decode at 1/2, 1/4 or 1/8 scale while the shorter side stays at
     least that long (DCT scaling: several times faster for large photos at small resolutions).
+    JPEGs go through ``SIMPLEJPEG`` when it is there (the same pixels, less overhead); what it
+    cannot take (CMYK, damaged files) falls back to PIL, which decides.
     """
+    if SIMPLEJPEG is not None and data[:2] == _JPEG_MAGIC:
+        side = draft_side_px or 0
+        try:
+            return Image.fromarray(SIMPLEJPEG.decode_jpeg(data, colorspace="RGB", min_height=side, min_width=side))
+        except ValueError:
+            pass
     try:
         img = Image.open(io.BytesIO(data))
         if draft_side_px is not None and img.format == "JPEG":

@@ -18,6 +18,7 @@ import glob
 import hashlib
 import os
 import posixpath
+import re
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,8 +50,60 @@ BLOCK = tarfile.BLOCKSIZE  # a tar ends with two zero blocks
 ShardRef = tuple[int, int, int, str]
 
 
+#: a brace group without nested braces: ``{000..099}`` (a range) or ``{a,b,c}`` (a list)
+_BRACE = re.compile(r"\{([^{}]*)\}")
+_RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)$")
+#: more shard names than any dataset has; past it a typo in a range would list billions
+MAX_SHARD_NAMES = 10_000_000
+#: WebDataset's separator of several shard specs in one string
+SPEC_SEPARATOR = "::"
+
+
+def expand_braces(spec: str) -> list[str]:
+    """Every name of a WebDataset-style shard spec, in the order written: ``{000..099}`` is a
+    zero-padded range (the width of its first bound; ``{1..3}`` unpadded), ``{a,b}`` a list, and
+    several groups multiply out left to right (``{a,b}-{0..1}`` -> a-0, a-1, b-0, b-1)."""
+    m = _BRACE.search(spec)
+    if m is None:
+        return [spec]
+    body, head, tail = m.group(1), spec[: m.start()], spec[m.end():]
+    rng = _RANGE.match(body)
+    if rng:
+        lo, hi = int(rng.group(1)), int(rng.group(2))
+        if hi < lo:
+            raise UserError(f"shard range {{{body}}} in {spec!r} runs backwards; write {{{rng.group(2)}..{rng.group(1)}}}")
+        if hi - lo + 1 > MAX_SHARD_NAMES:
+            raise UserError(f"shard range {{{body}}} in {spec!r} names {hi - lo + 1:,} shards; check the bounds")
+        width = len(rng.group(1)) if rng.group(1).startswith("0") else 0
+        items = [str(i).zfill(width) for i in range(lo, hi + 1)]
+    elif "," in body:
+        items = body.split(",")
+    else:
+        raise UserError(f"{{{body}}} in shard spec {spec!r} is neither a range {{000..099}} nor a list {{a,b}}")
+    tails = expand_braces(tail)
+    return [head + item + t for item in items for t in tails]
+
+
 def resolve_shards(path: str, what: str = "path") -> list[str]:
-    """Sorted shard files named by a .tar file, a folder of .tar files, or a glob."""
+    """Shard files named by a .tar file, a folder of .tar files, a glob, or a WebDataset-style spec
+    with brace ranges and lists (``train-{000000..000999}.tar``, ``{a,b}.tar``); several of these
+    joined by ``::`` are read in turn. Files of a folder or glob are sorted; a spec's names come
+    in the order written, and every one of them must exist. A shard named twice is read once."""
+    if SPEC_SEPARATOR in path or _BRACE.search(path):
+        out: list[str] = []
+        for part in filter(None, path.split(SPEC_SEPARATOR)):
+            names = expand_braces(part)
+            if len(names) == 1 and not _BRACE.search(part):
+                out.extend(resolve_shards(part, what))
+                continue
+            missing = [n for n in names if not os.path.isfile(os.path.expanduser(n))]
+            if missing:
+                raise UserError(f"data {what} {part} names {len(names)} shards, {len(missing)} of them missing "
+                                f"(first: {missing[0]}); fix the range or write the shards")
+            out.extend(str(Path(n).expanduser()) for n in names)
+        if not out:
+            raise UserError(f"data {what} {path!r} names no shard; give a .tar, a folder, a glob or a brace spec")
+        return list(dict.fromkeys(out))
     p = Path(path).expanduser()
     if p.is_file():
         return [str(p)]
@@ -66,7 +119,7 @@ def resolve_shards(path: str, what: str = "path") -> list[str]:
     if not matched:
         raise UserError(
             f"data {what} {path} matches no shard file; "
-            "point it at a .tar, a folder of .tar files or a glob"
+            "point it at a .tar, a folder of .tar files, a glob or a brace range like train-{000..099}.tar"
         )
     return matched
 
@@ -199,7 +252,7 @@ class ShardSource(PlannedSource):
         if cfg.path is None:
             raise UserError(
                 "data kind 'shards' needs a path; "
-                "set data.path to a .tar, a folder of .tar files or a glob"
+                "set data.path to a .tar, a folder of .tar files, a glob or a brace range like train-{000..099}.tar"
             )
         check_heldout_fraction(cfg.heldout_fraction)
         if shuffle_buffer < 1:

@@ -44,6 +44,9 @@ ACTIVATION_GAMMAS: dict[str, float] = {
     "celu": 1.270926833152771,
     "elu": 1.2716004848480225,
     "gelu": 1.7015043497085571,
+    # exact (erf) GELU with the tanh form's constant, as timm's NFNets pair them: a timm dm_nfnet
+    # checkpoint computes this function (models/timm_weights.py)
+    "gelu_erf": 1.7015043497085571,
     "leaky_relu": 1.70590341091156,
     "log_sigmoid": 1.9193484783172607,
     "relu": 1.7139588594436646,
@@ -61,6 +64,7 @@ _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "celu": F.celu,
     "elu": F.elu,
     "gelu": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_erf": F.gelu,
     "leaky_relu": F.leaky_relu,
     "log_sigmoid": F.logsigmoid,
     "relu": F.relu,

@@ -27,7 +27,7 @@ from convscale.report.findings import Finding, study_findings
 from convscale.report.hardware import DEFAULT_MFU, get_hardware
 from convscale.report.html import render_html
 from convscale.report.inputs import SweepInputs, load_sweep
-from convscale.report.laws import law_curve
+from convscale.report.curves import law_curve
 from convscale.report.markdown import render_markdown
 from convscale.report.plots import RC, PlotSkipped, families_overlay, finetune_vs_compute, loss_vs_compute, save_figure
 from convscale.report.plots_detail import lr_vs_epochs, optimal_allocation, training_curves

@@ -24,7 +24,7 @@ import pandas as pd
 
 from convscale.errors import UserError
 from convscale.report.inputs import SweepInputs
-from convscale.report.laws import LawCurve, compute_samples, interpolate_compute, law_curve
+from convscale.report.curves import LawCurve, compute_samples, interpolate_compute, law_curve
 from convscale.scaling import Estimate
 from convscale.scaling.robust import estimate, json_clean
 

@@ -104,16 +104,26 @@ def _level(inputs: SweepInputs) -> str:
     return f"{100 * inputs.fit.level:g}%" if inputs.fit is not None else "95%"
 
 
+def _seed_range(r: dict) -> str:
+    """``min-max (n)`` of a frontier point's seeds at its best lr; empty for one seed."""
+    n = r.get("seeds")
+    if n is None or not n == n or int(n) < 2:
+        return ""
+    return f"{g(r['seed_loss_min'], 4)}-{g(r['seed_loss_max'], 4)} ({int(n)})"
+
+
 def frontier_table(inputs: SweepInputs, hw: Hardware | None) -> Table:
     rows = []
+    seeded = any(_seed_range(r) for fr in inputs.frontiers.values() for r in fr.to_dict(orient="records"))
     for fam, fr in inputs.frontiers.items():
         for r in fr.to_dict(orient="records"):
             rows.append([fam, g(r["compute_flops"]), _hours(hw, r["compute_flops"]), str(r["model"]), g(r["params"]),
                          g(r["images_seen"]), g(r.get("epochs")), g(r.get("lr")), g(r["loss"], 4), pct(r.get("top1")),
-                         str(r.get("runs_in_budget", ""))])
+                         str(r.get("runs_in_budget", ""))] + ([_seed_range(r)] if seeded else []))
     unit = hw.unit if hw is not None else "device-hours"
-    return Table(["family", "compute (FLOPs)", unit, "best model", "params", "images", "epochs", "lr", "loss",
-                  "top-1", "runs"], rows)
+    return Table(["family", "compute (FLOPs)", unit, "best model", "params", "images", "epochs", "lr",
+                  "loss (seed mean)" if seeded else "loss", "top-1", "runs"] + (["seeds' loss range (n)"] if seeded else []),
+                 rows)
 
 
 def skipped_table(inputs: SweepInputs, skipped_figures: dict[str, str]) -> Table:

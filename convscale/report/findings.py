@@ -1,6 +1,6 @@
 """The paper's findings, each set against what this study measured, with a verdict.
 
-Smith et al. 2023 (paper.md A.5, A.8) report three scaling findings and one comparison:
+Smith et al. 2023 (Smith et al. 2023, §2, Figs 1-3 and the discussion) report three scaling findings and one comparison:
 (1) held-out loss falls as a power law of compute along the frontier;
 (2) the compute-optimal model size and epoch budget both grow with compute, at about the same rate;
 (3) the optimal learning rate falls as the epoch budget grows, and with model size;

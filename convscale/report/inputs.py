@@ -15,7 +15,8 @@ import numpy as np
 import pandas as pd
 
 from convscale.errors import UserError
-from convscale.scaling import StudyFit, frontier, load_results, prepare_table, sweep_fit
+from convscale.scaling import StudyFit, frontiers_by_family, load_results, sweep_fit
+from convscale.scaling.table import without_trunks
 
 FINETUNE_DIR = "finetune"
 
@@ -163,8 +164,7 @@ def _load_or_fit(root: Path, bootstrap: int, seed: int):
 def _frontiers(fit: StudyFit | None, df: pd.DataFrame) -> dict[str, pd.DataFrame]:
     if fit is not None:
         return {name: pd.DataFrame(f.frontier) for name, f in fit.families.items()}
-    done = prepare_table(df).done
-    return {str(name): frontier(g.reset_index(drop=True))[0] for name, g in done.groupby("family", sort=True)}
+    return frontiers_by_family(df)
 
 
 def load_sweep(sweep_dir: str | Path, *, bootstrap: int = 1000, seed: int = 0) -> SweepInputs:
@@ -185,7 +185,7 @@ def load_sweep(sweep_dir: str | Path, *, bootstrap: int = 1000, seed: int = 0) -
             f"(or `convscale sweep collect {root}`)"
         )
     results_path = next(root / n for n in ("results.parquet", "results.csv") if (root / n).is_file())
-    df = load_results(results_path)
+    df = without_trunks(load_results(results_path))  # a trunk is no budget's run: its branches are
     if len(df) == 0:
         raise UserError(f"{results_path} is empty; run `convscale sweep run STUDY.toml --dir {root}` first")
     for col in ("family", "model", "params", "status"):

@@ -18,7 +18,7 @@ from matplotlib.lines import Line2D
 
 from convscale.report.hardware import Hardware
 from convscale.report.inputs import SweepInputs
-from convscale.report.laws import LawCurve
+from convscale.report.curves import LawCurve
 
 FAMILY_COLORS = {"nfnet": "#1f5fa8", "vit": "#c8432b"}
 OTHER_COLORS = ("#2a9d5b", "#8e44ad", "#b8860b", "#555555")
@@ -173,6 +173,14 @@ def draw_cells(ax: Any, results: pd.DataFrame, family: str, color: str) -> list[
 
 
 def draw_frontier(ax: Any, fr: pd.DataFrame, color: str, label: str = "frontier") -> Any:
+    """The frontier points joined by a line; a point of several seeds gets a bar over its seeds'
+    losses (lowest to highest) at its best lr."""
+    if "seeds" in fr and (fr["seeds"] > 1).any():
+        many = fr[fr["seeds"] > 1]
+        ax.errorbar(many["compute_flops"], many["loss"],
+                    yerr=[many["loss"] - many["seed_loss_min"], many["seed_loss_max"] - many["loss"]],
+                    fmt="none", ecolor=color, elinewidth=1.4, capsize=3, zorder=4)
+        label = f"{label} (bars: seed range, {int(many['seeds'].max())} seeds)"
     return ax.plot(fr["compute_flops"], fr["loss"], "-o", color=color, ms=6.5, mec="black", mew=0.8, lw=1.2,
                    zorder=5, label=label)[0]
 

@@ -6,7 +6,7 @@ Entry points: ``fit_table(df) -> StudyFit`` and ``fit_results(path) -> StudyFit`
 
 from convscale.scaling.extrapolate import ExtrapolationCheck, extrapolation_check
 from convscale.scaling.fit import FamilyFit, StudyFit, fit_results, fit_table, format_text, read_fit, sweep_fit, write_fit
-from convscale.scaling.frontier import frontier
+from convscale.scaling.frontier import frontier, frontiers_by_family
 from convscale.scaling.design import DESIGNS, detect_design
 from convscale.scaling.optimal import AllocationFit, LrTrendFit, fit_allocation, fit_lr_trend, lr_optima
 from convscale.scaling.parametric import ParametricFit, fit_parametric
@@ -32,6 +32,7 @@ __all__ = [
     "fit_table",
     "format_text",
     "frontier",
+    "frontiers_by_family",
     "DESIGNS",
     "detect_design",
     "load_results",

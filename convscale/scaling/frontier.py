@@ -24,6 +24,7 @@ METHOD_TEXT = {
 
 FRONTIER_COLUMNS = (
     "compute_flops", "loss", "params", "images_seen", "train_flops", "lr", "epochs", "model", "top1", "runs_in_budget",
+    "seeds", "seed_loss_min", "seed_loss_max",
 )
 
 
@@ -102,7 +103,10 @@ def interior_points(points: Points) -> np.ndarray:
 
 def frontier_table(points: Points, runs: pd.DataFrame) -> pd.DataFrame:
     """The frontier of all data as rows (FRONTIER_COLUMNS), sorted by compute; each row names the
-    run of its point with the lowest loss (its lr, top-1) and how many runs competed for it."""
+    run of its point with the lowest loss (its lr, top-1) and how many runs competed for it. With
+    seeds, the point's loss is its best lr's seed mean (design.Points) and the row's run is the
+    best seed of that lr; ``seeds``, ``seed_loss_min`` and ``seed_loss_max`` give that lr's spread
+    (one seed: min = max = loss)."""
     mask = frontier_mask(points, np.ones((1, points.n)), points.loss[None, :])[0]
     rows = []
     for j in np.flatnonzero(mask):
@@ -113,6 +117,10 @@ def frontier_table(points: Points, runs: pd.DataFrame) -> pd.DataFrame:
             competing = int(points.n_runs[points.stratum == points.stratum[j]].sum())
         else:
             competing = int(points.n_runs[points.compute <= points.compute[j]].sum())
+        best_cell = int(np.argmin(points.cell_log_losses(j)))
+        best_lr, seed_losses = points.cell_lrs[j][best_cell], points.cell_runs[j][best_cell]
+        if best_lr > 0:  # -1: runs without an lr
+            sel &= np.isclose(runs["lr"].astype(float), best_lr, rtol=1e-9)
         g = runs[sel]
         best = g.loc[g["loss"].idxmin()] if len(g) else None
         rows.append({
@@ -126,6 +134,9 @@ def frontier_table(points: Points, runs: pd.DataFrame) -> pd.DataFrame:
             "model": points.model[j],
             "top1": float(best["top1"]) if best is not None else np.nan,
             "runs_in_budget": competing,
+            "seeds": len(seed_losses),
+            "seed_loss_min": float(np.min(seed_losses)),
+            "seed_loss_max": float(np.max(seed_losses)),
         })
     df = pd.DataFrame(rows, columns=list(FRONTIER_COLUMNS))
     return df.sort_values("compute_flops", kind="stable").reset_index(drop=True)
@@ -139,6 +150,14 @@ def frontier(runs: pd.DataFrame, design: str | None = None) -> tuple[pd.DataFram
     design = detect_design(runs, design)
     points = build_points(runs, design)
     return frontier_table(points, runs), frontier_method(design)
+
+
+def frontiers_by_family(results: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """The frontier rows of each family of a results table (its done runs; UserError if it has none)."""
+    from convscale.scaling.table import prepare_table
+
+    done = prepare_table(results).done
+    return {str(name): frontier(g.reset_index(drop=True))[0] for name, g in done.groupby("family", sort=True)}
 
 
 def frontier_records(rows: pd.DataFrame) -> list[dict]:

@@ -65,6 +65,14 @@ def load_results(path: str | Path) -> pd.DataFrame:
     raise UserError(f"{p} is neither .parquet nor .csv; pass a results .parquet/.csv file or a sweep directory")
 
 
+def without_trunks(df: pd.DataFrame) -> pd.DataFrame:
+    """The rows that are runs of a budget: the trunks of cooldown branches (``role == "trunk"``:
+    constant-lr prefixes that several budgets' branches start from) are none."""
+    if "role" not in df.columns:
+        return df
+    return df[df["role"].fillna("").astype(str) != "trunk"]
+
+
 def _numeric(df: pd.DataFrame, col: str) -> pd.Series:
     return pd.to_numeric(df[col], errors="coerce").astype(float)
 
@@ -73,8 +81,12 @@ def prepare_table(df: pd.DataFrame) -> PreparedTable:
     """Validate ``df`` and return its fit-ready ``done`` runs (UserError naming the fix otherwise)."""
     if df is None or len(df) == 0:
         raise UserError("the results table is empty; run a sweep first or pass a CSV with params, data and loss rows")
-    cols = set(df.columns)
     notes: list[str] = []
+    runs = without_trunks(df)
+    if len(runs) < len(df):
+        notes.append(f"left out {len(df) - len(runs)} trunk(s) of cooldown branches (each budget is its branch)")
+        df = runs
+    cols = set(df.columns)
     data_col = "images_seen" if "images_seen" in cols else ("data" if "data" in cols else None)
     missing = [c for c in ("params", "loss") if c not in cols]
     if data_col is None:

@@ -10,7 +10,7 @@
 
 from __future__ import annotations
 
-from convscale.sweep.executors import CellOutcome, LocalExecutor, Resources, SlurmExecutor, run_cell
+from convscale.sweep.executors import CellOutcome, LocalExecutor, Resources, SlurmExecutor, build_executor, run_cell
 from convscale.sweep.planner import Cell, Plan, Skipped, cell_train_config, make_cell_id, plan_study
 from convscale.sweep.results import COLUMNS, collect, write_results
 from convscale.sweep.study import Budgets, FamilySpec, StudyConfig, load_study, parse_study
@@ -18,6 +18,6 @@ from convscale.sweep.sweepdir import SweepDir
 
 __all__ = [
     "COLUMNS", "Budgets", "Cell", "CellOutcome", "FamilySpec", "LocalExecutor", "Plan", "Resources",
-    "SlurmExecutor", "Skipped", "StudyConfig", "SweepDir", "cell_train_config", "collect", "load_study",
+    "SlurmExecutor", "Skipped", "StudyConfig", "SweepDir", "build_executor", "cell_train_config", "collect", "load_study",
     "make_cell_id", "parse_study", "plan_study", "run_cell", "write_results",
 ]

@@ -1,4 +1,4 @@
-"""Turn a study into cells: one training run per (model, budget, learning rate).
+"""Turn a study into cells: one training run per (model, budget, learning rate, seed).
 
 Each cell's length comes from ``convscale.train.config.budget_to_steps`` (the one budget -> steps
 conversion the trainer also uses) and its training FLOPs per image from
@@ -11,6 +11,7 @@ its training FLOPs are within half a batch of the budget.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,13 +49,32 @@ class Cell:
     params_without_head: Optional[int] = None  # params minus the classifier head's (count_params)
     eval_resolution: Optional[int] = None  # px of the held-out evaluation (TrainConfig.eval_resolution)
     precision: Optional[str] = None  # bf16 | fp32, "auto" resolved when the study was planned
+    seed: Optional[int] = None  # TrainConfig.seed of the run; None: the family's base seed (plans before seeds)
+    # cooldown branches (study cooldown_branches): None for a run of its own
+    role: Optional[str] = None  # "trunk" | "branch"
+    trunk_id: Optional[str] = None  # a branch's trunk
+    start_step: Optional[int] = None  # a branch's first step: its cooldown start, a checkpoint of its trunk
+    schedule_steps: Optional[int] = None  # a trunk's schedule length (its largest branch's steps); it stops at ``steps``
+    branch_steps: Optional[tuple[int, ...]] = None  # a trunk's checkpoints its branches start from
+    warmup_steps: Optional[int] = None  # the warm-up every cell of a trunk shares
+    #: training FLOPs the cell itself computes: a trunk all of its steps, a branch its cooldown only,
+    #: any other run its ``train_flops`` (None in plans before branches: read as train_flops)
+    spent_flops: Optional[float] = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Cell":
+        d = dict(d)
+        if d.get("branch_steps") is not None:
+            d["branch_steps"] = tuple(d["branch_steps"])
         return cls(**d)
+
+    @property
+    def own_flops(self) -> float:
+        """The training FLOPs this cell computes itself (``spent_flops``, else ``train_flops``)."""
+        return self.spent_flops if self.spent_flops is not None else self.train_flops
 
 
 @dataclass(frozen=True)
@@ -87,6 +107,8 @@ class Plan:
 
 
 def _fmt_budget(kind: str, value: float) -> str:
+    if kind == "trunk":
+        return "trunk"
     if kind == "train_flops":
         return f"C{value:g}"
     if kind == "epochs":
@@ -94,10 +116,19 @@ def _fmt_budget(kind: str, value: float) -> str:
     return f"I{int(value)}"
 
 
-def make_cell_id(model: str, budget_kind: str, budget: float, lr: float, family: Optional[str] = None) -> str:
-    """Stable, file-system-safe id, e.g. ``nfnet-w0.0625-d1.1.1__C1e+12__lr0.2``."""
+def make_cell_id(model: str, budget_kind: str, budget: float, lr: float, family: Optional[str] = None,
+                 seed_index: Optional[int] = None) -> str:
+    """Stable, file-system-safe id, e.g. ``nfnet-w0.0625-d1.1.1__C1e+12__lr0.2``; with several seeds
+    per cell, ``__s0``, ``__s1``, ... follow (a one-seed study keeps the ids of plans before seeds)."""
     cid = f"{model}__{_fmt_budget(budget_kind, budget)}__lr{lr:g}"
+    if seed_index is not None:
+        cid = f"{cid}__s{seed_index}"
     return f"{cid}__{family}" if family else cid
+
+
+def make_trunk_id(model: str, lr: float, family: Optional[str] = None, seed_index: Optional[int] = None) -> str:
+    """Id of the trunk of a model's cooldown branches at one lr (and seed), e.g. ``vit-w8-d4-p4__trunk__lr0.004``."""
+    return make_cell_id(model, "trunk", 0, lr, family, seed_index)
 
 
 def base_train_config(study: StudyConfig, fam: FamilySpec):
@@ -135,8 +166,17 @@ def cell_train_config(study: StudyConfig, cell: Cell, run_dir: str, data_path: O
     # quiet: one line per evaluation instead of a progress bar, since the output goes to a log file
     if cell.precision is not None:  # as planned (an "auto" study keeps the plan machine's choice)
         cfg = cfg.replace(precision=cell.precision)
-    return cfg.replace(run_dir=str(run_dir), model=cell.model, lr=cell.lr, quiet=True,
-                       **{cell.budget_kind: cell.budget})
+    if cell.seed is not None:
+        cfg = cfg.replace(seed=cell.seed)
+    budget = {cell.budget_kind: cell.budget}
+    if cell.role is not None:
+        cfg = cfg.replace(warmup_steps=cell.warmup_steps)
+    if cell.role == "trunk":  # the schedule of its largest branch, stopped where that one's cooldown starts
+        budget = {"steps": cell.schedule_steps}
+        cfg = cfg.replace(stop_at_step=cell.steps, keep_checkpoint_steps=list(cell.branch_steps or ()))
+    elif cell.role == "branch":
+        cfg = cfg.replace(branch_from=str(Path(run_dir).parent / str(cell.trunk_id)))
+    return cfg.replace(run_dir=str(run_dir), model=cell.model, lr=cell.lr, quiet=True, **budget)
 
 
 def data_facts(study: StudyConfig) -> tuple[Optional[int], int]:
@@ -200,10 +240,11 @@ def plan_study(study: StudyConfig) -> Plan:
                 steps = budget_to_steps(budget_cfg, tfpi, num_train_images)
                 images = steps * base.batch_size
                 train_flops = float(tfpi * images)
-                for lr in fam.learning_rates():
+                n_seeds = study.seeds_of(fam)
+                for lr, s in itertools.product(fam.learning_rates(), range(n_seeds)):
                     cells.append(
                         Cell(
-                            cell_id=make_cell_id(mcfg.name, kind, budget, lr, tag),
+                            cell_id=make_cell_id(mcfg.name, kind, budget, lr, tag, s if n_seeds > 1 else None),
                             study=study.name,
                             family=fam.name,
                             model=mcfg.name,
@@ -223,6 +264,7 @@ def plan_study(study: StudyConfig) -> Plan:
                             params_without_head=params_without_head,
                             eval_resolution=base.eval_resolution or resolution,
                             precision=base.precision,
+                            seed=base.seed + s,
                         )
                     )
     for budget in budgets:
@@ -240,8 +282,68 @@ def plan_study(study: StudyConfig) -> Plan:
     if len(set(ids)) != len(ids):  # only when one family names a model twice (e.g. by an alias)
         dup = sorted({i for i in ids if ids.count(i) > 1})[0]
         raise UserError(f"cell {dup} is planned twice: a family lists the same model twice; list it once")
-    cells.sort(key=lambda c: (c.budget, c.family, c.flops_per_image, c.model, c.lr))
+    if study.cooldown_branches:
+        cells = _as_branches(study, cells, num_train_images)
+    cells.sort(key=lambda c: (c.role != "trunk", c.budget, c.family, c.flops_per_image, c.model, c.lr, c.seed))
     return Plan(study=study, cells=cells, skipped=skipped, epoch_images=epoch_images)
+
+
+def _as_branches(study: StudyConfig, cells: list[Cell], num_train_images: Optional[int]) -> list[Cell]:
+    """The cells of one run per budget as cooldown branches of one trunk per (family, model, lr,
+    seed). Every branch keeps its budget's steps and schedule, with the warm-up its trunk's cells
+    share (``warmup_steps``, else ``warmup_fraction`` of the smallest budget's steps); it starts from
+    the trunk's checkpoint at its own cooldown start, the trunk stops at its largest branch's."""
+    from convscale.train.config import build_schedule, resolve_warmup_steps
+
+    groups: dict[tuple, list[Cell]] = {}
+    for c in cells:
+        groups.setdefault((c.family, c.model, c.lr, c.seed), []).append(c)
+    out: list[Cell] = []
+    for (family, model, lr, seed), runs in groups.items():
+        fam = next(f for f in study.families if f.name == family)
+        base = base_train_config(study, fam).replace(lr=lr)
+        runs.sort(key=lambda c: c.steps)
+        warmup = resolve_warmup_steps(base, runs[0].steps)
+        base = base.replace(warmup_steps=warmup)
+        starts = [build_schedule(base, c.steps).cooldown_start_step for c in runs]
+        if any(k is None for k in starts):
+            raise UserError(f"cooldown_branches: schedule {base.schedule!r} of family {family!r} has no cooldown; "
+                            f"use schedule = \"wsd\"")
+        tfpi = runs[0].train_flops / runs[0].images
+        stop = max(starts)
+        tag = family if runs[0].cell_id.endswith(f"__{family}") else None  # as the runs' ids (make_cell_id)
+        seed_index = seed - base.seed if study.seeds_of(fam) > 1 and seed is not None else None
+        longest = runs[-1]
+        trunk = dataclasses.replace(
+            longest, cell_id=make_trunk_id(model, lr, tag, seed_index), role="trunk", steps=stop,
+            images=stop * longest.batch_size, epochs=longest.epochs * stop / longest.steps,
+            train_flops=tfpi * stop * longest.batch_size, budget_flops=None, schedule_steps=longest.steps,
+            branch_steps=tuple(sorted(set(starts))), warmup_steps=warmup,
+            spent_flops=tfpi * stop * longest.batch_size,
+        )
+        out.append(trunk)
+        for c, k in zip(runs, starts):
+            out.append(dataclasses.replace(c, role="branch", trunk_id=trunk.cell_id, start_step=k, warmup_steps=warmup,
+                                           spent_flops=tfpi * (c.steps - k) * c.batch_size))
+    return out
+
+
+@dataclass(frozen=True)
+class PlanCost:
+    """A plan's training compute: what its budget runs represent and what its cells compute."""
+
+    represented_flops: float  # sum of the budget runs' train_flops: the cost of one run per budget
+    spent_flops: float  # what the cells compute (with branches: trunks plus cooldowns)
+
+    @property
+    def ratio(self) -> float:
+        return self.spent_flops / self.represented_flops if self.represented_flops else float("nan")
+
+
+def plan_cost(plan: Plan) -> PlanCost:
+    """Compute of a plan: branches count the budget they represent, trunks only as spent."""
+    runs = [c for c in plan.cells if c.role != "trunk"]
+    return PlanCost(sum(c.train_flops for c in runs), sum(c.own_flops for c in plan.cells))
 
 
 def _images_for(kind: str, budget: float, train_flops_per_image: float, epoch_images: int) -> float:

@@ -112,10 +112,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         ],
         "budgets": {"train_flops": [1e13, 3e13, 1e14, 3e14, 1e15]},
     },
-    # `convscale study paper`: Smith et al. 2023 (paper.md A.2-A.4): F0, F1, F3, F3+, F7, F7+
+    # `convscale study paper`: Smith et al. 2023 (Smith et al. 2023, §2): F0, F1, F3, F3+, F7, F7+
     # pre-trained at 224 px and evaluated held-out at 256 px, batch 4096, 0.25-8 epochs of JFT-4B
     # (4e9 images), lr grid x2 around 1.6, SGD + Nesterov + AGC (reference clipping), cosine decay,
-    # weight decay 1e-6 (NFNet JFT recipe, paper.md B.9); no dropout or stochastic depth in
+    # weight decay 1e-6 (NFNet JFT recipe, Brock et al. 2021, §6.2 and App. A.5); no dropout or stochastic depth in
     # pre-training (the paper states none). Fine-tune with FINETUNE_RECIPES["paper"].
     # Point [data] at your own shards (kind = "shards", path = ...).
     # Memory: 8 micro-batches per step with activation checkpointing (same numbers, less memory),
@@ -139,7 +139,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 #: ``convscale finetune --recipe NAME``: TrainConfig overrides (dotted ``--set`` keys) of a preset's
-#: fine-tuning, over finetune.py's defaults. paper (paper.md A.6): 50 epochs with SAM, train 384 px,
+#: fine-tuning, over finetune.py's defaults. paper (Smith et al. 2023, §3): 50 epochs with SAM, train 384 px,
 #: held-out 480 px; what [A] leaves unstated is the NFNet JFT -> ImageNet fine-tune's (A.6 note):
 #: SAM rho 0.05, batch 2048, lr 0.1 warmed up over a third of the steps, weight decay 1e-5, no
 #: slower classifier lr. Dropout and stochastic depth are each model's own (finetune.py): an F

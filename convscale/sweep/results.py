@@ -10,7 +10,12 @@ or CPU cores), loss / top1 / top5 (final held-out; top-k as fractions), status
 steps, device_kind, peak_memory_gb, error (last stderr line of a failed cell), chance_loss
 (ln(classes): the held-out loss of a model that learned nothing), precision (bf16 | fp32 as
 planned), eval_resolution (px of the
-held-out images behind loss / top1 / top5; empty for sweeps planned before it existed).
+held-out images behind loss / top1 / top5; empty for sweeps planned before it existed), seed
+(TrainConfig.seed of the run: a study with ``seeds = N`` has N rows per (model, budget, lr);
+empty for sweeps planned before seeds), role (empty for a run of its own; with cooldown branches
+"trunk" or "branch": a branch's train_flops is the budget it represents, trunk prefix included,
+and the fits leave trunks out), spent_flops (training FLOPs the cell computed itself: a trunk its
+steps, a branch its cooldown; a run of its own its train_flops).
 """
 
 from __future__ import annotations
@@ -28,12 +33,20 @@ COLUMNS = (
     "loss", "top1", "top5", "status", "run_dir",
 )
 EXTRA_COLUMNS = ("cell_id", "optimizer", "budget_kind", "budget", "steps", "device_kind", "peak_memory_gb", "error",
-                 "chance_loss", "eval_resolution", "precision")
+                 "chance_loss", "eval_resolution", "precision", "seed", "role", "spent_flops")
 STATUSES = ("done", "diverged", "failed", "pending")
 
 
 def _num(v: Any) -> float:
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else math.nan
+
+
+def _spent(res: dict[str, Any], cell: Any) -> float:
+    """What a finished cell computed itself: a branch's result counts the trunk prefix in its
+    train_flops (the budget it stands for), so its own share is the planned cooldown's."""
+    if cell.role is None:
+        return _num(res.get("train_flops"))
+    return float(cell.own_flops)
 
 
 def collect(root: str | Path):
@@ -87,9 +100,12 @@ def collect(root: str | Path):
             "chance_loss": _num(res.get("chance_loss")) if finished else math.nan,
             "eval_resolution": c.eval_resolution if c.eval_resolution is not None else pd.NA,
             "precision": c.precision or "",
+            "seed": c.seed if c.seed is not None else pd.NA,
+            "role": c.role or "",
+            "spent_flops": _spent(res, c) if finished else math.nan,
         })
     df = pd.DataFrame(rows, columns=[*COLUMNS, *EXTRA_COLUMNS])
-    for col in ("images_seen", "params_without_head", "eval_resolution"):  # integers that may be missing
+    for col in ("images_seen", "params_without_head", "eval_resolution", "seed"):  # integers that may be missing
         df[col] = df[col].astype("Int64")
     return df
 

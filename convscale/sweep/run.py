@@ -41,17 +41,26 @@ def run_sweep(
     only: Sequence[str] = (),
     slurm: Optional[dict] = None,
     log: Callable[[str], None] = lambda s: print(s, flush=True),
+    options: Optional[dict] = None,
+    live: Optional[bool] = None,
 ):
     """Run every unfinished cell of ``study`` under ``root``; finished cells (done or diverged) are
     skipped, crashed ones rerun (their runs resume). Returns a ``SweepOutcome`` and writes
-    ``results.parquet`` / ``results.csv``."""
-    from convscale.sweep.executors import LocalExecutor, SlurmExecutor
+    ``results.parquet`` / ``results.csv``.
+
+    ``executor``: a name in ``convscale.sweep.executors.EXECUTORS``; ``options``: its Config fields
+    (``jobs`` is the local executor's, ``slurm`` the slurm executor's options, as before).
+    ``live``: the refreshing progress line (convscale.sweep.live); None: when stdout is a terminal."""
+    from convscale.sweep.executors import build_executor, executor_config
+    from convscale.sweep.live import LiveLine
     from convscale.sweep.planner import plan_study
     from convscale.sweep.results import collect, write_results
     from convscale.sweep.sweepdir import SweepDir
 
-    if jobs < 1:
-        raise UserError(f"--jobs must be >= 1, got {jobs}")
+    if options is None:
+        options = {"jobs": jobs} if executor == "local" else dict(slurm or {})
+    config = executor_config(executor, options)
+    runner = build_executor(executor, config)  # bad options are refused before anything is written
     plan = plan_study(study)
     sweep = SweepDir(root)
     sweep.prepare(plan)
@@ -65,15 +74,16 @@ def run_sweep(
     if todo:
         sweep.ensure_shared_data(plan)
 
+    line = LiveLine(sweep.root, todo, min(config.parallel_cells, len(todo)), log, enabled=live)
+
     def report(o, i, n) -> None:
         extra = f" ({o.seconds:.1f} s)" if o.seconds else ""
         msg = f": {o.message}" if o.message else ""
-        log(f"[{i}/{n}] {o.status:<11} {o.cell_id}{extra}{msg}")
+        line.write(f"[{i}/{n}] {o.status:<11} {o.cell_id}{extra}{msg}")
 
-    if todo and executor == "local":
-        out.outcomes = LocalExecutor(jobs=jobs, on_outcome=report).run(sweep.root, todo)
-    elif todo:
-        out.outcomes = SlurmExecutor(**(slurm or {})).run(sweep.root, todo, on_outcome=report)
+    if todo:
+        with line:
+            out.outcomes = runner.run(sweep.root, todo, on_outcome=report)
     df = collect(sweep.root)
     out.results_path, _ = write_results(sweep.root, df)
     out.status_counts = df["status"].value_counts().to_dict()

@@ -10,6 +10,8 @@ Study file (every table and field is checked; an unknown one is a ``UserError`` 
     [train]                             # TrainConfig defaults for every cell
     batch_size = 128
     precision = "auto"                  # bf16 where the device has it natively, else fp32
+    schedule = "wsd"                    # optional: cosine (default) | linear | rsqrt | wsd
+    schedule_options = {cooldown_fraction = 0.2}  # that schedule's options (train/schedules/)
     [[family]]
     name = "nfnet"
     models = ["nfnet-w0.0625-d1.1.1", "nfnet-w0.125-d1.1.1"]
@@ -17,6 +19,7 @@ Study file (every table and field is checked; an unknown one is a ``UserError`` 
     lr_center = 0.2                     # grid = lr_center x lr_factors ...
     lr_factors = [0.5, 1, 2]
     # lrs = [0.1, 0.2]                  # ... or explicit learning rates
+    # seeds = 3                         # optional: this family's seeds per cell (else the study's)
     [family.train]                      # optional TrainConfig overrides for this family only
     agc_exempt_scalar_gains = true
     [budgets]                           # exactly one of train_flops / epochs / images
@@ -30,6 +33,18 @@ Study file (every table and field is checked; an unknown one is a ``UserError`` 
 Every cell is tracked as its own run named by its cell id, grouped under the study's name (W&B
 group, MLflow experiment, TensorBoard subfolder of ``[log.tensorboard] dir``); MLflow's store is
 SWEEP_DIR/mlruns unless ``[log.mlflow] tracking_uri`` or $MLFLOW_TRACKING_URI says otherwise.
+
+A top-level ``seeds = N`` (default 1; a family's own ``seeds`` wins) trains every (model, budget,
+lr) cell N times, with TrainConfig ``seed`` = the study's seed + 0 .. N-1: the model's
+initialisation and the training randomness change, the data stream and held-out set do not, so the
+seeds measure the run-to-run noise the fits resample (scaling/design.py).
+
+A top-level ``cooldown_branches = true`` (with a schedule that has a cooldown, e.g. ``schedule =
+"wsd"``) trains, per (model, lr, seed), one trunk at constant lr up to the cooldown start of its
+largest budget, and each budget as a branch from the trunk's checkpoint at that budget's own
+cooldown start (sweep/planner.py): the same runs as one per budget, for the trunk plus the
+cooldowns' compute. Warm-up is then a fixed number of steps for every budget (``warmup_steps``, or
+``warmup_fraction`` of the smallest budget's steps), so the branches share their prefix.
 
 A top-level ``share_procedural_data = true`` makes `sweep run` generate the procedural training
 stream once (as many images as the longest cell needs) and point every cell's ``data.path`` at it.
@@ -71,6 +86,7 @@ class FamilySpec:
     lr_factors: tuple[float, ...] = (0.5, 1.0, 2.0)
     lrs: Optional[tuple[float, ...]] = None
     train: dict[str, Any] = field(default_factory=dict)  # TrainConfig overrides for this family
+    seeds: Optional[int] = None  # runs per cell, each with its own seed; None: the study's ``seeds``
 
     def learning_rates(self) -> list[float]:
         """The family's learning-rate grid, smallest first, without duplicates."""
@@ -113,8 +129,15 @@ class StudyConfig:
     #: procedural data only: generate the training stream once into SWEEP_DIR/data and let every
     #: cell read it (same images by construction; saves regenerating them in each of many cells)
     share_procedural_data: bool = False
+    seeds: int = 1  # runs per (model, budget, lr) cell, seeds 0..seeds-1 added to TrainConfig.seed
+    #: one constant-lr trunk per (model, lr, seed) and a cooldown branch per budget (see above)
+    cooldown_branches: bool = False
     #: experiment trackers for every cell: {"to": [names], <name>: {options}} (the [log] table)
     log: dict[str, Any] = field(default_factory=dict)
+
+    def seeds_of(self, family: FamilySpec) -> int:
+        """Runs per cell of ``family``: its own ``seeds`` if given, else the study's."""
+        return family.seeds if family.seeds is not None else self.seeds
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -235,8 +258,19 @@ def _parse_family(d: Any, i: int) -> FamilySpec:
         lr_factors=_numbers(d.get("lr_factors", [0.5, 1.0, 2.0]), f"{where} lr_factors"),
         lrs=_numbers(d["lrs"], f"{where} lrs") if has_lrs else None,
         train=_check_train_overrides(d.get("train", {}), f"{where} train"),
+        seeds=_seeds(d["seeds"], f"{where} seeds") if "seeds" in d else None,
     )
     return spec
+
+
+#: more runs per cell than any study needs to see its noise; past it a typo would plan thousands of runs
+MAX_SEEDS = 100
+
+
+def _seeds(v: Any, where: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= MAX_SEEDS:
+        raise UserError(f"{where} must be a whole number of runs per cell from 1 to {MAX_SEEDS}, got {v!r}")
+    return v
 
 
 def _parse_budgets(d: Any) -> Budgets:
@@ -281,7 +315,8 @@ def _parse_log(d: Any) -> dict[str, Any]:
 
 def parse_study(raw: dict[str, Any], where: str = "study") -> StudyConfig:
     """Validate a parsed study (TOML or JSON) and build the typed config."""
-    top = ("name", "data", "train", "family", "families", "budgets", "share_procedural_data", "log")
+    top = ("name", "data", "train", "family", "families", "budgets", "share_procedural_data", "seeds",
+           "cooldown_branches", "log")
     _check_keys(raw, top, where)
     name = raw.get("name")
     if not isinstance(name, str) or not _SAFE_NAME.match(name):
@@ -306,8 +341,13 @@ def parse_study(raw: dict[str, Any], where: str = "study") -> StudyConfig:
     share = raw.get("share_procedural_data", False)
     if not isinstance(share, bool):
         raise UserError(f"{where}: share_procedural_data must be true or false, got {share!r}")
+    seeds = _seeds(raw["seeds"], f"{where} seeds") if raw.get("seeds") is not None else 1
+    branches = raw.get("cooldown_branches", False)
+    if not isinstance(branches, bool):
+        raise UserError(f"{where}: cooldown_branches must be true or false, got {branches!r}")
     study = StudyConfig(name=name, data=data, families=families, budgets=budgets, train=train,
-                        share_procedural_data=share, log=_parse_log(raw.get("log", {})))
+                        share_procedural_data=share, seeds=seeds, cooldown_branches=branches,
+                        log=_parse_log(raw.get("log", {})))
     _check_types(study)
     return study
 
@@ -329,3 +369,9 @@ def _check_types(study: StudyConfig) -> None:
             images=cfg.batch_size,
         )
         cfg.validate()
+        if study.cooldown_branches:
+            from convscale.train.config import build_schedule
+
+            if build_schedule(cfg, 1000).cooldown_start_step is None:
+                raise UserError(f"[[family]] {fam.name!r}: cooldown_branches needs a schedule with a cooldown; "
+                                f"set schedule = \"wsd\" in [train] (schedule {cfg.schedule!r} has none)")

@@ -5,7 +5,7 @@
       plan.json             every cell with its planned images, steps and FLOPs
       configs/<cell>.json   the cell's TrainConfig: `convscale train --config` reads it
       runs/<cell>/          an ordinary `convscale train` run dir (config.json, metrics.jsonl, result.json)
-      locks/<cell>.lock     flock-held while the cell runs
+      locks/<cell>.lock     flock-held while the cell runs (runs/<cell>/run.lock: while any train runs it)
       logs/<cell>.out|.err  the training subprocess's stdout/stderr (appended across attempts)
       launches/<cell>.json  how the last attempt ran (devices, threads, host): for device-hours
       failures/<cell>.json  exit code and last stderr line of a failed attempt (removed on success)
@@ -26,6 +26,7 @@ from convscale.sweep.planner import Cell, Plan, cell_train_config
 from convscale.sweep.study import StudyConfig
 
 FINISHED = ("done", "diverged")  # train's result.json statuses: such a cell never runs again
+RUN_LOCK_FILE = "run.lock"  # == convscale.train.rundir.LOCK_FILE (the train package imports torch)
 
 
 def _numbers_part(train_config: dict[str, Any]) -> dict[str, Any]:
@@ -172,12 +173,15 @@ class SweepDir:
         return read_json(self.run_dir(cell_id) / "result.json")
 
     def state(self, cell_id: str) -> str:
-        """done | diverged (finished), failed (last attempt failed), running (locked) or pending."""
+        """done | diverged (finished), running (a sweep holds the cell lock), locked (a train outside
+        any sweep holds the run directory's lock), failed (last attempt failed) or pending."""
         res = self.result(cell_id)
         if res is not None and res.get("status") in FINISHED:
             return res["status"]
         if is_locked(self.lock_path(cell_id)):
             return "running"
+        if is_locked(self.run_dir(cell_id) / RUN_LOCK_FILE):
+            return "locked"
         if self.failure_path(cell_id).is_file():
             return "failed"
         return "pending"

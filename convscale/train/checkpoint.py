@@ -30,10 +30,7 @@ from torch.distributed.tensor import distribute_tensor
 
 from convscale.errors import UserError
 from convscale.train.distributed import has_sharded_params, is_sharded
-
-CHECKPOINT_DIR = "checkpoints"
-STEP_PREFIX = "step-"
-TMP_PREFIX = ".tmp-"
+from convscale.train.layout import CHECKPOINT_DIR, STEP_PREFIX, TMP_PREFIX, checkpoint_dir
 
 
 def is_main_process() -> bool:
@@ -75,13 +72,14 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
-def atomic_save_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor]) -> None:
+def atomic_save_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
+                            metadata: dict[str, str] | None = None) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=TMP_PREFIX + path.name)
     os.close(fd)
     try:
         try:
-            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp)
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
         except SafetensorError as e:  # an I/O error (full disk) as the OSError it is
             code = re.search(r"\(os error (\d+)\)", str(e))
             if code is None:
@@ -135,14 +133,16 @@ def save_checkpoint(
     state: dict[str, Any],
     ema_model: Optional[nn.Module] = None,
     keep: int = 1,
+    pinned: frozenset[int] = frozenset(),
 ) -> Path:
-    """Write checkpoint ``step`` atomically, then delete all but the newest ``keep`` checkpoints.
+    """Write checkpoint ``step`` atomically, then delete all but the newest ``keep`` checkpoints
+    and those of the ``pinned`` steps (a cooldown trunk's branch points).
 
     Distributed: call it on EVERY rank (FSDP2 gathers full tensors collectively); only rank 0
     writes, and returns the path (the others return it too, unwritten).
     """
     root = Path(run_dir) / CHECKPOINT_DIR
-    final = root / f"{STEP_PREFIX}{step:08d}"
+    final = checkpoint_dir(run_dir, step)
     model_tensors = _model_tensors(model)
     ema_tensors = _model_tensors(ema_model) if ema_model is not None else None
     opt_state = _optimizer_state(model, optimizer)
@@ -177,7 +177,8 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+        if checkpoint_step(old) not in pinned:
+            shutil.rmtree(old, ignore_errors=True)
     return final
 
 
@@ -196,13 +197,24 @@ def verify_checkpoint_file(path: Path) -> None:
         raise ValueError(f"{path.name} does not match its checksum in state.json")
 
 
+def checkpoint_step(path: Path) -> int:
+    """The step of checkpoint directory ``path``."""
+    return int(path.name[len(STEP_PREFIX):])
+
+
+def checkpoint_at(run_dir: str | os.PathLike, step: int) -> Optional[Path]:
+    """The complete checkpoint of ``run_dir`` at ``step``, or None."""
+    path = checkpoint_dir(run_dir, step)
+    return path if (path / "state.json").is_file() else None
+
+
 def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
     """Complete checkpoints, oldest first (temporary leftovers of a killed write are ignored)."""
     root = Path(run_dir) / CHECKPOINT_DIR
     if not root.is_dir():
         return []
     done = [d for d in root.iterdir() if d.name.startswith(STEP_PREFIX) and (d / "state.json").is_file()]
-    return sorted(done, key=lambda d: int(d.name[len(STEP_PREFIX):]))
+    return sorted(done, key=checkpoint_step)
 
 
 def remove_partial_checkpoints(run_dir: str | os.PathLike) -> None:

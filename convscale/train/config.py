@@ -7,7 +7,7 @@ training resolution ``data.resolution``, doubled with SAM (``sam_rho > 0``: two 
 passes per step); ``TrainConfig.train_flops_per_image`` is that per-image cost, charged by both the
 training loop and the sweep planner. An epoch counts image SLOTS: with repeated augmentation (``aug_repeats = k``)
 a run of E epochs takes the same steps and compute as without, but sees each distinct image only
-about E / k times (paper.md A.6: fewer passes, same compute).
+about E / k times (Smith et al. 2023, §3: fewer passes, same compute).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from typing import Any, Optional
 
 from convscale.data.config import DataConfig
 from convscale.errors import UserError
+from convscale.train.schedules import Schedule, schedule_config
 
 #: Images in one "epoch" of an unlimited stream (procedural data): ImageNet-1k's training set
 #: size, so that "0.25 epochs" means the same number of images as in the papers' ImageNet terms.
@@ -49,7 +50,7 @@ RUNTIME_ONLY_DATA_FIELDS = frozenset({"workers"})
 
 @dataclass
 class TrainConfig:
-    """One pre-training run. Defaults are the NFNet reference recipe where one exists (paper.md B.7/B.8)."""
+    """One pre-training run. Defaults are the NFNet reference recipe where one exists (Brock et al. 2021, §4, §6.1 and App. A)."""
 
     run_dir: str = "runs/default"
     model: str = "nfnet-tiny"
@@ -68,6 +69,8 @@ class TrainConfig:
     lr: float = 0.1  # peak learning rate
     warmup_fraction: float = 0.05  # linear warm-up over this share of the steps ...
     warmup_steps: Optional[int] = None  # ... or over exactly this many steps (wins when set)
+    schedule: str = "cosine"  # after warm-up: "cosine" (the paper's) | "linear" | "rsqrt" | "wsd" (train/schedules/)
+    schedule_options: dict[str, Any] = field(default_factory=dict)  # that schedule's options, e.g. cooldown_fraction
     momentum: float = 0.9  # SGD: Nesterov momentum; AdamW: beta1
     beta2: float = 0.999  # AdamW only
     weight_decay: float = 2e-5  # SGD: coupled L2; AdamW: decoupled (torch convention, x lr)
@@ -109,6 +112,10 @@ class TrainConfig:
     sam_rho: float = 0.0  # SAM ascent radius; > 0 costs 2 forward-backward passes per step
     aug_repeats: int = 1  # repeated augmentation: each batch is batch_size/k images seen k times
     eval_resolution: Optional[int] = None  # held-out resolution in px; None = data.resolution
+    # cooldown branches (sweep/planner.py): a trunk trains its schedule's prefix, a branch its cooldown
+    stop_at_step: Optional[int] = None  # a trunk: stop after this many steps of the budget's schedule
+    keep_checkpoint_steps: list[int] = field(default_factory=list)  # checkpoints never rotated away
+    branch_from: Optional[str] = None  # a trunk's run dir: start from its checkpoint at this run's cooldown start
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -191,6 +198,9 @@ class TrainConfig:
             raise UserError(f"warmup_fraction must be in [0, 1), not {self.warmup_fraction}")
         if self.lr <= 0:
             raise UserError(f"lr must be positive, not {self.lr}")
+        options = schedule_config(self.schedule, self.schedule_options)
+        check_field_types(options, "schedule_options.")
+        options.validate()
         from convscale.train.loggers import check_log  # torch-free, imports no tracker
 
         check_log(self.log, self.log_options)
@@ -198,6 +208,12 @@ class TrainConfig:
             raise UserError(f"parallel must be one of {list(PARALLEL_MODES)}, not {self.parallel!r}")
         if self.sam_rho < 0:
             raise UserError(f"sam_rho must be >= 0 (0 turns SAM off), not {self.sam_rho}")
+        if self.stop_at_step is not None and self.stop_at_step < 1:
+            raise UserError(f"stop_at_step must be >= 1 (or unset), not {self.stop_at_step}")
+        if any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in self.keep_checkpoint_steps):
+            raise UserError(f"keep_checkpoint_steps must be whole step numbers >= 1, not {self.keep_checkpoint_steps}")
+        if self.branch_from is not None and build_schedule(self, 1000).cooldown_start_step is None:
+            raise UserError(f"branch_from needs a schedule with a cooldown (schedule=wsd), not {self.schedule!r}")
         if self.aug_repeats < 1 or self.batch_size % self.aug_repeats:
             raise UserError(
                 f"batch_size ({self.batch_size}) must be a multiple of aug_repeats ({self.aug_repeats} >= 1)"
@@ -288,6 +304,22 @@ def resolve_warmup_steps(cfg: TrainConfig, total_steps: int) -> int:
     return int(round(cfg.warmup_fraction * total_steps))
 
 
+def build_schedule(cfg: TrainConfig, total_steps: int) -> Schedule:
+    """The run's learning-rate schedule over ``total_steps`` updates (warm-up included)."""
+    options = schedule_config(cfg.schedule, cfg.schedule_options)
+    return options.build(total_steps, resolve_warmup_steps(cfg, total_steps), cfg.lr)
+
+
+def cooldown_start_step(cfg: TrainConfig, total_steps: int) -> int:
+    """First update of the cooldown of a run of ``total_steps`` updates (``wsd``, or ``rsqrt``
+    with a cooldown): a run stopped here is the trunk its cooldown branches start from."""
+    start = build_schedule(cfg, total_steps).cooldown_start_step
+    if start is None:
+        raise UserError(f"schedule {cfg.schedule!r} has no cooldown; use schedule=wsd (or rsqrt with "
+                        f"schedule_options.cooldown_fraction > 0)")
+    return start
+
+
 # ---------------------------------------------------------------------------------------------
 # "key=value" overrides (CLI --set and config files share them)
 
@@ -300,12 +332,17 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
             return None
         return _coerce(value, args[0], key)
-    if origin is list and isinstance(value, str):  # --log tensorboard,wandb
-        return [item.strip() for item in value.split(",") if item.strip()]
     if not isinstance(value, str):
         if annotation is float and isinstance(value, int):
             return float(value)
         return value
+    if typing.get_origin(annotation) is list:  # "[16, 32]" or "16,32"
+        text = value.strip()
+        items = _parse_json_or_str(text) if text.startswith("[") else [v for v in text.split(",") if v.strip()]
+        if not isinstance(items, list):
+            raise UserError(f"{key}={value!r} is not a list; write {key}=16,32")
+        (item_type,) = typing.get_args(annotation) or (str,)
+        return [_coerce(v if isinstance(v, str) else str(v), item_type, key) for v in items]
     try:
         if annotation is bool:
             if value.lower() in ("1", "true", "yes", "on"):
@@ -333,23 +370,22 @@ def _parse_json_or_str(text: str) -> Any:
 
 
 def apply_overrides(cfg: TrainConfig, overrides: dict[str, Any]) -> TrainConfig:
-    """Set fields by dotted name: ``lr``, ``data.resolution``, ``model_overrides.width``.
+    """Set fields by dotted name: ``lr``, ``data.resolution``, ``model_overrides.width``,
+    ``schedule_options.cooldown_fraction``.
 
     String values (from the command line) are converted to each field's type.
     """
     top: dict[str, Any] = {}
     data_kw: dict[str, Any] = {}
-    model_kw = dict(cfg.model_overrides)
+    tables = {"model_overrides": dict(cfg.model_overrides), "schedule_options": dict(cfg.schedule_options)}
     hints = typing.get_type_hints(TrainConfig)
     data_hints = typing.get_type_hints(DataConfig)
-    for key, value in overrides.items():
+    for key, value in sorted(overrides.items(), key=lambda kv: "." in kv[0]):  # whole tables before dotted keys
         head, _, rest = key.partition(".")
         if head == "data" and rest:
             if rest not in data_hints:
                 raise UserError(f"unknown data field {rest!r} in {key!r}; valid: {sorted(data_hints)}")
             data_kw[rest] = _coerce(value, data_hints[rest], key)
-        elif head == "model_overrides" and rest:
-            model_kw[rest] = _parse_json_or_str(value) if isinstance(value, str) else value
         elif head == "log_options" and rest:  # log_options.wandb.project=p
             name, _, option = rest.partition(".")
             if not option:
@@ -361,10 +397,17 @@ def apply_overrides(cfg: TrainConfig, overrides: dict[str, Any]) -> TrainConfig:
                 raise UserError(f"unknown field {option!r} in {key!r}; valid: {sorted(option_hints)}")
             log_kw = top.setdefault("log_options", {**cfg.log_options})
             log_kw[name] = {**log_kw.get(name, {}), option: _coerce(value, option_hints[option], key)}
-        elif head in hints and not rest and head not in ("data", "model_overrides"):
+        elif head in tables:
+            value = _parse_json_or_str(value) if isinstance(value, str) else value
+            if rest:
+                tables[head][rest] = value
+            elif isinstance(value, dict):  # a whole table (a study's [train]) replaces the one before
+                tables[head] = dict(value)
+            else:
+                raise UserError(f"{key} must be a table of fields, not {value!r}")
+        elif head in hints and not rest and head != "data":
             top[head] = _coerce(value, hints[head], key)
         else:
-            raise UserError(
-                f"unknown field {key!r}; use a TrainConfig field, data.<field> or model_overrides.<field>"
-            )
-    return dataclasses.replace(cfg, data=cfg.data.replace(**data_kw), model_overrides=model_kw, **top)
+            raise UserError(f"unknown field {key!r}; use a TrainConfig field, data.<field>, "
+                            f"model_overrides.<field> or schedule_options.<field>")
+    return dataclasses.replace(cfg, data=cfg.data.replace(**data_kw), **tables, **top)

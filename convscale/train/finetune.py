@@ -1,17 +1,19 @@
 """Fine-tuning: a pre-trained run's final weights, a new classifier, the same training loop.
 
 A fine-tune is an ordinary run (``TrainConfig`` + ``run()``) with ``init_from`` set to a finished
-pre-training run directory. ``run()`` then builds the model for the downstream classes and calls
-``load_pretrained_weights``: every body tensor comes from the pre-trained run's final checkpoint
-(its EMA weights with ``init_from_ema``); ViT learned position embeddings are resampled (bicubic,
-class token kept) to the fine-tuning grid; NFNets need nothing, being fully convolutional.
+pre-training run directory, or to a timm checkpoint file (``dm_nfnet_f*`` / ``vit_*``, read without
+pickle and mapped by models/timm_weights.py; the model is the one the file holds). ``run()`` then
+builds the model for the downstream classes and calls ``load_pretrained_weights``: every body
+tensor comes from the pre-trained run's final checkpoint (its EMA weights with ``init_from_ema``);
+ViT learned position embeddings are resampled (bicubic, class token kept) to the fine-tuning grid;
+NFNets need nothing, being fully convolutional.
 The classifier is always new and ZERO-initialised (weight and bias, both families), as in
 big_vision's transfer recipe: initial logits are 0 and the first updates move only the head.
 
-The paper's fine-tuning recipe (paper.md A.6) maps onto TrainConfig fields: SAM (``sam_rho``,
+The paper's fine-tuning recipe (Smith et al. 2023, §3) maps onto TrainConfig fields: SAM (``sam_rho``,
 sam.py), stochastic depth and dropout (model overrides), a higher train resolution
 (``data.resolution``) and a still higher held-out one (``eval_resolution``), and repeated
-augmentation (``aug_repeats``, ``RepeatedAugmentSource`` below).
+augmentation (``aug_repeats``, ``convscale.data.repeated.RepeatedAugmentSource``).
 
 Dropout and stochastic depth are a phase's recipe, not the architecture (no weight depends on
 them), so a fine-tune does not inherit the pre-training run's rates: it gets the model's own
@@ -28,20 +30,19 @@ them off (the paper preset) thus fine-tunes with them on, as the paper does.
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
-from convscale.data.config import WHOLE, DataConfig
-from convscale.data.loading import BatchPlan, Sample, build_batches, plan_part
+from convscale.data.config import DataConfig
 from convscale.errors import UserError
-from convscale.models import family_traits
+from convscale.models import ModelConfig, config_to_dict, family_traits, nfnet
+from convscale.models.timm_weights import config_from_timm, from_timm, model_spec, read_state_dict
 from convscale.train.checkpoint import list_checkpoints, verify_checkpoint_file
 from convscale.train.config import BUDGET_FIELDS, TrainConfig, apply_overrides
 from convscale.train.rundir import read_run_config, read_run_json
@@ -50,10 +51,10 @@ CLASSIFIER_KEYS = ("classifier.weight", "classifier.bias")
 
 #: Per-family fine-tuning defaults are the family's ``traits.finetune_defaults`` (models/): optimizer
 #: and peak lr (CPU-scale runs on digits), weight decay as in the NFNet fine-tuning recipe
-#: (paper.md A.6). NFNet features are not normalised: a demo-pretrained nfnet-w0.125-d1.1.1 gives
+#: (Smith et al. 2023, §3). NFNet features are not normalised: a demo-pretrained nfnet-w0.125-d1.1.1 gives
 #: digits features of norm ~57, and with the new head zero-initialised, lr 0.1 (even 0.005 at the
 #: start of warm-up) diverged within 10 steps; so the head runs at 0.05x the body's lr, with a long
-#: warm-up (the reference fine-tune warms up for a third of its steps, paper.md A.6). Measured on
+#: warm-up (the reference fine-tune warms up for a third of its steps, Smith et al. 2023, §3). Measured on
 #: digits at 32 px, 8 epochs, batch 32 (top-1): NFNet body lr 0.01 / 0.02 / 0.05 -> 0.38 / 0.49 /
 #: 0.81 with SAM, 0.88 (0.02) / 0.94 (0.05) without (nfnet-w0.125-d1.1.1 pre-trained 1.6e12 FLOPs);
 #: ViT AdamW lr 1e-3 / 3e-3 -> 0.62 / 0.74 (vit-w12-d4-p4 pre-trained 1.6e12 FLOPs).
@@ -65,7 +66,7 @@ INHERITED_FIELDS = ("agc_clip", "agc_eps", "agc_exempt_scalar_gains", "precision
 #: (with the family's ``traits.dropout_field`` and ``traits.drop_path_field``)
 NOT_INHERITED_MODEL_FIELDS = ("image_size", "num_classes")
 DEFAULT_EPOCHS = 10.0
-DEFAULT_SAM_RHO = 0.05  # the NFNet fine-tuning recipe (paper.md A.6)
+DEFAULT_SAM_RHO = 0.05  # the NFNet fine-tuning recipe (Smith et al. 2023, §3)
 DEFAULT_BATCH_SIZE = 32  # digits (1438 training images): batch 64 reached 0.41 top-1 in 10 epochs, 32 reached 0.69
 DIGITS_HELDOUT_FRACTION = 0.2
 
@@ -77,8 +78,10 @@ class PretrainedRun:
     run_dir: Path
     step: int  # the optimizer step of the checkpoint loaded (the run's last)
     weights_file: Path  # model.safetensors, or ema.safetensors with init_from_ema
-    config: dict[str, Any]  # the run's config.json
+    config: dict[str, Any]  # the run's config.json (for a timm file: its model, name and overrides)
     result: dict[str, Any]  # the run's result.json
+    source: str = "run"  # "run": a convscale run directory; "timm": a timm checkpoint file (run_dir is it)
+    ema: bool = False  # a timm file: take its state_dict_ema
 
     @property
     def family(self) -> str:
@@ -86,6 +89,9 @@ class PretrainedRun:
 
     def record(self) -> dict[str, Any]:
         """What a fine-tune's config.json stores under ``init_from``."""
+        if self.source == "timm":
+            return {"timm_file": str(self.run_dir), "ema": self.ema, "model": self.result.get("model"),
+                    "resolution": self.config["train"]["data"]["resolution"], "train_flops": None}
         return {
             "run_dir": str(self.run_dir),
             "step": self.step,
@@ -97,8 +103,11 @@ class PretrainedRun:
 
 
 def find_pretrained(run_dir: str | Path, use_ema: bool = False) -> PretrainedRun:
-    """The finished run at ``run_dir`` and its final checkpoint; UserError if there is none."""
+    """The finished run at ``run_dir`` and its final checkpoint (or a timm checkpoint file, see
+    ``timm_pretrained``); UserError if there is none."""
     rd = Path(run_dir).expanduser().resolve()
+    if rd.is_file():
+        return timm_pretrained(rd, use_ema)
     if not (rd / "config.json").is_file():
         raise UserError(f"--from {run_dir} is not a run directory (no config.json); pass a pre-training --run-dir")
     result_path = rd / "result.json"
@@ -122,19 +131,35 @@ def find_pretrained(run_dir: str | Path, use_ema: bool = False) -> PretrainedRun
     return PretrainedRun(rd, step, weights, config, result)
 
 
+def timm_pretrained(path: Path, use_ema: bool = False) -> PretrainedRun:
+    """A timm checkpoint file as a pre-trained "run": the convscale model its shapes are
+    (``config_from_timm``), at the resolution it was most likely trained at (a state dict does not
+    say): a ViT's position grid, a named NFNet-F's published train size, else timm's 224 px."""
+    cfg = config_from_timm(read_state_dict(path, ema=use_ema))
+    name, overrides = model_spec(cfg)
+    variant = nfnet.F_VARIANTS.get(name.removeprefix("nfnet-")) if cfg.family == "nfnet" else None
+    resolution = cfg.image_size if cfg.family == "vit" else (variant["train_px"] if variant else 224)
+    config = {"model": config_to_dict(cfg),
+              "train": {"model": name, "model_overrides": overrides, "data": {"resolution": resolution}}}
+    return PretrainedRun(path, 0, path, config, {"model": name, "status": "done"}, source="timm", ema=use_ema)
+
+
 @torch.no_grad()
-def load_pretrained_weights(model: nn.Module, pretrained: PretrainedRun) -> list[str]:
+def load_pretrained_weights(model: nn.Module, pretrained: PretrainedRun,
+                            model_cfg: Optional[ModelConfig] = None) -> list[str]:
     """Load the pre-trained body into ``model`` and zero its classifier; returns the loaded names.
 
     A ViT's ``_load_from_state_dict`` resamples a learned position grid of another size.
     Any other mismatch (another architecture) is a UserError naming the first tensors.
+    A timm file needs ``model_cfg`` (the config ``model`` was built from): the mapping checks that
+    the two compute the same function.
     """
-    try:
-        verify_checkpoint_file(Path(pretrained.weights_file))
-        weights = load_file(pretrained.weights_file)
-    except (SafetensorError, OSError, ValueError) as e:
-        raise UserError(f"{pretrained.weights_file} is damaged ({type(e).__name__}); re-run the pre-training "
-                        f"run {pretrained.run_dir} from its previous checkpoint, or pick another --from") from None
+    if pretrained.source == "timm":
+        if model_cfg is None:
+            raise ValueError("load_pretrained_weights needs model_cfg to load a timm checkpoint")
+        _, weights = from_timm(read_state_dict(pretrained.weights_file, ema=pretrained.ema), model_cfg)
+    else:
+        weights = read_run_weights(pretrained)
     state = {k: v for k, v in weights.items() if k not in CLASSIFIER_KEYS}
     try:
         res = model.load_state_dict(state, strict=False)
@@ -149,6 +174,16 @@ def load_pretrained_weights(model: nn.Module, pretrained: PretrainedRun) -> list
     nn.init.zeros_(model.classifier.weight)
     nn.init.zeros_(model.classifier.bias)
     return sorted(state)
+
+
+def read_run_weights(pretrained: PretrainedRun) -> dict[str, torch.Tensor]:
+    """The tensors of a run's checkpoint file (verified against its recorded checksum)."""
+    try:
+        verify_checkpoint_file(Path(pretrained.weights_file))
+        return load_file(pretrained.weights_file)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"{pretrained.weights_file} is damaged ({type(e).__name__}); re-run the pre-training "
+                        f"run {pretrained.run_dir} from its previous checkpoint, or pick another --from") from None
 
 
 def finetune_config(
@@ -201,48 +236,3 @@ def default_data(kind: str, path: Optional[str], resolution: int) -> DataConfig:
     if kind == "digits":
         kw["heldout_fraction"] = DIGITS_HELDOUT_FRACTION
     return DataConfig(**kw)
-
-
-class RepeatedAugmentSource:
-    """Repeated augmentation (Hoffer et al. 2020; paper.md A.6) over an indexed source
-    (digits, arrays, folder).
-
-    Batch k of size B holds the B/m distinct images of the wrapped source's batch k of size B/m,
-    each m times under different augmentations: repeat r of an image uses the source's own
-    augmentation seed with r appended. The block for repeat r is contiguous ([all images, r=0],
-    [all images, r=1], ...), so micro-batches or data-parallel shards see different copies.
-    Steps per epoch are unchanged; distinct images per step drop m-fold (see config.py).
-    """
-
-    def __init__(self, source: Any, repeats: int):
-        if not hasattr(source, "train_plan"):
-            raise UserError("aug_repeats > 1 needs an indexed data source (digits, arrays, folder); "
-                            "set aug_repeats=1 for this data kind")
-        self.source, self.repeats = source, repeats
-        self.num_classes = source.num_classes
-        self.num_train_images = source.num_train_images
-
-    @property
-    def skipped_images(self) -> int:
-        return self.source.skipped_images
-
-    def train_plan(self, step: int, batch_size: int) -> BatchPlan:
-        """The plan of batch ``step``: ``batch_size / repeats`` distinct images, ``repeats`` times each."""
-        if batch_size % self.repeats:
-            raise UserError(f"batch size {batch_size} must be a multiple of aug_repeats {self.repeats}")
-        distinct = self.source.train_plan(step, batch_size // self.repeats).samples
-        samples = tuple(Sample(s.ref, s.label, tuple(s.seed) + (r,)) for r in range(self.repeats) for s in distinct)
-        return BatchPlan(samples, train=True)
-
-    def train_batches(self, batch_size: int, start_step: int = 0, part: tuple[int, int] = WHOLE,
-                      uint8: bool = False, pin_memory: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        plans = (plan_part(self.train_plan(k, batch_size), part) for k in itertools.count(start_step))
-        src = self.source
-        yield from src.receive_all(build_batches(src._builder, plans, src.cfg.workers, pin_memory), uint8)
-
-    def normalize(self, images_uint8: torch.Tensor) -> torch.Tensor:
-        return self.source.normalize(images_uint8)
-
-    def heldout_batches(self, batch_size: int, part: tuple[int, int] = WHOLE, uint8: bool = False,
-                        pin_memory: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        return self.source.heldout_batches(batch_size, part, uint8, pin_memory)

@@ -9,17 +9,17 @@ Run directory:
 
 from __future__ import annotations
 
-import copy
+import functools
 import io
 import json
 import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from torch import nn
 
 from convscale import __version__, signals
 from convscale.data import build_source
@@ -29,6 +29,7 @@ from convscale.errors import UserError
 from convscale.models import config_at_resolution, get_config
 from convscale.models.base import config_to_dict
 from convscale.train.checkpoint import (
+    atomic_write_bytes,
     atomic_write_json,
     is_main_process,
     list_checkpoints,
@@ -39,32 +40,32 @@ from convscale.train.checkpoint import (
 from convscale.train.distributed import (
     all_reduce_sum,
     all_reduce_sums,
-    fsdp_shard,
-    gradient_sync,
     init_distributed,
     is_distributed,
     local_part,
     rank,
     rank_seed,
-    resolve_parallel,
     run_on_main,
     shutdown,
     world_size,
-    wrap_model,
 )
-from convscale.train.config import TrainConfig, budget_to_steps, resolve_warmup_steps
-from convscale.train.evaluate import autocast, heldout_sums, means, training_loss
-from convscale.train.finetune import RepeatedAugmentSource, find_pretrained, load_pretrained_weights
-from convscale.train.memory import enable_activation_checkpointing, peak_memory_bytes, physical_memory_bytes
+from convscale.train.config import TrainConfig, budget_to_steps, build_schedule
+from convscale.data.repeated import RepeatedAugmentSource
+from convscale.train.evaluate import heldout_sums, means
+from convscale.train.finetune import PretrainedRun, find_pretrained
+from convscale.train.memory import peak_memory_bytes, physical_memory_bytes
 from convscale.train.loggers import open_loggers
+from convscale.train.loggers.fanout import FanOut
 from convscale.train.metrics import Progress
 from convscale.train.precision import resolve_precision
 from convscale.train.rundir import RESULT_FILE, lock_run_dir, prepare_run_dir, read_run_json
-from convscale.train.optim import build_optimizer, clip_global_norm_, set_lr
-from convscale.train.sam import sam_ascend_, sam_restore_
-from convscale.train.schedule import lr_at
+from convscale.train.optim import set_lr
+from convscale.train.schedules import Schedule
+from convscale.train.trainee import Trainee, build_trainee, optimizer_update
 
 EXIT_DIVERGED = 3  # `convscale train` exit code of a run that diverged (0 done, 2 user error)
+
+
 def _precision_for(cfg: TrainConfig, run_dir: Path, device_type: str, restart: bool) -> str:
     """The run's precision: an explicit one, else (``auto``) the one the run was started with when
     it resumes (its numerics stay those of its first machine), else what this device does natively."""
@@ -80,30 +81,6 @@ def configure_cuda() -> None:
     outside autocast (fp32 runs, the loss) use TF32 tensor cores, as cuDNN convs already do."""
     torch.backends.cudnn.benchmark = True
     torch.set_float32_matmul_precision("high")
-
-
-
-
-def to_channels_last(model: nn.Module) -> nn.Module:
-    """NHWC parameters, except 1x1 conv weights: ``.to(channels_last)`` gives those strides that
-    their gradients never have, and DDP then copies every such gradient into its bucket (it warns
-    "Grad strides do not match bucket view strides"); a 1x1 weight is the same matrix either way."""
-    model = model.to(memory_format=torch.channels_last)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 4 and p.shape[2:] == (1, 1):
-                p.data = p.data.clone(memory_format=torch.contiguous_format)
-    return model
-
-
-@torch.no_grad()
-def update_ema(ema_model: nn.Module, model: nn.Module, decay: float, step: int) -> None:
-    """EMA of the weights with the NFNet reference warm-up: min(decay, (1 + t) / (10 + t))."""
-    d = min(decay, (1.0 + step) / (10.0 + step))
-    ema_p = [p for p in ema_model.parameters()]
-    torch._foreach_lerp_(ema_p, [p.detach() for p in model.parameters()], 1.0 - d)
-    for eb, b in zip(ema_model.buffers(), model.buffers()):
-        eb.copy_(b)
 
 
 def run(cfg: TrainConfig, restart: bool = False, source: Optional[DataSource] = None) -> dict[str, Any]:
@@ -129,7 +106,51 @@ def run(cfg: TrainConfig, restart: bool = False, source: Optional[DataSource] = 
 
 
 def _run(cfg: TrainConfig, restart: bool, source: Optional[DataSource], locks: list) -> dict[str, Any]:
-    cfg.validate()
+    """The run in its steps: resolve, claim the run directory, build, restore, train, finish."""
+    plan = _resolve(cfg, restart, source)
+    finished = run_on_main(functools.partial(_claim_run_dir, plan, restart, locks))  # one rank touches files
+    if finished is not None:
+        plan.progress.message(f"{plan.run_dir}: already finished ({finished['status']}); "
+                              f"result: {json.dumps(finished)}")
+        return finished
+    trainee = build_trainee(plan.cfg, plan.model_cfg, plan.device, plan.source.num_classes, plan.pretrained)
+    loop = _restore(plan, trainee)
+    done = _train(plan, trainee, loop)
+    return _finish(plan, trainee, loop, done)
+
+
+# ---- resolve: machine, data, model, budget --------------------------------------------------
+
+
+@dataclass
+class RunPlan:
+    """What a run resolves before it builds a model: its config, device, data and budget."""
+
+    cfg: TrainConfig  # precision resolved ("auto" -> bf16 | fp32)
+    run_dir: Path
+    device: torch.device
+    part: Any  # this rank's share of every batch (distributed.local_part)
+    pretrained: Optional[PretrainedRun]
+    source: DataSource
+    eval_source: DataSource  # held-out images at eval_resolution (the training source if the same)
+    model_cfg: Any
+    steps: int  # the schedule's length
+    schedule: Schedule
+    flops_per_image: float  # training FLOPs per image (3 x forward, x2 with SAM)
+    resolved: dict[str, Any]  # what config.json holds
+    progress: Progress
+
+    @property
+    def pin_memory(self) -> bool:
+        return self.device.type == "cuda"
+
+    @property
+    def end_step(self) -> int:
+        """Where training stops: the schedule's end, or a trunk's ``stop_at_step`` before it."""
+        return min(self.steps, self.cfg.stop_at_step or self.steps)
+
+
+def _check_machine(cfg: TrainConfig) -> None:
     if cfg.batch_size % (world_size() * cfg.grad_accum_steps):
         raise UserError(f"batch_size ({cfg.batch_size}) must be a multiple of processes ({world_size()}) "
                         f"x grad_accum_steps ({cfg.grad_accum_steps}); change --batch-size")
@@ -137,6 +158,11 @@ def _run(cfg: TrainConfig, restart: bool, source: Optional[DataSource], locks: l
     if batch_bytes > physical_memory_bytes():
         raise UserError(f"one batch of {cfg.batch_size} images at {cfg.data.resolution} px takes "
                         f"{batch_bytes / 2**30:.3g} GiB, more than this machine's memory; lower --batch-size")
+
+
+def _resolve(cfg: TrainConfig, restart: bool, source: Optional[DataSource]) -> RunPlan:
+    cfg.validate()
+    _check_machine(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
@@ -144,10 +170,7 @@ def _run(cfg: TrainConfig, restart: bool, source: Optional[DataSource], locks: l
         configure_cuda()
     run_dir = Path(cfg.run_dir)
     cfg = cfg.replace(precision=_precision_for(cfg, run_dir, device.type, restart))  # "auto" -> bf16 | fp32
-    part = local_part()  # this rank builds only its share of every batch
-    pin = device.type == "cuda"
 
-    # ---- resolve: data, model, budget -----------------------------------------------------
     get_config(cfg.model, **cfg.model_overrides)  # a bad model name fails before data is loaded
     pretrained = find_pretrained(cfg.init_from, cfg.init_from_ema) if cfg.init_from else None
     local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
@@ -158,7 +181,7 @@ def _run(cfg: TrainConfig, restart: bool, source: Optional[DataSource], locks: l
     model_cfg = config_at_resolution(cfg.model, cfg.data.resolution, num_classes=source.num_classes,
                                      **cfg.model_overrides)
     model_cfg.check_resolution(cfg.data.resolution)
-    eval_source = source  # held-out images at eval_resolution come from a second source
+    eval_source = source
     if cfg.eval_resolution is not None and cfg.eval_resolution != cfg.data.resolution:
         model_cfg.check_resolution(cfg.eval_resolution)
         eval_source = build_source(data_cfg.replace(resolution=cfg.eval_resolution))
@@ -166,210 +189,301 @@ def _run(cfg: TrainConfig, restart: bool, source: Optional[DataSource], locks: l
         if getattr(src, "num_heldout_images", None) == 0:  # found now, not by the final evaluation
             raise UserError(f"the data holds no held-out images (heldout_fraction {cfg.data.heldout_fraction} "
                             f"of {src.num_train_images} images); raise data.heldout_fraction or set data.heldout_path")
-    sam_passes = cfg.passes_per_step  # SAM: two forward-backward passes per step
     flops_per_image = cfg.train_flops_per_image(model_cfg.forward_flops(cfg.data.resolution))
     steps = budget_to_steps(cfg, flops_per_image, source.num_train_images)
-    warmup_steps = resolve_warmup_steps(cfg, steps)
-    eval_batch_size = cfg.resolved_eval_batch_size()
+    schedule = build_schedule(cfg, steps)
     resolved = {
         "train": cfg.to_dict(),
         "model": config_to_dict(model_cfg),
         "model_name": model_cfg.name,
         "steps": steps,
-        "warmup_steps": warmup_steps,
-        "flops_per_image": flops_per_image,  # training FLOPs per image (3 x forward, x2 with SAM)
+        "warmup_steps": schedule.warmup_steps,
+        "flops_per_image": flops_per_image,
         "train_flops": flops_per_image * cfg.batch_size * steps,
         "num_classes": source.num_classes,
         "num_train_images": source.num_train_images,
         "convscale_version": __version__,
     }
+    if schedule.cooldown_start_step is not None:  # where cooldown branches would start (absent for cosine)
+        resolved["cooldown_start_step"] = schedule.cooldown_start_step
+    if cfg.stop_at_step is not None:
+        resolved["stop_step"] = min(steps, cfg.stop_at_step)
     if pretrained is not None:
         resolved["init_from"] = pretrained.record()
     progress = Progress(steps, cfg.quiet, stream=None if is_main_process() else io.StringIO())
-    def prepare() -> Optional[dict[str, Any]]:
-        locks.append(lock_run_dir(run_dir))  # a second `convscale train` on this directory stops here
-        return prepare_run_dir(run_dir, resolved, restart)
+    return RunPlan(cfg, run_dir, device, local_part(), pretrained, source, eval_source, model_cfg, steps,
+                   schedule, flops_per_image, resolved, progress)
 
-    finished = run_on_main(prepare)  # one rank touches files
-    if finished is not None:
-        progress.message(f"{run_dir}: already finished ({finished['status']}); result: {json.dumps(finished)}")
-        return finished
 
-    # ---- model, optimizer, state ----------------------------------------------------------
-    torch.manual_seed(cfg.seed)
-    model = model_cfg.build().to(device)
-    if pretrained is not None:
-        load_pretrained_weights(model, pretrained)
-    if cfg.loss == "sigmoid":  # start at the prior p = 1/C per class instead of 0.5
-        with torch.no_grad():
-            model.classifier.bias.fill_(-math.log(source.num_classes))
-    channels_last = model_cfg.traits.channels_last(cfg.channels_last, device.type)
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    if channels_last:
-        model = to_channels_last(model)
-    if cfg.activation_checkpointing:
-        enable_activation_checkpointing(model)
-    ema_model = copy.deepcopy(model).requires_grad_(False) if cfg.ema_decay > 0 else None
-    # before the optimizer: FSDP2 replaces ``model``'s parameters by sharded ones (DDP wraps it)
-    param_dtype = torch.bfloat16 if cfg.precision == "bf16" else None  # FSDP2 all-gathers in bf16
-    train_model = wrap_model(model, cfg.parallel, device, param_dtype)
-    if ema_model is not None and resolve_parallel(cfg.parallel) == "fsdp":
-        # sharded like model: EMA updates stay local (and evaluation gathers what training does)
-        fsdp_shard(ema_model, average_replicated_grads=False, param_dtype=param_dtype)
-    optimizer = build_optimizer(model, cfg)
+def _claim_run_dir(plan: RunPlan, restart: bool, locks: list) -> Optional[dict[str, Any]]:
+    """Lock the run directory and write or check its config.json; the stored result if finished."""
+    locks.append(lock_run_dir(plan.run_dir))  # a second `convscale train` on this directory stops here
+    return prepare_run_dir(plan.run_dir, plan.resolved, restart)
+
+
+# ---- restore: the latest checkpoint, the metrics file -------------------------------------
+
+
+@dataclass
+class LoopState:
+    """What the loop carries from step to step. ``state`` is what a checkpoint stores."""
+
+    state: dict[str, Any]  # images_seen, wall_seconds, first_loss, step (and final_eval once evaluated)
+    start_step: int
+    metrics: Optional[FanOut]  # rank 0 only: metrics.jsonl and the trackers (train/loggers)
+    loss_sum: torch.Tensor  # training loss summed since the last log row (also across a resume)
+    steps_since_log: int
+    steps_timed: int = 0  # steps since t_log in this process (images/s)
+    status: str = "done"
+    t_start: float = 0.0  # monotonic clock: this process's start of training, last log row, last checkpoint
+    t_log: float = 0.0
+    t_ckpt: float = 0.0
+
+
+def _restore(plan: RunPlan, trainee: Trainee) -> LoopState:
     state: dict[str, Any] = {"images_seen": 0, "wall_seconds": 0.0, "first_loss": None, "step": 0}
     if is_main_process():
-        remove_partial_checkpoints(run_dir)
-    checkpoints = list_checkpoints(run_dir)
+        remove_partial_checkpoints(plan.run_dir)
+    checkpoints = list_checkpoints(plan.run_dir)
     if checkpoints:
-        state = load_checkpoint(checkpoints[-1], model, optimizer, ema_model)
-        progress.message(f"{run_dir}: resuming from step {state['step']}/{steps}")
+        state = load_checkpoint(checkpoints[-1], trainee.model, trainee.optimizer, trainee.ema_model)
+        plan.progress.message(f"{plan.run_dir}: resuming from step {state['step']}/{plan.steps}")
+    elif plan.cfg.branch_from is not None:
+        state = _start_branch(plan, trainee)
     start_step = state["step"]
     # metrics.jsonl and the trackers cfg.log names (train/loggers), on the process that writes files
-    metrics = open_loggers(cfg, run_dir, resolved, start_step) if is_main_process() else None
-    train_model = torch.compile(train_model) if cfg.compile else train_model
-
-    def log(row: dict[str, Any]) -> None:
-        if metrics is not None:
-            metrics.write(row)
-
-    def heldout() -> dict[str, Any]:
-        # one pass: the EMA model sees the images decoded for the live one; each rank evaluates its
-        # share of every held-out batch and the sums are all-reduced
-        models = {"": model, **({"ema_": ema_model} if ema_model is not None else {})}
-        batches = DeviceFeed(eval_source.heldout_batches(eval_batch_size, part, uint8=True, pin_memory=pin),
-                             device, getattr(eval_source, "normalize", None), memory_format)
-        sums = heldout_sums(models, batches, device, cfg.precision, channels_last, sigmoid=cfg.loss == "sigmoid")
-        out = {}
-        for prefix, s in sums.items():
-            out.update({f"{prefix}heldout_{k}": v for k, v in means(all_reduce_sums(s)).items()})
-        return out
-
-    def position(step: int) -> dict[str, Any]:
-        return {"step": step, "images_seen": step * cfg.batch_size,
-                "train_flops": step * cfg.batch_size * flops_per_image,
-                "wall_seconds": state["wall_seconds"] + time.monotonic() - t_start}
-
-    # ---- the loop -------------------------------------------------------------------------
-    model.train()
-    micro_batches = cfg.grad_accum_steps
-    batches = DeviceFeed(source.train_batches(cfg.batch_size, start_step, part, uint8=True, pin_memory=pin),
-                         device, getattr(source, "normalize", None), memory_format)
-    t_start = t_log = t_ckpt = time.monotonic()
+    metrics = open_loggers(plan.cfg, plan.run_dir, plan.resolved, start_step) if is_main_process() else None
+    if plan.cfg.compile:
+        trainee.train_model = torch.compile(trainee.train_model)
     # a log row averages the steps since the last one, also when a resume falls between them
-    loss_sum = torch.tensor(float(state.get("loss_sum_since_log", 0.0)), device=device)
-    steps_since_log = int(state.get("steps_since_log", 0))
-    steps_timed = 0  # steps since t_log in this process (images/s)
-    status = "done"
-    step = start_step
-    for step in range(start_step, steps):
+    loss_sum = torch.tensor(float(state.get("loss_sum_since_log", 0.0)), device=plan.device)
+    return LoopState(state, start_step, metrics, loss_sum, int(state.get("steps_since_log", 0)))
+
+
+#: TrainConfig fields in which a cooldown branch may differ from its trunk (besides the runtime
+#: ones): its length, and what makes the trunk a trunk
+BRANCH_FREE_FIELDS = frozenset({"epochs", "steps", "images", "train_flops", "stop_at_step", "keep_checkpoint_steps",
+                                "branch_from"})
+
+
+def _start_branch(plan: RunPlan, trainee: Trainee) -> dict[str, Any]:
+    """A cooldown branch's first start: the trunk's checkpoint at this run's cooldown start, whose
+    steps are this run's own (same config but for length, same schedule before its cooldown)."""
+    from convscale.train.checkpoint import checkpoint_at
+    from convscale.train.config import RUNTIME_ONLY_FIELDS
+
+    cfg, start = plan.cfg, plan.schedule.cooldown_start_step
+    trunk = Path(str(cfg.branch_from))
+    stored = read_run_json(trunk / "config.json") if (trunk / "config.json").is_file() else None
+    if stored is None:
+        raise UserError(f"branch_from {trunk}: no trunk run there (no config.json); train the trunk first")
+    theirs, mine = stored.get("train", {}), cfg.to_dict()
+    differ = sorted(k for k in set(theirs) | set(mine)
+                    if k not in BRANCH_FREE_FIELDS | RUNTIME_ONLY_FIELDS and theirs.get(k) != mine.get(k))
+    if differ or stored.get("warmup_steps") != plan.schedule.warmup_steps:
+        what = ", ".join(differ) or f"warmup_steps {stored.get('warmup_steps')} vs {plan.schedule.warmup_steps}"
+        raise UserError(f"branch_from {trunk}: the trunk differs from this run in {what}; a branch continues "
+                        f"its own trunk only (give the same settings, or train without branch_from)")
+    trunk_cooldown = stored.get("cooldown_start_step")
+    if trunk_cooldown is None or trunk_cooldown < start:
+        raise UserError(f"branch_from {trunk}: the trunk cools down from step {trunk_cooldown}, before this run's "
+                        f"cooldown start {start}; branch from a trunk of at least this run's length")
+    path = checkpoint_at(trunk, start)
+    if path is None:
+        raise UserError(f"branch_from {trunk}: no checkpoint at step {start} (this run's cooldown start) yet; "
+                        f"let the trunk reach it, with keep_checkpoint_steps including {start}")
+    state = load_checkpoint(path, trainee.model, trainee.optimizer, trainee.ema_model)
+    state.pop("final_eval", None)  # the trunk's own end, not this run's
+    # this run's clock starts now: the trunk's time is the trunk's (its prefix FLOPs still count:
+    # a branch stands for the whole budget run)
+    state.update(wall_seconds=0.0, branch_start_step=start)
+    if is_main_process():
+        _copy_trunk_metrics(trunk, plan.run_dir, start)
+    plan.progress.message(f"{plan.run_dir}: branching from {trunk} at step {start}/{plan.steps}")
+    return state
+
+
+def _copy_trunk_metrics(trunk: Path, run_dir: Path, step: int) -> None:
+    """The trunk's metric rows up to ``step`` as the start of this branch's metrics.jsonl (its
+    curve is the whole run's); nothing if the branch has rows already."""
+    src, dst = trunk / "metrics.jsonl", run_dir / "metrics.jsonl"
+    if not src.is_file() or dst.exists():
+        return
+    rows = []
+    for line in src.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # a torn last line of a killed trunk
+            continue
+        if isinstance(row, dict) and int(row.get("step", 0)) <= step:
+            rows.append(line)
+    atomic_write_bytes(dst, "".join(r + "\n" for r in rows).encode())
+
+
+# ---- one training step ---------------------------------------------------------------------
+
+
+def _train_step(plan: RunPlan, trainee: Trainee, loop: LoopState, step: int,
+                images: torch.Tensor, labels: torch.Tensor) -> float:
+    """One optimizer update on this rank's share of global batch ``step``; returns its lr."""
+    cfg = plan.cfg
+    if is_distributed():  # every rank its own dropout / drop-path masks, a function of the step
+        torch.manual_seed(rank_seed(cfg.seed, rank(), step))
+    lr = plan.schedule.lr(step)
+    set_lr(trainee.optimizer, lr)
+    optimizer_update(trainee, images, labels, cfg, plan.device.type, step, loop.loss_sum)
+    loop.steps_since_log += 1
+    loop.steps_timed += 1
+    if loop.state["first_loss"] is None:
+        loop.state["first_loss"] = all_reduce_sum([float(loop.loss_sum)])[0] / world_size()
+    return lr
+
+
+def _position(plan: RunPlan, loop: LoopState, step: int) -> dict[str, Any]:
+    return {"step": step, "images_seen": step * plan.cfg.batch_size,
+            "train_flops": step * plan.cfg.batch_size * plan.flops_per_image,
+            "wall_seconds": loop.state["wall_seconds"] + time.monotonic() - loop.t_start}
+
+
+def _log(loop: LoopState, row: dict[str, Any]) -> None:
+    if loop.metrics is not None:
+        loop.metrics.write(row)
+
+
+def _log_train_row(plan: RunPlan, loop: LoopState, done: int, lr: float, clock_due: bool) -> bool:
+    """Write the log row of the steps since the last one (all ranks' mean loss); mark the run
+    diverged if that loss is not finite or too high. Returns whether rank 0's clock asks for a
+    checkpoint (its vote rides on the loss all-reduce: no extra collective)."""
+    cfg = plan.cfg
+    loss_total, due_votes = all_reduce_sum([float(loop.loss_sum), float(clock_due and is_main_process())])
+    mean_loss = loss_total / world_size() / loop.steps_since_log
+    now = time.monotonic()
+    ips = loop.steps_timed * cfg.batch_size / max(now - loop.t_log, 1e-9)
+    _log(loop, {"kind": "train", **_position(plan, loop, done), "loss": mean_loss, "lr": lr, "images_per_second": ips})
+    plan.progress.update(done, mean_loss, ips, (now - loop.t_log) / loop.steps_timed)
+    loop.t_log, loop.steps_since_log, loop.steps_timed = now, 0, 0
+    loop.loss_sum.zero_()
+    factor = cfg.divergence_loss_factor
+    if not math.isfinite(mean_loss) or (factor > 0 and mean_loss > factor * loop.state["first_loss"]):
+        loop.status = "diverged"
+        plan.progress.message(f"{plan.run_dir}: diverged at step {done} (loss {mean_loss:.4g}, "
+                              f"first-step loss {loop.state['first_loss']:.4g}); lower --lr")
+    return due_votes > 0
+
+
+# ---- evaluate, checkpoint -------------------------------------------------------------------
+
+
+def _evaluate(plan: RunPlan, trainee: Trainee) -> dict[str, Any]:
+    """Held-out metrics of the model (and ``ema_``-prefixed of the EMA model) over every rank."""
+    # one pass: the EMA model sees the images decoded for the live one; each rank evaluates its
+    # share of every held-out batch and the sums are all-reduced
+    cfg, source = plan.cfg, plan.eval_source
+    models = {"": trainee.model, **({"ema_": trainee.ema_model} if trainee.ema_model is not None else {})}
+    batches = DeviceFeed(source.heldout_batches(cfg.resolved_eval_batch_size(), plan.part, uint8=True,
+                                                pin_memory=plan.pin_memory),
+                         plan.device, getattr(source, "normalize", None), trainee.memory_format)
+    sums = heldout_sums(models, batches, plan.device, cfg.precision, trainee.channels_last,
+                        sigmoid=cfg.loss == "sigmoid")
+    out = {}
+    for prefix, s in sums.items():
+        out.update({f"{prefix}heldout_{k}": v for k, v in means(all_reduce_sums(s)).items()})
+    return out
+
+
+def _checkpoint(plan: RunPlan, trainee: Trainee, loop: LoopState, done: int, **extra: Any) -> None:
+    """Save the state after ``done`` steps (every rank: FSDP2 gathers collectively)."""
+    save_checkpoint(plan.run_dir, done, trainee.model, trainee.optimizer,
+                    {**loop.state, **_position(plan, loop, done), **extra}, trainee.ema_model,
+                    pinned=frozenset(plan.cfg.keep_checkpoint_steps))
+
+
+# ---- the loop -------------------------------------------------------------------------------
+
+
+def _train(plan: RunPlan, trainee: Trainee, loop: LoopState) -> int:
+    """Train from ``loop.start_step`` to the end of the budget (or divergence); returns the steps done."""
+    cfg, steps = plan.cfg, plan.end_step
+    keep = set(cfg.keep_checkpoint_steps)
+    trainee.model.train()
+    batches = DeviceFeed(plan.source.train_batches(cfg.batch_size, loop.start_step, plan.part, uint8=True,
+                                                   pin_memory=plan.pin_memory),
+                         plan.device, getattr(plan.source, "normalize", None), trainee.memory_format)
+    loop.t_start = loop.t_log = loop.t_ckpt = time.monotonic()
+    done = loop.start_step
+    for step in range(loop.start_step, steps):
         signals.check()  # a SIGTERM whose interrupt a library swallowed still stops the run here
         images, labels = next(batches)  # this rank's share of global batch k, on the device
-        if is_distributed():  # every rank its own dropout / drop-path masks, a function of the step
-            torch.manual_seed(rank_seed(cfg.seed, rank(), step))
-        lr = lr_at(step, steps, warmup_steps, cfg.lr)
-        set_lr(optimizer, lr)
-        for passes in range(sam_passes):  # SAM (sam.py): the same micro-batches again at w + eps
-            if passes == 1:
-                perturbation = sam_ascend_(model, cfg.sam_rho)
-            for i, (x, y) in enumerate(zip(images.chunk(micro_batches), labels.chunk(micro_batches))):
-                # gradients cross ranks once per pass, after its last micro-batch
-                with gradient_sync(train_model, model, enabled=i == micro_batches - 1):
-                    with autocast(device.type, cfg.precision):
-                        logits = train_model(x)
-                    # equal micro-batches: the mean of their mean losses is the full batch's mean loss
-                    loss = training_loss(logits, y, cfg.loss, cfg.label_smoothing) / micro_batches
-                    loss.backward()
-                if passes == 0:
-                    loss_sum += loss.detach()
-            if passes == 1:
-                sam_restore_(perturbation)  # the step uses the gradient taken at w + eps
-        if cfg.optimizer == "adamw" and cfg.grad_clip_norm > 0:
-            clip_global_norm_(model, cfg.grad_clip_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if ema_model is not None:
-            update_ema(ema_model, model, cfg.ema_decay, step)
-        steps_since_log += 1
-        steps_timed += 1
-        if state["first_loss"] is None:
-            state["first_loss"] = all_reduce_sum([float(loss_sum)])[0] / world_size()
+        lr = _train_step(plan, trainee, loop, step, images, labels)
         done = step + 1
         # time-based checkpoints: every step on 1 process; with several, rank 0's clock decides at
         # log steps, carried by the log step's all-reduce (no extra collective, no extra sync)
-        clock_due = bool(cfg.checkpoint_every_seconds) and time.monotonic() - t_ckpt >= cfg.checkpoint_every_seconds
+        clock_due = bool(cfg.checkpoint_every_seconds) and time.monotonic() - loop.t_ckpt >= cfg.checkpoint_every_seconds
         due_time = clock_due and not is_distributed()
         if done % cfg.log_every_steps == 0 or done == steps:
-            loss_total, due_votes = all_reduce_sum([float(loss_sum), float(clock_due and is_main_process())])
-            due_time = due_time or due_votes > 0
-            mean_loss = loss_total / world_size() / steps_since_log
-            now = time.monotonic()
-            ips = steps_timed * cfg.batch_size / max(now - t_log, 1e-9)
-            log({"kind": "train", **position(done), "loss": mean_loss, "lr": lr, "images_per_second": ips})
-            progress.update(done, mean_loss, ips, (now - t_log) / steps_timed)
-            t_log, steps_since_log, steps_timed = now, 0, 0
-            loss_sum.zero_()
-            factor = cfg.divergence_loss_factor
-            if not math.isfinite(mean_loss) or (factor > 0 and mean_loss > factor * state["first_loss"]):
-                status = "diverged"
-                progress.message(f"{run_dir}: diverged at step {done} (loss {mean_loss:.4g}, "
-                                 f"first-step loss {state['first_loss']:.4g}); lower --lr")
+            due_time = _log_train_row(plan, loop, done, lr, clock_due) or due_time
+            if loop.status == "diverged":
                 break
         if cfg.eval_every_steps and done % cfg.eval_every_steps == 0 and done < steps:
-            ev = heldout()
-            log({"kind": "eval", **position(done), **ev})
-            progress.message(_eval_line(done, steps, ev))
-        due_steps = cfg.checkpoint_every_steps and done % cfg.checkpoint_every_steps == 0
-        if (due_steps or due_time) and done < steps:  # every rank: FSDP2 gathers collectively
-            pending_loss = all_reduce_sum([float(loss_sum)])[0] / world_size()  # every rank resumes with the mean
-            save_checkpoint(run_dir, done, model, optimizer,
-                            {**state, **position(done), "loss_sum_since_log": pending_loss,
-                             "steps_since_log": steps_since_log}, ema_model)
-            t_ckpt = time.monotonic()
+            ev = _evaluate(plan, trainee)
+            _log(loop, {"kind": "eval", **_position(plan, loop, done), **ev})
+            plan.progress.message(_eval_line(done, steps, ev))
+        due_steps = (cfg.checkpoint_every_steps and done % cfg.checkpoint_every_steps == 0) or done in keep
+        if (due_steps or due_time) and done < steps:
+            pending_loss = all_reduce_sum([float(loop.loss_sum)])[0] / world_size()  # every rank resumes with the mean
+            _checkpoint(plan, trainee, loop, done, loss_sum_since_log=pending_loss,
+                        steps_since_log=loop.steps_since_log)
+            loop.t_ckpt = time.monotonic()
+    return done
 
-    # ---- the end: final evaluation, final checkpoint, result ------------------------------
-    done = step + 1 if steps > start_step else start_step
-    if status == "done":
-        if "final_eval" in state:  # killed after the final checkpoint: its evaluation is stored there
-            final_eval = state["final_eval"]
+
+# ---- the end: final evaluation, final checkpoint, result -----------------------------------
+
+
+def _finish(plan: RunPlan, trainee: Trainee, loop: LoopState, done: int) -> dict[str, Any]:
+    cfg = plan.cfg
+    if loop.status == "done":
+        if "final_eval" in loop.state:  # killed after the final checkpoint: its evaluation is stored there
+            final_eval = loop.state["final_eval"]
         else:
-            final_eval = heldout()
-            log({"kind": "eval", **position(done), **final_eval})
-            progress.message(_eval_line(done, steps, final_eval))
-            save_checkpoint(run_dir, done, model, optimizer,
-                            {**state, **position(done), "final_eval": final_eval}, ema_model)
+            final_eval = _evaluate(plan, trainee)
+            _log(loop, {"kind": "eval", **_position(plan, loop, done), **final_eval})
+            plan.progress.message(_eval_line(done, plan.steps, final_eval))
+            _checkpoint(plan, trainee, loop, done, final_eval=final_eval)
     else:
         final_eval = {"heldout_loss": None, "heldout_top1": None, "heldout_top5": None}
-    wall_seconds = position(done)["wall_seconds"]
+    wall_seconds = _position(plan, loop, done)["wall_seconds"]
     result = {
-        "status": status,
+        "status": loop.status,
         **final_eval,
         # held-out loss is softmax cross-entropy: a model that learned nothing scores ln(classes)
-        "chance_loss": math.log(model_cfg.num_classes),
+        "chance_loss": math.log(plan.model_cfg.num_classes),
         "heldout_resolution": cfg.eval_resolution or cfg.data.resolution,  # px of the held-out metrics above
-        "model": model_cfg.name,
-        "params": sum(p.numel() for p in model.parameters()),
+        "model": plan.model_cfg.name,
+        "params": sum(p.numel() for p in trainee.model.parameters()),
         "steps": done,
-        "planned_steps": steps,
+        "planned_steps": plan.end_step,
+        "schedule_steps": plan.steps,
         "images_seen": done * cfg.batch_size,
-        "flops_per_image": flops_per_image,
-        "forward_backward_passes_per_step": sam_passes,
-        "train_flops": done * cfg.batch_size * flops_per_image,
+        "flops_per_image": plan.flops_per_image,
+        "forward_backward_passes_per_step": cfg.passes_per_step,
+        "train_flops": done * cfg.batch_size * plan.flops_per_image,
         "wall_seconds": wall_seconds,
-        "skipped_images": int(source.skipped_images),
-        "peak_memory_bytes": peak_memory_bytes(device),
-        "device": device.type,
+        "skipped_images": int(plan.source.skipped_images),
+        "peak_memory_bytes": peak_memory_bytes(plan.device),
+        "device": plan.device.type,
         "processes": world_size(),
     }
+    pretrained = plan.pretrained
     if pretrained is not None:
         result.update(finetune_flops=result["train_flops"], pretrain_run_dir=str(pretrained.run_dir),
                       pretrain_step=pretrained.step, pretrain_train_flops=pretrained.result.get("train_flops"))
-    if metrics is not None:
-        metrics.close()
+    if loop.metrics is not None:
+        loop.metrics.close()
     if is_main_process():
-        atomic_write_json(run_dir / RESULT_FILE, result)
-    progress.message(f"{run_dir}: {status} after {done} steps, {wall_seconds:.1f} s; "
-                     f"held-out loss {_fmt(result.get('heldout_loss'))} top-1 {_fmt(result.get('heldout_top1'))}")
+        atomic_write_json(plan.run_dir / RESULT_FILE, result)
+    plan.progress.message(f"{plan.run_dir}: {loop.status} after {done} steps, {wall_seconds:.1f} s; "
+                          f"held-out loss {_fmt(result.get('heldout_loss'))} top-1 {_fmt(result.get('heldout_top1'))}")
     return result
 
 

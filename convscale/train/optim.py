@@ -3,11 +3,11 @@
 Parameter groups are decided by parameter NAME, never by position:
   * no weight decay: biases, gains (``...gain``, SkipInit ``...skip_gain``), normalisation layers,
     position embeddings, class tokens and the MAP probe (``NO_DECAY_RE``);
-  * no AGC: the classifier weight ``classifier.weight`` (always better unclipped, paper.md B.7), and,
+  * no AGC: the classifier weight ``classifier.weight`` (always better unclipped, Brock et al. 2021, §4), and,
     with ``agc_exempt_scalar_gains``, every scalar gain (0-dim tensor named ``...gain``: SkipInit);
   * ``classifier_lr_scale``: ``classifier.weight`` and ``classifier.bias``.
 
-AGC (paper.md B.7): unit i of a tensor is one output unit: a conv weight [O, I, kh, kw] has O units
+AGC (Brock et al. 2021, §4): unit i of a tensor is one output unit: a conv weight [O, I, kh, kw] has O units
 (norm over I, kh, kw), a linear weight [O, I] has O units (norm over I), a scalar or vector is one
 unit (whole-tensor norm). A unit's gradient G_i is rescaled to lambda * max(|W_i|, eps) / |G_i|
 when |G_i| / max(|W_i|, eps) > lambda, with |G_i| guarded below by 1e-6.
@@ -109,7 +109,7 @@ def adaptive_grad_clip_(
     sharded_whole: Optional[list[bool]] = None,
     group=None,
 ) -> None:
-    """AGC in place on ``grads`` (paper.md B.7): per-tensor unit norms, then one vectorised pass
+    """AGC in place on ``grads`` (Brock et al. 2021, §4): per-tensor unit norms, then one vectorised pass
     over all units of all tensors and one ``_foreach_mul_``; O(tensors) kernels, not O(units).
 
     FSDP2 (local shards, split on dim 0): rows of a matrix/conv shard are whole units, but a

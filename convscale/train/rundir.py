@@ -16,7 +16,7 @@ from typing import Any, Optional
 from convscale.errors import UserError
 from convscale.fslock import FileLock
 from convscale.train.checkpoint import CHECKPOINT_DIR, TMP_PREFIX, atomic_write_json, is_main_process
-from convscale.train.config import RUNTIME_ONLY_DATA_FIELDS, RUNTIME_ONLY_FIELDS
+from convscale.train.config import RUNTIME_ONLY_DATA_FIELDS, RUNTIME_ONLY_FIELDS, TrainConfig
 from convscale.train.metrics import METRICS_FILE
 
 CONFIG_FILE = "config.json"
@@ -56,8 +56,17 @@ def read_run_config(run_dir: Path) -> dict[str, Any]:
     return d
 
 
+def _as_written_now(train: dict[str, Any]) -> dict[str, Any]:
+    """A stored train table as this version writes it: fields added since then appear at their
+    defaults (which reproduce the old behaviour), so a run directory of an older version resumes."""
+    try:
+        return TrainConfig.from_dict(train).to_dict()
+    except (UserError, TypeError):  # not one this version can read: compared as it is
+        return train
+
+
 def _comparable(resolved: dict[str, Any]) -> dict[str, Any]:
-    train = {k: v for k, v in resolved["train"].items() if k not in RUNTIME_ONLY_FIELDS}
+    train = {k: v for k, v in _as_written_now(resolved["train"]).items() if k not in RUNTIME_ONLY_FIELDS}
     train["data"] = {k: v for k, v in train.get("data", {}).items() if k not in RUNTIME_ONLY_DATA_FIELDS}
     return {**resolved, "train": train, "convscale_version": None}
 

@@ -1,21 +1,20 @@
-"""Sharpness-Aware Minimization (Foret et al. 2021), as two helpers around the loop's own step.
+"""Sharpness-Aware Minimization (Foret et al. 2021), around the loop's own forward-backward.
 
 One SAM step: gradient g at w (the loop's usual forward-backward); ascend to w + eps with
 eps = rho * g / ||g|| (||.|| the global L2 norm over every parameter with a gradient); take the
-gradient again at w + eps; restore w; give that second gradient to the base optimizer (so AGC,
-weight decay and momentum act on the SAM gradient). A step costs 2 forward-backward passes,
-which the loop counts in its training FLOPs.
+gradient again at w + eps, with the same forward-backward function; restore w; give that second
+gradient to the base optimizer (so AGC, weight decay and momentum act on the SAM gradient). A step
+costs 2 forward-backward passes, which the loop counts in its training FLOPs.
 
-    loss = forward_backward()                  # g at w
-    perturbation = sam_ascend_(model, rho)    # w += eps, grads zeroed in place
-    forward_backward()                         # g at w + eps
-    sam_restore_(perturbation)                 # w -= eps
+    forward_backward()                                   # g at w
+    sam_gradient_(model, rho, forward_backward)          # .grad = g at w + eps; w unchanged
     optimizer.step()
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -56,3 +55,11 @@ def sam_restore_(perturbation: Perturbation) -> None:
     """Put back the weights from before the ascent, bit for bit (subtracting eps again would round);
     the gradients, taken at ``w + eps``, are kept."""
     torch._foreach_copy_(perturbation.params, perturbation.saved)
+
+
+def sam_gradient_(model: nn.Module, rho: float, forward_backward: Callable[[], object]) -> None:
+    """Replace the gradient at w in ``.grad`` by the one at ``w + eps``: ascend, run
+    ``forward_backward`` (which accumulates into the zeroed ``.grad``), restore w bit for bit."""
+    perturbation = sam_ascend_(model, rho)
+    forward_backward()
+    sam_restore_(perturbation)

@@ -1,4 +1,4 @@
-"""Run a sweep's cells: here (one after another, or N at once) or on Slurm through submitit.
+"""How one cell runs, whatever executor started it (local.py, slurm.py).
 
 Every cell is one `convscale train` subprocess on its own run dir (on Slurm with N GPUs per
 cell, one torchrun of N processes), guarded by its lock file:
@@ -13,22 +13,19 @@ outright takes its cells with it (parent-death signal, Linux).
 from __future__ import annotations
 
 import os
-import queue
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from convscale import signals
 from convscale.sweep.fsutil import atomic_write_json
 from convscale.sweep.locking import CellLock
 from convscale.sweep.sweepdir import FINISHED, SweepDir
-from convscale.train.distributed import single_process_env
 
 EXIT_DONE, EXIT_DIVERGED = 0, 3
 
@@ -106,6 +103,8 @@ def run_cell(
              "devices": resources.devices, "device_kind": resources.device_kind},
         )
         cmd = sweep.train_command(cell_id, train_command)
+        from convscale.train.distributed import single_process_env  # here: importing an executor loads no torch
+
         # a cell is a run of its own: it must not join the process group of a torchrun/srun step
         # this sweep may itself run in (it would wait for ranks that never come)
         env = {**single_process_env(os.environ), **resources.env()}
@@ -205,172 +204,3 @@ def stop_children() -> None:
     for proc in procs:
         if proc.poll() is None:
             proc.terminate()
-
-
-@dataclass
-class LocalExecutor:
-    """Cells on this machine: ``jobs`` at once; with GPUs one per job (from the GPUs this process
-    may use: an inherited ``CUDA_VISIBLE_DEVICES`` list is honoured), else cores // jobs threads each."""
-
-    jobs: int = 1
-    gpus: Optional[int] = None  # None: detect (torch.cuda.device_count())
-    threads: Optional[int] = None  # per job; None: cpu_count // jobs
-    train_command: Optional[list[str]] = None
-    on_outcome: Callable[[CellOutcome, int, int], None] = field(default=lambda o, i, n: None)
-
-    def resources(self, slot: int) -> Resources:
-        gpus = self.gpus if self.gpus is not None else _cuda_device_count()
-        threads = self.threads or max(1, (os.cpu_count() or 1) // max(1, self.jobs))
-        if gpus > 0:
-            inherited = visible_gpus()
-            ids = inherited[:gpus] if inherited else [str(i) for i in range(gpus)]
-            return Resources(threads=threads, gpu=ids[slot % len(ids)])
-        return Resources(threads=threads)
-
-    def run(self, root: str | Path, cell_ids: list[str]) -> list[CellOutcome]:
-        """Run the cells; outcomes in completion order. Ctrl-C stops launching and ends running cells."""
-        todo: queue.Queue[str] = queue.Queue()
-        for cid in cell_ids:
-            todo.put(cid)
-        outcomes: list[CellOutcome] = []
-        stop = threading.Event()
-        lock = threading.Lock()
-        errors: list[BaseException] = []
-
-        def worker(slot: int) -> None:
-            while not stop.is_set():
-                try:
-                    cid = todo.get_nowait()
-                except queue.Empty:
-                    return
-                try:
-                    o = run_cell(root, cid, self.resources(slot), self.train_command)
-                except BaseException as e:  # our bug: stop the sweep, keep the traceback
-                    errors.append(e)
-                    stop.set()
-                    return
-                with lock:
-                    outcomes.append(o)
-                    self.on_outcome(o, len(outcomes), len(cell_ids))
-                if o.status == "interrupted":
-                    stop.set()
-
-        threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(max(1, self.jobs))]
-        for t in threads:
-            t.start()
-        try:
-            for t in threads:
-                while t.is_alive():
-                    t.join(timeout=0.2)
-                    signals.check()  # a SIGTERM whose interrupt a library swallowed
-        except KeyboardInterrupt:  # Ctrl-C or SIGTERM (cli.main): stop the children, wait for them to exit
-            stop.set()
-            stop_children()
-            for t in threads:
-                t.join(timeout=60)
-            raise
-        if errors:
-            raise errors[0]
-        return outcomes
-
-
-def _cuda_device_count() -> int:
-    try:
-        import torch
-
-        return torch.cuda.device_count()
-    except Exception:  # torch missing or broken CUDA: run on CPU
-        return 0
-
-
-def _array_task(root: str, cell_id: str, resources: Resources, train_command: Optional[list[str]]) -> CellOutcome:
-    """One Slurm array task (module-level so submitit can pickle it)."""
-    return run_cell(root, cell_id, resources, train_command)
-
-
-def torchrun_train_command(processes: int) -> list[str]:
-    """``convscale train`` as ``processes`` data-parallel processes on this node (one per GPU)."""
-    if processes <= 1:
-        return [sys.executable, "-m", "convscale", "train"]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
-            "-m", "convscale", "train"]
-
-
-@dataclass
-class SlurmExecutor:
-    """One submitit array task per cell. ``cluster="local"`` runs the tasks here (for tests).
-
-    With ``gpus_per_node`` N > 1 a cell trains on all N GPUs (torchrun, DDP), so the N
-    device-hours it is charged are N GPUs at work, not one working and N - 1 idle."""
-
-    partition: Optional[str] = None
-    gpus_per_node: int = 0
-    cpus_per_task: int = 4
-    timeout_minutes: int = 60
-    array_parallelism: int = 64
-    cluster: Optional[str] = None  # None: submitit's detection (slurm when sbatch exists)
-    train_command: Optional[list[str]] = None
-    extra_parameters: dict = field(default_factory=dict)
-
-    def submit(self, root: str | Path, cell_ids: list[str]) -> list:
-        """Submit the cells as one job array; returns submitit jobs (``job.result()`` is a CellOutcome)."""
-        import submitit
-
-        root = str(Path(root).resolve())
-        executor = submitit.AutoExecutor(folder=str(Path(root) / "submitit" / "%j"), cluster=self.cluster)
-        params = dict(timeout_min=self.timeout_minutes, cpus_per_task=self.cpus_per_task,
-                      slurm_array_parallelism=self.array_parallelism, name=f"convscale-{Path(root).name}")
-        if self.gpus_per_node:
-            params["gpus_per_node"] = self.gpus_per_node
-        if self.partition:
-            params["slurm_partition"] = self.partition
-        params.update(self.extra_parameters)
-        executor.update_parameters(**params)
-        # Slurm sets CUDA_VISIBLE_DEVICES itself; keep it (gpu="") out of our env unless on CPU
-        res = Resources(threads=self.cpus_per_task, gpu=None)
-        if self.gpus_per_node:
-            res = _SlurmGpuResources(threads=self.cpus_per_task, gpus=self.gpus_per_node)
-        n = len(cell_ids)
-        command = self.cell_command()
-        return executor.map_array(_array_task, [root] * n, list(cell_ids), [res] * n, [command] * n)
-
-    def cell_command(self) -> list[str]:
-        """The command prefix each array task runs its cell with."""
-        return self.train_command or torchrun_train_command(self.gpus_per_node)
-
-    def run(self, root: str | Path, cell_ids: list[str], on_outcome=None) -> list[CellOutcome]:
-        """Submit and wait for every task; a task that died without an outcome is recorded as failed."""
-        sweep = SweepDir(root)
-        outcomes = []
-        jobs = self.submit(root, cell_ids)
-        for i, (cid, job) in enumerate(zip(cell_ids, jobs)):
-            try:
-                o = job.result()
-            except Exception as e:  # killed by Slurm (time limit, pre-emption) or the task crashed
-                last = (str(e).strip().splitlines() or [""])[-1]
-                atomic_write_json(sweep.failure_path(cid),
-                                  {"exit_code": None, "last_stderr_line": f"slurm job {job.job_id}: {last}",
-                                   "time": time.time()})
-                o = CellOutcome(cid, "failed", None, 0.0, f"slurm job {job.job_id}: {last}")
-            outcomes.append(o)
-            if on_outcome:
-                on_outcome(o, i + 1, len(cell_ids))
-        return outcomes
-
-
-@dataclass(frozen=True)
-class _SlurmGpuResources(Resources):
-    """GPU resources whose CUDA_VISIBLE_DEVICES is set by Slurm, not by us."""
-
-    gpus: int = 1
-
-    @property
-    def devices(self) -> int:
-        return self.gpus
-
-    @property
-    def device_kind(self) -> str:
-        return "gpu"
-
-    def env(self) -> dict[str, str]:
-        return {"OMP_NUM_THREADS": str(self.threads), "MKL_NUM_THREADS": str(self.threads)}

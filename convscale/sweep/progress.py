@@ -1,0 +1,165 @@
+"""How far a sweep is: cells per state, training FLOPs done vs planned, and an ETA (no torch).
+
+States (``SweepDir.state``): done and diverged (finished: result.json), running (a sweep holds the
+cell's lock), locked (a `convscale train` outside any sweep holds the run directory's lock: a sweep
+cannot run the cell until it ends), failed (the last attempt failed), pending (never started, or
+interrupted).
+
+FLOPs (2 x MACs; a training image costs 3 x its forward FLOPs, x2 with SAM): planned is the plan's
+training FLOPs of every cell; done is what the runs trained so far: a finished cell's result.json
+``train_flops``, any other cell's last metrics.jsonl row. Remaining is planned minus done over the
+unfinished cells (a diverged cell stopped early and will not train more).
+
+ETA (`sweep status`, and the live line of `sweep run` over the cells it runs): the measured
+throughput of one worker is the FLOPs trained divided by the wall seconds spent
+training them, summed over the finished cells (result.json ``wall_seconds``) and the started ones
+(their last metrics.jsonl row), so it weighs each cell by its FLOPs; ETA = remaining FLOPs /
+(throughput x workers). It leaves out each cell's start-up (imports, data, first evaluation) and
+assumes the remaining cells train as fast, per FLOP, as the measured ones.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from convscale.sweep.sweepdir import FINISHED, SweepDir
+
+#: the order in which states are listed
+STATES = ("done", "running", "failed", "diverged", "locked", "pending")
+METRICS_FILE = "metrics.jsonl"  # == convscale.train.metrics.METRICS_FILE (that package imports torch)
+
+
+def last_jsonl_row(path: Path, tail_bytes: int = 1 << 16) -> Optional[dict[str, Any]]:
+    """The last complete JSON row of a JSON-lines file that may be growing, reading only its tail."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, 2)
+            size = f.tell()
+            f.seek(max(0, size - tail_bytes))
+            lines = f.read().split(b"\n")
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    for raw in reversed(lines):  # the last piece is empty, or a row still being written
+        try:
+            row = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            continue
+        if isinstance(row, dict):
+            return row
+    return None
+
+
+def _num(v: Any) -> float:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else 0.0
+
+
+@dataclass(frozen=True)
+class CellProgress:
+    cell_id: str
+    family: str
+    state: str
+    planned_flops: float  # training FLOPs the plan gives the cell
+    done_flops: float  # training FLOPs its run has trained so far
+    wall_seconds: float  # wall seconds its run has trained them in (0: not started)
+
+    @property
+    def remaining_flops(self) -> float:
+        return 0.0 if self.state in FINISHED else max(0.0, self.planned_flops - self.done_flops)
+
+
+@dataclass
+class SweepProgress:
+    """The state of every cell of a sweep directory, read from its files."""
+
+    root: Path
+    study: str
+    cells: list[CellProgress] = field(default_factory=list)
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return {s: sum(c.state == s for c in self.cells) for s in STATES}
+
+    @property
+    def planned_flops(self) -> float:
+        return sum(c.planned_flops for c in self.cells)
+
+    @property
+    def done_flops(self) -> float:
+        return sum(c.done_flops for c in self.cells)
+
+    @property
+    def remaining_flops(self) -> float:
+        return sum(c.remaining_flops for c in self.cells)
+
+    @property
+    def measured_cells(self) -> int:
+        return sum(c.wall_seconds > 0 and c.done_flops > 0 for c in self.cells)
+
+    @property
+    def flops_per_second(self) -> Optional[float]:
+        """Measured training FLOPs per second of one worker (None before any cell has trained)."""
+        measured = [c for c in self.cells if c.wall_seconds > 0 and c.done_flops > 0]
+        if not measured:
+            return None
+        return sum(c.done_flops for c in measured) / sum(c.wall_seconds for c in measured)
+
+    def eta_seconds(self, workers: int, flops_per_second: Optional[float] = None) -> Optional[float]:
+        """Seconds until every unfinished cell is trained by ``workers`` cells at once, at the
+        measured throughput or at ``flops_per_second`` per worker (None: nothing measured yet)."""
+        if self.remaining_flops == 0:
+            return 0.0
+        rate = flops_per_second or self.flops_per_second
+        return None if rate is None else self.remaining_flops / (rate * max(1, workers))
+
+    def subset(self, cell_ids: set[str]) -> "SweepProgress":
+        """The progress of some of the cells (the ones a sweep invocation runs)."""
+        return SweepProgress(self.root, self.study, [c for c in self.cells if c.cell_id in cell_ids])
+
+    def to_dict(self, workers: int) -> dict[str, Any]:
+        return {"root": str(self.root), "study": self.study, "cells": len(self.cells), "counts": self.counts,
+                "planned_flops": self.planned_flops, "done_flops": self.done_flops,
+                "remaining_flops": self.remaining_flops, "measured_cells": self.measured_cells,
+                "flops_per_second_per_worker": self.flops_per_second, "workers": workers,
+                "eta_seconds": self.eta_seconds(workers)}
+
+
+def read_progress(root: str | Path) -> SweepProgress:
+    """Every cell's state and FLOPs in the sweep directory ``root``; UserError if it holds no sweep."""
+    sweep = SweepDir(root)
+    study, cells = sweep.load()
+    out = SweepProgress(root=sweep.root, study=study.name)
+    for c in cells:
+        state = sweep.state(c.cell_id)
+        if state in FINISHED:
+            res = sweep.result(c.cell_id) or {}
+            done, seconds = _num(res.get("train_flops")), _num(res.get("wall_seconds"))
+        else:
+            row = last_jsonl_row(sweep.run_dir(c.cell_id) / METRICS_FILE) or {}
+            done, seconds = _num(row.get("train_flops")), _num(row.get("wall_seconds"))
+        out.cells.append(CellProgress(c.cell_id, c.family, state, float(c.train_flops), done, seconds))
+    return out
+
+
+def format_seconds(s: Optional[float]) -> str:
+    """'45 s', '12.5 min', '3.2 h'; 'unknown' for None."""
+    if s is None:
+        return "unknown"
+    if s < 120:
+        return f"{s:.0f} s"
+    if s < 7200:
+        return f"{s / 60:.1f} min"
+    return f"{s / 3600:.1f} h"
+
+
+def summary_line(p: SweepProgress, workers: int) -> str:
+    """One line: cells per state, FLOPs done of planned, ETA (the live line and `sweep status`)."""
+    counts = ", ".join(f"{n} {s}" for s, n in p.counts.items() if n)
+    share = p.done_flops / p.planned_flops if p.planned_flops else 0.0
+    eta = p.eta_seconds(workers)
+    eta_text = "measuring" if eta is None else format_seconds(eta)
+    return (f"{len(p.cells)} cells ({counts}); {p.done_flops:.3g} of {p.planned_flops:.3g} training FLOPs "
+            f"({100 * share:.1f}%); ETA {eta_text} with {workers} worker(s)")

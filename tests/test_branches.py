@@ -1,0 +1,220 @@
+"""Cooldown branches (study ``cooldown_branches = true``): one constant-lr trunk per (model, lr,
+seed) and a branch per budget from the trunk's checkpoint at the budget's own cooldown start."""
+
+from __future__ import annotations
+
+import pytest
+
+from convscale.errors import UserError
+from convscale.sweep import load_study, plan_study
+from convscale.sweep.planner import Plan, plan_cost
+from convscale.sweep.study import StudyConfig
+
+STUDY = """
+name = "b"
+{top}
+[data]
+kind = "procedural"
+resolution = 16
+num_classes = 10
+heldout_images = 64
+[train]
+batch_size = 32
+precision = "fp32"
+warmup_fraction = 0.05
+{train}
+[[family]]
+name = "vit"
+models = ["vit-tiny"]
+optimizer = "adamw"
+lrs = [0.002, 0.004]
+[budgets]
+images = [640, 1280, 2560]
+"""
+
+WSD = 'schedule = "wsd"\nschedule_options = {cooldown_fraction = 0.2, cooldown_shape = "linear"}'
+
+
+def study(tmp_path, top="cooldown_branches = true", train=WSD) -> StudyConfig:
+    p = tmp_path / "study.toml"
+    p.write_text(STUDY.format(top=top, train=train))
+    return load_study(p)
+
+
+def test_branch_plan_arithmetic(tmp_path):
+    s = study(tmp_path)
+    assert s.cooldown_branches and StudyConfig.from_json(s.to_json()) == s
+    plan = plan_study(s)
+    trunks = [c for c in plan.cells if c.role == "trunk"]
+    branches = [c for c in plan.cells if c.role == "branch"]
+    assert len(trunks) == 2 and len(branches) == 6 and plan.cells[:2] == trunks  # trunks first
+    t = next(c for c in trunks if c.lr == 0.004)
+    # budgets 640 / 1280 / 2560 images at batch 32: 20 / 40 / 80 steps, cooldowns of 4 / 8 / 16
+    assert t.cell_id.endswith("__trunk__lr0.004") and t.budget_flops is None
+    assert (t.steps, t.schedule_steps, t.branch_steps, t.warmup_steps) == (64, 80, (16, 32, 64), 1)
+    mine = sorted((c for c in branches if c.trunk_id == t.cell_id), key=lambda c: c.steps)
+    assert [(c.steps, c.start_step, c.warmup_steps) for c in mine] == [(20, 16, 1), (40, 32, 1), (80, 64, 1)]
+    per_step = t.train_flops / 64
+    assert [c.spent_flops for c in mine] == pytest.approx([4 * per_step, 8 * per_step, 16 * per_step])
+    assert mine[2].train_flops == pytest.approx(80 * per_step)  # the budget it represents
+    cost = plan_cost(plan)
+    assert cost.represented_flops == pytest.approx(2 * 140 * per_step)
+    assert cost.spent_flops == pytest.approx(2 * (64 + 28) * per_step) and cost.ratio == pytest.approx(92 / 140)
+    again = [type(t).from_dict(d) for d in __import__("json").loads(Plan(s, plan.cells).to_json())["cells"]]
+    assert again == plan.cells
+    # the same budget runs as the study without branches: ids, steps, compute
+    plain = plan_study(study(tmp_path, top=""))
+    assert {(c.cell_id, c.steps, c.train_flops) for c in plain.cells} == {
+        (c.cell_id, c.steps, c.train_flops) for c in branches}
+    assert plan_cost(plain).spent_flops == pytest.approx(cost.represented_flops)
+
+
+def test_branches_need_a_schedule_with_a_cooldown(tmp_path):
+    with pytest.raises(UserError, match='cooldown_branches needs a schedule with a cooldown; set schedule = "wsd"'):
+        study(tmp_path, train="")
+    with pytest.raises(UserError, match="cooldown_branches must be true or false"):
+        study(tmp_path, top="cooldown_branches = 1")
+
+
+def test_plan_command_prints_both_plans(tmp_path, cli):
+    p = tmp_path / "study.toml"
+    p.write_text(STUDY.format(top="", train=""))  # cosine: the branch plan is priced with WSD's default
+    rc, out, err = cli(["sweep", "plan", str(p), "--no-probe"])
+    assert rc == 0, err
+    line = next(x for x in out.splitlines() if x.startswith("compute: one run per budget"))
+    assert "cooldown branches" in line and "(0.6" in line and "this study plans one run per budget" in line
+
+
+# ---------------------------------------------------------------------------------------------
+# the trainer half: a trunk stops at its cooldown start keeping its branch points; a branch
+# continues from there and equals the run of its length trained from scratch
+
+
+def _cfg(tmp_path, name, **kw):
+    from convscale.data.config import DataConfig
+    from convscale.train.config import TrainConfig
+
+    base = dict(run_dir=str(tmp_path / name), model="nfnet-tiny", data=DataConfig(resolution=16, num_classes=4),
+                batch_size=16, lr=0.2, agc_exempt_scalar_gains=True, log_every_steps=2, checkpoint_every_seconds=0,
+                threads=1, quiet=True, schedule="wsd", schedule_options={"cooldown_fraction": 0.25},
+                warmup_steps=2, eval_every_steps=4)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.mark.slow  # over ~2 s on a loaded 2-core machine: not in the quick loop
+def test_a_branch_from_its_trunk_equals_the_run_from_scratch(tmp_path):
+    from convscale.train.checkpoint import list_checkpoints
+    from convscale.train.loop import run
+    from convscale.train.metrics import read_metrics
+
+    # budgets of 8 and 16 steps: cooldowns of 2 and 4 steps start at 6 and 12
+    trunk = run(_cfg(tmp_path, "trunk", steps=16, stop_at_step=12, keep_checkpoint_steps=[6, 12]))
+    assert trunk["status"] == "done" and trunk["steps"] == 12 and trunk["schedule_steps"] == 16
+    assert [int(p.name[5:]) for p in list_checkpoints(tmp_path / "trunk")] == [6, 12]  # rotation spared both
+    for steps in (8, 16):
+        scratch = run(_cfg(tmp_path, f"scratch{steps}", steps=steps))
+        branch = run(_cfg(tmp_path, f"branch{steps}", steps=steps, branch_from=str(tmp_path / "trunk")))
+        assert branch["heldout_loss"] == scratch["heldout_loss"] and branch["steps"] == steps
+        assert branch["train_flops"] == scratch["train_flops"]  # the budget the branch stands for
+        rows = [{k: v for k, v in r.items() if k not in ("wall_seconds", "images_per_second")}
+                for r in read_metrics(tmp_path / f"branch{steps}")]
+        same = [{k: v for k, v in r.items() if k not in ("wall_seconds", "images_per_second")}
+                for r in read_metrics(tmp_path / f"scratch{steps}")]
+        assert rows == same  # the trunk's rows up to the branch point, then the cooldown's
+
+
+@pytest.mark.slow  # over ~2 s on a loaded 2-core machine: not in the quick loop
+def test_a_branch_refuses_another_trunk_or_a_missing_branch_point(tmp_path):
+    from convscale.train.loop import run
+
+    run(_cfg(tmp_path, "trunk", steps=16, stop_at_step=12, keep_checkpoint_steps=[12]))
+    with pytest.raises(UserError, match="the trunk differs from this run in lr"):
+        run(_cfg(tmp_path, "b1", steps=16, lr=0.1, branch_from=str(tmp_path / "trunk")))
+    with pytest.raises(UserError, match="no checkpoint at step 6 .*keep_checkpoint_steps including 6"):
+        run(_cfg(tmp_path, "b2", steps=8, branch_from=str(tmp_path / "trunk")))
+    with pytest.raises(UserError, match="no trunk run there"):
+        run(_cfg(tmp_path, "b3", steps=8, branch_from=str(tmp_path / "nothing")))
+
+
+# ---------------------------------------------------------------------------------------------
+# the sweep: trunks first, branches once their trunk's checkpoint exists, resumable after kills
+
+SWEEP_STUDY = STUDY.format(top="cooldown_branches = true", train=(
+    'schedule = "wsd"\nschedule_options = {cooldown_fraction = 0.25}\n'
+    "checkpoint_every_seconds = 0\ncheckpoint_every_steps = 7\nlog_every_steps = 1\nbatch_size = 16"
+)).replace("batch_size = 32\n", "").replace("lrs = [0.002, 0.004]", "lrs = [0.004]").replace(
+    "images = [640, 1280, 2560]", "images = [320, 640]")
+
+
+def test_a_branch_waits_for_its_trunk_and_a_failed_trunk_blocks_it(tmp_path):
+    from convscale.sweep import SweepDir
+    from convscale.sweep.dependencies import BLOCKED, READY, WAIT, gate
+    from convscale.train.layout import checkpoint_dir
+
+    (tmp_path / "s.toml").write_text(SWEEP_STUDY)
+    plan = plan_study(load_study(tmp_path / "s.toml"))
+    sweep = SweepDir(tmp_path / "sweep")
+    sweep.prepare(plan)
+    trunk, short, long = plan.cells
+    assert (trunk.role, short.start_step, long.start_step) == ("trunk", 15, 30)
+    assert gate(sweep, trunk).state == READY
+    assert gate(sweep, short, [trunk.cell_id]).state == WAIT  # the trunk is still to run
+    assert gate(sweep, short).state == BLOCKED  # nobody will run it: say so, do not wait forever
+    (checkpoint_dir(sweep.run_dir(trunk.cell_id), 15)).mkdir(parents=True)
+    (checkpoint_dir(sweep.run_dir(trunk.cell_id), 15) / "state.json").write_text("{}")
+    assert gate(sweep, short).state == READY and gate(sweep, long, [trunk.cell_id]).state == WAIT
+
+
+@pytest.mark.slow  # training subprocesses, killed and resumed
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="children die with the sweep (Linux)")
+def test_a_killed_cooldown_sweep_resumes_and_runs_nothing_twice(tmp_path):
+    import json
+    import random
+    import signal
+    import subprocess
+    import time
+    from pathlib import Path
+
+    from support import REPO, convscale, env
+
+    from convscale.sweep import SweepDir, collect
+    from convscale.train.metrics import read_metrics
+
+    study = tmp_path / "s.toml"
+    study.write_text(SWEEP_STUDY)
+    root = tmp_path / "sweep"
+    cmd = convscale("sweep", "run", study, "--dir", root, "--jobs", "2")
+    rng = random.Random(16)
+    for sig in (signal.SIGKILL, signal.SIGTERM):
+        proc = subprocess.Popen(cmd, env=env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        time.sleep(rng.uniform(5.0, 9.0))
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=90)
+        assert "Traceback" not in err, err[-3000:]
+    time.sleep(1.0)  # a SIGKILLed sweep's children end at once, by their parent-death signal
+    final = subprocess.run(cmd, env=env(), cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert final.returncode == 0, final.stderr[-3000:]
+    df = collect(root).set_index("cell_id")
+    assert (df["status"] == "done").all() and sorted(df["role"]) == ["branch", "branch", "trunk"]
+    sweep = SweepDir(root)
+    for cell in sweep.load()[1]:
+        rows = [r["step"] for r in read_metrics(sweep.run_dir(cell.cell_id) / "metrics.jsonl") if r["kind"] == "train"]
+        assert rows == list(range(1, cell.steps + 1)), cell.cell_id  # each step once: resumed, never rerun
+        log = sweep.log_paths(cell.cell_id)[1].read_text()
+        assert log.count(": done after") == 1, cell.cell_id
+    trunk_id = next(c.cell_id for c in sweep.load()[1] if c.role == "trunk")
+    assert df.loc[trunk_id, "spent_flops"] == df.loc[trunk_id, "train_flops"]
+    longest = df[df["role"] == "branch"]["steps"].idxmax()
+    assert df.loc[longest, "spent_flops"] == pytest.approx(df.loc[longest, "train_flops"] * 10 / 40)
+    # the killed, resumed trunk and branch give what one uninterrupted run of that budget gives
+    cfg = json.loads(sweep.config_path(longest).read_text())
+    cfg.update(branch_from=None, run_dir=str(tmp_path / "scratch"))
+    (tmp_path / "scratch.json").write_text(json.dumps(cfg))
+    one = subprocess.run(convscale("train", "--config", tmp_path / "scratch.json", "--run-dir", tmp_path / "scratch"),
+                         env=env(), cwd=REPO,
+                         capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    scratch = json.loads((tmp_path / "scratch" / "result.json").read_text())
+    assert scratch["heldout_loss"] == df.loc[longest, "loss"]
+    assert Path(df.loc[longest, "run_dir"]).is_dir()

@@ -1,0 +1,140 @@
+"""`convscale sweep status`: cells per state, FLOPs done of planned, the ETA and the frontier so far,
+read from a sweep folder with one cell in each state (support.make_status_sweep: numbers by hand)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import subprocess
+import sys
+
+import pytest
+from support import (STATUS_DONE, STATUS_PLANNED, STATUS_RATE, STATUS_REMAINING, env, make_status_sweep)
+
+from convscale.fslock import FileLock
+from convscale.sweep.progress import last_jsonl_row, read_progress, summary_line
+
+
+@contextlib.contextmanager
+def holding(paths):
+    locks = [FileLock(p) for p in paths]
+    assert all(lock.acquire() for lock in locks)
+    try:
+        yield
+    finally:
+        for lock in locks:
+            lock.release()
+
+
+@pytest.fixture
+def sweep(tmp_path):
+    root = tmp_path / "sw"
+    locks = make_status_sweep(root)
+    with holding(locks):
+        yield root
+
+
+def test_progress_counts_flops_and_eta(sweep):
+    p = read_progress(sweep)
+    assert p.counts == {"done": 3, "running": 1, "failed": 1, "diverged": 1, "locked": 1, "pending": 1}
+    assert p.planned_flops == STATUS_PLANNED and p.done_flops == STATUS_DONE
+    assert p.remaining_flops == STATUS_REMAINING
+    assert p.flops_per_second == pytest.approx(STATUS_RATE) and p.measured_cells == 6
+    assert p.eta_seconds(1) == pytest.approx(2650.0) and p.eta_seconds(2) == pytest.approx(1325.0)
+    assert summary_line(p, 2) == ("8 cells (3 done, 1 running, 1 failed, 1 diverged, 1 locked, 1 pending); "
+                                  "5.5e+12 of 3.5e+13 training FLOPs (15.7%); ETA 22.1 min with 2 worker(s)")
+
+
+def test_progress_before_any_cell_trained_and_after_the_last(tmp_path):
+    root = tmp_path / "sw"
+    make_status_sweep(root)  # no lock held: the running and the locked cell read as pending
+    for run in (root / "runs").iterdir():
+        for f in run.iterdir():
+            f.unlink()
+    p = read_progress(root)
+    assert p.counts["pending"] == 7 and p.counts["failed"] == 1
+    assert p.flops_per_second is None and p.eta_seconds(4) is None
+    assert "ETA measuring" in summary_line(p, 4)
+
+
+def test_last_row_of_a_growing_metrics_file(tmp_path):
+    f = tmp_path / "metrics.jsonl"
+    assert last_jsonl_row(f) is None
+    f.write_text('{"step": 1}\n{"step": 2}\n{"st')
+    assert last_jsonl_row(f) == {"step": 2}
+    assert last_jsonl_row(f, tail_bytes=8) is None  # the tail holds no whole row
+    f.write_text('{"step": 1}\n{"step": 2}\n')
+    assert last_jsonl_row(f) == {"step": 2}
+
+
+def test_cli_prints_counts_flops_eta_and_frontier(sweep, cli):
+    rc, out, err = cli(["sweep", "status", sweep, "--jobs", "2"])
+    assert rc == 0, err
+    assert "done 3, running 1, failed 1, diverged 1, locked 1, pending 1" in out
+    assert "training FLOPs: 5.5e+12 done of 3.5e+13 planned (15.7%), 2.65e+13 to go" in out
+    assert "throughput: 1e+10 FLOPs/s per worker, measured over 6 cell(s)" in out
+    assert "ETA: 22.1 min (2.65e+13 FLOPs / (1e+10 FLOPs/s x 2 worker(s))" in out
+    # the best done cell of each family at the one budget with done cells
+    assert "frontier of nfnet (best held-out loss per budget so far):\n  1e+12 FLOPs  loss 1.8000  nfnet-b  lr 0.1  (2 run(s))" in out
+    assert "frontier of vit (best held-out loss per budget so far):\n  1e+12 FLOPs  loss 2.5000  vit-a" in out
+    rc, out, _ = cli(["sweep", "status", sweep])  # workers default to the cells running now: 1
+    assert "ETA: 44.2 min" in out and "x 1 worker(s)" in out
+    assert cli(["sweep", "status", sweep, "--jobs", "0"])[0] == 2
+    rc, _, err = cli(["sweep", "status", sweep / "nothing"])
+    assert rc == 2 and "holds no sweep" in err
+
+
+def test_cli_json_loads_no_torch(sweep):
+    """`sweep status --json` in a fresh interpreter: the numbers for scripts, and no torch import."""
+    code = ("import sys; from convscale.cli.main import main; rc = main(sys.argv[1:]); "
+            "assert 'torch' not in sys.modules, 'sweep status imported torch'; sys.exit(rc)")
+    done = subprocess.run([sys.executable, "-c", code, "sweep", "status", str(sweep), "--json"], env=env(),
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    d = json.loads(done.stdout)
+    assert d["counts"]["locked"] == 1 and d["cells"] == 8 and d["workers"] == 1
+    assert (d["planned_flops"], d["done_flops"], d["remaining_flops"]) == (STATUS_PLANNED, STATUS_DONE, STATUS_REMAINING)
+    assert d["flops_per_second_per_worker"] == pytest.approx(STATUS_RATE) and d["eta_seconds"] == pytest.approx(2650.0)
+    assert [(r["model"], r["loss"], r["compute_flops"]) for r in d["frontier"]["nfnet"]] == [("nfnet-b", 1.8, 1e12)]
+
+
+def test_file_names_match_the_trainers():
+    """The status reads the trainer's files by name without importing it (it loads torch)."""
+    from convscale.sweep.progress import METRICS_FILE
+    from convscale.sweep.sweepdir import RUN_LOCK_FILE
+    from convscale.train.metrics import METRICS_FILE as TRAIN_METRICS
+    from convscale.train.rundir import LOCK_FILE
+
+    assert (RUN_LOCK_FILE, METRICS_FILE) == (LOCK_FILE, TRAIN_METRICS)
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+UNFINISHED = {"nfb__C4e12", "vta__C4e12", "vtb__C4e12", "nfa__C16e12"}
+
+
+def test_live_line_on_a_terminal_shows_the_status_eta(sweep):
+    pytest.importorskip("tqdm")
+    from convscale.sweep.live import LiveLine
+
+    term, logged = Terminal(), []
+    with LiveLine(sweep, UNFINISHED, workers=2, log=logged.append, stream=term, refresh_seconds=60) as line:
+        line.write("[1/4] done        nfb__C4e12")
+    text = term.getvalue()
+    # the cells this sweep runs: 26.5e12 FLOPs to go at the sweep's measured 1e10 FLOPs/s x 2 workers
+    assert "0/4 finished, 1 running, 1 failed, 1 locked | ETA 22.1 min (2 worker(s))" in text
+    assert "[1/4] done        nfb__C4e12\n" in text and "\r" in text and logged == []
+    assert "1.50T/28.0T FLOP" in text  # trained / planned FLOPs of those cells
+
+
+def test_live_line_elsewhere_is_the_plain_lines(sweep):
+    from convscale.sweep.live import LiveLine
+
+    stream, logged = io.StringIO(), []
+    with LiveLine(sweep, UNFINISHED, workers=2, log=logged.append, stream=stream) as line:
+        line.write("[1/4] done        nfb__C4e12")
+    assert logged == ["[1/4] done        nfb__C4e12"] and stream.getvalue() == ""
