@@ -56,6 +56,9 @@ def register(subparsers) -> None:
     p.add_argument("--activation-checkpointing", action="store_true", default=None,
                    help="recompute block activations in the backward pass (less memory, same numbers)")
     p.add_argument("--quiet", action="store_true", default=None, help="one line per evaluation (for log files)")
+    p.add_argument("--log", default=None, metavar="NAMES",
+                   help="experiment trackers beside metrics.jsonl: tensorboard,wandb,mlflow "
+                        "(options: --set log_options.wandb.project=NAME)")
     p.add_argument("--restart", action="store_true", help="wipe the run directory and start over")
     p.add_argument("--print-config", action="store_true", help="print the resolved TrainConfig and exit")
     p.set_defaults(func=main)
@@ -76,7 +79,7 @@ def build_config(args: argparse.Namespace):
             raise UserError(f"config file {path}: {e}; fix the field's value") from None
     cfg = apply_overrides(cfg, parse_set(args.set))
     flags = {name: getattr(args, name) for name in [*FLAGS, "init_from", "agc_exempt_scalar_gains", "compile",
-                                                 "activation_checkpointing", "quiet"]}
+                                                 "activation_checkpointing", "quiet", "log"]}
     data_flags = {"data.kind": args.data_kind, "data.path": args.data_path,
                   "data.resolution": args.resolution, "data.num_classes": args.num_classes}
     cfg = apply_overrides(cfg, {k: v for k, v in {**flags, **data_flags}.items() if v is not None})

@@ -133,17 +133,27 @@ def base_train_config(study: StudyConfig, fam: FamilySpec):
     model_overrides = dict(kw.pop("model_overrides", {}) or {})
     cfg = apply_overrides(TrainConfig(data=study.data), kw).replace(model_overrides=model_overrides)
     cfg = apply_overrides(cfg, study.overrides)  # `sweep run --set`: over every table of the study
+    if study.log:  # the [log] table: its trackers, its options over any [train] log_options
+        options = {**cfg.runtime.log_options, **{k: v for k, v in study.log.items() if k != "to"}}
+        cfg = cfg.replace(log=list(study.log.get("to", [])), log_options=options)
     # "auto" is resolved here, for the study's device: every cell records the same numerics
     precision = resolve_precision(cfg.precision, "cuda" if study.data.device == "cuda" else "cpu")
     return cfg.replace(optimizer=fam.optimizer, precision=precision)
 
 
-def cell_train_config(study: StudyConfig, cell: Cell, run_dir: str, data_path: Optional[str] = None):
+def cell_train_config(study: StudyConfig, cell: Cell, run_dir: str, data_path: Optional[str] = None,
+                      sweep_dir: Optional[str] = None):
     """The full TrainConfig of one cell: what `convscale train --config` receives.
 
-    ``data_path``: a shared procedural-stream cache (``share_procedural_data``) the cell reads."""
+    ``data_path``: a shared procedural-stream cache (``share_procedural_data``) the cell reads.
+    ``sweep_dir``: the sweep's folder, where trackers that share a store keep it (MLflow)."""
+    from convscale.train.loggers import with_sweep_defaults
+
     fam = next(f for f in study.families if f.name == cell.family)
     cfg = base_train_config(study, fam)
+    if cfg.runtime.log:  # one tracked run per cell, grouped under the study's name
+        cfg = cfg.replace(log_options=with_sweep_defaults(cfg.runtime.log, cfg.runtime.log_options, study.name,
+                                                          Path(sweep_dir) if sweep_dir else None))
     if data_path is not None:
         cfg = cfg.replace(data=cfg.data.replace(path=data_path))
     # quiet: one line per evaluation instead of a progress bar, since the output goes to a log file

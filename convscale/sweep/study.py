@@ -25,6 +25,14 @@ Study file (every table and field is checked; an unknown one is a ``UserError`` 
     [budgets]                           # exactly one of train_flops / epochs / images
     train_flops = [1e11, 3e11, 1e12]    # IsoFLOP: images = budget / (3 x forward FLOPs per image, x2 with SAM)
     max_epochs = 100                    # optional: leave out cells that would need more epochs
+    [log]                               # optional experiment tracking (metrics.jsonl is always written)
+    to = ["tensorboard", "wandb", "mlflow"]
+    [log.wandb]                         # optional per-tracker options (convscale/train/loggers)
+    project = "scaling"
+
+Every cell is tracked as its own run named by its cell id, grouped under the study's name (W&B
+group, MLflow experiment, TensorBoard subfolder of ``[log.tensorboard] dir``); MLflow's store is
+SWEEP_DIR/mlruns unless ``[log.mlflow] tracking_uri`` or $MLFLOW_TRACKING_URI says otherwise.
 
 A top-level ``seeds = N`` (default 1; a family's own ``seeds`` wins) trains every (model, budget,
 lr) cell N times, with TrainConfig ``seed`` = the study's seed + 0 .. N-1: the model's
@@ -135,6 +143,8 @@ class StudyConfig:
     seeds: int = 1  # runs per (model, budget, lr) cell, seeds 0..seeds-1 added to TrainConfig.seed
     #: one constant-lr trunk per (model, lr, seed) and a cooldown branch per budget (see above)
     cooldown_branches: bool = False
+    #: experiment trackers for every cell: {"to": [names], <name>: {options}} (the [log] table)
+    log: dict[str, Any] = field(default_factory=dict)
 
     def seeds_of(self, family: FamilySpec) -> int:
         """Runs per cell of ``family``: its own ``seeds`` if given, else the study's."""
@@ -297,10 +307,25 @@ def _parse_budgets(d: Any) -> Budgets:
     return Budgets(**{kind: tuple(sorted(values))}, max_epochs=max_epochs)
 
 
+def _parse_log(d: Any) -> dict[str, Any]:
+    """The [log] table: ``to`` (tracker names) and one options table per tracker."""
+    from convscale.train.loggers import LOGGERS, check_log
+
+    _check_keys(d, ["to", *LOGGERS], "[log]")
+    to = d.get("to", [])
+    if isinstance(to, str):
+        to = [to]
+    if not isinstance(to, list):
+        raise UserError(f"[log] to must be a list of logger names like ['tensorboard', 'wandb'], got {to!r}")
+    options = {k: v for k, v in d.items() if k != "to"}
+    check_log(to, options)
+    return {"to": list(to), **options} if to or options else {}
+
+
 def parse_study(raw: dict[str, Any], where: str = "study") -> StudyConfig:
     """Validate a parsed study (TOML or JSON) and build the typed config."""
     top = ("name", "data", "train", "family", "families", "budgets", "share_procedural_data", "seeds",
-           "cooldown_branches", "overrides")
+           "cooldown_branches", "overrides", "log")
     _check_keys(raw, top, where)
     name = raw.get("name")
     if not isinstance(name, str) or not _SAFE_NAME.match(name):
@@ -333,7 +358,7 @@ def parse_study(raw: dict[str, Any], where: str = "study") -> StudyConfig:
     _check_cell_fields(overrides, f"{where} overrides")
     study = StudyConfig(name=name, data=data, families=families, budgets=budgets, train=train,
                         share_procedural_data=share, seeds=seeds, cooldown_branches=branches,
-                        overrides=dict(overrides))
+                        overrides=dict(overrides), log=_parse_log(raw.get("log", {})))
     _check_types(study)
     return study
 

@@ -89,7 +89,8 @@ class SweepDir:
         configs: dict[str, str] = {}
         data_path = str(self.data_path.resolve()) if self.shares_data(plan.study) else None
         for cell in plan.cells:
-            cfg = cell_train_config(plan.study, cell, str(self.run_dir(cell.cell_id)), data_path)
+            cfg = cell_train_config(plan.study, cell, str(self.run_dir(cell.cell_id)), data_path,
+                                    sweep_dir=str(self.root.resolve()))
             text = cfg.to_json() + "\n"
             old = read_json(self.config_path(cell.cell_id))
             if old is not None and _numbers_part(old) != _numbers_part(cfg.to_dict()) and self.run_dir(cell.cell_id).exists():

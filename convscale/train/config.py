@@ -84,6 +84,9 @@ class RuntimeConfig:
     threads: int = 0  # torch intra-op threads; 0 = torch default
     quiet: bool = False  # one line per evaluation instead of a progress bar
     parallel: str = "ddp"  # under torchrun/srun with > 1 process: "ddp" | "fsdp" (FSDP2, sharded)
+    # experiment trackers beside metrics.jsonl (train/loggers): "tensorboard" | "wandb" | "mlflow"
+    log: list[str] = field(default_factory=list)
+    log_options: dict[str, Any] = field(default_factory=dict)  # per tracker: {"wandb": {"project": "p"}}
 
 
 #: TrainConfig's groups. Every field name is unique across TrainConfig and its groups, so a field
@@ -229,6 +232,9 @@ class TrainConfig:
         options = schedule_config(o.schedule, o.schedule_options)
         check_field_types(options, "schedule_options.")
         options.validate()
+        from convscale.train.loggers import check_log  # torch-free, imports no tracker
+
+        check_log(self.runtime.log, self.runtime.log_options)
         if self.finetune.sam_rho < 0:
             raise UserError(f"sam_rho must be >= 0 (0 turns SAM off), not {self.finetune.sam_rho}")
         repeats = self.finetune.aug_repeats
@@ -452,6 +458,17 @@ def apply_overrides(cfg: TrainConfig, overrides: dict[str, Any]) -> TrainConfig:
             if rest not in data_hints:
                 raise UserError(f"unknown data field {rest!r} in {key!r}; valid: {sorted(data_hints)}")
             data_kw[rest] = _coerce(value, data_hints[rest], key)
+        elif head == "log_options" and rest:  # log_options.wandb.project=p
+            name, _, option = rest.partition(".")
+            if not option:
+                raise UserError(f"{key!r}: give log_options.<logger>.<field>=value")
+            from convscale.train.loggers import logger_module  # torch-free, imports no tracker
+
+            option_hints = typing.get_type_hints(logger_module(name).Options)
+            if option not in option_hints:
+                raise UserError(f"unknown field {option!r} in {key!r}; valid: {sorted(option_hints)}")
+            log_kw = top.setdefault("log_options", {**cfg.runtime.log_options})
+            log_kw[name] = {**log_kw.get(name, {}), option: _coerce(value, option_hints[option], key)}
         elif head in tables:
             value = _parse_json_or_str(value) if isinstance(value, str) else value
             if rest:

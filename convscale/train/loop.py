@@ -57,7 +57,9 @@ from convscale.data.repeated import RepeatedAugmentSource
 from convscale.train.evaluate import heldout_sums, means
 from convscale.train.finetune import PretrainedRun, find_pretrained
 from convscale.train.memory import peak_memory_bytes, physical_memory_bytes
-from convscale.train.metrics import MetricsWriter, Progress
+from convscale.train.loggers import open_loggers
+from convscale.train.loggers.fanout import FanOut
+from convscale.train.metrics import Progress
 from convscale.train.precision import resolve_precision
 from convscale.train.rundir import RESULT_FILE, lock_run_dir, prepare_run_dir, read_run_json
 from convscale.train.optim import set_lr
@@ -232,7 +234,7 @@ class LoopState:
 
     state: dict[str, Any]  # images_seen, wall_seconds, first_loss, step (and final_eval once evaluated)
     start_step: int
-    metrics: Optional[MetricsWriter]  # rank 0 only
+    metrics: Optional[FanOut]  # rank 0 only: metrics.jsonl and the trackers (train/loggers)
     loss_sum: torch.Tensor  # training loss summed since the last log row (also across a resume)
     steps_since_log: int
     steps_timed: int = 0  # steps since t_log in this process (images/s)
@@ -253,7 +255,8 @@ def _restore(plan: RunPlan, trainee: Trainee) -> LoopState:
     elif plan.cfg.branch_from is not None:
         state = _start_branch(plan, trainee)
     start_step = state["step"]
-    metrics = MetricsWriter(plan.run_dir, start_step) if is_main_process() else None
+    # metrics.jsonl and the trackers cfg.log names (train/loggers), on the process that writes files
+    metrics = open_loggers(plan.cfg, plan.run_dir, plan.resolved, start_step) if is_main_process() else None
     if plan.cfg.compile:
         trainee.train_model = torch.compile(trainee.train_model)
     # a log row averages the steps since the last one, also when a resume falls between them

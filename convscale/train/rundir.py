@@ -3,6 +3,7 @@ different config is refused, and ``--restart`` wipes only a directory that prove
 
 Files of a run (nothing else is ever removed):
   config.json  metrics.jsonl  result.json  checkpoints/  run.lock  .tmp-* (a killed write's leftovers)
+  and, with trackers (train/loggers): trackers.json  tensorboard/  wandb/  mlruns/
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ from convscale.train.metrics import METRICS_FILE
 CONFIG_FILE = "config.json"
 RESULT_FILE = "result.json"
 LOCK_FILE = "run.lock"
-RUN_ENTRIES = frozenset({CONFIG_FILE, METRICS_FILE, RESULT_FILE, CHECKPOINT_DIR, LOCK_FILE})
+#: what trackers write into a run dir by default (train/loggers): ids, TensorBoard events, W&B, MLflow
+TRACKER_ENTRIES = frozenset({"trackers.json", "tensorboard", "wandb", "mlruns"})
+RUN_ENTRIES = frozenset({CONFIG_FILE, METRICS_FILE, RESULT_FILE, CHECKPOINT_DIR, LOCK_FILE}) | TRACKER_ENTRIES
 
 
 def read_run_json(path: Path) -> dict[str, Any]:
