@@ -29,6 +29,7 @@ def family(df: pd.DataFrame, bootstrap: int = 200, seed: int = 0, **kw):
     return next(iter(fit_table(df, bootstrap=bootstrap, seed=seed, **kw).families.values()))
 
 
+@pytest.mark.slow  # about a second or more each: not in the quick loop
 def test_paper_epoch_grid_measures_the_law_not_the_grid():
     """The paper's design (every model at every epoch budget): the frontier is the Pareto set and the
     allocation comes from slices of L(N, D); planted 0.5 and 0.75 give different answers, each
@@ -81,6 +82,7 @@ def test_isoflop_design_reads_parabolas_and_covers_the_truth():
     assert n_fit.exponent.contains(0.75) and allocation_verdict(f)[0] == DISAGREES
 
 
+@pytest.mark.slow  # about a second or more each: not in the quick loop
 def test_three_budgets_with_noise_give_an_honest_interval():
     """3 budgets, 8 % noise: the interval of the frontier exponent must not collapse to the spread of
     3 points (the issue's a = 0.19 [0.189, 0.191] around a true 0.17)."""

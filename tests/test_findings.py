@@ -93,6 +93,7 @@ def test_planted_power_law_agrees(equal_rates):
     assert "7 frontier points over 3 decades" in f.why and "local exponent changes by" in f.why
 
 
+@pytest.mark.slow  # about a second or more each: not in the quick loop
 def test_rising_loss_disagrees_and_a_kink_is_not_a_power_law():
     rising = power_law_finding("nfnet", fit_one(planted(A=0.05, a=-0.1)))
     assert rising.verdict == DISAGREES and "rises" in rising.why

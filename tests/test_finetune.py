@@ -114,6 +114,7 @@ def test_vit_posemb_resampled_and_runs_at_higher_eval_resolution(pre_vit, tmp_pa
     assert result["heldout_loss"] < math.log(10)  # learned something in 8 steps from a zero head
 
 
+@pytest.mark.slow  # about a second or more each: not in the quick loop
 def test_nfnet_finetune_on_digits_learns_and_reports(pre_nfnet, tmp_path):
     pre_result = json.loads((pre_nfnet / "result.json").read_text())
     cfg = finetune_config(pre_nfnet, str(tmp_path / "ft"), _digits(16), epochs=3, batch_size=32, sam_rho=0.0,

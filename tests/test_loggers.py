@@ -200,6 +200,7 @@ def test_only_the_process_that_writes_files_logs(tmp_path, monkeypatch):
 # ------------------------------------------------------------------ MLflow
 
 
+@pytest.mark.slow  # about a second or more each: not in the quick loop
 def test_mlflow_client_reads_the_metrics_and_config_back(tmp_path):
     pytest.importorskip("mlflow")
     from mlflow.tracking import MlflowClient
@@ -286,6 +287,7 @@ def wandb_run_and_history(records: list) -> tuple:
     return run_record, history
 
 
+@pytest.mark.slow  # about a second or more each: not in the quick loop
 def test_wandb_offline_run_holds_the_config_and_metrics(tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
@@ -306,6 +308,7 @@ def test_wandb_offline_run_holds_the_config_and_metrics(tmp_path, monkeypatch):
 # ------------------------------------------------------------------ resume
 
 
+@pytest.mark.slow  # about a second or more each: not in the quick loop
 def test_resumed_run_continues_each_tracked_run_without_duplicate_steps(tmp_path, monkeypatch):
     log = [name for name in ("tensorboard", "mlflow", "wandb") if _installed(name)]
     if not log:
@@ -353,6 +356,7 @@ def _installed(name: str) -> bool:
 # ------------------------------------------------------------------ sweeps
 
 
+@pytest.mark.slow  # about a second or more each: not in the quick loop
 def test_study_log_table_groups_cells_under_the_sweep(tmp_path):
     from convscale.sweep.planner import cell_train_config, plan_study
     from convscale.sweep.study import StudyConfig, parse_study

@@ -346,6 +346,7 @@ def test_channels_last_same_output():
     assert torch.allclose(ref, out, atol=1e-6)
 
 
+@pytest.mark.slow  # about a second or more each: not in the quick loop
 def test_compiles_without_graph_breaks():
     explain = torch._dynamo.explain(tiny(drop_path_rate=0.1).build())(torch.randn(2, 3, 32, 32))
     assert explain.graph_break_count == 0

@@ -43,6 +43,7 @@ def _png_size(path: Path) -> tuple[int, int]:
     return struct.unpack(">II", data[16:24])
 
 
+@pytest.mark.slow  # about a second or more each: not in the quick loop
 def test_report_writes_valid_figures(report, sweep):
     out = sweep / "report"
     assert report.out_dir == out
@@ -56,6 +57,7 @@ def test_report_writes_valid_figures(report, sweep):
     assert "comparison" not in report.skipped
 
 
+@pytest.mark.slow  # about a second or more each: not in the quick loop
 def test_html_is_self_contained(report, sweep):
     text = (sweep / "report" / "report.html").read_text()
     assert "http://" not in text and "https://" not in text and "<script" not in text.lower()
@@ -66,6 +68,7 @@ def test_html_is_self_contained(report, sweep):
     assert "<link" not in text and "url(" not in text
 
 
+@pytest.mark.slow  # about a second or more each: not in the quick loop
 def test_summary_has_fitted_exponents_and_skips(report, sweep):
     md = (sweep / "report" / "summary.md").read_text()
     fit = json.loads((sweep / "fit.json").read_text())
@@ -153,6 +156,7 @@ def _cli(argv: list[str]) -> int:
         return 2
 
 
+@pytest.mark.slow  # about a second or more each: not in the quick loop
 def test_cli_compare_json(sweep, report, capsys):
     assert _cli(["compare", str(sweep), "--format", "json", "--bootstrap", "0", "--target-top1", "0.6"]) == 0
     d = json.loads(capsys.readouterr().out)
@@ -162,6 +166,7 @@ def test_cli_compare_json(sweep, report, capsys):
     assert d["reach_top1"]["nfnet"] == pytest.approx(10 ** (12 + (0.6 - t0) / (t1 - t0)), rel=1e-6)
 
 
+@pytest.mark.slow  # about a second or more each: not in the quick loop
 def test_small_report_renders_what_it_can(tmp_path, capsys):
     make_sweep(tmp_path / "s", budgets=BUDGETS[:1], params=PARAMS[:1], lrs=(0.1,), curves=False)
     assert _cli(["report", str(tmp_path / "s"), "--bootstrap", "0", "--hardware", "none"]) == 0
@@ -193,6 +198,7 @@ def test_bad_input_is_one_line_user_error(tmp_path, capsys, setup, command, matc
     assert match in err and err.count("\n") == 1, err
 
 
+@pytest.mark.slow  # about a second or more each: not in the quick loop
 def test_report_stage_does_not_import_torch():
     import subprocess
 

@@ -237,6 +237,7 @@ def test_locked_cell_is_skipped(fake):
     assert not is_locked(sweep.lock_path(ids[2]))
 
 
+@pytest.mark.slow  # about a second or more each: not in the quick loop
 def test_parallel_jobs_split_threads_and_run_at_once(fake):
     sweep, ids, cmd, behave, calls = fake
     behave(**{i: "sleep" for i in ids[:2]})
@@ -594,6 +595,7 @@ def test_a_cell_started_from_a_torchrun_rank_is_one_process(fake, tmp_path, monk
     assert probe.read_text() == "--"
 
 
+@pytest.mark.slow  # about a second or more each: not in the quick loop
 def test_paper_preset_steps_in_micro_batches_with_checkpointing():
     """F7 at batch 4096 in one step (no accumulation, no checkpointing) and a held-out batch of
     4096 ran out of memory before the first step; the preset now steps 512 images per micro-batch

@@ -187,6 +187,7 @@ def test_files_are_read_without_unpickling_code(tmp_path):
         read_state_dict(tmp_path / "train.pth.tar", ema=True)
 
 
+@pytest.mark.slow  # about a second or more each: not in the quick loop
 def test_convscale_never_imports_timm():
     code = ("import sys, convscale.models.timm_weights, convscale.train.export, convscale.cli.export; "
             "print(any(m.split('.')[0] == 'timm' for m in sys.modules))")
