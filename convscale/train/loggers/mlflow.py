@@ -9,6 +9,7 @@ each metric's steps it already holds.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import time
@@ -47,6 +48,20 @@ def tracking_uri(options: Options, run_dir: Path) -> str:
     return uri
 
 
+#: in a local store's folder: held while a cell looks up or creates its experiment
+EXPERIMENT_LOCK = ".convscale-experiment.lock"
+
+
+def _local_store(uri: str) -> Optional[Path]:
+    """The folder of a file-store URI (a path or file://...), None for a server or database."""
+    parsed = urlparse(uri)
+    if parsed.scheme == "file":
+        return Path(parsed.path)
+    if parsed.scheme == "" or len(parsed.scheme) == 1:
+        return Path(uri)
+    return None
+
+
 def flat_params(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
     """A nested config as MLflow params: ``train.lr`` -> "0.1" (lists and None as JSON)."""
     out: dict[str, str] = {}
@@ -76,7 +91,7 @@ class MlflowLogger:
                     self.logged[key] = max(m.step for m in self.client.get_metric_history(self.run_id, key))
                 self.client.update_run(self.run_id, status="RUNNING")
             else:
-                experiment_id = self._experiment(options.experiment)
+                experiment_id = self._experiment(options.experiment, uri)
                 run = self.client.create_run(experiment_id, run_name=ctx.run_name,
                                              tags={"convscale.run_dir": str(ctx.run_dir.resolve())})
                 self.run_id = run.info.run_id
@@ -93,7 +108,21 @@ class MlflowLogger:
                             f"{fix}") from None
         self.state = {"run_id": self.run_id, "tracking_uri": uri, "experiment": options.experiment}
 
-    def _experiment(self, name: str) -> str:
+    def _experiment(self, name: str, uri: str) -> str:
+        """The experiment ``name``, created if missing. In a file store two cells starting at once
+        would each create one (its name check is not atomic): there the store's lock file serialises it."""
+        store = _local_store(uri)
+        if store is None:
+            return self._get_or_create(name)
+        store.mkdir(parents=True, exist_ok=True)
+        with open(store / EXPERIMENT_LOCK, "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                return self._get_or_create(name)
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def _get_or_create(self, name: str) -> str:
         found = self.client.get_experiment_by_name(name)
         if found is not None:
             return found.experiment_id
