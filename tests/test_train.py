@@ -532,3 +532,13 @@ def test_channels_last_keeps_1x1_weights_in_the_layout_of_their_gradients():
             assert p.stride() == p.grad.stride() == p.contiguous().stride(), n  # DDP's bucket views match
         else:
             assert p.is_contiguous(memory_format=torch.channels_last), n
+
+
+def test_list_fields_take_comma_lists_with_spaces_and_json():
+    from convscale.train.config import apply_overrides
+
+    cfg = apply_overrides(TrainConfig(), {"log": "tensorboard, wandb", "keep_checkpoint_steps": "16, 32"})
+    assert cfg.runtime.log == ["tensorboard", "wandb"] and cfg.keep_checkpoint_steps == [16, 32]
+    assert apply_overrides(TrainConfig(), {"keep_checkpoint_steps": "[8, 24]"}).keep_checkpoint_steps == [8, 24]
+    with pytest.raises(UserError, match="is not a valid int"):
+        apply_overrides(TrainConfig(), {"keep_checkpoint_steps": "16, x"})

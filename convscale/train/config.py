@@ -398,7 +398,7 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         return value
     if typing.get_origin(annotation) is list:  # "[16, 32]" or "16,32"
         text = value.strip()
-        items = _parse_json_or_str(text) if text.startswith("[") else [v for v in text.split(",") if v.strip()]
+        items = _parse_json_or_str(text) if text.startswith("[") else [v.strip() for v in text.split(",") if v.strip()]
         if not isinstance(items, list):
             raise UserError(f"{key}={value!r} is not a list; write {key}=16,32")
         (item_type,) = typing.get_args(annotation) or (str,)
