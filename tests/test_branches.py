@@ -219,3 +219,15 @@ def test_a_killed_cooldown_sweep_resumes_and_runs_nothing_twice(tmp_path):
     scratch = json.loads((tmp_path / "scratch" / "result.json").read_text())
     assert scratch["heldout_loss"] == df.loc[longest, "loss"]
     assert Path(df.loc[longest, "run_dir"]).is_dir()
+
+
+def test_sweep_status_plans_what_the_cells_compute(tmp_path):
+    from convscale.sweep import SweepDir
+    from convscale.sweep.progress import read_progress
+
+    plan = plan_study(study(tmp_path))
+    sweep = SweepDir(tmp_path / "sweep")
+    sweep.prepare(plan)
+    progress = read_progress(sweep.root)
+    planned = sum(c.planned_flops for c in progress.cells)
+    assert planned == pytest.approx(plan_cost(plan).spent_flops)  # not the budgets' 1/0.66 x more

@@ -240,8 +240,18 @@ def test_simplejpeg_decodes_the_pixels_pil_decodes(monkeypatch, draft_side_px):
     Image.fromarray(photo).save(buf, format="JPEG", quality=90)
     grey = io.BytesIO()
     Image.fromarray(photo[..., 0]).save(grey, format="JPEG", quality=90)
+    real, calls = loading.SIMPLEJPEG, []
+
+    class Counting:  # the fast path must really be taken, not fall back to PIL unseen
+        @staticmethod
+        def decode_jpeg(*a, **kw):
+            calls.append(kw)
+            return real.decode_jpeg(*a, **kw)
+
     for data in (buf.getvalue(), grey.getvalue()):
+        monkeypatch.setattr(loading, "SIMPLEJPEG", Counting)
         fast = loading.decode_image(data, draft_side_px)
+        assert len(calls) == 1 and calls.pop()["min_height"] == (draft_side_px or 0)
         monkeypatch.setattr(loading, "SIMPLEJPEG", None)
         plain = loading.decode_image(data, draft_side_px)
         monkeypatch.undo()

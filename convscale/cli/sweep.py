@@ -120,32 +120,16 @@ def _print_table(header: list[str], rows: list[list[str]], right_from: int = 2) 
 
 
 def _both_plans(study, plan) -> str:
-    """Training compute of the study as one run per budget and as cooldown branches, side by side
-    (the other of the two planned here with the study's schedule, or WSD's default 20 % 1-sqrt
-    cooldown where its schedule has none)."""
-    import dataclasses
+    """The study's training compute as one run per budget and as cooldown branches, side by side."""
+    from convscale.sweep.planner import both_plan_costs
 
-    from convscale.sweep.planner import base_train_config, plan_cost, plan_study
-    from convscale.train.config import build_schedule
-
-    other = dataclasses.replace(study, cooldown_branches=not study.cooldown_branches)
-    if other.cooldown_branches:
-        has_cooldown = all(build_schedule(base_train_config(study, f), 1000).cooldown_start_step is not None
-                           for f in study.families)
-        if not has_cooldown:
-            other = dataclasses.replace(other, train={**study.train, "schedule": "wsd", "schedule_options": {}},
-                                        families=tuple(dataclasses.replace(f, train={
-                                            k: v for k, v in f.train.items() if k not in ("schedule", "schedule_options")})
-                                            for f in study.families))
     try:
-        alt = plan_cost(plan_study(other))
+        per_budget, branched = both_plan_costs(study, plan)
     except UserError as e:
-        return f"the {'cooldown-branch' if other.cooldown_branches else 'one-run-per-budget'} plan: {e}"
-    mine = plan_cost(plan)
-    per_budget, branched = (alt, mine) if study.cooldown_branches else (mine, alt)
+        return f"the {'one-run-per-budget' if study.cooldown_branches else 'cooldown-branch'} plan: {e}"
     return (f"compute: one run per budget {per_budget.spent_flops:.3e} FLOPs; cooldown branches "
             f"{branched.spent_flops:.3e} FLOPs ({branched.spent_flops / per_budget.spent_flops:.2f}x) for the same "
-            f"{mine.represented_flops:.3e} FLOPs of budget runs; this study plans "
+            f"{per_budget.represented_flops:.3e} FLOPs of budget runs; this study plans "
             f"{'cooldown branches' if study.cooldown_branches else 'one run per budget'}")
 
 

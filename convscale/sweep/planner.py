@@ -345,3 +345,21 @@ def _images_for(kind: str, budget: float, train_flops_per_image: float, epoch_im
     if kind == "epochs":
         return budget * epoch_images
     return float(budget)
+
+
+def both_plan_costs(study: StudyConfig, plan: Plan) -> tuple[PlanCost, PlanCost]:
+    """(one run per budget, cooldown branches): the cost of ``plan`` and of the study's other plan,
+    which keeps the study's schedule where it has a cooldown, else takes WSD's default (20 %, 1-sqrt).
+    UserError if the other plan cannot be made."""
+    from convscale.train.config import build_schedule
+
+    other = dataclasses.replace(study, cooldown_branches=not study.cooldown_branches)
+    if other.cooldown_branches and any(build_schedule(base_train_config(study, f), 1000).cooldown_start_step is None
+                                       for f in study.families):
+        other = dataclasses.replace(
+            other, train={**study.train, "schedule": "wsd", "schedule_options": {}},
+            families=tuple(dataclasses.replace(f, train={k: v for k, v in f.train.items()
+                                                         if k not in ("schedule", "schedule_options")})
+                           for f in study.families))
+    mine, theirs = plan_cost(plan), plan_cost(plan_study(other))
+    return (theirs, mine) if study.cooldown_branches else (mine, theirs)

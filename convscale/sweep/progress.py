@@ -6,7 +6,7 @@ cannot run the cell until it ends), failed (the last attempt failed), pending (n
 interrupted).
 
 FLOPs (2 x MACs; a training image costs 3 x its forward FLOPs, x2 with SAM): planned is the plan's
-training FLOPs of every cell; done is what the runs trained so far: a finished cell's result.json
+training FLOPs of every cell (what the cell computes itself: a cooldown branch its cooldown); done is what the runs trained so far: a finished cell's result.json
 ``train_flops``, any other cell's last metrics.jsonl row. Remaining is planned minus done over the
 unfinished cells (a diverged cell stopped early and will not train more).
 
@@ -163,7 +163,11 @@ def read_progress(root: str | Path) -> SweepProgress:
         else:
             row = last_jsonl_row(sweep.run_dir(c.cell_id) / METRICS_FILE) or {}
             done, seconds = _num(row.get("train_flops")), _num(row.get("wall_seconds"))
-        out.cells.append(CellProgress(c.cell_id, c.family, state, float(c.train_flops), done, seconds, startup))
+        # a cooldown branch trains only its cooldown: its result counts the trunk's prefix, which the trunk trained
+        prefix = float(c.train_flops) - c.own_flops
+        if prefix and done == done:
+            done = max(done - prefix, 0.0)
+        out.cells.append(CellProgress(c.cell_id, c.family, state, c.own_flops, done, seconds, startup))
     return out
 
 
