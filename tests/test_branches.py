@@ -231,3 +231,23 @@ def test_sweep_status_plans_what_the_cells_compute(tmp_path):
     progress = read_progress(sweep.root)
     planned = sum(c.planned_flops for c in progress.cells)
     assert planned == pytest.approx(plan_cost(plan).spent_flops)  # not the budgets' 1/0.66 x more
+
+
+def test_branches_of_a_trunk_that_cannot_serve_them_come_back_blocked_and_fail_the_sweep(tmp_path):
+    import json
+
+    from convscale.sweep import LocalExecutor, SweepDir
+    from convscale.sweep.run import SweepOutcome
+
+    (tmp_path / "s.toml").write_text(SWEEP_STUDY)
+    plan = plan_study(load_study(tmp_path / "s.toml"))
+    sweep = SweepDir(tmp_path / "sweep")
+    sweep.prepare(plan)
+    trunk, *branches = plan.cells
+    run_dir = sweep.run_dir(trunk.cell_id)
+    run_dir.mkdir(parents=True)
+    (run_dir / "result.json").write_text(json.dumps({"status": "done"}))  # finished, but no branch points kept
+    out = LocalExecutor(jobs=2, threads=1, train_command=["false"]).run(sweep.root, [c.cell_id for c in branches])
+    assert sorted(o.status for o in out) == ["blocked", "blocked"]
+    assert "finished without a checkpoint at step" in out[0].message
+    assert len(SweepOutcome(sweep.root, len(branches), 0, out).failed) == 2

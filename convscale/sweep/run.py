@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from convscale.errors import UserError
-from convscale.status import FAILED, INTERRUPTED, FINISHED
+from convscale.status import BLOCKED, FAILED, FINISHED, INTERRUPTED, LOCKED
 from convscale.sweep.study import StudyConfig
 
 
@@ -23,7 +23,8 @@ class SweepOutcome:
 
     @property
     def failed(self) -> list:
-        return [o for o in self.outcomes if o.status == FAILED]
+        """Cells that did not finish and need a fix: failed, or a branch its trunk cannot serve."""
+        return [o for o in self.outcomes if o.status in (FAILED, BLOCKED)]
 
     @property
     def interrupted(self) -> bool:
@@ -31,7 +32,7 @@ class SweepOutcome:
 
     @property
     def locked(self) -> list:
-        return [o for o in self.outcomes if o.status == "locked"]
+        return [o for o in self.outcomes if o.status == LOCKED]
 
 
 def run_sweep(
