@@ -33,6 +33,7 @@ from torch import nn
 from convscale.errors import UserError
 from convscale.models import get_config
 from convscale.models.base import train_flops_per_image
+from convscale.models.layers import to_channels_last
 from convscale.models.nfnet import NFNetConfig
 
 try:  # run as a script (benchmarks/ on sys.path) or as a module from the repo root
@@ -153,7 +154,7 @@ class Runner:
         torch.manual_seed(0)
         model = cand.build().to(self.device).train()
         fmt = torch.channels_last if memory_format == "channels_last" else torch.contiguous_format
-        model = model.to(memory_format=fmt)
+        model = to_channels_last(model) if fmt == torch.channels_last else model  # as training does
         self.step = make_step(torch.compile(model) if args.compile else model, self.device, precision)
         self.x = torch.randn(args.batch_size, 3, args.resolution, args.resolution, device=self.device)
         self.x = self.x.contiguous(memory_format=fmt)

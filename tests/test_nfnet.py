@@ -430,3 +430,56 @@ def test_ws_conv_under_fsdp_layouts_and_dtypes():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got, want = low(x), rounded(x)
     torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=0)
+
+
+def test_pointwise_conv_as_matmul_is_the_same_function():
+    """A 1x1 conv of an NHWC CPU input runs as F.linear: the output (NHWC strides kept) and every
+    gradient equal F.conv2d's; strided, grouped and NCHW cases still take the conv."""
+    torch.manual_seed(0)
+    conv = ScaledStdConv2d(8, 16, kernel_size=1, input_scale=1.7)
+    with torch.no_grad():
+        conv.gain.uniform_(0.5, 1.5)
+        conv.bias.normal_()
+    x0 = torch.randn(4, 8, 5, 5).contiguous(memory_format=torch.channels_last)
+    got = []
+    for matmul in (True, False):
+        conv.pointwise_matmul = matmul
+        conv.zero_grad()
+        x = x0.clone().requires_grad_()
+        assert conv._pointwise(x) is matmul
+        y = conv(x)
+        (y * torch.linspace(-1, 1, y.numel()).view(y.shape)).sum().backward()
+        got.append((y, x.grad, conv.weight.grad, conv.gain.grad, conv.bias.grad))
+    assert got[0][0].is_contiguous(memory_format=torch.channels_last)
+    for a, b in zip(*got):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    conv.pointwise_matmul = True
+    assert not conv._pointwise(torch.randn(4, 8, 5, 5))  # NCHW input
+    assert not ScaledStdConv2d(8, 16, kernel_size=1, stride=2)._pointwise(x0)
+    assert not ScaledStdConv2d(8, 16, kernel_size=1, groups=2)._pointwise(x0)
+    assert not ScaledStdConv2d(8, 16, kernel_size=3)._pointwise(x0)
+
+
+def test_channels_last_model_stays_nhwc_through_a_one_channel_stem():
+    """nfnet-w0.046875's stem starts with 1 channel, whose strides are both NCHW and NHWC: the conv
+    after it returned NCHW, and the whole model then ran NCHW against NHWC weights. Under
+    to_channels_last every conv's input after the first is NHWC, and the logits are the NCHW model's."""
+    from convscale.models import get_config
+    from convscale.models.layers import to_channels_last
+
+    torch.manual_seed(0)
+    cfg = get_config("nfnet-w0.046875-d1.1.1", num_classes=10)
+    assert cfg.stem_widths[0] == 1
+    ref = cfg.build()
+    model = to_channels_last(cfg.build())
+    model.load_state_dict(ref.state_dict())
+    seen = []
+    for m in model.modules():
+        if isinstance(m, ScaledStdConv2d):
+            m.register_forward_hook(lambda mod, i, o: seen.append(
+                (i[0].shape[1] > 1 and i[0].is_contiguous(memory_format=torch.channels_last)
+                 and not i[0].is_contiguous()) or i[0].shape[1] == 1 or i[0].shape[-1] == 1))
+    x = torch.randn(4, 3, 16, 16)
+    out = model(x.contiguous(memory_format=torch.channels_last))
+    assert len(seen) > 10 and all(seen)
+    torch.testing.assert_close(out, ref(x), rtol=1e-4, atol=1e-5)

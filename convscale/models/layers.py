@@ -221,6 +221,16 @@ class ScaledStdConv2d(nn.Conv2d):
         nn.init.normal_(self.weight, std=self.fan_in**-0.5)
         nn.init.zeros_(self.bias)
 
+    #: a 1x1, stride-1, ungrouped conv of an NHWC CPU input runs as one matrix product (F.linear
+    #: over the channel axis): the same function, without oneDNN's per-call convolution overhead,
+    #: which dominates the tiny convs of small models (benchmarks/small_models.py). Set False on an
+    #: instance to take F.conv2d.
+    pointwise_matmul: bool = True
+    #: set by ``to_channels_last``: the output is kept NHWC. Without it a conv whose input and weight
+    #: have one channel (the stem of the smallest NFNets) returns NCHW, ambiguous strides read as
+    #: NCHW, and every later layer of the model then ran NCHW against NHWC weights.
+    nhwc: bool = False
+
     def standardized_weight(self) -> torch.Tensor:
         """W_hat, without ``input_scale``."""
         return standardize_weight(self.weight, self.gain, 1.0, self.eps)
@@ -240,7 +250,17 @@ class ScaledStdConv2d(nn.Conv2d):
             # so the conv sees one memory format and the standardised weight is made NHWC directly
             weight = weight.contiguous(memory_format=torch.channels_last)
         weight = standardize_weight(weight, gain, self.input_scale, self.eps)
-        return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        if self._pointwise(x):
+            nhwc = F.linear(x.permute(0, 2, 3, 1), weight.reshape(weight.shape[0], -1), self.bias)
+            return nhwc.permute(0, 3, 1, 2)  # NCHW shape, NHWC strides: as the conv would return
+        out = F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        if self.nhwc and out.dim() == 4:
+            out = out.contiguous(memory_format=torch.channels_last)  # a no-op unless the conv chose NCHW
+        return out
+
+    def _pointwise(self, x: torch.Tensor) -> bool:
+        return (self.pointwise_matmul and self.kernel_size == (1, 1) and self.stride == (1, 1) and self.groups == 1
+                and x.dim() == 4 and x.device.type == "cpu" and x.is_contiguous(memory_format=torch.channels_last))
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (f", input_scale={self.input_scale:.6g}" if self.input_scale != 1.0 else "")
@@ -277,3 +297,19 @@ class SqueezeExcite(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * self.gate(x)[:, :, None, None]
+
+
+def to_channels_last(model: nn.Module) -> nn.Module:
+    """The model in NHWC: parameters NHWC, except 1x1 conv weights (``.to(channels_last)`` gives
+    those strides that their gradients never have, and DDP then copies every such gradient into
+    its bucket, warning "Grad strides do not match bucket view strides"; a 1x1 weight is the same
+    matrix either way), and every ScaledStdConv2d keeps its output NHWC."""
+    model = model.to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 4 and p.shape[2:] == (1, 1):
+                p.data = p.data.clone(memory_format=torch.contiguous_format)
+    for m in model.modules():
+        if isinstance(m, ScaledStdConv2d):
+            m.nhwc = True
+    return model

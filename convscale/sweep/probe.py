@@ -71,6 +71,7 @@ def probe_model(
     import torch
 
     from convscale.models import get_config
+    from convscale.models.layers import to_channels_last
     from convscale.train.memory import enable_activation_checkpointing
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -85,7 +86,7 @@ def probe_model(
             enable_activation_checkpointing(model)
         x = torch.randn(batch_size, 3, resolution, resolution, device=device)
         if cfg.traits.channels_last(channels_last, device):
-            model = model.to(memory_format=torch.channels_last)
+            model = to_channels_last(model)
             x = x.contiguous(memory_format=torch.channels_last)
         y = torch.randint(0, num_classes, (batch_size,), device=device)
         opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)

@@ -13,6 +13,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from convscale.models.layers import to_channels_last
 from convscale.train.config import TrainConfig
 from convscale.train.distributed import fsdp_shard, gradient_sync, resolve_parallel, wrap_model
 from convscale.train.evaluate import autocast, training_loss
@@ -63,18 +64,6 @@ def build_trainee(cfg: TrainConfig, model_cfg: Any, device: torch.device, num_cl
         fsdp_shard(ema_model, average_replicated_grads=False, param_dtype=param_dtype)
     optimizer = build_optimizer(model, cfg.optim)
     return Trainee(model, train_model, ema_model, optimizer, channels_last)
-
-
-def to_channels_last(model: nn.Module) -> nn.Module:
-    """NHWC parameters, except 1x1 conv weights: ``.to(channels_last)`` gives those strides that
-    their gradients never have, and DDP then copies every such gradient into its bucket (it warns
-    "Grad strides do not match bucket view strides"); a 1x1 weight is the same matrix either way."""
-    model = model.to(memory_format=torch.channels_last)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 4 and p.shape[2:] == (1, 1):
-                p.data = p.data.clone(memory_format=torch.contiguous_format)
-    return model
 
 
 @torch.no_grad()
