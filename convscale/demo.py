@@ -42,9 +42,12 @@ class DemoResult:
 
 
 def best_cells(df, families: list[str]) -> dict[str, Any]:
-    """Per family, the done cell with the lowest held-out loss at the largest budget it reached."""
+    """Per family, the done cell with the lowest held-out loss at the largest budget it reached
+    (a cooldown trunk is no budget's run: it is left out)."""
+    from convscale.scaling.table import without_trunks
+
     best = {}
-    done = df[df["status"] == "done"]
+    done = without_trunks(df[df["status"] == "done"])
     for fam in families:
         rows = done[done["family"] == fam]
         if rows.empty:

@@ -102,3 +102,19 @@ def test_demo_report_loads_inrun_chromium(demo, tmp_path):
     shot = tmp_path / "demo.png"
     run_chromium(tmp_path, f"--screenshot={shot}", "--window-size=1280,3000", (root / "report" / "report.html").as_uri())
     assert shot.is_file() and shot.stat().st_size > 20_000
+
+
+def test_best_cells_leave_out_cooldown_trunks():
+    """A trunk (no budget of its own, constant-lr loss) is never the cell the demo fine-tunes."""
+    import pandas as pd
+
+    from convscale.demo import best_cells
+
+    df = pd.DataFrame([
+        dict(family="nfnet", model="a", role="trunk", status="done", budget_flops=float("nan"), budget=2e11, loss=2.0),
+        dict(family="nfnet", model="a", role="branch", status="done", budget_flops=1e11, budget=1e11, loss=3.0),
+        dict(family="nfnet", model="b", role="branch", status="done", budget_flops=2e11, budget=2e11, loss=2.6),
+        dict(family="nfnet", model="a", role="branch", status="done", budget_flops=2e11, budget=2e11, loss=2.5),
+    ])
+    best = best_cells(df, ["nfnet"])
+    assert best["nfnet"]["role"] == "branch" and best["nfnet"]["loss"] == 2.5

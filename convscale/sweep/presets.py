@@ -20,32 +20,44 @@ from typing import Any
 from convscale.errors import UserError
 
 _NFNET_SHORT_RUN = {"agc_exempt_scalar_gains": True, "classifier_lr_scale": 0.25}
-#: ViTs this small train 1.4-4.5x faster in fp32 than under bf16 autocast on these CPUs
-#: (vit-w32-d4-p4 at 16 px, batch 128, 1 thread: 6000 vs 1330 images/s; NFNets gain slightly
-#: from bf16 where the CPU has it natively), so the CPU presets run ViTs in fp32 and NFNets at "auto":
-#: bf16 on avx512_bf16 / AMX CPUs and CUDA, fp32 on AVX2-only CPUs (where bf16 autocast is ~4.5x slower).
+#: The CPU presets train both families in fp32: models this small run faster in fp32 than under
+#: bf16 autocast even on CPUs with avx512_bf16 and AMX (benchmarks/small_models.py, 1 thread,
+#: batch 128 at 16 px: nfnet-w0.047 12980 vs 10320 images/s, w0.125 9410 vs 7970, vit-w32-d4-p4
+#: 8410 vs 1810), and on AVX2-only CPUs bf16 autocast is ~4.5x slower. Larger models (the gpu and
+#: paper presets) keep "auto": bf16 where the device computes it natively.
 _VIT_CPU = {"weight_decay": 0.05, "precision": "fp32"}
+_NFNET_CPU = {**_NFNET_SHORT_RUN, "precision": "fp32"}
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # `convscale demo`: 3 NFNet x 3 ViT sizes x 3 budgets (one decade) x 2 lrs = 36 cells, about
-    # 6 minutes with 2 jobs on 2 CPU cores. Sizes and lrs from the medium study's runs here: at
-    # these budgets the smallest models learn most (w0.125+ NFNets and w32+ ViTs stayed near
-    # chance), NFNets with AGC did best at lr 0.8 and small ViTs at 0.008-0.016.
+    # `convscale demo`: 6 NFNet x 6 ViT sizes at 6 budgets (1.5 decades, 2e10-6.4e11 FLOPs) as
+    # cooldown branches (WSD, 20 % 1-sqrt cooldown): one constant-lr trunk per model to its largest
+    # budget and a branch per budget, 72 cells and 5.9e12 FLOPs for 9.7e12 FLOPs of budget runs
+    # (0.61x). Sizes bracket the optimum: the medium study had the smallest model best at the small
+    # budgets, so the ladder starts at w0.0234 / w4, and max_epochs (0.8) drops the small models where
+    # they would need most of the time and sit far past their optimum. One lr per family (NFNet 1.2,
+    # between the medium study's 0.8 and 1.6 optima; ViT 0.008): the lr findings need a grid this
+    # budget cannot pay for. Measured at 2026-12-02 on 2 idle avx512_bf16 cores: 6.9 min end to end;
+    # the best run was interior at 4 of 6 budgets for each family, and single runs differ by up to
+    # 0.1 nats between neighbouring sizes, so only the families finding is decided (README).
     "demo": {
         "name": "demo",
         "share_procedural_data": True,
+        "cooldown_branches": True,
         "data": {"kind": "procedural", "resolution": 16, "num_classes": 100, "heldout_images": 2048},
         "train": {"batch_size": 128, "precision": "auto", "warmup_fraction": 0.05,
+                  "schedule": "wsd", "schedule_options": {"cooldown_fraction": 0.2, "cooldown_shape": "1-sqrt"},
                   "checkpoint_every_seconds": 60.0},
         "family": [
             {"name": "nfnet", "optimizer": "sgd_agc",
-             "models": ["nfnet-w0.046875-d1.1.1", "nfnet-w0.0625-d1.1.1", "nfnet-w0.09375-d1.1.1"],
-             "lrs": [0.4, 0.8], "train": dict(_NFNET_SHORT_RUN)},
+             "models": ["nfnet-w0.0234375-d1.1.1", "nfnet-w0.03125-d1.1.1", "nfnet-w0.046875-d1.1.1",
+                        "nfnet-w0.0625-d1.1.1", "nfnet-w0.09375-d1.1.1", "nfnet-w0.125-d1.1.1"],
+             "lrs": [1.2], "train": dict(_NFNET_CPU)},
             {"name": "vit", "optimizer": "adamw",
-             "models": ["vit-w8-d4-p4", "vit-w12-d4-p4", "vit-w16-d4-p4"],
-             "lrs": [0.008, 0.016], "train": dict(_VIT_CPU)},
+             "models": ["vit-w4-d4-p4", "vit-w6-d4-p4", "vit-w8-d4-p4", "vit-w12-d4-p4", "vit-w16-d4-p4",
+                        "vit-w24-d4-p4"],
+             "lrs": [0.008], "train": dict(_VIT_CPU)},
         ],
-        "budgets": {"train_flops": [3e10, 1e11, 3e11]},
+        "budgets": {"train_flops": [2e10, 4e10, 8e10, 1.6e11, 3.2e11, 6.4e11], "max_epochs": 0.8},
     },
     # `convscale demo --scale medium`: the paper's three findings measured, on 2 CPU cores in <= 60
     # minutes. 6 NFNet x 4 ViT sizes at 5 IsoFLOP budgets (2 decades): at each budget every size
@@ -59,7 +71,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # chance loss in probes at 5e11 FLOPs, so the grid is 0.8-3.2 and bounds the optimum on both
     # sides. The 1.6e10 budget gives two decades (its larger models stay near chance). SkipInit
     # gains are exempt from AGC (short runs). The run of this preset, 50.5 min here (160 cells),
-    # is recorded in docs/results/medium: 1.6 was best in 16 of 28 NFNet grids, 0.8 in 10, 3.2 in 2.
+    # is recorded in docs/results/medium (its NFNets in bf16; the preset now trains them in fp32, faster
+    # on every CPU measured): 1.6 was best in 16 of 28 NFNet grids, 0.8 in 10, 3.2 in 2.
     "medium": {
         "name": "medium",
         "share_procedural_data": True,
@@ -70,7 +83,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             {"name": "nfnet", "optimizer": "sgd_agc",
              "models": ["nfnet-w0.03125-d1.1.1", "nfnet-w0.046875-d1.1.1", "nfnet-w0.0625-d1.1.1",
                         "nfnet-w0.09375-d1.1.1", "nfnet-w0.125-d1.1.1", "nfnet-w0.1875-d1.1.1"],
-             "lr_center": 1.6, "lr_factors": [0.5, 1, 2], "train": dict(_NFNET_SHORT_RUN)},
+             "lr_center": 1.6, "lr_factors": [0.5, 1, 2], "train": dict(_NFNET_CPU)},
             {"name": "vit", "optimizer": "adamw",
              "models": ["vit-w8-d4-p4", "vit-w12-d4-p4", "vit-w16-d4-p4", "vit-w24-d4-p4"],
              "lr_center": 0.004, "lr_factors": [0.5, 1, 2, 4], "train": dict(_VIT_CPU)},
@@ -87,7 +100,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "family": [
             {"name": "nfnet", "optimizer": "sgd_agc",
              "models": ["nfnet-w0.03125-d1.1.1", "nfnet-w0.0625-d1.1.1"],
-             "lrs": [0.2], "train": dict(_NFNET_SHORT_RUN)},
+             "lrs": [0.2], "train": dict(_NFNET_CPU)},
             {"name": "vit", "optimizer": "adamw",
              "models": ["vit-w16-d2-p4", "vit-w32-d2-p4"],
              "lrs": [0.006], "train": dict(_VIT_CPU)},
