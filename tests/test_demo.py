@@ -118,3 +118,28 @@ def test_best_cells_leave_out_cooldown_trunks():
     ])
     best = best_cells(df, ["nfnet"])
     assert best["nfnet"]["role"] == "branch" and best["nfnet"]["loss"] == 2.5
+
+
+def test_quick_demo_plan_is_cooldown_branches_bracketing_sizes_over_1p5_decades():
+    """The quick preset as its comment and the README describe it: 72 cells of cooldown branches
+    (12 trunks), 6 budgets over >= 1.5 decades, every cell fp32, about 0.61x the compute of one run
+    per budget, and >= 3 sizes per family at every budget (so an optimum can be interior)."""
+    import math
+
+    from convscale.sweep.planner import both_plan_costs, plan_study
+    from convscale.sweep.presets import preset
+    from convscale.sweep.study import parse_study
+
+    study = parse_study(preset("demo"))
+    plan = plan_study(study)
+    trunks = [c for c in plan.cells if c.role == "trunk"]
+    branches = [c for c in plan.cells if c.role != "trunk"]
+    assert study.cooldown_branches and len(plan.cells) == 72 and len(trunks) == 12
+    budgets = sorted({c.budget for c in branches})
+    assert len(budgets) == 6 and math.log10(budgets[-1] / budgets[0]) >= 1.5
+    assert {c.precision for c in plan.cells} == {"fp32"}
+    for fam in ("nfnet", "vit"):
+        for b in budgets:
+            assert len({c.model for c in branches if c.family == fam and c.budget == b}) >= 3, (fam, b)
+    per_budget, cooldown = both_plan_costs(study, plan)
+    assert 0.55 < cooldown.spent_flops / per_budget.spent_flops < 0.65
