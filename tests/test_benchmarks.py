@@ -47,3 +47,16 @@ def test_jpeg_decode_benchmark_measures_both_decoders_on_both_sources(capsys):
     assert {(r[0], r[2]) for r in rows} >= {("folder", "pil"), ("shards", "pil")}
     assert all(float(r[3]) > 0 for r in rows)
     assert "cores to feed a GPU training NFNet-F0 at 441 images/s" in out
+
+
+def test_cell_startup_benchmark_runs_both_ways_and_prints_the_ratio(capsys):
+    import pytest
+
+    if not __import__("sys").platform.startswith("linux"):
+        pytest.skip("cells are forked on Linux only")
+    cs = _load("cell_startup")
+    cs.main(["--model", "vit-tiny", "--cells", "2", "--steps", "1", "--rounds", "1"])
+    out = capsys.readouterr().out
+    rows = dict(line.split(",")[:2] for line in out.splitlines() if line.startswith(("forked,", "subprocess,")))
+    assert set(rows) == {"forked", "subprocess"} and all(float(v) > 0 for v in rows.values())
+    assert "subprocess / forked, median seconds per cell:" in out

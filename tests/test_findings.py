@@ -130,6 +130,15 @@ def test_size_growing_faster_than_images_disagrees():
     assert f.verdict == DISAGREES and "model size grows faster" in f.why, f
 
 
+def test_one_learning_rate_for_every_size_is_a_stated_caveat_of_the_allocation(equal_rates):
+    """A single lr for every size (the quick demo) handicaps the sizes whose best lr differs: the
+    allocation finding says so; with an lr grid per cell it does not."""
+    df = planted(n_lrs=1).assign(lr=0.1)
+    f = allocation_finding("nfnet", fit_one(df), df)
+    assert "every size trained at one learning rate" in f.why, f
+    assert "one learning rate" not in allocation_finding("nfnet", equal_rates[1], equal_rates[0]).why
+
+
 def test_optimum_below_the_smallest_size_cannot_tell():
     # every budget's optimum (3e4 at 1e13) lies below the swept sizes: the best run is always the smallest
     df = planted(sizes=10 ** np.arange(5.5, 6.51, 0.5))

@@ -332,8 +332,19 @@ def allocation_finding(family: str, fit: Any, results: pd.DataFrame) -> Finding:
     if t is not None and t.n_points and t.n_at_grid_edge / t.n_points > MAX_EDGE_SHARE:
         caveat = (f"; caveat: {t.n_at_grid_edge} of {t.n_points} lr optima lie at the edge of their grid, so "
                   "each size's loss may not be its best, which can bias the size optimum")
+    elif t is None and _single_lr(results, family):
+        caveat = ("; caveat: every size trained at one learning rate, so a size whose best lr differs is "
+                  "handicapped, which can bias the size optimum (sweep lr per size to remove it)")
     verdict, why = allocation_verdict(fit, results)
     return Finding("allocation", family, PAPER["allocation"], measured, verdict, why + caveat)
+
+
+def _single_lr(results: pd.DataFrame, family: str) -> bool:
+    """Whether every done run of the family used one and the same learning rate."""
+    if "lr" not in results:
+        return False
+    done = results[(results["family"] == family) & (results["status"] == "done")]
+    return len(done) > 0 and done["lr"].nunique() == 1
 
 
 # --- (3) learning rate --------------------------------------------------------------------------------

@@ -29,16 +29,17 @@ _VIT_CPU = {"weight_decay": 0.05, "precision": "fp32"}
 _NFNET_CPU = {**_NFNET_SHORT_RUN, "precision": "fp32"}
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # `convscale demo`: 6 NFNet x 6 ViT sizes at 6 budgets (1.5 decades, 2e10-6.4e11 FLOPs) as
+    # `convscale demo`: 6 NFNet x 6 ViT sizes at 6 budgets (1.5 decades, 1e10-3.2e11 FLOPs) as
     # cooldown branches (WSD, 20 % 1-sqrt cooldown): one constant-lr trunk per model to its largest
-    # budget and a branch per budget, 72 cells and 5.9e12 FLOPs for 9.7e12 FLOPs of budget runs
+    # budget and a branch per budget, 72 cells and 2.95e12 FLOPs for 4.84e12 FLOPs of budget runs
     # (0.61x). Sizes bracket the optimum: the medium study had the smallest model best at the small
-    # budgets, so the ladder starts at w0.0234 / w4, and max_epochs (0.8) drops the small models where
+    # budgets, so the ladder starts at w0.0234 / w4, and max_epochs (0.4) drops the small models where
     # they would need most of the time and sit far past their optimum. One lr per family (NFNet 1.2,
     # between the medium study's 0.8 and 1.6 optima; ViT 0.008): the lr findings need a grid this
-    # budget cannot pay for. Measured at 2026-12-02 on 2 idle avx512_bf16 cores: 6.9 min end to end;
-    # the best run was interior at 4 of 6 budgets for each family, and single runs differ by up to
-    # 0.1 nats between neighbouring sizes, so only the families finding is decided (README).
+    # budget cannot pay for. Measured 2026-12-03 on 2 idle AVX2-only cores (AMD EPYC): 6.6 min end to
+    # end (the same design at twice these budgets took 15.3 min there, 6.9 on an avx512_bf16 Xeon).
+    # Single runs differ by up to ~0.6 nats between neighbouring sizes at a budget, so most findings
+    # read "cannot tell" (README).
     "demo": {
         "name": "demo",
         "share_procedural_data": True,
@@ -57,7 +58,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                         "vit-w24-d4-p4"],
              "lrs": [0.008], "train": dict(_VIT_CPU)},
         ],
-        "budgets": {"train_flops": [2e10, 4e10, 8e10, 1.6e11, 3.2e11, 6.4e11], "max_epochs": 0.8},
+        "budgets": {"train_flops": [1e10, 2e10, 4e10, 8e10, 1.6e11, 3.2e11], "max_epochs": 0.4},
     },
     # `convscale demo --scale medium`: the paper's three findings measured, on 2 CPU cores in <= 60
     # minutes. 6 NFNet x 4 ViT sizes at 5 IsoFLOP budgets (2 decades): at each budget every size

@@ -26,7 +26,6 @@ import torch.distributed as dist
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.distributed.tensor import distribute_tensor
 
 from convscale.errors import UserError
 # atomic_write_json: the trainer (train/loop.py) imports it from here
@@ -250,6 +249,8 @@ def _load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimi
             on_device = skey != "step" or step_on_device
             value = value.to(p.device) if on_device else value
             if is_sharded(p) and value.shape == p.shape:  # FSDP2: keep this rank's shard of it
+                from torch.distributed.tensor import distribute_tensor
+
                 value = distribute_tensor(value, p.device_mesh, p.placements)
             optimizer.state[p][skey] = value
     for key, value in state.pop("optimizer_scalars", {}).items():

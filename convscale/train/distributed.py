@@ -23,6 +23,7 @@ import contextlib
 import gc
 import os
 import re
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping, MutableMapping, Optional, TypeVar
 
@@ -31,7 +32,6 @@ import torch.distributed as dist
 from torch import nn
 
 from convscale.models import is_residual_block
-from torch.distributed.tensor import DTensor, Shard
 
 from convscale.errors import UserError
 
@@ -332,14 +332,22 @@ def wrap_model(model: nn.Module, parallel: str, device: torch.device,
     return model
 
 
+def _dtensor_module():
+    """``torch.distributed.tensor`` if something imported it, else None. It is not imported here:
+    it takes ~0.75 s (sympy), paid by every sweep cell, and no DTensor can exist before it is."""
+    return sys.modules.get("torch.distributed.tensor")
+
+
 def is_sharded(t: torch.Tensor) -> bool:
     """True for a DTensor split across ranks on some dim (an FSDP2 parameter or its gradient)."""
-    return isinstance(t, DTensor) and any(isinstance(pl, Shard) for pl in t.placements)
+    m = _dtensor_module()
+    return m is not None and isinstance(t, m.DTensor) and any(isinstance(pl, m.Shard) for pl in t.placements)
 
 
 def local(t: torch.Tensor) -> torch.Tensor:
     """The local shard of a DTensor (in-place ops on it change the DTensor), else ``t``."""
-    return t.to_local() if isinstance(t, DTensor) else t
+    m = _dtensor_module()
+    return t.to_local() if m is not None and isinstance(t, m.DTensor) else t
 
 
 def process_group_of(t: torch.Tensor):

@@ -10,7 +10,9 @@ from typing import Callable, Optional
 
 from convscale import signals
 from convscale.errors import UserError
-from convscale.sweep.executors.cell import CellOutcome, Resources, run_cell, stop_children, visible_gpus
+from convscale.sweep.executors import forkserver
+from convscale.sweep.executors.cell import (CellOutcome, Resources, _die_with_parent, cell_env, run_cell, stop_children,
+                                            visible_gpus)
 from convscale.sweep.sweepdir import SweepDir
 
 
@@ -48,6 +50,7 @@ class LocalExecutor:
     threads: Optional[int] = None  # per job; None: cpu_count // jobs
     train_command: Optional[list[str]] = None
     on_outcome: Callable[[CellOutcome, int, int], None] = field(default=lambda o, i, n: None)
+    fork: bool = True  # CPU cells forked from a warm process per slot (forkserver.py) where available
 
     def resources(self, slot: int) -> Resources:
         gpus = self.gpus if self.gpus is not None else _cuda_device_count()
@@ -74,6 +77,18 @@ class LocalExecutor:
                 outcomes.append(o)
                 on_outcome(o, len(outcomes), len(cell_ids))
 
+        servers: list[forkserver.ForkServer] = []
+
+        def server_for(slot: int, resources: Resources) -> "forkserver.ForkServer | None":
+            """A warm process to fork this slot's CPU cells from (forkserver.py), or None."""
+            if not self.fork or resources.gpu is not None or self.train_command is not None or not forkserver.available():
+                return None
+            while len(servers) <= slot:
+                servers.append(None)
+            if servers[slot] is None:
+                servers[slot] = forkserver.ForkServer(cell_env(resources), preexec_fn=_die_with_parent(os.getpid()))
+            return servers[slot]
+
         def worker(slot: int) -> None:
             while not stop.is_set():
                 cid, blocked = todo.take()
@@ -85,7 +100,8 @@ class LocalExecutor:
                     stop.wait(WAIT_SECONDS)  # a branch waits for its trunk's checkpoint
                     continue
                 try:
-                    o = run_cell(root, cid, self.resources(slot), self.train_command)
+                    res = self.resources(slot)
+                    o = run_cell(root, cid, res, self.train_command, server=server_for(slot, res))
                 except BaseException as e:  # our bug: stop the sweep, keep the traceback
                     errors.append(e)
                     stop.set()
@@ -109,6 +125,10 @@ class LocalExecutor:
             for t in threads:
                 t.join(timeout=60)
             raise
+        finally:
+            for server in servers:
+                if server is not None:
+                    server.close()
         if errors:
             raise errors[0]
         return outcomes
