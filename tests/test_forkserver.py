@@ -94,3 +94,22 @@ def test_a_sweep_forks_its_cells_and_they_equal_subprocess_cells(tmp_path, monke
         losses[fork] = collect(sweep.root).set_index("cell_id")["loss"].sort_index()
     assert launched == ["train"] * len(plan.cells)  # every cell of the first sweep was forked, none of the second
     assert list(losses[True]) == list(losses[False])  # the same runs, bit for bit
+
+
+def test_a_server_that_cannot_start_leaves_its_cells_to_subprocesses(tmp_path, monkeypatch, capsys):
+    from convscale.sweep import LocalExecutor, SweepDir, collect, load_study, plan_study
+    from convscale.sweep.executors import forkserver
+
+    monkeypatch.setattr(forkserver, "_SERVER_MAIN", "import sys; sys.exit(3)")  # a server that dies at once
+    for k, v in env().items():
+        monkeypatch.setenv(k, v)
+    (tmp_path / "s.toml").write_text(SWEEP_STUDY.format(budgets="images = [256]"))
+    plan = plan_study(load_study(tmp_path / "s.toml"))
+    sweep = SweepDir(tmp_path / "sweep")
+    sweep.prepare(plan)
+    ids = [c.cell_id for c in plan.cells][:2]
+    out = LocalExecutor(jobs=1, threads=1, gpus=0).run(sweep.root, ids)
+    assert [o.status for o in out] == ["done", "done"], [o.message for o in out]
+    err = capsys.readouterr().err
+    assert err.count("the cell fork server did not start") == 1  # said once; the next cell goes straight to a subprocess
+    assert (collect(sweep.root)["status"] == "done").sum() == 2

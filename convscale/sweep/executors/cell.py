@@ -116,9 +116,16 @@ def run_cell(
             # until the training process itself ends, which it does at once (SIGTERM on parent
             # death, Linux). Its own session: a terminal's Ctrl-C reaches the sweep, which stops
             # its children once, by SIGTERM (stop_children), as it does for a SIGTERM of its own.
-            if server is not None and train_command is None and cmd[1:3] == ["-m", "convscale"]:
-                proc = server.launch(cmd[3:], str(out_path), str(err_path), lock.fd)
-            else:
+            proc = None
+            if server is not None and not server.disabled and train_command is None and cmd[1:3] == ["-m", "convscale"]:
+                from convscale.sweep.executors.forkserver import ForkServerError
+
+                try:
+                    proc = server.launch(cmd[3:], str(out_path), str(err_path), lock.fd)
+                except ForkServerError as e:
+                    server.disabled = True
+                    print(f"convscale: warning: {e}", file=sys.stderr)
+            if proc is None:
                 proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=err, stdin=subprocess.DEVNULL,
                                         pass_fds=(lock.fd,), start_new_session=True,
                                         preexec_fn=_die_with_parent(os.getpid()))

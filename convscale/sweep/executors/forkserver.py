@@ -31,6 +31,10 @@ import time
 from typing import Optional
 
 FORK_ENV = "CONVSCALE_FORK_CELLS"
+
+
+class ForkServerError(RuntimeError):
+    """The server could not be started or answered nonsense: run the cell as a subprocess instead."""
 _MAX_MESSAGE = 1 << 20
 
 
@@ -151,6 +155,7 @@ class ForkServer:
         self.sock: Optional[socket.socket] = None
         self.lines: Optional[_Lines] = None
         self.broken = False
+        self.disabled = False  # it failed to start: the slot's cells run as subprocesses
         self._lock = threading.Lock()
 
     def _start(self) -> None:
@@ -158,7 +163,7 @@ class ForkServer:
         try:
             self.proc = subprocess.Popen(
                 [sys.executable, "-c", _SERVER_MAIN, str(theirs.fileno())],
-                env=self.env, stdin=subprocess.DEVNULL, pass_fds=(theirs.fileno(),),
+                env=self.env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, pass_fds=(theirs.fileno(),),
                 start_new_session=True, preexec_fn=self.preexec_fn)
         finally:
             theirs.close()
@@ -180,8 +185,8 @@ class ForkServer:
                 if msg is not None and "pid" in msg:
                     return ForkedCell(self, int(msg["pid"]))
                 self.broken = True
-            raise RuntimeError("the cell fork server did not start; set CONVSCALE_FORK_CELLS=0 to run cells "
-                               "as plain subprocesses, and report this")
+            raise ForkServerError("the cell fork server did not start (its error is above); cells run as plain "
+                                  "subprocesses from now on (set CONVSCALE_FORK_CELLS=0 to say so up front)")
 
     def close(self) -> None:
         """End the server (it exits when its socket closes; SIGTERM if it does not)."""
