@@ -9,6 +9,12 @@ for planted-agree, planted-disagree and too-noisy studies.
 
     python benchmarks/calibration.py                       # 100 studies per design (a few minutes)
     python benchmarks/calibration.py --studies 20 --bootstrap 200   # quick look
+    python benchmarks/calibration.py --trunk-noise 0.05 --noise 0.005 --lrs-per-cell 1 --skip-verdicts
+
+``--trunk-noise``: the IsoFLOP design as cooldown branches train it. Every budget of one (model, lr)
+is a branch of one trunk, so its runs share part of their deviation: each (model, lr) draws a
+log-normal offset of this sd, on top of each run's own ``--noise``. The fits' deviations bootstrap
+redraws runs' deviations independently; this measures what the shared part does to the coverage.
 """
 
 from __future__ import annotations
@@ -47,11 +53,24 @@ DESIGNS = {
 }
 
 
-def one(law: Law, design: str, noise: float, seed: int, bootstrap: int, seeds: int = 1):
+def one(law: Law, design: str, noise: float, seed: int, bootstrap: int, seeds: int = 1, trunk_noise: float = 0.0,
+        lrs_per_cell: int = 3):
     kw = dict(DESIGNS[design])
-    df = planted_study(law, design, noise=noise, seeds=seeds, rng=np.random.default_rng(seed), **kw)
+    rng = np.random.default_rng(seed)
+    df = planted_study(law, design, noise=noise, seeds=seeds, rng=rng, lrs_per_cell=lrs_per_cell, **kw)
+    if trunk_noise > 0:
+        df = with_trunk_noise(df, trunk_noise, rng)
     fit = fit_table(df, bootstrap=bootstrap, seed=seed)
     return next(iter(fit.families.values()))
+
+
+def with_trunk_noise(df, sd: float, rng: np.random.Generator):
+    """Each (model, lr rank within its cell) -- one trunk of a cooldown-branch study -- multiplies
+    the loss of all its runs by one log-normal factor of sd ``sd``."""
+    rank = df.groupby(["model", "budget"])["lr"].rank(method="first").astype(int)
+    trunk = df["model"].astype(str) + "/" + rank.astype(str)
+    offset = {t: rng.normal(0.0, sd) for t in sorted(trunk.unique())}
+    return df.assign(loss=df["loss"] * np.exp(trunk.map(offset).to_numpy()), role="branch")
 
 
 def covers(est, truth) -> float:
@@ -60,17 +79,18 @@ def covers(est, truth) -> float:
     return float(est.low <= truth <= est.high)
 
 
-def calibration(studies: int, bootstrap: int, noise: float) -> list[list[str]]:
+def calibration(studies: int, bootstrap: int, noise: float, trunk_noise: float = 0.0,
+                lrs_per_cell: int = 3) -> list[list[str]]:
     truth = EQUAL.truth()
     rows = []
-    for design in DESIGNS:
+    for design in (["isoflop"] if trunk_noise > 0 else DESIGNS):
         hits: dict[str, list[float]] = {k: [] for k in ("frontier a", "N_opt exp", "D_opt exp", "lr vs epochs",
                                                          "lr vs size")}
         widths: dict[str, list[float]] = {k: [] for k in hits}
         method = ""
         t0 = time.perf_counter()
         for s in range(studies):
-            f = one(EQUAL, design, noise, s, bootstrap)
+            f = one(EQUAL, design, noise, s, bootstrap, trunk_noise=trunk_noise, lrs_per_cell=lrs_per_cell)
             method, n_fit, d_fit = f.allocation()
             pairs = {
                 "frontier a": (f.power_law.a if f.power_law else None, truth["frontier_exponent"]),
@@ -128,6 +148,10 @@ def main() -> None:
     p.add_argument("--studies", type=int, default=100)
     p.add_argument("--bootstrap", type=int, default=400)
     p.add_argument("--noise", type=float, default=0.02, help="log-normal sd of a run's loss (default 0.02)")
+    p.add_argument("--trunk-noise", type=float, default=0.0,
+                   help="log-normal sd shared by every run of one (model, lr): cooldown branches of one trunk "
+                        "(IsoFLOP design only; default 0)")
+    p.add_argument("--lrs-per-cell", type=int, default=3)
     p.add_argument("--verdict-studies", type=int, default=20)
     p.add_argument("--skip-verdicts", action="store_true")
     p.add_argument("--skip-coverage", action="store_true")
@@ -135,10 +159,11 @@ def main() -> None:
     cpu = subprocess.run("grep -o 'avx512_bf16\\|amx' /proc/cpuinfo | sort -u | tr '\\n' ' '", shell=True,
                          capture_output=True, text=True).stdout.strip() or "AVX2 only"
     print(f"# {platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} cores, CPU: {cpu}")
-    print(f"# {a.studies} studies per design, {a.bootstrap} resamples, noise {a.noise}")
+    print(f"# {a.studies} studies per design, {a.bootstrap} resamples, noise {a.noise}, trunk noise {a.trunk_noise}, "
+          f"{a.lrs_per_cell} lr(s) per cell")
     if not a.skip_coverage:
         print(table(["design", "quantity", "method", "coverage of 95% interval", "studies with an interval",
-                     "median width", "s / fit"], calibration(a.studies, a.bootstrap, a.noise)))
+                     "median width", "s / fit"], calibration(a.studies, a.bootstrap, a.noise, a.trunk_noise, a.lrs_per_cell)))
     if not a.skip_verdicts:
         print()
         print(table(["design", "planted", "(1) power law", "(2) same rate"], verdicts(a.verdict_studies, a.bootstrap)))

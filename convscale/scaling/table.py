@@ -108,6 +108,8 @@ def prepare_table(df: pd.DataFrame) -> PreparedTable:
     for col in ("lr", "epochs", "budget_flops", "top1", "budget", "seed", "chance_loss", "params_without_head"):
         out[col] = _numeric(df, col) if col in cols else np.nan
     out["budget_kind"] = df["budget_kind"].fillna("").astype(str) if "budget_kind" in cols else ""
+    # "branch": a cooldown branch of a trunk that the same model's other budgets share (design.py)
+    out["role"] = df["role"].fillna("").astype(str) if "role" in cols else ""
 
     if "train_flops" in cols:
         out["train_flops"], source = _numeric(df, "train_flops"), "train_flops"
