@@ -113,3 +113,27 @@ def test_a_server_that_cannot_start_leaves_its_cells_to_subprocesses(tmp_path, m
     err = capsys.readouterr().err
     assert err.count("the cell fork server did not start") == 1  # said once; the next cell goes straight to a subprocess
     assert (collect(sweep.root)["status"] == "done").sum() == 2
+
+
+def test_a_server_whose_sweep_has_gone_ends_quietly(server, tmp_path, capfd):
+    """The sweep closes its end while a cell runs (it is stopping, and a cell started just before the
+    stop): when the cell ends, the server's report goes nowhere, and the server exits without a
+    traceback."""
+    import socket
+
+    lock = _lock(tmp_path / "cell.lock")
+    run = tmp_path / "run"
+    argv = ["train", "--run-dir", str(run), "--model", "vit-tiny", "--steps", "100000", "--batch-size", "8",
+            "--data", "procedural", "--resolution", "16", "--num-classes", "10", "--precision", "fp32",
+            "--set", "log_every_steps=1", "--set", "data.heldout_images=64"]
+    cell = server.launch(argv, str(tmp_path / "out"), str(tmp_path / "err"), lock.fd)
+    deadline = time.monotonic() + 120
+    while not (run / "metrics.jsonl").exists():
+        assert cell.poll() is None and time.monotonic() < deadline, (tmp_path / "err").read_text()[-2000:]
+        time.sleep(0.1)
+    server.sock.shutdown(socket.SHUT_RDWR)  # the connection ends (a plain close would wait for the reader)
+    os.kill(cell.pid, 15)
+    assert cell.wait(timeout=60) < 0  # the sweep's side no longer hears how it ended: counted as killed
+    assert server.proc.wait(timeout=60) == 0
+    assert "Traceback" not in capfd.readouterr().err
+    lock.release()

@@ -289,6 +289,13 @@ def serve(fd: int) -> None:
     import convscale.cli.train  # noqa: F401
     import convscale.train.loop  # noqa: F401
 
+    try:
+        _serve(sock)
+    except OSError:  # the sweep has gone (closed its end, or was killed): so does its server, quietly
+        return
+
+
+def _serve(sock: socket.socket) -> None:
     lines = _Lines(sock)
     while True:
         msg = lines.read()
