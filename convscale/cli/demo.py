@@ -12,7 +12,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Pre-train 6 NFNet and 6 ViT sizes at 6 compute budgets over 1.5 decades (cooldown "
         "branches: one constant-lr trunk per model, a short cooldown per budget) on the procedural stream, fit "
         "the scaling laws, fine-tune the best of each family on scikit-learn's handwritten digits, set the "
-        "paper's findings against the runs, and write the report. --scale quick took 6.6 minutes on 2 AVX2 "
+        "paper's findings against the runs, and write the report. --scale quick took 6.6-8.5 minutes on 2 AVX2 "
         "CPU cores; --scale medium (6 NFNet and 4 ViT sizes, 5 budgets over 2 decades, 3-4 learning rates) "
         "about 50; --scale gpu is a larger study for one GPU; --scale tiny is a smoke run.",
     )
