@@ -211,19 +211,11 @@ class ForkServer:
 
 # --- the server's side ---------------------------------------------------------------------------
 
-PR_SET_PDEATHSIG = 1
-
-
 def _die_with(parent_pid: int) -> None:
     """SIGTERM to this process when ``parent_pid`` (its parent) dies; exit now if it already has."""
-    try:
-        import ctypes
+    from convscale.sweep.executors.cell import _die_with_parent
 
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):
-        pass
-    if os.getppid() != parent_pid:
-        os._exit(130)
+    _die_with_parent(parent_pid)()
 
 
 def _child(argv: list[str], out_path: str, err_path: str, lock_fd: int, server_pid: int,

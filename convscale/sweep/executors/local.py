@@ -77,14 +77,12 @@ class LocalExecutor:
                 outcomes.append(o)
                 on_outcome(o, len(outcomes), len(cell_ids))
 
-        servers: list[forkserver.ForkServer] = []
+        servers: list[Optional[forkserver.ForkServer]] = [None] * max(1, self.jobs)  # one per slot, made when used
 
         def server_for(slot: int, resources: Resources) -> "forkserver.ForkServer | None":
             """A warm process to fork this slot's CPU cells from (forkserver.py), or None."""
             if not self.fork or resources.gpu is not None or self.train_command is not None or not forkserver.available():
                 return None
-            while len(servers) <= slot:
-                servers.append(None)
             if servers[slot] is None:
                 servers[slot] = forkserver.ForkServer(cell_env(resources), preexec_fn=_die_with_parent(os.getpid()))
             return servers[slot]
