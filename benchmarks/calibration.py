@@ -65,10 +65,13 @@ def one(law: Law, design: str, noise: float, seed: int, bootstrap: int, seeds: i
 
 
 def with_trunk_noise(df, sd: float, rng: np.random.Generator):
-    """Each (model, lr rank within its cell) -- one trunk of a cooldown-branch study -- multiplies
-    the loss of all its runs by one log-normal factor of sd ``sd``."""
-    rank = df.groupby(["model", "budget"])["lr"].rank(method="first").astype(int)
+    """Each (model, lr rank within its cell, seed) -- one trunk of a cooldown-branch study --
+    multiplies the loss of all its runs by one log-normal factor of sd ``sd``."""
+    by = ["model", "budget"] + (["seed"] if "seed" in df else [])
+    rank = df.groupby(by)["lr"].rank(method="first").astype(int)
     trunk = df["model"].astype(str) + "/" + rank.astype(str)
+    if "seed" in df:  # every seed trains its own trunk
+        trunk = trunk + "/" + df["seed"].astype(str)
     offset = {t: rng.normal(0.0, sd) for t in sorted(trunk.unique())}
     return df.assign(loss=df["loss"] * np.exp(trunk.map(offset).to_numpy()), role="branch")
 
@@ -80,7 +83,7 @@ def covers(est, truth) -> float:
 
 
 def calibration(studies: int, bootstrap: int, noise: float, trunk_noise: float = 0.0,
-                lrs_per_cell: int = 3) -> list[list[str]]:
+                lrs_per_cell: int = 3, seeds: int = 1) -> list[list[str]]:
     truth = EQUAL.truth()
     rows = []
     for design in (["isoflop"] if trunk_noise > 0 else DESIGNS):
@@ -90,7 +93,7 @@ def calibration(studies: int, bootstrap: int, noise: float, trunk_noise: float =
         method = ""
         t0 = time.perf_counter()
         for s in range(studies):
-            f = one(EQUAL, design, noise, s, bootstrap, trunk_noise=trunk_noise, lrs_per_cell=lrs_per_cell)
+            f = one(EQUAL, design, noise, s, bootstrap, seeds=seeds, trunk_noise=trunk_noise, lrs_per_cell=lrs_per_cell)
             method, n_fit, d_fit = f.allocation()
             pairs = {
                 "frontier a": (f.power_law.a if f.power_law else None, truth["frontier_exponent"]),
@@ -152,6 +155,7 @@ def main() -> None:
                    help="log-normal sd shared by every run of one (model, lr): cooldown branches of one trunk "
                         "(IsoFLOP design only; default 0)")
     p.add_argument("--lrs-per-cell", type=int, default=3)
+    p.add_argument("--seeds", type=int, default=1, help="runs per (model, budget, lr) cell, each with its own noise")
     p.add_argument("--verdict-studies", type=int, default=20)
     p.add_argument("--skip-verdicts", action="store_true")
     p.add_argument("--skip-coverage", action="store_true")
@@ -160,10 +164,10 @@ def main() -> None:
                          capture_output=True, text=True).stdout.strip() or "AVX2 only"
     print(f"# {platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} cores, CPU: {cpu}")
     print(f"# {a.studies} studies per design, {a.bootstrap} resamples, noise {a.noise}, trunk noise {a.trunk_noise}, "
-          f"{a.lrs_per_cell} lr(s) per cell")
+          f"{a.lrs_per_cell} lr(s) per cell, {a.seeds} seed(s)")
     if not a.skip_coverage:
         print(table(["design", "quantity", "method", "coverage of 95% interval", "studies with an interval",
-                     "median width", "s / fit"], calibration(a.studies, a.bootstrap, a.noise, a.trunk_noise, a.lrs_per_cell)))
+                     "median width", "s / fit"], calibration(a.studies, a.bootstrap, a.noise, a.trunk_noise, a.lrs_per_cell, a.seeds)))
     if not a.skip_verdicts:
         print()
         print(table(["design", "planted", "(1) power law", "(2) same rate"], verdicts(a.verdict_studies, a.bootstrap)))

@@ -75,7 +75,7 @@ ALLOCATION_TEXT = {
 }
 SIZE_CONVENTIONS = ("params", "params_without_head")
 RESAMPLING_TEXT = {
-    "seeds": "seeds within cells",
+    "seeds": "each run's deviation from its cell's seed mean (drawn from its model's deviations)",
     "deviations": "each run's deviation from a smooth surface (per-budget parabolas or L(N, D)), the design kept",
     "runs": "runs within budgets",
 }

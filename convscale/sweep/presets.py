@@ -60,36 +60,40 @@ PRESETS: dict[str, dict[str, Any]] = {
         ],
         "budgets": {"train_flops": [1e10, 2e10, 4e10, 8e10, 1.6e11, 3.2e11], "max_epochs": 0.4},
     },
-    # `convscale demo --scale medium`: the paper's three findings measured, on 2 CPU cores in <= 60
-    # minutes. 6 NFNet x 4 ViT sizes at 5 IsoFLOP budgets (2 decades): at each budget every size
-    # trains for its own epoch budget, so size and epochs are measured apart; max_epochs leaves out
-    # the smallest models at the largest budgets (> 2.5 epochs of ImageNet-sized data, far past
-    # their optimum, and the costliest cells). Chosen from earlier runs here: a first 114-cell run
-    # (lr 0.1-0.4, NFNets w0.047-w0.19, ViTs w8-w32) had the smallest NFNet best at 3 of 4 budgets
-    # (so the ladder starts at w0.031), ViTs wanting 0.008 when small and 0.002-0.004 at w24-w32
-    # (4 lrs) and w32 worst at every budget (dropped); NFNet grids 0.2-0.8 and then 0.4-1.6 each had
-    # their top lr best in most grids (19 of 22, 14 of 22), while lr 3.2 diverged or collapsed to
-    # chance loss in probes at 5e11 FLOPs, so the grid is 0.8-3.2 and bounds the optimum on both
-    # sides. The 1.6e10 budget gives two decades (its larger models stay near chance). SkipInit
-    # gains are exempt from AGC (short runs). The run of this preset, 50.5 min here (160 cells),
-    # is recorded in docs/results/medium (its NFNets in bf16; the preset now trains them in fp32, faster
-    # on every CPU measured): 1.6 was best in 16 of 28 NFNet grids, 0.8 in 10, 3.2 in 2.
+    # `convscale demo --scale medium`: the paper's three findings with lr grids and 2 seeds per cell,
+    # on 2 CPU cores in <= 60 minutes. 7 NFNet x 5 ViT sizes at 7 budgets (1e10-5e11, x1.9 apart,
+    # 1.7 decades), 3 lrs per family, 2 seeds, as cooldown branches (WSD, 20 % 1-sqrt cooldown):
+    # one constant-lr trunk per (model, lr, seed) to its largest budget and a branch per budget,
+    # 516 cells. max_epochs 0.5 leaves out the small models at the large budgets (the costliest
+    # cells: per-step overhead makes them slow per FLOP, and they sit far past their optimum; every
+    # frontier run of the earlier medium study below 1.6e12 FLOPs trained < 0.45 epochs). Ladders
+    # and grids from that study (cosine, 160 cells over 1.6e10-1.6e12, 1 seed, recorded in
+    # docs/results/medium): the smallest NFNet was best at 2 of 5 budgets (the ladder now starts at
+    # w0.0234) and w0.125 at the largest (w0.1875 kept above it); NFNet lr 1.6 best in 16 of 28 grids,
+    # 0.8 in 10, 3.2 in 2 (grid 0.8-3.2); ViT w8 best at the small budgets (w6 added below it), its
+    # ViTs best at 0.016 in most grids above 1e11 and at 0.002-0.004 for w24 (grid 0.004-0.016).
+    # Single runs differ by 0.05 (ViT) to 0.2 (NFNet) nats between seeds at 4e10 FLOPs (measured
+    # 2026-12-03), hence the seeds.
     "medium": {
         "name": "medium",
         "share_procedural_data": True,
+        "cooldown_branches": True,
+        "seeds": 2,
         "data": {"kind": "procedural", "resolution": 16, "num_classes": 100, "heldout_images": 4096},
         "train": {"batch_size": 128, "precision": "auto", "warmup_fraction": 0.05,
+                  "schedule": "wsd", "schedule_options": {"cooldown_fraction": 0.2, "cooldown_shape": "1-sqrt"},
                   "checkpoint_every_seconds": 60.0},
         "family": [
             {"name": "nfnet", "optimizer": "sgd_agc",
-             "models": ["nfnet-w0.03125-d1.1.1", "nfnet-w0.046875-d1.1.1", "nfnet-w0.0625-d1.1.1",
-                        "nfnet-w0.09375-d1.1.1", "nfnet-w0.125-d1.1.1", "nfnet-w0.1875-d1.1.1"],
+             "models": ["nfnet-w0.0234375-d1.1.1", "nfnet-w0.03125-d1.1.1", "nfnet-w0.046875-d1.1.1",
+                        "nfnet-w0.0625-d1.1.1", "nfnet-w0.09375-d1.1.1", "nfnet-w0.125-d1.1.1",
+                        "nfnet-w0.1875-d1.1.1"],
              "lr_center": 1.6, "lr_factors": [0.5, 1, 2], "train": dict(_NFNET_CPU)},
             {"name": "vit", "optimizer": "adamw",
-             "models": ["vit-w8-d4-p4", "vit-w12-d4-p4", "vit-w16-d4-p4", "vit-w24-d4-p4"],
-             "lr_center": 0.004, "lr_factors": [0.5, 1, 2, 4], "train": dict(_VIT_CPU)},
+             "models": ["vit-w6-d4-p4", "vit-w8-d4-p4", "vit-w12-d4-p4", "vit-w16-d4-p4", "vit-w24-d4-p4"],
+             "lr_center": 0.008, "lr_factors": [0.5, 1, 2], "train": dict(_VIT_CPU)},
         ],
-        "budgets": {"train_flops": [1.6e10, 5e10, 1.6e11, 5e11, 1.6e12], "max_epochs": 2.5},
+        "budgets": {"train_flops": [1e10, 1.9e10, 3.7e10, 7.1e10, 1.4e11, 2.6e11, 5e11], "max_epochs": 0.5},
     },
     # `convscale demo --scale tiny`: the same pipeline as a smoke run (CI): 2 x 2 sizes x 3 budgets
     # x 1 lr = 12 cells of a few seconds each. Too small to learn much; it checks the plumbing.
