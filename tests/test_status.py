@@ -142,3 +142,22 @@ def test_live_line_elsewhere_is_the_plain_lines(sweep):
     with LiveLine(sweep, UNFINISHED, workers=2, log=logged.append, stream=stream) as line:
         line.write("[1/4] done        nfb__C4e12")
     assert logged == ["[1/4] done        nfb__C4e12"] and stream.getvalue() == ""
+
+
+def test_frontier_before_any_budget_is_done_in_a_cooldown_sweep(monkeypatch, tmp_path):
+    """While only cooldown trunks have finished (no budget's run yet), `sweep status` shows no
+    frontier instead of failing on a table with nothing to fit (seen on the medium preset)."""
+    import pandas as pd
+
+    import convscale.sweep.results as results
+    from convscale.cli.sweep_status import _frontiers
+
+    trunk = dict(family="nfnet", model="nfnet-a", params=1e4, images_seen=1e6, train_flops=6e10, loss=3.0,
+                 lr=0.8, budget_flops=float("nan"), status="done", role="trunk", cell_id="t")
+    branch = dict(trunk, budget_flops=1e10, train_flops=1e10, status="pending", loss=float("nan"), role="branch",
+                  cell_id="b")
+    monkeypatch.setattr(results, "collect", lambda root: pd.DataFrame([trunk, branch]))
+    assert _frontiers(tmp_path) == {}
+    monkeypatch.setattr(results, "collect", lambda root: pd.DataFrame([trunk, dict(branch, status="done", loss=3.2)]))
+    fr = _frontiers(tmp_path)
+    assert list(fr) == ["nfnet"] and fr["nfnet"]["loss"].tolist() == [3.2]

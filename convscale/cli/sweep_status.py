@@ -34,11 +34,13 @@ def register(sub) -> None:
 
 
 def _frontiers(root) -> dict:
-    """Each family's frontier rows of the sweep's done cells ({} before any cell is done)."""
+    """Each family's frontier rows of the sweep's done cells ({} before any budget's cell is done:
+    a finished cooldown trunk is no budget's run)."""
     from convscale.scaling.frontier import frontiers_by_family
+    from convscale.scaling.table import without_trunks
     from convscale.sweep.results import collect
 
-    df = collect(root)
+    df = without_trunks(collect(root))
     if not (df["status"] == "done").any():
         return {}
     return frontiers_by_family(df)
