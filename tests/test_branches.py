@@ -276,3 +276,21 @@ def test_branch_deviations_are_redrawn_with_their_trunks_shared_part():
                          "budget_flops": [6e9, 1.2e10, 6e9, 1.2e10], "loss": [3.0, 2.8, 3.1, 2.7], "lr": 0.1})
     assert build_points(runs, "isoflop").trunk_group is None
     assert list(build_points(runs.assign(role="branch"), "isoflop").trunk_group) == [0, 0, 1, 1]
+
+
+@pytest.mark.slow  # two short runs
+def test_a_branch_whose_trunk_diverged_before_its_cooldown_start_diverged_there_too(tmp_path):
+    """The medium preset's lr-3.2 trunks diverged; their later budgets' branches then failed with
+    "no checkpoint at step N" and the demo stopped before its fits. Such a budget's run is the trunk
+    up to its cooldown start, so it diverged where the trunk did: recorded so, nothing trained."""
+    from convscale.train.loop import run
+    from convscale.train.metrics import read_metrics
+
+    trunk = run(_cfg(tmp_path, "trunk", steps=16, stop_at_step=12, keep_checkpoint_steps=[6, 12], lr=1e4))
+    assert trunk["status"] == "diverged" and trunk["steps"] < 6
+    branch = run(_cfg(tmp_path, "branch", steps=16, lr=1e4, branch_from=str(tmp_path / "trunk")))
+    assert branch["status"] == "diverged" and branch["steps"] == trunk["steps"] and branch["heldout_loss"] is None
+    assert branch["train_flops"] == trunk["train_flops"]
+    assert [r["step"] for r in read_metrics(tmp_path / "branch")] == [r["step"] for r in read_metrics(tmp_path / "trunk")]
+    # finished: a second start reports it and trains nothing
+    assert run(_cfg(tmp_path, "branch", steps=16, lr=1e4, branch_from=str(tmp_path / "trunk")))["status"] == "diverged"

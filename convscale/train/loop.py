@@ -118,7 +118,7 @@ def _run(cfg: TrainConfig, restart: bool, source: Optional[DataSource], locks: l
         return finished
     trainee = build_trainee(plan.cfg, plan.model_cfg, plan.device, plan.source.num_classes, plan.pretrained)
     loop = _restore(plan, trainee)
-    done = _train(plan, trainee, loop)
+    done = loop.start_step if loop.status == "diverged" else _train(plan, trainee, loop)
     return _finish(plan, trainee, loop, done)
 
 
@@ -261,7 +261,10 @@ def _restore(plan: RunPlan, trainee: Trainee) -> LoopState:
         trainee.train_model = torch.compile(trainee.train_model)
     # a log row averages the steps since the last one, also when a resume falls between them
     loss_sum = torch.tensor(float(state.get("loss_sum_since_log", 0.0)), device=plan.device)
-    return LoopState(state, start_step, metrics, loss_sum, int(state.get("steps_since_log", 0)))
+    loop = LoopState(state, start_step, metrics, loss_sum, int(state.get("steps_since_log", 0)))
+    if "trunk_diverged_at" in state:  # a branch whose trunk diverged before its cooldown start
+        loop.status = "diverged"
+    return loop
 
 
 #: TrainConfig fields in which a cooldown branch may differ from its trunk (besides the runtime
@@ -292,6 +295,18 @@ def _start_branch(plan: RunPlan, trainee: Trainee) -> dict[str, Any]:
         raise UserError(f"branch_from {trunk}: the trunk cools down from step {trunk_cooldown}, before this run's "
                         f"cooldown start {start}; branch from a trunk of at least this run's length")
     path = checkpoint_at(trunk, start)
+    trunk_result = read_run_json(trunk / RESULT_FILE) if (trunk / RESULT_FILE).is_file() else None
+    if path is None and trunk_result and trunk_result.get("status") == "diverged" \
+            and int(trunk_result.get("steps", start)) < start:
+        # this budget's run is the trunk up to its cooldown start, and the trunk diverged before it:
+        # the run diverged there too (nothing to train; its curve is the trunk's)
+        at = int(trunk_result["steps"])
+        if is_main_process():
+            _copy_trunk_metrics(trunk, plan.run_dir, at)
+        plan.progress.message(f"{plan.run_dir}: its trunk {trunk} diverged at step {at}, before this run's "
+                              f"cooldown start {start}: this run diverged there too")
+        return {"images_seen": at * cfg.batch_size, "wall_seconds": 0.0, "first_loss": None, "step": at,
+                "branch_start_step": start, "trunk_diverged_at": at}
     if path is None:
         raise UserError(f"branch_from {trunk}: no checkpoint at step {start} (this run's cooldown start) yet; "
                         f"let the trunk reach it, with keep_checkpoint_steps including {start}")
