@@ -73,7 +73,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     # 0.8 in 10, 3.2 in 2 (grid 0.8-3.2); ViT w8 best at the small budgets (w6 added below it), its
     # ViTs best at 0.016 in most grids above 1e11 and at 0.002-0.004 for w24 (grid 0.004-0.016).
     # Single runs differ by 0.05 (ViT) to 0.2 (NFNet) nats between seeds at 4e10 FLOPs (measured
-    # 2026-12-03), hence the seeds.
+    # 2026-12-03), hence the seeds. Measured 2026-12-03 on 2 AVX2-only cores (AMD EPYC): 69.1 min end
+    # to end, over the 60-min target; 1 of 5 findings decided. That run (docs/results/medium-seeds)
+    # found NFNet lr 3.2 collapsing at every size (1.6 best at all 7 budgets), the ViT optimum at the
+    # smallest size at the 3 smallest budgets and ViT lr 0.016 best at most of the middle ones: the
+    # next revision should shift both grids and start the ViTs at w4 (not measured, so not changed).
     "medium": {
         "name": "medium",
         "share_procedural_data": True,
