@@ -115,7 +115,7 @@ def calibration(studies: int, bootstrap: int, noise: float, trunk_noise: float =
     return rows
 
 
-def verdicts(studies: int, bootstrap: int) -> list[list[str]]:
+def verdicts(studies: int, bootstrap: int, seeds: int = 1) -> list[list[str]]:
     """Findings (1) and (2) verdicts per design for planted-agree, planted-disagree and noisy studies
     (SIZE_FAST's frontier is an exact power law too: (1) should agree there; BENT's allocation grows at
     equal rates: (2) should agree there)."""
@@ -130,7 +130,7 @@ def verdicts(studies: int, bootstrap: int) -> list[list[str]]:
         for name, law, noise in cases:
             pl, al = {}, {}
             for s in range(studies):
-                f = one(law, design, noise, 1000 + s, bootstrap)
+                f = one(law, design, noise, 1000 + s, bootstrap, seeds=seeds)
                 v1 = power_law_verdict(f)[0]
                 v2 = allocation_verdict(f)[0]
                 pl[v1] = pl.get(v1, 0) + 1
@@ -170,7 +170,7 @@ def main() -> None:
                      "median width", "s / fit"], calibration(a.studies, a.bootstrap, a.noise, a.trunk_noise, a.lrs_per_cell, a.seeds)))
     if not a.skip_verdicts:
         print()
-        print(table(["design", "planted", "(1) power law", "(2) same rate"], verdicts(a.verdict_studies, a.bootstrap)))
+        print(table(["design", "planted", "(1) power law", "(2) same rate"], verdicts(a.verdict_studies, a.bootstrap, a.seeds)))
 
 
 if __name__ == "__main__":
