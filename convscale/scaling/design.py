@@ -14,8 +14,9 @@ cell's loss is the mean log-loss of its seeds (the law describes tuned runs; see
 deviation from its cell's seed mean is redrawn from its model's pool of such deviations (so a cell
 of 2 or 3 seeds gets the spread its seeds measure across the model, not the too-narrow spread of
 redrawing its own few; ``Points._seed_replicates``) and the point is re-tuned over lr from the
-redrawn cells; in a cooldown-branch study, and without seeds, the design is kept and each run's deviation from a smooth surface (each IsoFLOP budget's
-parabola, a grid's fitted L(N, D)) is redrawn from the runs' own deviations (see ``Replicates``),
+redrawn cells. Without seeds, and in every cooldown-branch study, the design is kept and each
+point's deviation from a smooth surface (each IsoFLOP budget's parabola, a grid's fitted
+L(N, D)) is redrawn from the points' own deviations (see ``Replicates``),
 or, where no surface can be fitted, the points of each budget are drawn with replacement, each
 carrying all its learning rates. Every frontier, vertex
 and fit is then recomputed inside the replicate.
