@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -149,6 +150,32 @@ def test_epoch_budgets_and_max_epochs(tmp_path):
     small = get_config(min(fwd, key=fwd.get)).name
     assert small not in {c.model for c in plan.cells} and [s.model for s in plan.skipped] == [small]
     assert "more than max_epochs=1" in plan.skipped[0].reason
+
+
+def test_family_max_epochs_overrides_the_study_cap(tmp_path):
+    """A [[family]] max_epochs caps that family's cells only; the other keeps [budgets] max_epochs.
+    The same budget is planned for the smaller model without the family cap and left out with it."""
+    from convscale.models import get_config
+
+    text = STUDY.replace("precision = \"fp32\"", "precision = \"fp32\"\nepoch_images = 1000")
+    fwd = {m: get_config(m, num_classes=10).forward_flops(16) for m in ("nfnet-tiny", "vit-tiny")}
+    small = min(fwd, key=fwd.get)
+    budget = 3 * 1000 * 0.85 * fwd[small]  # 0.85 epochs of the smaller model, > 1 batch of the larger
+    loose = plan_study(study_from(tmp_path, budgets=f"train_flops = [{budget!r}]\nmax_epochs = 1", text=text))
+    assert {c.model for c in loose.cells} == {get_config(m).name for m in fwd} and not loose.skipped
+    fam = "nfnet" if small == "nfnet-tiny" else "vit"
+    capped_text = re.sub(rf'(name = "{fam}"\n)', r'\1max_epochs = 0.25\n', text, count=1)
+    assert capped_text != text
+    study = study_from(tmp_path, budgets=f"train_flops = [{budget!r}]\nmax_epochs = 1", text=capped_text)
+    assert [f.max_epochs for f in study.families if f.name == fam] == [0.25]
+    capped = plan_study(study)
+    assert [s.model for s in capped.skipped] == [get_config(small).name]
+    assert "more than max_epochs=0.25" in capped.skipped[0].reason
+    assert {c.model for c in capped.cells} == {get_config(m).name for m in fwd if m != small}
+    # the cap round-trips through the sweep dir's study.json
+    assert StudyConfig.from_json(study.to_json()) == study
+    with pytest.raises(UserError, match="max_epochs must be a number of epochs > 0"):
+        study_from(tmp_path, budgets=f"train_flops = [{budget!r}]", text=capped_text.replace("max_epochs = 0.25", "max_epochs = -1"))
 
 
 # ---------------------------------------------------------------------------------------------

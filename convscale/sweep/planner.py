@@ -190,7 +190,6 @@ def plan_study(study: StudyConfig) -> Plan:
     num_train_images, num_classes = data_facts(study)
     resolution = study.data.resolution
     kind, budgets = study.budgets.kind, study.budgets.values
-    max_epochs = study.budgets.max_epochs
 
     counts: dict[str, int] = {}
     for fam in study.families:
@@ -206,6 +205,7 @@ def plan_study(study: StudyConfig) -> Plan:
     for fam in study.families:
         base = base_train_config(study, fam)
         epoch_images = num_train_images or base.epoch_images
+        max_epochs = fam.max_epochs if fam.max_epochs is not None else study.budgets.max_epochs
         for name in fam.models:
             probe = get_config(name, num_classes=num_classes, **base.model_overrides)
             probe.check_resolution(resolution)

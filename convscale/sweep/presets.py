@@ -61,23 +61,19 @@ PRESETS: dict[str, dict[str, Any]] = {
         "budgets": {"train_flops": [1e10, 2e10, 4e10, 8e10, 1.6e11, 3.2e11], "max_epochs": 0.4},
     },
     # `convscale demo --scale medium`: the paper's three findings with lr grids and 2 seeds per cell,
-    # on 2 CPU cores in <= 60 minutes. 7 NFNet x 5 ViT sizes at 7 budgets (1e10-5e11, x1.9 apart,
+    # on 2 CPU cores in <= 60 minutes. 7 NFNet x 4 ViT sizes at 7 budgets (1e10-5e11, x1.9 apart,
     # 1.7 decades), 3 lrs per family, 2 seeds, as cooldown branches (WSD, 20 % 1-sqrt cooldown):
-    # one constant-lr trunk per (model, lr, seed) to its largest budget and a branch per budget,
-    # 516 cells. max_epochs 0.5 leaves out the small models at the large budgets (the costliest
-    # cells: per-step overhead makes them slow per FLOP, and they sit far past their optimum; every
-    # frontier run of the earlier medium study below 1.6e12 FLOPs trained < 0.45 epochs). Ladders
-    # and grids from that study (cosine, 160 cells over 1.6e10-1.6e12, 1 seed, recorded in
-    # docs/results/medium): the smallest NFNet was best at 2 of 5 budgets (the ladder now starts at
-    # w0.0234) and w0.125 at the largest (w0.1875 kept above it); NFNet lr 1.6 best in 16 of 28 grids,
-    # 0.8 in 10, 3.2 in 2 (grid 0.8-3.2); ViT w8 best at the small budgets (w6 added below it), its
-    # ViTs best at 0.016 in most grids above 1e11 and at 0.002-0.004 for w24 (grid 0.004-0.016).
-    # Single runs differ by 0.05 (ViT) to 0.2 (NFNet) nats between seeds at 4e10 FLOPs (measured
-    # 2026-12-03), hence the seeds. Measured 2026-12-03 on 2 AVX2-only cores (AMD EPYC): 69.1 min end
-    # to end, over the 60-min target; 1 of 5 findings decided. That run (docs/results/medium-seeds)
-    # found NFNet lr 3.2 collapsing at every size (1.6 best at all 7 budgets), the ViT optimum at the
-    # smallest size at the 3 smallest budgets and ViT lr 0.016 best at most of the middle ones: the
-    # next revision should shift both grids and start the ViTs at w4 (not measured, so not changed).
+    # one constant-lr trunk per (model, lr, seed) to its largest budget and a branch per budget.
+    # Grids and ladders from the previous revision of this preset (docs/results/medium-seeds: 69.1 min
+    # on an AVX2-only EPYC, over the target): there NFNet lr 3.2 collapsed at every size while the
+    # small and the largest NFNets did best at 0.8, the others at 1.6, so the grid is now 0.5 / 0.9 /
+    # 1.6; the ViTs' optima ran from 0.016 (w8) down to 0.004 (w24, the worst size at every budget,
+    # now dropped), so their grid is 0.006 / 0.011 / 0.02. Every NFNet frontier run there trained
+    # <= 0.25 epochs, every ViT one <= 0.44: the NFNets' own max_epochs 0.3 leaves out their small
+    # models at the large budgets (the costliest cells, far past their optimum), the study's 0.5
+    # keeps the ViTs' frontier. Single runs differ by 0.05 (ViT) to 0.2 (NFNet) nats between seeds
+    # at 4e10 FLOPs (measured 2026-12-03), hence the seeds. Predicted from that run's per-step costs:
+    # ~56 min on the same CPU (README and docs/results say what was measured).
     "medium": {
         "name": "medium",
         "share_procedural_data": True,
@@ -92,10 +88,10 @@ PRESETS: dict[str, dict[str, Any]] = {
              "models": ["nfnet-w0.0234375-d1.1.1", "nfnet-w0.03125-d1.1.1", "nfnet-w0.046875-d1.1.1",
                         "nfnet-w0.0625-d1.1.1", "nfnet-w0.09375-d1.1.1", "nfnet-w0.125-d1.1.1",
                         "nfnet-w0.1875-d1.1.1"],
-             "lr_center": 1.6, "lr_factors": [0.5, 1, 2], "train": dict(_NFNET_CPU)},
+             "lrs": [0.5, 0.9, 1.6], "max_epochs": 0.3, "train": dict(_NFNET_CPU)},
             {"name": "vit", "optimizer": "adamw",
-             "models": ["vit-w6-d4-p4", "vit-w8-d4-p4", "vit-w12-d4-p4", "vit-w16-d4-p4", "vit-w24-d4-p4"],
-             "lr_center": 0.008, "lr_factors": [0.5, 1, 2], "train": dict(_VIT_CPU)},
+             "models": ["vit-w6-d4-p4", "vit-w8-d4-p4", "vit-w12-d4-p4", "vit-w16-d4-p4"],
+             "lrs": [0.006, 0.011, 0.02], "train": dict(_VIT_CPU)},
         ],
         "budgets": {"train_flops": [1e10, 1.9e10, 3.7e10, 7.1e10, 1.4e11, 2.6e11, 5e11], "max_epochs": 0.5},
     },

@@ -20,6 +20,7 @@ Study file (every table and field is checked; an unknown one is a ``UserError`` 
     lr_factors = [0.5, 1, 2]
     # lrs = [0.1, 0.2]                  # ... or explicit learning rates
     # seeds = 3                         # optional: this family's seeds per cell (else the study's)
+    # max_epochs = 0.3                  # optional: this family's epoch cap (else [budgets] max_epochs)
     [family.train]                      # optional TrainConfig overrides for this family only
     agc_exempt_scalar_gains = true
     [budgets]                           # exactly one of train_flops / epochs / images
@@ -93,6 +94,8 @@ class FamilySpec:
     lrs: Optional[tuple[float, ...]] = None
     train: dict[str, Any] = field(default_factory=dict)  # TrainConfig overrides for this family
     seeds: Optional[int] = None  # runs per cell, each with its own seed; None: the study's ``seeds``
+    #: leave out this family's cells that would need more epochs; None: [budgets] max_epochs
+    max_epochs: Optional[float] = None
 
     def learning_rates(self) -> list[float]:
         """The family's learning-rate grid, smallest first, without duplicates."""
@@ -268,6 +271,7 @@ def _parse_family(d: Any, i: int) -> FamilySpec:
         lrs=_numbers(d["lrs"], f"{where} lrs") if has_lrs else None,
         train=_check_train_overrides(d.get("train", {}), f"{where} train"),
         seeds=_seeds(d["seeds"], f"{where} seeds") if "seeds" in d else None,
+        max_epochs=_max_epochs(d["max_epochs"], f"{where} max_epochs") if "max_epochs" in d else None,
     )
     return spec
 
@@ -280,6 +284,12 @@ def _seeds(v: Any, where: str) -> int:
     if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= MAX_SEEDS:
         raise UserError(f"{where} must be a whole number of runs per cell from 1 to {MAX_SEEDS}, got {v!r}")
     return v
+
+
+def _max_epochs(v: Any, where: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+        raise UserError(f"{where} must be a number of epochs > 0, got {v!r}")
+    return float(v)
 
 
 def _parse_budgets(d: Any) -> Budgets:
@@ -303,7 +313,7 @@ def _parse_budgets(d: Any) -> Budgets:
         raise UserError(f"[budgets] {kind} lists a budget twice; list each once")
     max_epochs = d.get("max_epochs")
     if max_epochs is not None:
-        max_epochs = float(_numbers(max_epochs, "[budgets] max_epochs")[0])
+        max_epochs = _max_epochs(max_epochs, "[budgets] max_epochs")
     return Budgets(**{kind: tuple(sorted(values))}, max_epochs=max_epochs)
 
 
