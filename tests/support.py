@@ -152,11 +152,15 @@ STATUS_CELLS = {
     "vtb__C4e12": ("vit", "vit-b", 4e12, "locked", 0.0, 0.0, None),  # a train outside the sweep, no row yet
     "nfa__C16e12": ("nfnet", "nfnet-a", 16e12, "pending", 0.0, 0.0, None),
 }
-# by hand: planned 35e12 FLOPs, trained 5.5e12 in 550 s -> 1e10 FLOPs/s per worker; to go (diverged
-# cells are over): 3e12 + 3.5e12 + 4e12 + 16e12 = 26.5e12 -> 2650 s; the finished cells each took
-# STATUS_STARTUP s more from launch to result than they trained, and 3 cells (failed, locked,
-# pending) are still to start: ETA (2650 + 3 x 10) / workers = 2680 s with 1 worker, 1340 s with 2
+# by hand: planned 35e12 FLOPs, trained 5.5e12 in 550 s -> 1e10 FLOPs/s per worker over the sweep;
+# per model: nfnet-a 2e12 in 200 s (1e10), nfnet-b 2e12 in 150 s (1.333e10), vit-a 1.5e12 in 200 s
+# (7.5e9); vit-b has no measured cell and is above vit-a in FLOPs per step: vit-a's 7.5e9. To go
+# (diverged cells are over): nfb 3e12 / 1.333e10 = 225 s, vta 3.5e12 / 7.5e9 = 466.7 s, vtb 4e12 / 7.5e9
+# = 533.3 s, nfa 16e12 / 1e10 = 1600 s: 2825 s; the finished cells each took STATUS_STARTUP s more
+# from launch to result than they trained, and 3 cells (failed, locked, pending) are still to start:
+# ETA (2825 + 3 x 10) / workers = 2855 s with 1 worker, 1427.5 s with 2
 STATUS_PLANNED, STATUS_DONE, STATUS_REMAINING, STATUS_RATE, STATUS_STARTUP = 35e12, 5.5e12, 26.5e12, 1e10, 10.0
+STATUS_MODEL_RATES = {("nfnet", "nfnet-a"): 1e10, ("nfnet", "nfnet-b"): 2e12 / 150, ("vit", "vit-a"): 7.5e9}
 
 
 def make_status_sweep(root: Path) -> list[Path]:

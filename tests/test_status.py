@@ -10,8 +10,8 @@ import subprocess
 import sys
 
 import pytest
-from support import (STATUS_DONE, STATUS_PLANNED, STATUS_RATE, STATUS_REMAINING, STATUS_STARTUP, env,
-                     make_status_sweep)
+from support import (STATUS_DONE, STATUS_MODEL_RATES, STATUS_PLANNED, STATUS_RATE, STATUS_REMAINING, STATUS_STARTUP,
+                     env, make_status_sweep)
 
 from convscale.fslock import FileLock
 from convscale.sweep.progress import last_jsonl_row, read_progress
@@ -43,7 +43,51 @@ def test_progress_counts_flops_and_eta(sweep):
     assert p.remaining_flops == STATUS_REMAINING
     assert p.flops_per_second == pytest.approx(STATUS_RATE) and p.measured_cells == 6
     assert p.startup_seconds == pytest.approx(STATUS_STARTUP) and sum(c.to_start for c in p.cells) == 3
-    assert p.eta_seconds(1) == pytest.approx(2680.0) and p.eta_seconds(2) == pytest.approx(1340.0)
+    # each model at its own rate (support.py: by hand): 2825 s of training + 3 x 10 s of start-up
+    assert p.model_rates() == pytest.approx(STATUS_MODEL_RATES)
+    assert p.training_seconds_left() == pytest.approx(2825.0)
+    assert p.eta_seconds(1) == pytest.approx(2855.0) and p.eta_seconds(2) == pytest.approx(1427.5)
+
+
+def _cell(cid, family, model, per_step, state="pending", done=0.0, seconds=0.0, planned=1e12):
+    from convscale.sweep.progress import CellProgress
+
+    return CellProgress(cid, family, state, planned, done, seconds, model=model, flops_per_step=per_step)
+
+
+def test_unmeasured_models_take_their_familys_rate_by_flops_per_step(tmp_path):
+    """Two measured NFNets 100x apart in FLOPs per step, 0.1 s per step each (pure overhead): a model
+    between them is interpolated in log-log, one below takes the same seconds per step, one above the
+    largest's FLOPs per second; a family with nothing measured uses the other family's models."""
+    from convscale.sweep.progress import SweepProgress
+
+    cells = [_cell("a", "nfnet", "small", 1e8, "done", 1e11, 100.0),  # 1e9 FLOPs/s
+             _cell("b", "nfnet", "large", 1e10, "running", 1e13, 100.0),  # 1e11 FLOPs/s
+             _cell("c", "nfnet", "mid", 1e9), _cell("d", "nfnet", "tiny", 1e7), _cell("e", "nfnet", "huge", 1e11),
+             _cell("f", "vit", "v", 1e9)]
+    p = SweepProgress(tmp_path, "s", cells)
+    assert p.rate_of("nfnet", "mid", 1e9) == pytest.approx(1e10)
+    assert p.rate_of("nfnet", "tiny", 1e7) == pytest.approx(1e8)
+    assert p.rate_of("nfnet", "huge", 1e11) == pytest.approx(1e11)
+    assert p.rate_of("vit", "v", 1e9) == pytest.approx(1e10)
+    # remaining: b 0 (planned 1e12 < done), c/d/e/f 1e12 each -> 100 + 10000 + 10 + 100 s
+    assert p.training_seconds_left() == pytest.approx(10210.0)
+    # one sweep-wide rate (the FLOPs-weighted mean, 1.01e13 / 200 s) would say 79 s: the small model's
+    # slowness per FLOP and the large one's speed both vanish into it
+    assert p.flops_per_second == pytest.approx(1.01e13 / 200.0)
+
+
+def test_eta_of_a_sweep_measured_on_its_small_models_only(tmp_path):
+    """The first cells of a sweep are its smallest, slowest per FLOP: the ETA of the larger models'
+    cells uses their own rate once they have a metrics row, not the small ones'."""
+    from convscale.sweep.progress import SweepProgress
+
+    small = [_cell(f"s{i}", "nfnet", "small", 1e8, "done", 1e11, 100.0) for i in range(4)]  # 1e9 FLOPs/s
+    large = [_cell("l0", "nfnet", "large", 1e10, "running", 1e12, 10.0, planned=1e14)]  # 1e11 FLOPs/s
+    large += [_cell(f"l{i}", "nfnet", "large", 1e10, planned=1e14) for i in range(1, 4)]
+    p = SweepProgress(tmp_path, "s", small + large)
+    assert p.eta_seconds(1) == pytest.approx((99e12 + 3e14) / 1e11)  # 3990 s
+    assert p.flops_per_second == pytest.approx(1.4e12 / 410.0)  # alone it would say ~34 h
 
 
 def test_progress_before_any_cell_trained_and_after_the_last(tmp_path):
@@ -75,13 +119,15 @@ def test_cli_prints_counts_flops_eta_and_frontier(sweep, cli):
     assert rc == 0, err
     assert "done 3, running 1, failed 1, diverged 1, locked 1, pending 1" in out
     assert "training FLOPs: 5.5e+12 done of 3.5e+13 planned (15.7%), 2.65e+13 to go" in out
-    assert "throughput: 1e+10 FLOPs/s per worker, measured over 6 cell(s); start-up 10.0 s per cell" in out
-    assert "ETA: 22.3 min ((2.65e+13 FLOPs / 1e+10 FLOPs/s + 3 cell(s) to start x 10.0 s) / 2 worker(s))" in out
+    assert ("throughput: 1e+10 FLOPs/s per worker (7.5e+09 to 1.33e+10 over 3 model(s)), measured over 6 cell(s); "
+            "start-up 10.0 s per cell") in out
+    assert ("ETA: 23.8 min ((2.65e+13 FLOPs at each model's FLOPs/s = 47.1 min + 3 cell(s) to start x 10.0 s) "
+            "/ 2 worker(s))") in out
     # the best done cell of each family at the one budget with done cells
     assert "frontier of nfnet (best held-out loss per budget so far):\n  1e+12 FLOPs  loss 1.8000  nfnet-b  lr 0.1  (2 run(s))" in out
     assert "frontier of vit (best held-out loss per budget so far):\n  1e+12 FLOPs  loss 2.5000  vit-a" in out
     rc, out, _ = cli(["sweep", "status", sweep])  # workers default to the cells running now: 1
-    assert "ETA: 44.7 min" in out and "/ 1 worker(s)" in out
+    assert "ETA: 47.6 min" in out and "/ 1 worker(s)" in out
     assert cli(["sweep", "status", sweep, "--jobs", "0"])[0] == 2
     rc, _, err = cli(["sweep", "status", sweep / "nothing"])
     assert rc == 2 and "holds no sweep" in err
@@ -97,7 +143,8 @@ def test_cli_json_loads_no_torch(sweep):
     d = json.loads(done.stdout)
     assert d["counts"]["locked"] == 1 and d["cells"] == 8 and d["workers"] == 1
     assert (d["planned_flops"], d["done_flops"], d["remaining_flops"]) == (STATUS_PLANNED, STATUS_DONE, STATUS_REMAINING)
-    assert d["flops_per_second_per_worker"] == pytest.approx(STATUS_RATE) and d["eta_seconds"] == pytest.approx(2680.0)
+    assert d["flops_per_second_per_worker"] == pytest.approx(STATUS_RATE) and d["eta_seconds"] == pytest.approx(2855.0)
+    assert d["flops_per_second_per_model"] == pytest.approx({m: r for (_, m), r in STATUS_MODEL_RATES.items()})
     assert d["startup_seconds"] == pytest.approx(STATUS_STARTUP) and d["cells_to_start"] == 3
     assert [(r["model"], r["loss"], r["compute_flops"]) for r in d["frontier"]["nfnet"]] == [("nfnet-b", 1.8, 1e12)]
 
@@ -128,9 +175,9 @@ def test_live_line_on_a_terminal_shows_the_status_eta(sweep):
     with LiveLine(sweep, UNFINISHED, workers=2, log=logged.append, stream=term, refresh_seconds=60) as line:
         line.write("[1/4] done        nfb__C4e12")
     text = term.getvalue()
-    # the cells this sweep runs: 26.5e12 FLOPs to go at the sweep's measured 1e10 FLOPs/s, and 3 of
-    # them to start at its measured 10 s each, over 2 workers
-    assert "0/4 finished, 1 running, 1 failed, 1 locked | ETA 22.3 min (2 worker(s))" in text
+    # the cells this sweep runs: 26.5e12 FLOPs to go, each at its model's rate measured over the whole
+    # sweep (2825 s), and 3 of them to start at its measured 10 s each, over 2 workers
+    assert "0/4 finished, 1 running, 1 failed, 1 locked | ETA 23.8 min (2 worker(s))" in text
     assert "[1/4] done        nfb__C4e12\n" in text and "\r" in text and logged == []
     assert "1.50T/28.0T FLOP" in text  # trained / planned FLOPs of those cells
 

@@ -14,11 +14,13 @@ from convscale.errors import UserError
 HELP = """cells per state (done, running, failed, diverged, locked, pending), training FLOPs done of
 planned, an ETA and each family's frontier so far (best held-out loss per budget).
 
-ETA = (remaining training FLOPs / measured FLOPs per second of one worker + cells still to start
-x measured start-up per cell) / --jobs. The throughput is the FLOPs trained divided by the wall
-seconds they took, over the finished cells (result.json) and the started ones (their last
-metrics.jsonl row); a cell's start-up is the time from its launch to its result less its
-training seconds, averaged over the finished cells.
+ETA = (each unfinished cell's remaining training FLOPs / its model's measured FLOPs per second of
+one worker + cells still to start x measured start-up per cell) / --jobs. A model's throughput is
+the FLOPs its cells trained divided by the wall seconds they took, over the finished cells
+(result.json) and the started ones (their last metrics.jsonl row); a model not measured yet takes
+its family's measured models' throughput at its FLOPs per step (interpolated; past the largest,
+their FLOPs per second; below the smallest, their seconds per step). A cell's start-up is the time
+from its launch to its result less its training seconds, averaged over the finished cells.
 running: a sweep holds the cell's lock; locked: a `convscale train` outside any sweep trains the
 run directory, so no sweep can run the cell until it ends."""
 
@@ -75,10 +77,14 @@ def cmd_status(args) -> int:
     else:
         startup = p.startup_seconds
         to_start = sum(c.to_start for c in p.cells)
-        print(f"throughput: {rate:.4g} FLOPs/s per worker, measured over {p.measured_cells} cell(s); start-up "
-              + ("not measured yet" if startup is None else f"{startup:.1f} s per cell"))
-        print(f"ETA: {format_seconds(eta)} (({p.remaining_flops:.4g} FLOPs / {rate:.4g} FLOPs/s + {to_start} cell(s) "
-              f"to start x {startup or 0:.1f} s) / {workers} worker(s))")
+        rates = p.model_rates()
+        spread = (f" ({min(rates.values()):.3g} to {max(rates.values()):.3g} over {len(rates)} model(s))"
+                  if len(rates) > 1 else "")
+        print(f"throughput: {rate:.4g} FLOPs/s per worker{spread}, measured over {p.measured_cells} cell(s); "
+              "start-up " + ("not measured yet" if startup is None else f"{startup:.1f} s per cell"))
+        print(f"ETA: {format_seconds(eta)} (({p.remaining_flops:.4g} FLOPs at each model's FLOPs/s = "
+              f"{format_seconds(p.training_seconds_left())} + {to_start} cell(s) to start x {startup or 0:.1f} s) "
+              f"/ {workers} worker(s))")
     if not frontiers:
         print("frontier: no cell done yet")
     for fam, fr in frontiers.items():

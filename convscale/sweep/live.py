@@ -14,13 +14,13 @@ from typing import Callable, Iterable, Optional, TextIO
 from convscale.sweep.progress import SweepProgress, format_seconds, read_progress
 
 
-def live_text(p: SweepProgress, workers: int, flops_per_second: Optional[float] = None,
-              startup_seconds: Optional[float] = None) -> str:
-    """'3/12 finished, 2 running, 1 failed | ETA 3.5 min (2 worker(s))': the line's words."""
+def live_text(p: SweepProgress, workers: int, measured: Optional[SweepProgress] = None) -> str:
+    """'3/12 finished, 2 running, 1 failed | ETA 3.5 min (2 worker(s))': the line's words, at the
+    throughputs and start-up ``measured`` (default ``p``) measured."""
     counts = p.counts
     finished = counts["done"] + counts["diverged"]
     others = ", ".join(f"{counts[s]} {s}" for s in ("running", "failed", "locked", "diverged") if counts[s])
-    eta = p.eta_seconds(workers, flops_per_second, startup_seconds)
+    eta = p.eta_seconds(workers, measured)
     return (f"{finished}/{len(p.cells)} finished" + (f", {others}" if others else "")
             + f" | ETA {'measuring' if eta is None else format_seconds(eta)} ({workers} worker(s))")
 
@@ -71,17 +71,17 @@ class LiveLine:
             self.bar.close()
             self.bar = None
 
-    def progress(self) -> tuple[SweepProgress, Optional[float], Optional[float]]:
-        """The cells this line follows, and the throughput and start-up measured over the whole sweep."""
+    def progress(self) -> tuple[SweepProgress, SweepProgress]:
+        """The cells this line follows, and the whole sweep (whose cells measure the throughputs and start-up)."""
         p = read_progress(self.root)
-        return p.subset(self.cell_ids), p.flops_per_second, p.startup_seconds
+        return p.subset(self.cell_ids), p
 
-    def refresh(self, progress: Optional[tuple[SweepProgress, Optional[float], Optional[float]]] = None) -> None:
+    def refresh(self, progress: Optional[tuple[SweepProgress, SweepProgress]] = None) -> None:
         if self.bar is None:
             return
-        p, rate, startup = progress or self.progress()
+        p, whole = progress or self.progress()
         self.bar.n = p.done_flops
-        self.bar.set_description_str(live_text(p, self.workers, rate, startup), refresh=False)
+        self.bar.set_description_str(live_text(p, self.workers, whole), refresh=False)
         self.bar.refresh()
 
     def write(self, msg: str) -> None:
