@@ -3,6 +3,8 @@ seed) and a branch per budget from the trunk's checkpoint at the budget's own co
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from convscale.errors import UserError
@@ -291,6 +293,28 @@ def test_a_branch_whose_trunk_diverged_before_its_cooldown_start_diverged_there_
     branch = run(_cfg(tmp_path, "branch", steps=16, lr=1e4, branch_from=str(tmp_path / "trunk")))
     assert branch["status"] == "diverged" and branch["steps"] == trunk["steps"] and branch["heldout_loss"] is None
     assert branch["train_flops"] == trunk["train_flops"]
+    assert 0 <= branch["wall_seconds"] < 5  # it trained nothing (was: seconds since the machine booted)
     assert [r["step"] for r in read_metrics(tmp_path / "branch")] == [r["step"] for r in read_metrics(tmp_path / "trunk")]
     # finished: a second start reports it and trains nothing
     assert run(_cfg(tmp_path, "branch", steps=16, lr=1e4, branch_from=str(tmp_path / "trunk")))["status"] == "diverged"
+
+
+def test_spent_flops_counts_what_a_cell_trained_not_what_it_planned():
+    """The medium run's results said its lr-3.2 trunks spent their whole planned compute and the
+    branches of a diverged trunk their whole cooldown, though they stopped early or trained nothing."""
+    from types import SimpleNamespace
+
+    from convscale.sweep.results import _spent
+
+    per_step = 1e6
+    trunk = SimpleNamespace(role="trunk", start_step=None, own_flops=100 * per_step)
+    branch = SimpleNamespace(role="branch", start_step=80, own_flops=20 * per_step)
+    alone = SimpleNamespace(role=None, start_step=None, own_flops=100 * per_step)
+    done = {"steps": 100, "train_flops": 100 * per_step}
+    assert _spent(done, trunk) == _spent(done, alone) == 100 * per_step
+    assert _spent(done, branch) == pytest.approx(20 * per_step)  # its cooldown
+    diverged_at_30 = {"steps": 30, "train_flops": 30 * per_step}
+    assert _spent(diverged_at_30, trunk) == 30 * per_step  # what it trained before diverging
+    assert _spent(diverged_at_30, branch) == 0.0  # its trunk diverged before its cooldown start
+    assert _spent({"steps": 90, "train_flops": 90 * per_step}, branch) == pytest.approx(10 * per_step)
+    assert math.isnan(_spent({}, branch))  # a result without steps: unknown, not 0

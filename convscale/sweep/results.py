@@ -14,8 +14,9 @@ held-out images behind loss / top1 / top5; empty for sweeps planned before it ex
 (TrainConfig.seed of the run: a study with ``seeds = N`` has N rows per (model, budget, lr);
 empty for sweeps planned before seeds), role (empty for a run of its own; with cooldown branches
 "trunk" or "branch": a branch's train_flops is the budget it represents, trunk prefix included,
-and the fits leave trunks out), spent_flops (training FLOPs the cell computed itself: a trunk its
-steps, a branch its cooldown; a run of its own its train_flops).
+and the fits leave trunks out), spent_flops (training FLOPs the cell computed itself: a trunk the
+steps it trained, a branch its steps past its cooldown start (none when its trunk diverged before
+it); a run of its own its train_flops).
 """
 
 from __future__ import annotations
@@ -43,11 +44,17 @@ def _num(v: Any) -> float:
 
 
 def _spent(res: dict[str, Any], cell: Any) -> float:
-    """What a finished cell computed itself: a branch's result counts the trunk prefix in its
-    train_flops (the budget it stands for), so its own share is the planned cooldown's."""
-    if cell.role is None:
-        return _num(res.get("train_flops"))
-    return float(cell.own_flops)
+    """What a finished cell computed itself. A trunk and a run of its own: its result's train_flops
+    (what it trained, also when it diverged early). A branch's result counts the trunk prefix in its
+    train_flops (the budget it stands for), so its own share is what it trained past its start step:
+    its cooldown when done, less when it diverged in it, nothing when its trunk diverged first."""
+    trained = _num(res.get("train_flops"))
+    if cell.role != "branch":
+        return trained
+    steps, start = _num(res.get("steps")), float(cell.start_step or 0)
+    if steps <= 0:
+        return 0.0
+    return max(0.0, steps - start) * trained / steps
 
 
 def collect(root: str | Path):

@@ -262,6 +262,8 @@ def _restore(plan: RunPlan, trainee: Trainee) -> LoopState:
     # a log row averages the steps since the last one, also when a resume falls between them
     loss_sum = torch.tensor(float(state.get("loss_sum_since_log", 0.0)), device=plan.device)
     loop = LoopState(state, start_step, metrics, loss_sum, int(state.get("steps_since_log", 0)))
+    # a run with nothing left to train (a branch of a diverged trunk) times from here, not from boot
+    loop.t_start = loop.t_log = loop.t_ckpt = time.monotonic()
     if "trunk_diverged_at" in state:  # a branch whose trunk diverged before its cooldown start
         loop.status = "diverged"
     return loop
