@@ -204,6 +204,6 @@ def test_study_json_drops_the_lr_factors_of_explicit_lrs():
 
     spec = FamilySpec(name="vit", models=("vit-a",), optimizer="adamw", lrs=(1e-3, 2e-3))
     assert to_dict(spec) == {"name": "vit", "models": ["vit-a"], "optimizer": "adamw", "lr_center": None,
-                             "lrs": [1e-3, 2e-3], "train": {}, "seeds": None}
+                             "lrs": [1e-3, 2e-3], "train": {}, "seeds": None, "max_epochs": None}
     centred = FamilySpec(name="vit", models=("vit-a",), optimizer="adamw", lr_center=1e-3)
     assert to_dict(centred)["lr_factors"] == [0.5, 1.0, 2.0] and to_dict(centred)["lrs"] is None
