@@ -72,8 +72,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # <= 0.25 epochs, every ViT one <= 0.44: the NFNets' own max_epochs 0.3 leaves out their small
     # models at the large budgets (the costliest cells, far past their optimum), the study's 0.5
     # keeps the ViTs' frontier. Single runs differ by 0.05 (ViT) to 0.2 (NFNet) nats between seeds
-    # at 4e10 FLOPs (measured 2026-12-03), hence the seeds. Predicted from that run's per-step costs:
-    # ~56 min on the same CPU (README and docs/results say what was measured).
+    # at 4e10 FLOPs (measured 2026-12-03), hence the seeds. Measured: 51.2 min on the same CPU
+    # (docs/results/medium-v3, which also says what the next revision should change).
     "medium": {
         "name": "medium",
         "share_procedural_data": True,
