@@ -47,13 +47,20 @@ def test_demo_runs_every_stage_from_its_own_runs(demo):
         assert ff.get("optimal_params_parabola") is None
         alloc = ff["optimal_params_frontier_runs"]
         assert f"N_opt ~ C^ = {alloc['exponent']['value']:.3f}" in out and "(the frontier runs (approach 1))" in out
-    # one fine-tune per family, on the digits, from the best cell at the largest budget
+    # two fine-tunes per family (seeds 0 and 1, each its own split), on the digits, from the best
+    # cell at the largest budget
     for fam in ("nfnet", "vit"):
         best = df[(df.family == fam) & (df.budget_flops == df.budget_flops.max())].sort_values("loss").iloc[0]
-        ft = json.loads((root / "finetune" / best["model"] / "result.json").read_text())
-        assert ft["status"] == "done" and 0.0 <= ft["heldout_top1"] <= 1.0
-        assert ft["heldout_images"] > 300  # 20 % of scikit-learn's 1797 digits
-        assert f"top-1 {ft['heldout_top1']:.3f}" in out
+        for name, seed in ((best["model"], 0), (best["model"] + "__s1", 1)):
+            ft = json.loads((root / "finetune" / name / "result.json").read_text())
+            cfg = json.loads((root / "finetune" / name / "config.json").read_text())["train"]
+            assert (cfg["seed"], cfg["data"]["seed"]) == (seed, seed)
+            assert ft["status"] == "done" and 0.0 <= ft["heldout_top1"] <= 1.0
+            assert ft["heldout_images"] > 300  # 20 % of scikit-learn's 1797 digits
+            assert f"{ft['heldout_top1']:.3f}" in out
+    fine_tuned = [f for f in json.loads((root / "report" / "findings.json").read_text())
+                  if f["key"] == "families" and "fine-tuned" in f["family"]]
+    assert len(fine_tuned) == 1 and "over 2 fine-tunes" in fine_tuned[0]["measured"]
     assert "report: " in out and (root / "report" / "report.html").is_file()
     # every cell records what learning nothing would score (ln 10 here); cells that ended there are told
     assert np.allclose(df["chance_loss"], np.log(10))
@@ -117,7 +124,20 @@ def test_best_cells_leave_out_cooldown_trunks():
         dict(family="nfnet", model="a", role="branch", status="done", budget_flops=2e11, budget=2e11, loss=2.5),
     ])
     best = best_cells(df, ["nfnet"])
-    assert best["nfnet"]["role"] == "branch" and best["nfnet"]["loss"] == 2.5
+    assert len(best["nfnet"]) == 1 and best["nfnet"][0]["role"] == "branch" and best["nfnet"][0]["loss"] == 2.5
+
+
+def test_best_cells_pick_the_best_model_and_lr_by_its_seeds_mean_loss():
+    """With seeds, the (model, lr) with the lowest mean loss, all its seeds in seed order: one lucky
+    seed of another model does not win."""
+    from convscale.demo import best_cells
+
+    rows = [("a", 0.1, 0, 2.0), ("a", 0.1, 1, 2.2), ("b", 0.1, 0, 1.9), ("b", 0.1, 1, 2.5), ("a", 0.2, 1, 2.05),
+            ("a", 0.2, 0, 2.05), ("a", 0.1, 0, 1.0, 1e11)]
+    df = pd.DataFrame([dict(family="nfnet", model=m, lr=lr, seed=s, loss=loss, status="done", role="",
+                            budget_flops=rest[0] if rest else 2e11, budget=2e11) for m, lr, s, loss, *rest in rows])
+    best = best_cells(df, ["nfnet"])["nfnet"]
+    assert [(r["model"], r["lr"], r["seed"]) for r in best] == [("a", 0.2, 0), ("a", 0.2, 1)]
 
 
 def test_quick_demo_plan_is_cooldown_branches_bracketing_sizes_over_1p5_decades():

@@ -93,6 +93,20 @@ def test_planted_power_law_agrees(equal_rates):
     assert "7 frontier points over 3 decades" in f.why and "local exponent changes by" in f.why
 
 
+def test_unidentified_curvature_says_why_not_to_bootstrap(equal_rates):
+    # the bootstrap ran, but too many resampled frontiers had < 4 budgets for a quadratic (the quick
+    # demo's NFNets: 4 frontier points inside the ladder); asking for --bootstrap > 0 would be wrong
+    _, fit = equal_rates
+    p = fit.power_law
+    unidentified = dataclasses.replace(p, curvature=Estimate(p.curvature.value, math.nan, math.nan))
+    f = power_law_finding("nfnet", dataclasses.replace(fit, power_law=unidentified))
+    assert f.verdict == CANNOT_TELL and "not identified in enough bootstrap resamples" in f.why, f
+    assert "--bootstrap" not in f.why
+    unbootstrapped = dataclasses.replace(unidentified, n_bootstrap=0)
+    f = power_law_finding("nfnet", dataclasses.replace(fit, power_law=unbootstrapped))
+    assert f.verdict == CANNOT_TELL and "--bootstrap > 0" in f.why
+
+
 @pytest.mark.slow  # about a second or more each: not in the quick loop
 def test_rising_loss_disagrees_and_a_kink_is_not_a_power_law():
     rising = power_law_finding("nfnet", fit_one(planted(A=0.05, a=-0.1)))
@@ -165,30 +179,37 @@ def test_two_learning_rates_per_cell_cannot_tell():
         assert f.verdict == CANNOT_TELL and "edge of the lr grid" in f.why, f
 
 
-def _write_sweep(root: Path, df: pd.DataFrame, finetunes: dict[str, tuple[float, int]]) -> Path:
+def _write_sweep(root: Path, df: pd.DataFrame, finetunes: dict[str, list[float]], n_images: int) -> Path:
+    """A sweep of the planted runs plus, per family, fine-tunes of its best run at the top budget,
+    one per top-1 given (replicate i with seed i and data seed i, as the demo writes them)."""
     root.mkdir(parents=True)
     (root / "study.json").write_text(json.dumps({"name": "planted"}))
     df.to_parquet(root / "results.parquet", index=False)
-    for fam, (top1, n_images) in finetunes.items():
+    for fam, top1s in finetunes.items():
         best = df[df["family"] == fam].sort_values(["budget_flops", "loss"], ascending=[False, True]).iloc[0]
-        d = root / "finetune" / f"ft-{fam}"
-        d.mkdir(parents=True)
-        (d / "result.json").write_text(json.dumps({
-            "status": "done", "heldout_top1": top1, "heldout_top5": 0.99, "heldout_loss": 0.5,
-            "heldout_images": n_images, "finetune_flops": 1e12, "pretrain_run_dir": best["run_dir"]}))
+        for i, top1 in enumerate(top1s):
+            d = root / "finetune" / (f"ft-{fam}" + (f"__s{i}" if i else ""))
+            d.mkdir(parents=True)
+            (d / "result.json").write_text(json.dumps({
+                "status": "done", "heldout_top1": top1, "heldout_top5": 0.99, "heldout_loss": 0.5,
+                "heldout_images": n_images, "finetune_flops": 1e12, "pretrain_run_dir": best["run_dir"]}))
+            (d / "config.json").write_text(json.dumps({"train": {"seed": i, "data": {"seed": i}}}))
     return root
 
 
 @pytest.mark.slow  # over ~2 s on a loaded 2-core machine: not in the quick loop
 def test_report_findings_section_for_matching_and_unmatched_families(tmp_path):
-    # equal laws and equal fine-tuned accuracy on 200k images each (the difference's interval is
-    # +-0.25 pp, inside the 1 pp margin): "match" agrees. On 400 images the same accuracies cannot tell.
+    # equal laws and equal fine-tuned accuracy, three fine-tunes each on 200k images (the difference's
+    # Welch interval is about +-0.6 pp, inside the 1 pp margin): "match" agrees
     same = pd.concat([planted("nfnet"), planted("vit", seed=1)], ignore_index=True)
-    res = build_report(_write_sweep(tmp_path / "same", same, {"nfnet": (0.800, 200_000), "vit": (0.799, 200_000)}),
+    res = build_report(_write_sweep(tmp_path / "same", same, {"nfnet": [0.800, 0.801, 0.799],
+                                                               "vit": [0.799, 0.800, 0.798]}, 200_000),
                        bootstrap=60, seed=0)
     fam = [f for f in res.findings if f.key == "families"]
     assert [f.verdict for f in fam] == [AGREES, AGREES], fam
-    # on 400 images the same accuracies cannot tell: the difference's interval is about +-5.5 pp
+    assert "over 3 fine-tunes" in fam[1].measured and "Welch t" in fam[1].measured
+    # on 400 images the same accuracies cannot tell: one run's binomial sd is 2 pp, so the
+    # difference's interval is several pp wide
     lo, hi = newcombe_difference(0.80, 400, 0.80, 400)
     assert lo == pytest.approx(-hi) and 0.05 < hi < 0.06
     assert equivalence(Estimate(0.0, lo, hi), 0.01) == CANNOT_TELL
@@ -199,14 +220,22 @@ def test_report_findings_section_for_matching_and_unmatched_families(tmp_path):
     assert [f["verdict"] for f in saved] == [f.verdict for f in res.findings]
     assert '<table class="wrap">' in (res.out_dir / "report.html").read_text()
 
+    # one fine-tune per family: even on 200k images, whose sampling alone would put the difference
+    # inside the margin, the run-to-run spread is unmeasured: cannot tell, and the fix is said
+    res = build_report(_write_sweep(tmp_path / "single", same, {"nfnet": [0.800], "vit": [0.799]}, 200_000),
+                       bootstrap=20, seed=0)
+    ft = [f for f in res.findings if f.key == "families"][1]
+    assert ft.verdict == CANNOT_TELL and "one fine-tune of nfnet and of vit" in ft.why, ft
+    assert ">= 3 seeds" in ft.why and "Newcombe" in ft.measured
+
     # the ViT needs 3x the loss-law constant: it needs far more compute, and fine-tunes far worse
     apart = pd.concat([planted("nfnet"), planted("vit", A=60.0, seed=1)], ignore_index=True)
-    res = build_report(_write_sweep(tmp_path / "apart", apart, {"nfnet": (0.85, 400), "vit": (0.25, 400)}),
-                       bootstrap=20, seed=0)
+    res = build_report(_write_sweep(tmp_path / "apart", apart, {"nfnet": [0.85, 0.83, 0.86], "vit": [0.25, 0.28, 0.24]},
+                                    400), bootstrap=20, seed=0)
     pre, ft = [f for f in res.findings if f.key == "families"]
     assert pre.verdict == DISAGREES and "nfnet reaches the loss with" in pre.why, pre
     assert ft.verdict == DISAGREES and "nfnet is more accurate" in ft.why, ft
-    assert "85.0% [" in ft.measured and "on 400 images" in ft.measured
+    assert "mean top-1 84.7% [" in ft.measured and "each on 400 images" in ft.measured
 
 
 def test_allocation_reads_the_estimate_valid_for_the_design(equal_rates):
@@ -224,3 +253,26 @@ def test_allocation_reads_the_estimate_valid_for_the_design(equal_rates):
     assert grid.allocation()[0] == "parametric"
     bare = dataclasses.replace(no_parabola, optimal_params_parametric=None, optimal_images_parametric=None)
     assert bare.allocation()[0] == "frontier_runs"
+
+
+@pytest.mark.slow  # about a second or more each: not in the quick loop
+def test_compute_to_reach_a_fine_tuned_top1_counts_replicates_as_their_mean(tmp_path):
+    """Two fine-tunes of one model at one compute are one point at their mean top-1: the lucky one
+    alone would say the target is reached sooner."""
+    from convscale.report import compare, load_sweep
+
+    df = pd.concat([planted("nfnet"), planted("vit", seed=1)], ignore_index=True)
+    root = _write_sweep(tmp_path / "s", df, {"vit": [0.9]}, 400)
+    nf = df[df["family"] == "nfnet"].sort_values("loss")
+    lo_run = nf[nf["budget_flops"] == BUDGETS[0]].iloc[0]
+    hi_run = nf[nf["budget_flops"] == BUDGETS[-1]].iloc[0]
+    for name, run, top1 in (("lo0", lo_run, 0.5), ("lo1", lo_run, 0.5), ("hi0", hi_run, 0.95), ("hi1", hi_run, 0.55)):
+        d = root / "finetune" / name
+        d.mkdir(parents=True)
+        (d / "result.json").write_text(json.dumps({"status": "done", "heldout_top1": top1, "heldout_images": 400,
+                                                   "pretrain_run_dir": run["run_dir"]}))
+        (d / "config.json").write_text(json.dumps({"train": {"seed": int(name[-1]), "data": {"seed": int(name[-1])}}}))
+    cmp = compare(load_sweep(root, bootstrap=0), target_top1=0.7, pair=("nfnet", "vit"))
+    c0, c1 = lo_run["train_flops"], hi_run["train_flops"]
+    # 0.5 at c0, mean 0.75 at c1: 0.7 is 80 % of the way in log C (the best replicate alone, 44 %)
+    assert cmp.reach_top1_finetuned["nfnet"] == pytest.approx(math.exp(math.log(c0) + 0.8 * math.log(c1 / c0)), rel=1e-6)

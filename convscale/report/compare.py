@@ -197,7 +197,8 @@ def compare(
     for f in pair:
         rows = ft_ok[ft_ok["family"] == f].sort_values("pretrain_flops", kind="stable") if len(ft_ok) else ft_ok
         cmp.finetune[f] = [
-            {k: r[k] for k in ("name", "model", "pretrain_flops", "pretrain_loss", "heldout_top1", "finetune_flops")}
+            {k: r[k] for k in ("name", "model", "pretrain_flops", "pretrain_loss", "heldout_top1", "finetune_flops",
+                               "heldout_images", "pretrain_run_dir", "seed", "data_seed", "pretrain_seed")}
             for _, r in rows.iterrows()
         ]
     if len(ft) and not len(ft_ok):
@@ -212,7 +213,10 @@ def compare(
                 best["compute_flops"].to_numpy(), best["top1"].to_numpy(), target_top1, decreasing=False
             )
             if cmp.finetune.get(f):
-                best = _best_so_far(pd.DataFrame(cmp.finetune[f]), "pretrain_flops", "heldout_top1")
+                # replicates (fine-tunes of one model at one compute) count as their mean, not their best
+                recs = pd.DataFrame(cmp.finetune[f])
+                means = recs.groupby(["model", "pretrain_flops"], as_index=False)["heldout_top1"].mean()
+                best = _best_so_far(means, "pretrain_flops", "heldout_top1")
                 cmp.reach_top1_finetuned[f] = interpolate_compute(
                     best["pretrain_flops"].to_numpy(), best["heldout_top1"].to_numpy(), target_top1, decreasing=False
                 )

@@ -22,7 +22,9 @@ result looks. The rules:
   pass; Kaplan et al.'s 0.73 vs 0.27, a gap of 0.46, does not);
 - "match" before fine-tuning: the ratio of the compute the two families need to reach a loss within
   a factor of 2 (the paper's match: 110k vs 120k TPU-v4 core hours); after fine-tuning, top-1 within
-  1 percentage point (90.4 % vs 90.2 %), the difference's Newcombe interval;
+  1 percentage point (90.4 % vs 90.2 %), the Welch t interval of the difference of the families'
+  mean top-1 over >= 2 fine-tunes each (replicates.py); one fine-tune per family leaves the
+  run-to-run spread unmeasured: ``cannot tell``, whatever its held-out images alone would say;
 - an optimum at the edge of the grid it was searched on (the smallest or largest model at a
   budget, the smallest or largest learning rate) is a bound, not a measurement: when most optima
   sit there, the trend is ``cannot tell`` and the fix (widen the grid) is said;
@@ -41,6 +43,7 @@ import pandas as pd
 
 from convscale.report.compare import PREFERRED_PAIR, Comparison, as_comparisons
 from convscale.report.inputs import SweepInputs
+from convscale.report.replicates import ReplicateGroup, mean_interval, replicate_group, welch_difference
 from convscale.scaling import Estimate
 from convscale.scaling.robust import estimate
 from convscale.serde import Serde
@@ -161,7 +164,9 @@ def power_law_verdict(fit: Any) -> tuple[str, str]:
         return CANNOT_TELL, why
     side = _side(p.a)
     if side is None:
-        return CANNOT_TELL, "no bootstrap interval for a (run the fit with --bootstrap > 0)"
+        return CANNOT_TELL, ("no bootstrap interval for a (run the fit with --bootstrap > 0)" if not p.n_bootstrap else
+                             "the exponent a is not identified in enough bootstrap resamples (resampled frontiers "
+                             "with too few distinct budgets): add budgets" + _scope(p))
     if side == 0:
         return CANNOT_TELL, "the interval of the exponent a includes 0: the loss is not shown to fall" + _scope(p)
     if side < 0:
@@ -181,8 +186,13 @@ def power_law_verdict(fit: Any) -> tuple[str, str]:
     v = equivalence(curv, margin)
     where = (f"the local exponent changes by {_iv(curv)} across the range (margin ±{_g(margin)}, "
              f"{100 * CURVATURE_MARGIN:.0f}% of a)")
-    if v is None:
+    if v is None and not p.n_bootstrap:
         return CANNOT_TELL, "no bootstrap interval for the curvature (run the fit with --bootstrap > 0)"
+    if v is None:
+        return CANNOT_TELL, (f"the loss falls (a > 0 with its whole interval), but the curvature is not identified in "
+                             f"enough bootstrap resamples: with {p.n_points} frontier points, resampled frontiers "
+                             f"often keep fewer than {MIN_CURVATURE_BUDGETS} distinct budgets, too few for a quadratic "
+                             f"term (add budgets, or sizes that put more frontier runs inside the ladder)" + _scope(p))
     if v == AGREES:
         return AGREES, f"a > 0 with its whole interval, and {where}" + _scope(p)
     if v == DISAGREES:
@@ -437,38 +447,58 @@ def newcombe_difference(p1: float, n1: int, p2: float, n2: int, z: float = WILSO
 
 
 def _finetune_pair(cmp: Comparison, finetunes: pd.DataFrame) -> Optional[Finding]:
-    """Each family's fine-tune from the most pre-training compute: top-1 with Wilson intervals, and
-    the difference's Newcombe interval against the match margin."""
+    """Each family's fine-tune replicates from its most pre-training compute (replicates.py): the
+    difference of mean top-1 with a Welch t interval over the replicates against the match margin;
+    one fine-tune in a family leaves the run-to-run spread unmeasured, so that is "cannot tell"."""
     a, b = cmp.families
-    best: dict[str, dict[str, Any]] = {}
+    groups: dict[str, ReplicateGroup] = {}
     for f in (a, b):
-        recs = cmp.finetune.get(f) or []
-        if recs:
-            best[f] = max(recs, key=lambda r: (r["pretrain_flops"], r["heldout_top1"]))
-    if len(best) < 2:
+        recs = [_with_images(r, finetunes) for r in cmp.finetune.get(f) or []]
+        g = replicate_group(f, recs)
+        if g is not None:
+            groups[f] = g
+    if len(groups) < 2:
         return None
-    n_images, chance = {}, {}
-    for f, r in best.items():
-        rows = finetunes[finetunes["name"] == r["name"]] if len(finetunes) else finetunes
-        n = rows["heldout_images"].iloc[0] if len(rows) and "heldout_images" in rows else math.nan
-        n_images[f] = int(n) if n == n else 0
-        cl = rows["chance_loss"].iloc[0] if len(rows) and "chance_loss" in rows else math.nan
-        chance[f] = math.exp(-cl) if cl == cl else math.nan  # 1 / classes
-    ivs = {f: wilson_interval(float(r["heldout_top1"]), n_images[f]) for f, r in best.items()}
-    parts = [f"{f} {best[f]['model']} (pre-trained {_g(best[f]['pretrain_flops'])} FLOPs): top-1 "
-             f"{100 * best[f]['heldout_top1']:.1f}% [{100 * ivs[f][0]:.1f}, {100 * ivs[f][1]:.1f}] "
-             f"on {n_images[f]} images" for f in (a, b)]
+    ga, gb = groups[a], groups[b]
+    title, claim = f"{a} vs {b} (fine-tuned)", _families_claim(a, b)
+    ivs = {f: (mean_interval(g) if g.k >= 2 else
+               wilson_interval(g.top1[0], g.n_images[0])) for f, g in groups.items()}
+    parts = []
+    for f, g in groups.items():
+        iv = f"[{100 * ivs[f][0]:.1f}, {100 * ivs[f][1]:.1f}]" if all(map(math.isfinite, ivs[f])) else "(no interval)"
+        if g.k == 1:
+            parts.append(f"{f} {g.model} (pre-trained {_g(g.pretrain_flops)} FLOPs): top-1 {100 * g.mean:.1f}% {iv} "
+                         f"on {g.n_images[0]} images, one fine-tune")
+        else:
+            parts.append(f"{f} {g.model} (pre-trained {_g(g.pretrain_flops)} FLOPs): mean top-1 {100 * g.mean:.1f}% {iv} "
+                         f"over {g.k} fine-tunes from {g.pretrain_runs} pre-training run(s) (each on "
+                         f"{_images(g)} images; spread {100 * g.spread:.1f} pp sd, "
+                         f"{100 * min(g.top1):.1f}-{100 * max(g.top1):.1f}%)")
     measured = "after fine-tuning, " + "; ".join(parts)
-    ratio = best[a]["pretrain_flops"] / best[b]["pretrain_flops"]
-    at_chance = [f for f in (a, b) if math.isfinite(chance[f]) and ivs[f][0] <= 1.5 * chance[f]]
-    if not all(math.isfinite(x) for iv in ivs.values() for x in iv):
-        return Finding("families", f"{a} vs {b} (fine-tuned)", _families_claim(a, b), measured, CANNOT_TELL,
-                       "the held-out size of a fine-tune is unknown, so its accuracy has no interval")
-    lo, hi = newcombe_difference(float(best[a]["heldout_top1"]), n_images[a], float(best[b]["heldout_top1"]), n_images[b])
-    diff = Estimate(float(best[a]["heldout_top1"] - best[b]["heldout_top1"]), lo, hi)
-    measured += f"; difference {a} - {b} {100 * diff.value:+.1f} pp [{100 * lo:+.1f}, {100 * hi:+.1f}] (Newcombe)"
-    v = equivalence(diff, TOP1_MARGIN)
+    ratio = ga.pretrain_flops / gb.pretrain_flops
+    chance = {f: _chance_top1(g, finetunes) for f, g in groups.items()}
+    at_chance = [f for f in (a, b) if math.isfinite(chance[f]) and math.isfinite(ivs[f][0]) and ivs[f][0] <= 1.5 * chance[f]]
     margin = f"±{100 * TOP1_MARGIN:g} percentage point"
+    single = [f for f, g in groups.items() if g.k < 2]
+    if single:
+        lo, hi = (newcombe_difference(ga.mean, ga.n_images[0], gb.mean, gb.n_images[0])
+                  if ga.k == gb.k == 1 and ga.n_images[0] > 0 and gb.n_images[0] > 0 else (math.nan, math.nan))
+        if math.isfinite(lo):
+            measured += (f"; difference {a} - {b} {100 * (ga.mean - gb.mean):+.1f} pp, [{100 * lo:+.1f}, {100 * hi:+.1f}] "
+                         "from the held-out images' sampling alone (Newcombe)")
+        else:
+            measured += f"; difference {a} - {b} {100 * (ga.mean - gb.mean):+.1f} pp"
+        return Finding("families", title, claim, measured, CANNOT_TELL,
+                       f"one fine-tune of {' and of '.join(single)}: its run-to-run spread (seeds, split) is "
+                       f"unmeasured, and an interval from its held-out images alone does not cover it; "
+                       f"fine-tune >= 3 seeds of each family's model to judge the {margin} margin")
+    d, lo, hi, df = welch_difference(ga, gb)
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return Finding("families", title, claim, measured + f"; difference {a} - {b} {100 * d:+.1f} pp", CANNOT_TELL,
+                       "the held-out size of a fine-tune is unknown, so its accuracy has no interval")
+    measured += (f"; difference {a} - {b} {100 * d:+.1f} pp [{100 * lo:+.1f}, {100 * hi:+.1f}] (Welch t over the "
+                 f"fine-tunes, {df:.1f} df; each family's run variance at least its held-out binomial)")
+    v = equivalence(Estimate(d, lo, hi), TOP1_MARGIN)
     if at_chance:
         verdict, why = CANNOT_TELL, (f"{' and '.join(at_chance)} fine-tuned near chance (top-1 interval reaches 1.5x "
                                      "chance): runs that learned little tell nothing")
@@ -477,12 +507,41 @@ def _finetune_pair(cmp: Comparison, finetunes: pd.DataFrame) -> Optional[Finding
     elif v == AGREES:
         verdict, why = AGREES, f"the interval of the top-1 difference lies within {margin}: a match"
     elif v == DISAGREES:
-        better = a if diff.value > 0 else b
+        better = a if d > 0 else b
         verdict, why = DISAGREES, f"the interval of the top-1 difference lies outside {margin}: {better} is more accurate"
     else:
         verdict, why = CANNOT_TELL, (f"the interval of the top-1 difference reaches past {margin} "
-                                     f"(more held-out images would narrow it)")
-    return Finding("families", f"{a} vs {b} (fine-tuned)", _families_claim(a, b), measured, verdict, why)
+                                     f"(more fine-tune seeds, or more held-out images, would narrow it)")
+    return Finding("families", title, claim, measured, verdict, why)
+
+
+def _rows_named(finetunes: pd.DataFrame, name: str) -> pd.DataFrame:
+    return finetunes[finetunes["name"] == name] if len(finetunes) and "name" in finetunes else finetunes.iloc[0:0]
+
+
+def _with_images(rec: dict[str, Any], finetunes: pd.DataFrame) -> dict[str, Any]:
+    """A fine-tune record with its held-out size (comparisons saved before records carried it)."""
+    n = rec.get("heldout_images")
+    if n is not None and n == n:
+        return rec
+    rows = _rows_named(finetunes, str(rec.get("name")))
+    n = rows["heldout_images"].iloc[0] if len(rows) and "heldout_images" in rows else math.nan
+    return {**rec, "heldout_images": n}
+
+
+def _images(g: ReplicateGroup) -> str:
+    lo, hi = min(g.n_images), max(g.n_images)
+    return f"{lo}" if lo == hi else f"{lo}-{hi}"
+
+
+def _chance_top1(g: ReplicateGroup, finetunes: pd.DataFrame) -> float:
+    """1 / classes of a group's fine-tuning data, from its chance loss; nan when unknown."""
+    for name in g.names:
+        rows = _rows_named(finetunes, name)
+        cl = rows["chance_loss"].iloc[0] if len(rows) and "chance_loss" in rows else math.nan
+        if cl == cl:
+            return math.exp(-cl)
+    return math.nan
 
 
 def study_findings(inputs: SweepInputs, cmp: Comparison | list[Comparison] | None) -> list[Finding]:

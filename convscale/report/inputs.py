@@ -94,8 +94,20 @@ def read_curves(root: Path, results: pd.DataFrame) -> list[Curve]:
 FINETUNE_COLUMNS = (
     "name", "status", "heldout_top1", "heldout_top5", "heldout_loss", "finetune_flops", "pretrain_run_dir",
     "heldout_images", "chance_loss", "family", "model", "params", "pretrain_flops", "pretrain_loss", "pretrain_top1",
-    "epochs", "lr",
+    "epochs", "lr", "seed", "data_seed", "pretrain_seed",
 )
+
+
+def _finetune_seeds(config_path: Path) -> tuple[float, float]:
+    """A fine-tune's training seed and data seed (its split of a dataset that holds out its own)
+    from its run config; nan where the file or the field is missing."""
+    cfg = read_json(config_path) if config_path.is_file() else None
+    train = cfg.get("train", cfg) if isinstance(cfg, dict) else None
+    if not isinstance(train, dict):
+        return math.nan, math.nan
+    data = train.get("data") if isinstance(train.get("data"), dict) else {}
+    return (float(train["seed"]) if isinstance(train.get("seed"), (int, float)) else math.nan,
+            float(data["seed"]) if isinstance(data.get("seed"), (int, float)) else math.nan)
 
 
 def read_finetunes(root: Path, results: pd.DataFrame) -> pd.DataFrame:
@@ -116,17 +128,19 @@ def read_finetunes(root: Path, results: pd.DataFrame) -> pd.DataFrame:
             cell = by_dir.get(Path(pre).name)
         rec = {k: res.get(k) for k in FINETUNE_COLUMNS[:9]}
         rec["name"] = res_path.parent.name
+        rec["seed"], rec["data_seed"] = _finetune_seeds(res_path.parent / "config.json")
         if cell is not None:
             rec.update(
                 family=str(cell["family"]), model=str(cell["model"]), params=float(cell["params"]),
                 pretrain_flops=float(cell["train_flops"]) if pd.notna(cell["train_flops"]) else float(cell["budget_flops"]),
                 pretrain_loss=float(cell["loss"]), pretrain_top1=float(cell["top1"]),
                 epochs=float(cell.get("epochs", math.nan)), lr=float(cell.get("lr", math.nan)),
+                pretrain_seed=cell.get("seed", math.nan),
             )
         out.append(rec)
     df = pd.DataFrame(out, columns=list(FINETUNE_COLUMNS))
     for col in ("heldout_top1", "heldout_top5", "heldout_loss", "heldout_images", "chance_loss", "finetune_flops", "params", "pretrain_flops",
-                "pretrain_loss", "pretrain_top1", "epochs", "lr"):
+                "pretrain_loss", "pretrain_top1", "epochs", "lr", "seed", "data_seed", "pretrain_seed"):
         df[col] = pd.to_numeric(df[col], errors="coerce").astype(float)
     return df
 
