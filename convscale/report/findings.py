@@ -491,7 +491,8 @@ def _finetune_pair(cmp: Comparison, finetunes: pd.DataFrame) -> Optional[Finding
         return Finding("families", title, claim, measured, CANNOT_TELL,
                        f"one fine-tune of {' and of '.join(single)}: its run-to-run spread (seeds, split) is "
                        f"unmeasured, and an interval from its held-out images alone does not cover it; "
-                       f"fine-tune >= 3 seeds of each family's model to judge the {margin} margin")
+                       f"fine-tune >= 3 seeds of each family's model to judge the {margin} margin (`convscale finetune "
+                       f"--seed i --set data.seed=i --run-dir SWEEP/finetune/<model>__s<i>`)")
     d, lo, hi, df = welch_difference(ga, gb)
     if not (math.isfinite(lo) and math.isfinite(hi)):
         return Finding("families", title, claim, measured + f"; difference {a} - {b} {100 * d:+.1f} pp", CANNOT_TELL,
