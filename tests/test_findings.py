@@ -235,7 +235,7 @@ def test_report_findings_section_for_matching_and_unmatched_families(tmp_path):
     pre, ft = [f for f in res.findings if f.key == "families"]
     assert pre.verdict == DISAGREES and "nfnet reaches the loss with" in pre.why, pre
     assert ft.verdict == DISAGREES and "nfnet is more accurate" in ft.why, ft
-    assert "mean top-1 84.7% [" in ft.measured and "each on 400 images" in ft.measured
+    assert "mean top-1 84.7% [" in ft.measured and "on one shared test set of 400 images" in ft.measured
 
 
 def test_allocation_reads_the_estimate_valid_for_the_design(equal_rates):

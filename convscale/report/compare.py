@@ -198,7 +198,7 @@ def compare(
         rows = ft_ok[ft_ok["family"] == f].sort_values("pretrain_flops", kind="stable") if len(ft_ok) else ft_ok
         cmp.finetune[f] = [
             {k: r[k] for k in ("name", "model", "pretrain_flops", "pretrain_loss", "heldout_top1", "finetune_flops",
-                               "heldout_images", "pretrain_run_dir", "seed", "data_seed", "pretrain_seed")}
+                               "heldout_images", "pretrain_run_dir", "seed", "data_seed", "split_seed", "pretrain_seed")}
             for _, r in rows.iterrows()
         ]
     if len(ft) and not len(ft_ok):

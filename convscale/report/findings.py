@@ -471,8 +471,10 @@ def _finetune_pair(cmp: Comparison, finetunes: pd.DataFrame) -> Optional[Finding
                          f"on {g.n_images[0]} images, one fine-tune")
         else:
             parts.append(f"{f} {g.model} (pre-trained {_g(g.pretrain_flops)} FLOPs): mean top-1 {100 * g.mean:.1f}% {iv} "
-                         f"over {g.k} fine-tunes from {g.pretrain_runs} pre-training run(s) (each on "
-                         f"{_images(g)} images; spread {100 * g.spread:.1f} pp sd, "
+                         f"over {g.k} fine-tunes from {g.pretrain_runs} pre-training run(s) ("
+                         + (f"each on its own split of {_images(g)} images" if g.own_splits else
+                            f"on one shared test set of {_images(g)} images")
+                         + f"; spread {100 * g.spread:.1f} pp sd, "
                          f"{100 * min(g.top1):.1f}-{100 * max(g.top1):.1f}%)")
     measured = "after fine-tuning, " + "; ".join(parts)
     ratio = ga.pretrain_flops / gb.pretrain_flops
@@ -498,7 +500,7 @@ def _finetune_pair(cmp: Comparison, finetunes: pd.DataFrame) -> Optional[Finding
         return Finding("families", title, claim, measured + f"; difference {a} - {b} {100 * d:+.1f} pp", CANNOT_TELL,
                        "the held-out size of a fine-tune is unknown, so its accuracy has no interval")
     measured += (f"; difference {a} - {b} {100 * d:+.1f} pp [{100 * lo:+.1f}, {100 * hi:+.1f}] (Welch t over the "
-                 f"fine-tunes, {df:.1f} df; each family's run variance at least its held-out binomial)")
+                 f"fine-tunes, {df:.1f} df; with the held-out images' binomial sampling)")
     v = equivalence(Estimate(d, lo, hi), TOP1_MARGIN)
     if at_chance:
         verdict, why = CANNOT_TELL, (f"{' and '.join(at_chance)} fine-tuned near chance (top-1 interval reaches 1.5x "

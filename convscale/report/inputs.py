@@ -94,20 +94,28 @@ def read_curves(root: Path, results: pd.DataFrame) -> list[Curve]:
 FINETUNE_COLUMNS = (
     "name", "status", "heldout_top1", "heldout_top5", "heldout_loss", "finetune_flops", "pretrain_run_dir",
     "heldout_images", "chance_loss", "family", "model", "params", "pretrain_flops", "pretrain_loss", "pretrain_top1",
-    "epochs", "lr", "seed", "data_seed", "pretrain_seed",
+    "epochs", "lr", "seed", "data_seed", "split_seed", "pretrain_seed",
 )
 
 
-def _finetune_seeds(config_path: Path) -> tuple[float, float]:
-    """A fine-tune's training seed and data seed (its split of a dataset that holds out its own)
-    from its run config; nan where the file or the field is missing."""
+#: data kinds whose held-out set, without a ``heldout_path``, is a fraction split off by the data seed
+SEEDED_SPLIT_KINDS = ("digits", "arrays", "folder")
+
+
+def _finetune_seeds(config_path: Path) -> tuple[float, float, float]:
+    """A fine-tune's training seed, data seed and split seed (its data seed when that also chose its
+    held-out images, see ``SEEDED_SPLIT_KINDS``) from its run config; nan where unknown."""
     cfg = read_json(config_path) if config_path.is_file() else None
     train = cfg.get("train", cfg) if isinstance(cfg, dict) else None
     if not isinstance(train, dict):
-        return math.nan, math.nan
+        return math.nan, math.nan, math.nan
     data = train.get("data") if isinstance(train.get("data"), dict) else {}
-    return (float(train["seed"]) if isinstance(train.get("seed"), (int, float)) else math.nan,
-            float(data["seed"]) if isinstance(data.get("seed"), (int, float)) else math.nan)
+    seed = float(train["seed"]) if isinstance(train.get("seed"), (int, float)) else math.nan
+    data_seed = float(data["seed"]) if isinstance(data.get("seed"), (int, float)) else math.nan
+    fraction = data.get("heldout_fraction", 0.0)
+    splits = (data.get("kind") in SEEDED_SPLIT_KINDS and not data.get("heldout_path")
+              and isinstance(fraction, (int, float)) and fraction > 0)
+    return seed, data_seed, data_seed if splits else math.nan
 
 
 def read_finetunes(root: Path, results: pd.DataFrame) -> pd.DataFrame:
@@ -128,7 +136,7 @@ def read_finetunes(root: Path, results: pd.DataFrame) -> pd.DataFrame:
             cell = by_dir.get(Path(pre).name)
         rec = {k: res.get(k) for k in FINETUNE_COLUMNS[:9]}
         rec["name"] = res_path.parent.name
-        rec["seed"], rec["data_seed"] = _finetune_seeds(res_path.parent / "config.json")
+        rec["seed"], rec["data_seed"], rec["split_seed"] = _finetune_seeds(res_path.parent / "config.json")
         if cell is not None:
             rec.update(
                 family=str(cell["family"]), model=str(cell["model"]), params=float(cell["params"]),
@@ -140,7 +148,7 @@ def read_finetunes(root: Path, results: pd.DataFrame) -> pd.DataFrame:
         out.append(rec)
     df = pd.DataFrame(out, columns=list(FINETUNE_COLUMNS))
     for col in ("heldout_top1", "heldout_top5", "heldout_loss", "heldout_images", "chance_loss", "finetune_flops", "params", "pretrain_flops",
-                "pretrain_loss", "pretrain_top1", "epochs", "lr", "seed", "data_seed", "pretrain_seed"):
+                "pretrain_loss", "pretrain_top1", "epochs", "lr", "seed", "data_seed", "split_seed", "pretrain_seed"):
         df[col] = pd.to_numeric(df[col], errors="coerce").astype(float)
     return df
 

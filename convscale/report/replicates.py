@@ -4,11 +4,14 @@ and the interval of the difference of two families' mean top-1 over their replic
 One fine-tune's top-1 has two sources of noise: the sampling of its held-out images (binomial, what
 a Wilson interval covers) and the run itself (the pre-training seed, the fine-tuning seed, the split).
 Only replicates measure the second, so the comparison's interval is a Welch t interval over the
-replicates' top-1s, each family's per-run variance floored at the binomial ``p(1 - p) / n`` of its
-held-out set (replicates that share a test split would otherwise hide its sampling noise); a floored
-variance counts as known in the degrees of freedom. Simulated, 3 replicates per family, each on its
-own 359-image split, run sd 0-6 pp: the 95 % interval of the difference covered the truth in 95.4-97.6 %
-of 4000 studies (tests/test_replicates.py pins 93-99 %). With a
+replicates' top-1s. Replicates with their own splits (a data seed that re-splits the held-out set)
+carry the binomial ``p(1 - p) / n`` in their spread: the mean's variance is s^2 / k, floored at
+p(1 - p) / (n k). Replicates on one shared test set (a fixed ``heldout_path``, or splits not known
+to differ) all see the same images, whose sampling their spread cannot show and averaging does not
+shrink: s^2 / k + p(1 - p) / n. A binomial part counts as known in the degrees of freedom.
+benchmarks/finetune_calibration.py runs the report's rule on simulated replicates: 95 % intervals
+covered the true difference in 95-98 % of 2000 studies per design (3 seeds on own 359-image splits,
+run sd 2 pp; 2-3 seeds on one shared 50k-image test set, run sd 0.1-0.5 pp). With a
 single fine-tune in a family the run-to-run spread is unmeasured and no interval is claimed.
 
 Which fine-tunes are replicates: those of the family's most pre-training compute (within
@@ -49,6 +52,7 @@ class ReplicateGroup:
     n_images: tuple[int, ...]  # held-out images of each replicate (0 = unknown)
     names: tuple[str, ...]
     pretrain_runs: int  # distinct pre-training runs behind the replicates
+    own_splits: bool = False  # each replicate held out its own images (else one shared test set, or unknown)
 
     @property
     def k(self) -> int:
@@ -74,20 +78,26 @@ class ReplicateGroup:
         p = min(max(self.mean, 0.0), 1.0)
         return p * (1 - p) / (sum(self.n_images) / self.k)
 
-    @property
-    def run_variance(self) -> float:
-        """Per-replicate variance: the replicates' sample variance, at least the binomial one."""
-        s2 = self.spread ** 2
-        b = self.binomial_variance
-        return max(s2, b) if math.isfinite(b) else s2
+    def mean_variance(self) -> tuple[float, float]:
+        """The variance of the replicates' mean top-1 as ``(estimated, known)`` parts: the estimated
+        part has ``k - 1`` degrees of freedom, the known one (binomial) is exact.
 
-    @property
-    def variance_df(self) -> float:
-        """Degrees of freedom of ``run_variance``: ``k - 1`` when the sample variance sets it, infinite
-        when the binomial floor does (that variance is known, not estimated; counting it as estimated
-        made 95 % intervals cover 99.8 % of 3000 simulated pure-binomial studies, this 97.6 %)."""
+        Own splits: the replicates' spread already holds each split's sampling, so the variance is
+        s^2 / k, at least the binomial p(1-p) / (n k) (then known). One shared split: its sampling is
+        common to every replicate and invisible in their spread, and averaging does not shrink it:
+        s^2 / k + p(1-p) / n."""
+        s2 = self.spread ** 2 if self.k >= 2 else math.nan
         b = self.binomial_variance
-        return math.inf if math.isfinite(b) and self.spread ** 2 < b else float(self.k - 1)
+        if not math.isfinite(b):
+            return s2 / self.k, 0.0
+        if not self.own_splits:
+            return s2 / self.k, b
+        return (s2 / self.k, 0.0) if s2 >= b else (0.0, b / self.k)
+
+    def mean_df(self) -> float:
+        """Satterthwaite degrees of freedom of the mean's variance (infinite when all of it is known)."""
+        est, known = self.mean_variance()
+        return (est + known) ** 2 / (est ** 2 / (self.k - 1)) if est > 0 else math.inf
 
 
 def replicate_group(family: str, recs: Iterable[dict[str, Any]]) -> Optional[ReplicateGroup]:
@@ -120,31 +130,43 @@ def replicate_group(family: str, recs: Iterable[dict[str, Any]]) -> Optional[Rep
         top1=tuple(_num(r["heldout_top1"]) for r in rows), n_images=n,
         names=tuple(str(r.get("name")) for r in rows),
         pretrain_runs=len({str(r.get("pretrain_run_dir") or r.get("name")) for r in rows}),
+        own_splits=_own_splits(rows),
     )
+
+
+def _own_splits(rows: list[dict[str, Any]]) -> bool:
+    """Whether every replicate held out its own images: each has a known, different ``split_seed``
+    (the data seed of a fine-tune whose data splits its held-out set by it); else, conservatively,
+    one shared test set."""
+    seeds = [_num(r.get("split_seed")) for r in rows]
+    return all(math.isfinite(x) for x in seeds) and len(set(seeds)) == len(seeds)
 
 
 def mean_interval(g: ReplicateGroup, level: float = LEVEL) -> tuple[float, float]:
     """A t interval of the family's mean top-1 over its replicates (>= 2), clipped to [0, 1]."""
-    if g.k < 2 or not math.isfinite(g.run_variance):
+    if g.k < 2:
         return math.nan, math.nan
-    half = stats.t.ppf(0.5 + level / 2, g.variance_df) * math.sqrt(g.run_variance / g.k)
+    var = sum(g.mean_variance())
+    if not math.isfinite(var):
+        return math.nan, math.nan
+    half = stats.t.ppf(0.5 + level / 2, g.mean_df()) * math.sqrt(var)
     return max(0.0, g.mean - half), min(1.0, g.mean + half)
 
 
 def welch_difference(a: ReplicateGroup, b: ReplicateGroup, level: float = LEVEL) -> tuple[float, float, float, float]:
-    """``(difference, low, high, degrees of freedom)`` of mean top-1 ``a - b``: Welch's t interval
-    on the floored per-run variances; nan bounds unless both families have >= 2 replicates."""
+    """``(difference, low, high, degrees of freedom)`` of mean top-1 ``a - b``: Welch's t interval on
+    the means' variances (``ReplicateGroup.mean_variance``), Satterthwaite's degrees of freedom
+    counting only their estimated parts; nan bounds unless both families have >= 2 replicates."""
     d = a.mean - b.mean
     if a.k < 2 or b.k < 2:
         return d, math.nan, math.nan, math.nan
-    va, vb = a.run_variance / a.k, b.run_variance / b.k
-    se2 = va + vb
+    (ea, ka), (eb, kb) = a.mean_variance(), b.mean_variance()
+    se2 = ea + ka + eb + kb
     if not math.isfinite(se2):
         return d, math.nan, math.nan, math.nan
     if se2 <= 0:
         return d, d, d, math.inf
-    # Welch-Satterthwaite; a floored (known) variance adds no estimation uncertainty
-    denom = va ** 2 / a.variance_df + vb ** 2 / b.variance_df
+    denom = ea ** 2 / (a.k - 1) + eb ** 2 / (b.k - 1)
     df = se2 ** 2 / denom if denom > 0 else math.inf
     half = stats.t.ppf(0.5 + level / 2, df) * math.sqrt(se2)
     return d, d - half, d + half, df
