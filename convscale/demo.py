@@ -75,7 +75,7 @@ def finetune_best(root: Path, best: dict[str, list[Any]], pretrain_resolution: i
     """Fine-tune each family's best pre-trained cells ``replicates`` times on the digits (replicate i:
     seed i, data seed i, the i-th pre-training seed cyclically; run dir ``finetune/<model>`` for the
     first, ``finetune/<model>__s<i>`` for the rest), one at a time on ``threads`` threads; the results
-    per family. (Two single-threaded fine-tunes at once were 1.34x faster on a 2-core Xeon, 20 vs 27 s
+    per family. (Two single-threaded fine-tunes at once were 1.34x faster on a 2-core avx512_bf16 Xeon, 20 vs 27 s
     for the quick demo's six, but a spawned worker re-imports ``__main__``, which re-runs a user's
     script that calls this without a ``__name__`` guard; forking after torch has run threads can hang.)"""
     from convscale.train import run
