@@ -26,6 +26,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -54,8 +55,10 @@ DESIGNS = {
 
 
 def one(law: Law, design: str, noise: float, seed: int, bootstrap: int, seeds: int = 1, trunk_noise: float = 0.0,
-        lrs_per_cell: int = 3):
+        lrs_per_cell: int = 3, sizes: Optional[np.ndarray] = None):
     kw = dict(DESIGNS[design])
+    if sizes is not None:
+        kw["sizes"] = sizes
     rng = np.random.default_rng(seed)
     df = planted_study(law, design, noise=noise, seeds=seeds, rng=rng, lrs_per_cell=lrs_per_cell, **kw)
     if trunk_noise > 0:
@@ -83,7 +86,7 @@ def covers(est, truth) -> float:
 
 
 def calibration(studies: int, bootstrap: int, noise: float, trunk_noise: float = 0.0,
-                lrs_per_cell: int = 3, seeds: int = 1) -> list[list[str]]:
+                lrs_per_cell: int = 3, seeds: int = 1, sizes: Optional[np.ndarray] = None) -> list[list[str]]:
     truth = EQUAL.truth()
     rows = []
     for design in (["isoflop"] if trunk_noise > 0 else DESIGNS):
@@ -93,7 +96,8 @@ def calibration(studies: int, bootstrap: int, noise: float, trunk_noise: float =
         method = ""
         t0 = time.perf_counter()
         for s in range(studies):
-            f = one(EQUAL, design, noise, s, bootstrap, seeds=seeds, trunk_noise=trunk_noise, lrs_per_cell=lrs_per_cell)
+            f = one(EQUAL, design, noise, s, bootstrap, seeds=seeds, trunk_noise=trunk_noise, lrs_per_cell=lrs_per_cell,
+                    sizes=sizes)
             method, n_fit, d_fit = f.allocation()
             pairs = {
                 "frontier a": (f.power_law.a if f.power_law else None, truth["frontier_exponent"]),
@@ -156,18 +160,26 @@ def main() -> None:
                         "(IsoFLOP design only; default 0)")
     p.add_argument("--lrs-per-cell", type=int, default=3)
     p.add_argument("--seeds", type=int, default=1, help="runs per (model, budget, lr) cell, each with its own noise")
+    p.add_argument("--sizes", type=int, default=None,
+                   help="model sizes, trained at every budget (default: each design's own ladder)")
+    p.add_argument("--size-range", type=float, nargs=2, default=(3e5, 2e7), metavar=("LO", "HI"),
+                   help="parameters of the smallest and largest size with --sizes (default 3e5 2e7: brackets "
+                        "the planted law's N_opt 8e5-8e6 in the IsoFLOP budgets)")
     p.add_argument("--verdict-studies", type=int, default=20)
     p.add_argument("--skip-verdicts", action="store_true")
     p.add_argument("--skip-coverage", action="store_true")
     a = p.parse_args()
+    sizes = np.geomspace(*a.size_range, a.sizes) if a.sizes else None
     cpu = subprocess.run("grep -o 'avx512_bf16\\|amx' /proc/cpuinfo | sort -u | tr '\\n' ' '", shell=True,
                          capture_output=True, text=True).stdout.strip() or "AVX2 only"
     print(f"# {platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} cores, CPU: {cpu}")
     print(f"# {a.studies} studies per design, {a.bootstrap} resamples, noise {a.noise}, trunk noise {a.trunk_noise}, "
-          f"{a.lrs_per_cell} lr(s) per cell, {a.seeds} seed(s)")
+          f"{a.lrs_per_cell} lr(s) per cell, {a.seeds} seed(s)"
+          + (f", {a.sizes} sizes {a.size_range[0]:.3g}-{a.size_range[1]:.3g}" if sizes is not None else ""))
     if not a.skip_coverage:
         print(table(["design", "quantity", "method", "coverage of 95% interval", "studies with an interval",
-                     "median width", "s / fit"], calibration(a.studies, a.bootstrap, a.noise, a.trunk_noise, a.lrs_per_cell, a.seeds)))
+                     "median width", "s / fit"], calibration(a.studies, a.bootstrap, a.noise, a.trunk_noise, a.lrs_per_cell, a.seeds,
+                                                   sizes)))
     if not a.skip_verdicts:
         print()
         print(table(["design", "planted", "(1) power law", "(2) same rate"], verdicts(a.verdict_studies, a.bootstrap, a.seeds)))
