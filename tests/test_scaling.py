@@ -281,3 +281,24 @@ def test_a_diverged_larger_lr_bounds_the_optimum_from_above():
     # through the whole fit: a results table with the diverged row marks the optimum as bracketed
     table = pd.concat([done.assign(status="done"), diverged.assign(status="diverged")], ignore_index=True)
     assert len(prepare_table(table).diverged) == 1
+
+
+def test_isoflop_with_three_sizes_per_budget_gets_an_n_opt_interval():
+    """3 sizes per budget: per-budget parabolas leave no deviations, so the bootstrap draws them from
+    the fitted L(N, D); redrawing points within budgets gave no N_opt interval at all."""
+    import numpy as np
+
+    from convscale.scaling import fit_table
+    from convscale.scaling.planted import Law, planted_study
+
+    law = Law(A=60.0, alpha=0.34, B=400.0, beta=0.34)
+    covered = 0
+    for s in range(3):
+        df = planted_study(law, "isoflop", sizes=np.geomspace(3e5, 2e7, 3), budgets=np.geomspace(1e15, 1e17, 5),
+                           noise=0.02, rng=np.random.default_rng(s))
+        fam = next(iter(fit_table(df, bootstrap=200, seed=s).families.values()))
+        _, n_fit, _ = fam.allocation()
+        e = n_fit.exponent
+        assert np.isfinite(e.low) and np.isfinite(e.high) and e.high - e.low < 0.3
+        covered += e.low <= 0.5 <= e.high
+    assert covered >= 2
