@@ -201,7 +201,7 @@ def _fit_family(
     )
     rng = _rng(seed, family)
     surface = smooth_surface(points) if points.resampling == "runs" else None
-    reps = points.replicates(bootstrap, rng, surface) if bootstrap > 0 else Replicates(
+    reps = points.replicates(bootstrap, rng, surface, level) if bootstrap > 0 else Replicates(
         np.empty((0, points.n)), np.empty((0, points.n)), None)
     if reps.centred:
         fam.resampling = "deviations"
