@@ -120,15 +120,16 @@ class Points:
             draws = rng.integers(0, len(idx), size=(n_boot, len(idx)))
             np.add.at(weights, (np.arange(n_boot)[:, None], idx[draws]), 1.0)
         loss = np.broadcast_to(self.loss, weights.shape)
+        blocks = self.trunk_group is not None and len(np.unique(self.trunk_group)) >= MIN_TRUNKS_FOR_BLOCKS
         if surface is None or self.n <= surface[1] + 1:
-            return Replicates(weights=weights, loss=loss, lr_opt=None)
+            return self._with_lr_draws(Replicates(weights=weights, loss=loss, lr_opt=None), blocks, rng)
         surface, n_params = surface
         resid = np.log(self.loss) - surface
         resid = (resid - resid.mean()) * np.sqrt(self.n / (self.n - n_params))
-        if self.trunk_group is not None and len(np.unique(self.trunk_group)) >= MIN_TRUNKS_FOR_BLOCKS:
+        if blocks:
             dof = shared_dof(self)
             if dof < MIN_SHARED_DOF:  # the surface absorbs (nearly) every trunk's luck: see MIN_SHARED_DOF
-                return Replicates(weights=weights, loss=loss, lr_opt=None)
+                return self._with_lr_draws(Replicates(weights=weights, loss=loss, lr_opt=None), blocks, rng)
             drawn = shared_deviation_draws(resid, self.trunk_group, n_boot, rng,
                                            scale=shared_deviation_scale(dof, level))
         else:
@@ -136,8 +137,17 @@ class Points:
         # the last row is the surface itself, without deviations: the centre that every statistic's
         # replicates are shifted from onto the statistic of the data (``Replicates.recentre``)
         drawn = np.vstack([drawn, np.zeros((1, self.n))])
-        return Replicates(weights=np.ones((n_boot + 1, self.n)), loss=np.exp(surface[None, :] + drawn), lr_opt=None,
+        reps = Replicates(weights=np.ones((n_boot + 1, self.n)), loss=np.exp(surface[None, :] + drawn), lr_opt=None,
                           lr_weights=np.vstack([weights, np.ones((1, self.n))]), centred=True)
+        return self._with_lr_draws(reps, blocks, rng)
+
+    def _with_lr_draws(self, reps: "Replicates", blocks: bool, rng: np.random.Generator) -> "Replicates":
+        """A cooldown-branch study's replicates marked for lr optima redrawn a model at a time
+        (``optimal.trunk_lr_samples``, seeded here): every budget of a (model, lr) is a branch of
+        one trunk, so the trunk's luck moves that model's lr optimum alike at all its budgets."""
+        if not blocks:
+            return reps
+        return dataclasses.replace(reps, lr_groups=self.trunk_group, lr_seed=int(rng.integers(0, 2 ** 63 - 1)))
 
     def _seed_replicates(self, n_boot: int, rng: np.random.Generator) -> "Replicates":
         """Replicates of a study with seeds: each run's log-loss is its cell's seed mean plus a
@@ -201,6 +211,10 @@ class Replicates:
     lr_opt: Optional[np.ndarray]
     lr_weights: Optional[np.ndarray] = None
     centred: bool = False  # the last row is the noise-free surface (see above)
+    # cooldown branches: each point's model, whose lr optima share their trunks' luck, and the seed
+    # of their redraw (``optimal.trunk_lr_samples``); None otherwise
+    lr_groups: Optional[np.ndarray] = None
+    lr_seed: int = 0
 
     def recentre(self, samples: np.ndarray, hat: Optional[np.ndarray]) -> np.ndarray:
         """Replicate rows of a statistic (one per row of this object) as its bootstrap samples: the
