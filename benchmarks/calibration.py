@@ -11,7 +11,8 @@ for planted-agree, planted-disagree and too-noisy studies.
     python benchmarks/calibration.py --studies 20 --bootstrap 200   # quick look
     python benchmarks/calibration.py --trunk-noise 0.05 --noise 0.005 --lrs-per-cell 1 --skip-verdicts
 
-``--trunk-noise``: the IsoFLOP design as cooldown branches train it. Every budget of one (model, lr)
+``--trunk-noise``: a design as cooldown branches train it (the IsoFLOP design unless ``--designs``
+names others). Every budget of one (model, lr)
 is a branch of one trunk, so its runs share part of their deviation: each (model, lr) draws a
 log-normal offset of this sd, on top of each run's own ``--noise``. The fits' deviations bootstrap
 redraws runs' deviations independently; this measures what the shared part does to the coverage.
@@ -86,10 +87,11 @@ def covers(est, truth) -> float:
 
 
 def calibration(studies: int, bootstrap: int, noise: float, trunk_noise: float = 0.0,
-                lrs_per_cell: int = 3, seeds: int = 1, sizes: Optional[np.ndarray] = None) -> list[list[str]]:
+                lrs_per_cell: int = 3, seeds: int = 1, sizes: Optional[np.ndarray] = None,
+                designs: Optional[list[str]] = None) -> list[list[str]]:
     truth = EQUAL.truth()
     rows = []
-    for design in (["isoflop"] if trunk_noise > 0 else DESIGNS):
+    for design in designs or (["isoflop"] if trunk_noise > 0 else list(DESIGNS)):
         hits: dict[str, list[float]] = {k: [] for k in ("frontier a", "N_opt exp", "D_opt exp", "lr vs epochs",
                                                          "lr vs size")}
         widths: dict[str, list[float]] = {k: [] for k in hits}
@@ -157,7 +159,9 @@ def main() -> None:
     p.add_argument("--noise", type=float, default=0.02, help="log-normal sd of a run's loss (default 0.02)")
     p.add_argument("--trunk-noise", type=float, default=0.0,
                    help="log-normal sd shared by every run of one (model, lr): cooldown branches of one trunk "
-                        "(IsoFLOP design only; default 0)")
+                        "(default 0)")
+    p.add_argument("--designs", nargs="+", choices=list(DESIGNS), default=None,
+                   help="designs to measure (default: all; only isoflop with --trunk-noise)")
     p.add_argument("--lrs-per-cell", type=int, default=3)
     p.add_argument("--seeds", type=int, default=1, help="runs per (model, budget, lr) cell, each with its own noise")
     p.add_argument("--sizes", type=int, default=None,
@@ -179,7 +183,7 @@ def main() -> None:
     if not a.skip_coverage:
         print(table(["design", "quantity", "method", "coverage of 95% interval", "studies with an interval",
                      "median width", "s / fit"], calibration(a.studies, a.bootstrap, a.noise, a.trunk_noise, a.lrs_per_cell, a.seeds,
-                                                   sizes)))
+                                                   sizes, a.designs)))
     if not a.skip_verdicts:
         print()
         print(table(["design", "planted", "(1) power law", "(2) same rate"], verdicts(a.verdict_studies, a.bootstrap, a.seeds)))
