@@ -74,12 +74,32 @@ def test_each_models_own_flops_per_parameter():
     assert abs(truth["n_opt_exponent"] - 0.5) > 0.05  # a median k would have said 0.5
 
 
+@pytest.mark.slow  # about a second or more each: not in the quick loop
 def test_isoflop_design_reads_parabolas_and_covers_the_truth():
-    f = family(planted_study(SIZE_FAST, "isoflop", noise=0.02, rng=np.random.default_rng(2), **ISOFLOP))
-    assert f.design == "isoflop" and f.frontier_method == "budget" and f.resampling == "deviations"
-    method, n_fit, d_fit = f.allocation()
-    assert method == "parabola"
-    assert n_fit.exponent.contains(0.75) and allocation_verdict(f)[0] == DISAGREES
+    """N_opt ~ C^0.75 over 7 sizes: the parabolas' interval covers 0.75 in most studies (measured 90 %
+    of 100; through every size instead of the best +-2 it was 40 %, the vertices pulled to the middle
+    of the ladder) and every study tells the unequal rates."""
+    covered = 0
+    for seed in range(6):
+        f = family(planted_study(SIZE_FAST, "isoflop", noise=0.02, rng=np.random.default_rng(seed), **ISOFLOP))
+        assert f.design == "isoflop" and f.frontier_method == "budget" and f.resampling == "deviations"
+        method, n_fit, d_fit = f.allocation()
+        assert method == "parabola"
+        assert allocation_verdict(f)[0] == DISAGREES
+        covered += n_fit.exponent.contains(0.75)
+    assert covered >= 4, covered
+
+
+@pytest.mark.parametrize("law", [EQUAL, SIZE_FAST], ids=["equal", "size_fast"])
+def test_isoflop_parabolas_find_the_planted_optimum_of_nearly_noiseless_runs(law):
+    """The vertex of a parabola fitted through every size of a budget is pulled towards the middle of
+    the ladder, because the loss along an IsoFLOP is skewed in log N. With 7 sizes over 1.8 decades
+    the N_opt exponent came out 0.491 for a planted 0.5 and 0.654 for 0.75, from runs with
+    (nearly) no noise. Fitted through the best size +-2 it is 0.501 and 0.758."""
+    truth = law.truth()["n_opt_exponent"]
+    f = family(planted_study(law, "isoflop", noise=1e-6, rng=np.random.default_rng(0), **ISOFLOP), bootstrap=0)
+    _, n_fit, _ = f.allocation()
+    assert n_fit.exponent.value == pytest.approx(truth, abs=0.012 if truth > 0.6 else 0.004)
 
 
 @pytest.mark.slow  # about a second or more each: not in the quick loop

@@ -302,3 +302,33 @@ def test_isoflop_with_three_sizes_per_budget_gets_an_n_opt_interval():
         assert np.isfinite(e.low) and np.isfinite(e.high) and e.high - e.low < 0.3
         covered += e.low <= 0.5 <= e.high
     assert covered >= 2
+
+
+def test_leverage_and_modified_residuals():
+    """The hat matrix's diagonal of a line through x = -1, 0, 1 is 5/6, 1/3, 5/6; a residual is
+    divided by sqrt(1 - h) and the set centred; a point its surface passes through (h = 1) has none."""
+    from convscale.scaling.design import leverage, modified_residuals
+
+    np.testing.assert_allclose(leverage(np.vander([-1.0, 0.0, 1.0], 2)), [5 / 6, 1 / 3, 5 / 6])
+    out = modified_residuals(np.array([0.1, -0.1, 0.2, 0.0]), np.array([0.75, 0.75, 0.0, 1.0]), 2)
+    assert np.isnan(out[3])
+    raw = np.array([0.1 / 0.5, -0.1 / 0.5, 0.2])
+    np.testing.assert_allclose(out[:3], raw - raw.mean())
+
+
+def test_isoflop_bootstrap_surface_follows_the_skewed_loss():
+    """The loss along an IsoFLOP is skewed in log N: a parabola through 7 sizes misfits noise-free runs
+    of a planted law by ~0.005 in log loss, as much as the noise the bootstrap should redraw. Budgets
+    with >= 6 sizes are smoothed by a cubic (4 parameters each), which misfits them < 0.002."""
+    from convscale.scaling.design import build_points, smooth_surface
+    from convscale.scaling.planted import Law, planted_study
+    from convscale.scaling.table import prepare_table
+
+    law = Law(A=60.0, alpha=0.34, B=400.0, beta=0.34)
+    df = planted_study(law, "isoflop", noise=0.0, rng=np.random.default_rng(0), lrs_per_cell=1,
+                       sizes=np.geomspace(3e5, 2e7, 7), budgets=np.geomspace(1e15, 1e17, 5))
+    pts = build_points(prepare_table(df).done, "isoflop")
+    surface, n_params, lev = smooth_surface(pts)
+    assert n_params == 5 * 4
+    assert np.sqrt(np.mean((np.log(pts.loss) - surface) ** 2)) < 0.002
+    np.testing.assert_allclose(lev.sum(), n_params)

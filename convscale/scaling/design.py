@@ -15,8 +15,9 @@ deviation from its cell's seed mean is redrawn from its model's pool of such dev
 of 2 or 3 seeds gets the spread its seeds measure across the model, not the too-narrow spread of
 redrawing its own few; ``Points._seed_replicates``) and the point is re-tuned over lr from the
 redrawn cells. Without seeds, and in every cooldown-branch study, the design is kept and each
-point's deviation from a smooth surface (each IsoFLOP budget's parabola, a grid's fitted
-L(N, D)) is redrawn from the points' own deviations (see ``Replicates``),
+point's deviation from a smooth surface (each IsoFLOP budget's parabola, or its cubic where it has
+>= 6 sizes; a grid's fitted L(N, D)) is redrawn from the points' own leverage-corrected deviations
+(see ``Replicates`` and ``modified_residuals``),
 or, where no surface can be fitted, the points of each budget are drawn with replacement, each
 carrying all its learning rates. Every frontier, vertex
 and fit is then recomputed inside the replicate.
@@ -36,6 +37,11 @@ ISOFLOP, GRID = "isoflop", "grid"
 DESIGNS = (ISOFLOP, GRID)
 SEEDS, RUNS = "seeds", "runs"
 MIN_SIZES_FOR_SMOOTHING = 4  # an IsoFLOP budget's parabola needs a degree of freedom left
+#: an IsoFLOP budget with this many sizes is smoothed by a cubic in log N for the residual bootstrap:
+#: the loss along an IsoFLOP is skewed, and a parabola through every size misfits it by as much as
+#: the runs' noise (rms 0.005 in log loss with 7 sizes over 1.8 decades of a planted law, 0.014
+#: with 9 over 2.8; a cubic 0.0014 and 0.0066), which the bootstrap then redraws as noise
+CUBIC_MIN_SIZES = 6
 
 
 OPTIONAL_COLUMNS = {"lr": np.nan, "epochs": np.nan, "budget_flops": np.nan, "budget_kind": "", "budget": np.nan,
@@ -106,10 +112,11 @@ class Points:
         return len(self.params)
 
     def replicates(self, n_boot: int, rng: np.random.Generator,
-                   surface: Optional[tuple[np.ndarray, int]] = None, level: float = 0.95) -> "Replicates":
+                   surface: Optional["Surface"] = None, level: float = 0.95) -> "Replicates":
         """``n_boot`` resamples of the runs (see the module docstring). ``surface``: the smooth
-        log-losses at the points and how many parameters made them (``smooth_surface``); then each
-        replicate redraws the runs' deviations from it, see ``Replicates``. ``level``: the intervals'
+        log-losses at the points, how many parameters made them and each point's leverage
+        (``smooth_surface``); then each replicate redraws the runs' deviations from it, see
+        ``Replicates`` and ``modified_residuals``. ``level``: the intervals'
         level, which sets how far a cooldown-branch study's few trunks are widened
         (``shared_deviation_scale``)."""
         if self.resampling == SEEDS:
@@ -123,9 +130,8 @@ class Points:
         blocks = self.trunk_group is not None and len(np.unique(self.trunk_group)) >= MIN_TRUNKS_FOR_BLOCKS
         if surface is None or self.n <= surface[1] + 1:
             return self._with_lr_draws(Replicates(weights=weights, loss=loss, lr_opt=None), blocks, rng)
-        surface, n_params = surface
-        resid = np.log(self.loss) - surface
-        resid = (resid - resid.mean()) * np.sqrt(self.n / (self.n - n_params))
+        surface, n_params, leverage = surface
+        resid = modified_residuals(np.log(self.loss) - surface, leverage, n_params)
         if blocks:
             dof = shared_dof(self)
             if dof < MIN_SHARED_DOF:  # the surface absorbs (nearly) every trunk's luck: see MIN_SHARED_DOF
@@ -133,7 +139,8 @@ class Points:
             drawn = shared_deviation_draws(resid, self.trunk_group, n_boot, rng,
                                            scale=shared_deviation_scale(dof, level))
         else:
-            drawn = resid[rng.integers(0, self.n, size=(n_boot, self.n))]
+            pool = resid[np.isfinite(resid)]
+            drawn = pool[rng.integers(0, len(pool), size=(n_boot, self.n))]
         # the last row is the surface itself, without deviations: the centre that every statistic's
         # replicates are shifted from onto the statistic of the data (``Replicates.recentre``)
         drawn = np.vstack([drawn, np.zeros((1, self.n))])
@@ -278,14 +285,19 @@ def shared_deviation_draws(resid: np.ndarray, group: np.ndarray, n_boot: int, rn
     one instead treats a trunk's luck as independent per budget: on planted IsoFLOP studies with a
     shared part of sd 0.05 (run noise 0.005), the N_opt exponent's 95 % interval then covered the
     truth 83 % of the time (benchmarks/calibration.py --trunk-noise). ``scale`` multiplies the
-    drawn shared parts (``shared_deviation_scale``)."""
+    drawn shared parts (``shared_deviation_scale``). A NaN deviation (a point its surface passes
+    through, ``modified_residuals``) adds to neither; the point still gets a group mean and a rest."""
     _, g = np.unique(group, return_inverse=True)
     n_groups, n = int(g.max()) + 1, len(resid)
-    means = np.bincount(g, weights=resid, minlength=n_groups) / np.bincount(g, minlength=n_groups)
-    rest = (resid - means[g]) * np.sqrt(n / max(n - n_groups, 1))
-    means = means - means.mean()
-    drawn_means = scale * means[rng.integers(0, n_groups, size=(n_boot, n_groups))][:, g]
-    return drawn_means + rest[rng.integers(0, n, size=(n_boot, n))]
+    ok = np.isfinite(resid)
+    counts = np.bincount(g[ok], minlength=n_groups)
+    sums = np.bincount(g[ok], weights=resid[ok], minlength=n_groups)
+    means = np.divide(sums, counts, out=np.zeros(n_groups), where=counts > 0)
+    measured = counts > 0
+    rest = (resid[ok] - means[g[ok]]) * np.sqrt(ok.sum() / max(ok.sum() - measured.sum(), 1))
+    means = means[measured] - means[measured].mean()
+    drawn_means = scale * means[rng.integers(0, len(means), size=(n_boot, n_groups))][:, g]
+    return drawn_means + rest[rng.integers(0, len(rest), size=(n_boot, n))]
 
 
 def lr_optimum_batch(log_lr: np.ndarray, log_loss: np.ndarray) -> np.ndarray:
@@ -391,10 +403,46 @@ def build_points(runs: pd.DataFrame, design: str, diverged: Optional[pd.DataFram
     )
 
 
-def smooth_surface(points: Points) -> Optional[tuple[np.ndarray, int]]:
-    """The smooth log-loss the residual bootstrap redraws deviations from, and its parameter count:
+#: (smooth log-loss at each point, the surface's parameter count, each point's leverage)
+Surface = tuple[np.ndarray, int, np.ndarray]
+MAX_LEVERAGE = 0.99  # a point fitted (nearly) exactly by its surface: its residual says nothing of its deviation
+
+
+def leverage(x: np.ndarray) -> np.ndarray:
+    """Diagonal of the hat matrix X (X'X)^+ X' of a design matrix (or a fit's Jacobian) ``x`` (n, p)."""
+    u, sv, _ = np.linalg.svd(np.asarray(x, dtype=float), full_matrices=False)
+    keep = sv > sv.max() * 1e-10 * max(x.shape) if sv.size and sv.max() > 0 else np.zeros(sv.shape, bool)
+    return np.sum(u[:, keep] ** 2, axis=1)
+
+
+def modified_residuals(resid: np.ndarray, lev: np.ndarray, n_params: int) -> np.ndarray:
+    """The residuals the bootstrap redraws: each divided by sqrt(1 - h) of its leverage h and the
+    set centred (Davison & Hinkley 1997, §6.2.3's modified residuals). A fitted surface pulls
+    itself towards the points that decide its shape (the ends of an IsoFLOP parabola, the corners
+    of an N x D grid), so their residuals understate their deviations most, and those are the
+    points that move an optimum or an exponent. (Measured against the average factor sqrt(n / (n - p))
+    on every residual, which this replaces: the same coverage on planted studies, e.g. 90 % for
+    the N_opt exponent on epoch grids above an irreducible loss, where the grid's leverages run
+    only 0.07-0.25; benchmarks/calibration.py --law bent, RESULTS.md.) A point of leverage >= MAX_LEVERAGE (its surface passes through it: a budget's parabola through
+    3 sizes) has no residual to give: NaN, and it draws its deviation from the others'. Without
+    any such point left, the average factor over all of them."""
+    h = np.asarray(lev, dtype=float)
+    ok = h < MAX_LEVERAGE
+    if ok.sum() < 2:
+        n = len(resid)
+        return (resid - resid.mean()) * np.sqrt(n / max(n - n_params, 1))
+    out = np.full(len(resid), np.nan)
+    out[ok] = resid[ok] / np.sqrt(1.0 - h[ok])
+    out[ok] -= out[ok].mean()
+    return out
+
+
+def smooth_surface(points: Points) -> Optional[Surface]:
+    """The smooth log-loss the residual bootstrap redraws deviations from, its parameter count and
+    each point's leverage:
     in an IsoFLOP design a parabola in log N per budget (approach 2's own model; a line or a mean
-    where a budget has fewer sizes), in a grid the fitted L(N, D). None when it leaves no deviations
+    where a budget has fewer sizes; a cubic where it has >= CUBIC_MIN_SIZES, except in
+    cooldown-branch studies), in a grid the fitted L(N, D). None when it leaves no deviations
     to draw from (no budget with >= 4 sizes; a grid too small for L(N, D)): points are then redrawn
     within budgets.
 
@@ -405,30 +453,38 @@ def smooth_surface(points: Points) -> Optional[tuple[np.ndarray, int]]:
     3): the points redrawn within budgets gave the N_opt exponent no interval in 100 of 100 studies;
     L(N, D) covered it 96 % of the time. With 4 sizes the parabolas covered it 88 %, L(N, D) 92 %."""
     if points.design == ISOFLOP:
-        out, n_params, widest = _budget_polynomials(points, np.log(points.loss))
-        parabolas = (out, n_params) if widest >= MIN_SIZES_FOR_SMOOTHING else None
-        if points.trunk_group is None and (parabolas is None or points.n - n_params < points.n / 2):
+        y = np.log(points.loss)
+        out, n_params, widest, lev = _budget_polynomials(points, y)
+        parabolas = (out, n_params, lev) if widest >= MIN_SIZES_FOR_SMOOTHING else None
+        if points.trunk_group is not None:  # their trunks' dof are counted against the parabolas: shared_dof
+            return parabolas
+        if parabolas is None or points.n - n_params < points.n / 2:
             return _surface_nd(points) or parabolas
-        return parabolas
+        out, n_params, _, lev = _budget_polynomials(points, y, max_degree=3)  # cubics where a budget has the sizes
+        return out, n_params, lev
     return _surface_nd(points)
 
 
-def _budget_polynomials(points: Points, y: np.ndarray) -> tuple[np.ndarray, int, int]:
+def _budget_polynomials(points: Points, y: np.ndarray, max_degree: int = 2) -> tuple[np.ndarray, int, int, np.ndarray]:
     """``y`` smoothed within each IsoFLOP budget by a parabola in log N (a line or a mean where a
-    budget has fewer sizes); its parameter count and the most sizes any budget has."""
+    budget has fewer sizes; with ``max_degree`` 3, a cubic where a budget has >= 6 sizes, which
+    leaves it 2 degrees of freedom); its parameter count, the most sizes any budget has, and each
+    point's leverage."""
     log_n = np.log(points.params)
-    out, n_params, widest = np.empty(points.n), 0, 0
+    out, n_params, widest, lev = np.empty(points.n), 0, 0, np.empty(points.n)
     for s in np.unique(points.stratum):
         idx = np.flatnonzero(points.stratum == s)
         n_sizes = len(np.unique(log_n[idx]))
-        degree = min(2, n_sizes - 1)
+        degree = 3 if max_degree >= 3 and n_sizes >= CUBIC_MIN_SIZES else min(2, n_sizes - 1)
         out[idx] = np.polyval(np.polyfit(log_n[idx], y[idx], degree), log_n[idx])
+        lev[idx] = leverage(np.vander(log_n[idx] - log_n[idx].mean(), degree + 1))
         n_params, widest = n_params + degree + 1, max(widest, n_sizes)
-    return out, n_params, widest
+    return out, n_params, widest, lev
 
 
-def _surface_nd(points: Points) -> Optional[tuple[np.ndarray, int]]:
-    """The fitted L(N, D) at the points and its 5 parameters; None where the points cannot fit it."""
+def _surface_nd(points: Points) -> Optional[Surface]:
+    """The fitted L(N, D) at the points, its 5 parameters and the points' leverage (from the fit's
+    Jacobian); None where the points cannot fit it."""
     from convscale.scaling.parametric import MIN_DISTINCT, MIN_POINTS, batch_model, point_fit
 
     if points.n < MIN_POINTS or min(len(np.unique(points.params)), len(np.unique(points.images))) < MIN_DISTINCT:
@@ -437,7 +493,8 @@ def _surface_nd(points: Points) -> Optional[tuple[np.ndarray, int]]:
     theta = point_fit(log_n, log_d, np.log(points.loss))
     if not np.all(np.isfinite(theta)):
         return None
-    return batch_model(log_n, log_d)(theta[None, :], np.zeros(1, dtype=int))[0][0], 5
+    pred, jac = batch_model(log_n, log_d)(theta[None, :], np.zeros(1, dtype=int))
+    return pred[0], 5, leverage(jac[0])
 
 
 def k_of_params(points: Points):
