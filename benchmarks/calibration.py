@@ -182,6 +182,9 @@ def main() -> None:
     p.add_argument("--skip-verdicts", action="store_true")
     p.add_argument("--skip-coverage", action="store_true")
     a = p.parse_args()
+    if a.trunk_noise > 0 and a.designs and "nd_grid" in a.designs:
+        p.error("--trunk-noise plants cooldown branches, which a planned study has and a table from anywhere "
+                "(nd_grid) does not: use --designs isoflop epochs")
     sizes = np.geomspace(*a.size_range, a.sizes) if a.sizes else None
     cpu = subprocess.run("grep -o 'avx512_bf16\\|amx' /proc/cpuinfo | sort -u | tr '\\n' ' '", shell=True,
                          capture_output=True, text=True).stdout.strip() or "AVX2 only"

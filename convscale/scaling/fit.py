@@ -38,7 +38,6 @@ from convscale.scaling.optimal import (
     frontier_run_samples,
     lr_trend_from_replicates,
     parabola_samples,
-    VERTEX_WINDOW,
     parabola_vertices,
 )
 from convscale.scaling.parametric import ParametricFit, parametric_from_replicates
@@ -249,8 +248,7 @@ def _fit_family(
                 f"IsoFLOP parabolas need planned IsoFLOP budgets; this is a {design} design "
                 "(the parametric L(N, D) and the frontier runs serve it)")
     else:
-        window = VERTEX_WINDOW if points.trunk_group is None else None  # see VERTEX_WINDOW
-        n_hat, d_hat = parabola_vertices(points, np.ones((1, points.n)), points.loss[None, :], k_of_n, window)
+        n_hat, d_hat = parabola_vertices(points, np.ones((1, points.n)), points.loss[None, :], k_of_n)
         budgets = np.unique(points.stratum)
         log_c_b = np.log(np.array([points.compute[points.stratum == s][0] for s in budgets]))
         ok = np.isfinite(n_hat[0])
@@ -260,7 +258,7 @@ def _fit_family(
                     f"IsoFLOP parabolas found an interior optimum at {int(ok.sum())} budget(s), need >= {MIN_BUDGETS}: "
                     "sweep >= 3 model sizes per budget that bracket the best one")
         else:
-            n_rep, d_rep = parabola_vertices(points, reps.weights, reps.loss, k_of_n, window) if bootstrap > 0 else (
+            n_rep, d_rep = parabola_vertices(points, reps.weights, reps.loss, k_of_n) if bootstrap > 0 else (
                 np.empty((0, len(budgets))), np.empty((0, len(budgets))))
             n_s, d_s = parabola_samples(log_c_b, n_rep, d_rep)
             for q, col, vals, smp in (("params", "params", n_hat[0], n_s), ("images", "images_seen", d_hat[0], d_s)):
