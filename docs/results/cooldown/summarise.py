@@ -18,6 +18,7 @@ import pandas as pd
 from convscale.report.compare import compare_all
 from convscale.report.findings import study_findings
 from convscale.report.inputs import load_sweep
+from convscale.scaling import sweep_fit
 from convscale.scaling.table import load_results
 
 
@@ -28,6 +29,8 @@ def _est(e) -> str:
 
 
 def summarise(dirs: list[str], names: list[str], wall: list[float] | None) -> str:
+    for d in dirs:  # refit: a fit.json left by an earlier convscale would be read back as it is
+        sweep_fit(d, bootstrap=1000, seed=0, refit=True)
     sweeps = [load_sweep(d, bootstrap=1000) for d in dirs]
     lines = ["| family | budget (FLOPs) | " + " | ".join(f"{n}: loss (model)" for n in names) + " | difference |",
              "|---|---|" + "---|" * len(names) + "---|"]
