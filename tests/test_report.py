@@ -222,3 +222,26 @@ def test_cells_at_chance_loss_are_counted_per_family():
     assert "nfnet 1, vit 1" in note
     assert at_chance_note(df.assign(loss=[3.0, 3.2, 3.1, 2.0, float("nan")])) is None
     assert at_chance_note(df.drop(columns="chance_loss")) is None  # sweeps collected before the column
+
+
+def test_fit_json_from_other_analysis_code_is_refitted_not_reused(tmp_path):
+    # a fit.json newer than the results but written by older analysis code (another fingerprint, or
+    # none: written before fingerprints were kept) must not pass for a fit by the installed code
+    from convscale.scaling import sweep_fit
+    from convscale.scaling.fit import analysis_fingerprint
+
+    make_sweep(tmp_path)
+    fit, source = sweep_fit(tmp_path, bootstrap=5)
+    assert source == "fitted" and fit.analysis == analysis_fingerprint() and len(fit.analysis) == 16
+    assert sweep_fit(tmp_path, bootstrap=5)[1] == "fit.json"  # same code: reused
+    for stale in ("0123456789abcdef", None):
+        d = json.loads((tmp_path / "fit.json").read_text())
+        if stale is None:
+            del d["analysis"]
+        else:
+            d["analysis"] = stale
+        d["families"]["nfnet"]["power_law"]["a"]["value"] = 9.0  # what the old code "found"
+        (tmp_path / "fit.json").write_text(json.dumps(d))
+        fit, source = sweep_fit(tmp_path, bootstrap=5)
+        assert source == "fitted" and fit.families["nfnet"].power_law.a.value != 9.0
+        assert json.loads((tmp_path / "fit.json").read_text())["analysis"] == analysis_fingerprint()

@@ -22,7 +22,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--target-top1", type=float, default=None, metavar="A",
                    help="also the compute to reach held-out top-1 A (a fraction, e.g. 0.55)")
     p.add_argument("--format", choices=("text", "json"), default="text", help="output format (default text)")
-    p.add_argument("--bootstrap", type=int, default=1000, metavar="N", help="bootstrap resamples when SWEEP_DIR/fit.json is missing or older than the results (default 1000)")
+    p.add_argument("--bootstrap", type=int, default=1000, metavar="N", help="bootstrap resamples when SWEEP_DIR/fit.json is missing, older than the results or from other analysis code (default 1000)")
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap (default 0)")
     p.set_defaults(func=run)
 

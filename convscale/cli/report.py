@@ -10,14 +10,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "report",
         help="draw a sweep's scaling plots and write summary.md and a self-contained report.html",
         description=(
-            "Fit the sweep in SWEEP_DIR (or read SWEEP_DIR/fit.json when it is newer than the results) and "
+            "Fit the sweep in SWEEP_DIR (or read SWEEP_DIR/fit.json when it is newer than the results and was written by the installed analysis code) and "
             "write PNG+SVG figures, summary.md and report.html into SWEEP_DIR/report (or --out)."
         ),
     )
     p.add_argument("sweep_dir", metavar="SWEEP_DIR", help="sweep directory (the --dir of `convscale sweep run`)")
     p.add_argument("--out", metavar="DIR", help="output directory (default: SWEEP_DIR/report)")
     p.add_argument("--bootstrap", type=int, default=1000, metavar="N",
-                   help="bootstrap resamples when SWEEP_DIR/fit.json is missing or older than the results (default 1000)")
+                   help="bootstrap resamples when SWEEP_DIR/fit.json is missing, older than the results or from other analysis code (default 1000)")
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap (default 0)")
     p.add_argument("--hardware", choices=("h100", "tpu-v4", "none"), default="tpu-v4",
                    help="reference device of the device-hours axis (default tpu-v4: core-hours, as the paper)")

@@ -10,6 +10,8 @@ those same replicates; a fit is deterministic under ``seed`` and independent of 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 import zlib
 from pathlib import Path
 from typing import Any, Callable
@@ -48,6 +50,16 @@ from convscale.serde import Serde
 
 DEFAULT_BOOTSTRAP = 1000
 FIT_VERSION = 2  # fit.json layout: 2 = run-resampled intervals with their samples
+
+
+@functools.lru_cache(maxsize=1)
+def analysis_fingerprint() -> str:
+    """A digest of the analysis code (every module of ``convscale.scaling``): a fit.json written by
+    other analysis code than the installed one is refitted, never reused as if current."""
+    h = hashlib.sha256()
+    for src in sorted(Path(__file__).parent.glob("*.py")):
+        h.update(src.name.encode() + b"\0" + src.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
 
 # the optional fits of a family (field name -> result class), in report order
 _ITEMS: dict[str, type] = {
@@ -156,6 +168,7 @@ class StudyFit(Serde):
     notes: list[str]
     families: dict[str, FamilyFit]
     version: int = FIT_VERSION
+    analysis: str = ""  # analysis_fingerprint() of the code that fitted it ("" = written before it was kept)
 
     @classmethod
     def serde_read(cls, d: dict[str, Any]) -> dict[str, Any]:
@@ -351,6 +364,7 @@ def fit_table(
         level=float(level),
         notes=notes,
         families=families,
+        analysis=analysis_fingerprint(),
     )
 
 
@@ -382,8 +396,8 @@ def read_fit(path: str | Path) -> StudyFit | None:
 
 def sweep_fit(sweep_dir: str | Path, *, bootstrap: int = DEFAULT_BOOTSTRAP, seed: int = 0, refit: bool = False,
               **kwargs: Any) -> tuple[StudyFit, str]:
-    """The one fit of a sweep directory: ``SWEEP/fit.json`` when it is newer than the results table,
-    else a new fit (``bootstrap``, ``seed``, ``kwargs`` of ``fit_table``) written there. Returns the fit
+    """The one fit of a sweep directory: ``SWEEP/fit.json`` when it is newer than the results table
+    and was written by the installed analysis code (``analysis_fingerprint``), else a new fit (``bootstrap``, ``seed``, ``kwargs`` of ``fit_table``) written there. Returns the fit
     and where it came from ("fit.json" | "fitted"). Every stage after ``fit`` reads this file."""
     root = Path(sweep_dir)
     results = next((root / n for n in RESULTS_FILES if (root / n).is_file()), None)
@@ -392,7 +406,7 @@ def sweep_fit(sweep_dir: str | Path, *, bootstrap: int = DEFAULT_BOOTSTRAP, seed
     path = root / FIT_FILE
     if not refit and path.is_file() and path.stat().st_mtime >= results.stat().st_mtime:
         fit = read_fit(path)
-        if fit is not None:
+        if fit is not None and fit.analysis == analysis_fingerprint():
             return fit, "fit.json"
     fit = fit_table(load_results(results), bootstrap=bootstrap, seed=seed, **kwargs)
     try:
