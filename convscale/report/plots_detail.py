@@ -69,7 +69,7 @@ def optimal_allocation(inputs: SweepInputs) -> Figure:
     axes[1].set_title("compute-optimal training images")
     add_caption(fig, f"Exponents with {level} intervals from resampled runs. 'frontier runs': the runs on the "
              "compute-efficient frontier; 'parabola': vertex of loss vs log N at each IsoFLOP budget, "
-             "fitted through its best size and two on either side; "
+             "fitted with weights that fall off with distance from the vertex; "
              "'L(N, D) slices': the optimum of the fitted surface at each compute.")
     return fig
 

@@ -27,19 +27,25 @@ from convscale.serde import Serde
 
 MIN_BUDGETS = 3
 MIN_SIZES_PER_PARABOLA = 3
-#: an IsoFLOP budget's parabola is fitted to its best size and the VERTEX_WINDOW sizes on each side
-#: of it (by size rank among the budget's drawn points; all of them in a budget of <= 5 sizes). The loss along an IsoFLOP is not a
-#: parabola in log N (A/N^a + B/D^b is skewed), so a parabola through sizes far from the optimum
-#: pulls the vertex towards the middle of the ladder: with 7 sizes over 1.8 decades at every
-#: budget of a planted law, the noise-free vertices gave an N_opt exponent of 0.489 for a true 0.5,
-#: and the 95 % interval missed the truth 10-11 % of the time, all on one side, whatever the noise
-#: (benchmarks/calibration.py --sizes 7). Through the best size +-2 the noise-free exponent is 0.500.
-#: Cooldown-branch studies too: there each model's curve is shifted by its trunk's luck and the
-#: window makes the N_opt exponent's interval wider (0.20 -> 0.50, default ladder, trunk sd 0.05) and
-#: withholds it more often (9 models: 66 of 100 studies get one, 90 through every size), but through
-#: every size a precise one (trunk sd 0.01, run sd 0.002, 7 sizes) covered N_opt ~ C^0.75 58 % of the
-#: time; with the window 100 % (RESULTS.md).
-VERTEX_WINDOW = 2
+#: an IsoFLOP budget's parabola is a local one: a weighted least-squares parabola in log N whose
+#: weights fall off with distance from its own vertex, (1 - |x|^3)^3 with x the distance in units of
+#: VERTEX_HALF_WIDTH times the budget's median log-size spacing (tricube weights, as in loess), so a
+#: size 1, 2 and 3 steps from the vertex weighs 0.93, 0.54 and 0.05. The centre starts at the budget's
+#: best size and moves to the weighted parabola's vertex VERTEX_ITERATIONS times. A budget of <= 5
+#: sizes keeps every size at weight 1. Why local: the loss along an IsoFLOP is not a parabola in log
+#: N (A/N^a + B/D^b is skewed), so a parabola through sizes far from the optimum pulls the vertex
+#: towards the middle of the ladder: with 7 sizes over 1.8 decades at every budget of a planted law,
+#: the noise-free vertices gave an N_opt exponent of 0.489 for a true 0.5, and the 95 % interval
+#: missed the truth 10-11 % of the time, all on one side (benchmarks/calibration.py --sizes 7); a
+#: precise cooldown-branch study (trunk sd 0.01, run sd 0.002, 7 sizes) covered N_opt ~ C^0.75 58 %
+#: of the time. Why smooth weights, not the best size +-2 used before: the hard window jumps with the
+#: best size between replicates, and in cooldown-branch studies, where each model's curve is shifted
+#: by its trunk's luck, that made the intervals 1.3-1.5x wider than these (RESULTS.md) at the same
+#: coverage; at trunk sd 0.02 the equal-rate studies' "same rate" verdict went from "agrees" 1 of 20
+#: with the window to 16 of 20.
+VERTEX_HALF_WIDTH = 3.5
+VERTEX_ITERATIONS = 4
+ALL_SIZES_AT_MOST = 5
 
 
 @dataclasses.dataclass
@@ -112,10 +118,10 @@ def frontier_run_samples(points: Points, frontier_rep: np.ndarray, log_values: n
 
 
 def parabola_vertices(points: Points, weights: np.ndarray, loss: np.ndarray, k_of_n,
-                      window: Optional[int] = VERTEX_WINDOW) -> tuple[np.ndarray, np.ndarray]:
-    """Per replicate and budget, log N_opt and log D_opt of the parabola of loss vs log N (weighted by
-    the draws) through the replicate's best size and ``window`` drawn sizes on each side of it (None:
-    through every size); NaN where that leaves < 3 sizes, the parabola is not convex or its vertex
+                      half_width: Optional[float] = VERTEX_HALF_WIDTH) -> tuple[np.ndarray, np.ndarray]:
+    """Per replicate and budget, log N_opt and log D_opt of the local parabola of loss vs log N
+    (weighted by the draws, see ``VERTEX_HALF_WIDTH``; ``half_width`` None: through every size at
+    weight 1); NaN where fewer than 3 sizes carry weight, the parabola is not convex or its vertex
     lies outside the budget's drawn sizes."""
     n_rep = weights.shape[0]
     budgets = np.unique(points.stratum)
@@ -127,13 +133,18 @@ def parabola_vertices(points: Points, weights: np.ndarray, loss: np.ndarray, k_o
             continue
         idx = idx[np.argsort(log_n[idx], kind="stable")]
         u = log_n[idx]
-        drawn = weights[:, idx] > 0
-        w = weights[:, idx] if window is None else weights[:, idx] * near_best(weights[:, idx], loss[:, idx], window)
-        coef = wls(np.stack([np.ones_like(u), u, u * u], axis=1), loss[:, idx], w)
-        n_sizes = np.array([len(np.unique(u[p])) for p in w > 0])
+        drawn = weights[:, idx]
+        design = np.stack([np.ones_like(u), u, u * u], axis=1)
         # the vertex must lie inside the sizes swept at this budget (else the optimum is beyond them)
-        lo = np.where(drawn, u, np.inf).min(axis=1)
-        hi = np.where(drawn, u, -np.inf).max(axis=1)
+        lo = np.where(drawn > 0, u, np.inf).min(axis=1)
+        hi = np.where(drawn > 0, u, -np.inf).max(axis=1)
+        sizes = np.unique(u)
+        if half_width is None or len(sizes) <= ALL_SIZES_AT_MOST:
+            w = drawn
+            coef = wls(design, loss[:, idx], w)
+        else:
+            w, coef = _local_parabola(design, u, drawn, loss[:, idx], lo, hi, half_width * float(np.median(np.diff(sizes))))
+        n_sizes = np.array([len(np.unique(u[p])) for p in w > 0])
         with np.errstate(divide="ignore", invalid="ignore"):
             vertex = -coef[:, 1] / (2 * coef[:, 2])
         ok = (n_sizes >= MIN_SIZES_PER_PARABOLA) & (coef[:, 2] > 0) & (vertex >= lo) & (vertex <= hi)
@@ -144,21 +155,25 @@ def parabola_vertices(points: Points, weights: np.ndarray, loss: np.ndarray, k_o
     return log_n_opt, log_d_opt
 
 
-def near_best(weights: np.ndarray, loss: np.ndarray, window: int) -> np.ndarray:
-    """Per row, 1.0 for the drawn points (weight > 0) within ``window`` ranks of the row's lowest-loss
-    drawn point (all drawn points where there are no more than 2 * ``window`` + 1), ranks counted
-    over the drawn points in column order (columns sorted by size); else 0. Measured alternatives on
-    planted IsoFLOP studies (N_opt exponent, 95 % interval): the window centred on the vertex of a
-    parabola through every size, 86-87 % coverage with 7 sizes where this gives 92 %; a window of
-    always 5 points, shifted inwards at a budget's ends, 87 %; a window cut to 3 points in a
-    4-size budget, 86 % where all 4 give 90-93 %."""
-    present = weights > 0
-    rank = np.cumsum(present, axis=1) - 1
-    n_drawn = present.sum(axis=1, keepdims=True)
-    best = np.argmin(np.where(present, loss, np.inf), axis=1)
-    best_rank = np.take_along_axis(rank, best[:, None], axis=1)
-    near = (np.abs(rank - best_rank) <= window) | (n_drawn <= 2 * window + 1)
-    return (present & near).astype(float)
+def _local_parabola(design: np.ndarray, u: np.ndarray, drawn: np.ndarray, loss: np.ndarray, lo: np.ndarray,
+                    hi: np.ndarray, radius: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, the tricube weights (times the draws) and coefficients of the parabola re-centred on
+    its own vertex (clipped to [lo, hi]; kept where a step's parabola is not convex), starting from
+    the row's lowest-loss drawn size."""
+    centre = u[np.argmin(np.where(drawn > 0, loss, np.inf), axis=1)]
+    for _ in range(VERTEX_ITERATIONS):
+        coef = wls(design, loss, drawn * _tricube(u, centre, radius))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            vertex = -coef[:, 1] / (2 * coef[:, 2])
+        move = np.isfinite(vertex) & (coef[:, 2] > 0)
+        centre = np.where(move, np.clip(vertex, lo, hi), centre)
+    w = drawn * _tricube(u, centre, radius)
+    return w, wls(design, loss, w)
+
+
+def _tricube(u: np.ndarray, centre: np.ndarray, radius: float) -> np.ndarray:
+    x = np.minimum(np.abs(u[None, :] - centre[:, None]) / radius, 1.0)
+    return (1.0 - x ** 3) ** 3
 
 
 def parabola_samples(log_c: np.ndarray, log_n_opt: np.ndarray, log_d_opt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
