@@ -366,6 +366,25 @@ def test_few_trunks_are_redrawn_as_wide_as_their_degrees_of_freedom_allow():
         assert np.isfinite(fam.power_law.a.high - fam.power_law.a.low)
 
 
+def test_a_parabola_without_interval_gives_way_to_the_surface_slices_unless_runs_are_redrawn_within_budgets():
+    """6 models, one trunk each: where too many resamples leave a budget's parabola without a vertex
+    (no interval), the allocation comes from the L(N, D) slices, whose interval covered N_opt in 97 %
+    of 100 planted studies (60 of 100 had a parabola interval before: 97 %). With 4 models the runs
+    are redrawn within budgets and nothing is put in its place (L(N, D)'s interval covered 70 %)."""
+    import numpy as np
+
+    from convscale.scaling import fit_table
+
+    fam = next(iter(fit_table(_one_trunk_per_model_study(6, 0), bootstrap=200, seed=0).families.values()))
+    assert not np.isfinite(fam.optimal_params_parabola.exponent.low)
+    method, n_fit, d_fit = fam.allocation()
+    assert method == "parametric" and np.isfinite([n_fit.exponent.low, d_fit.exponent.high]).all()
+    assert n_fit.exponent.contains(0.5)
+    fam4 = next(iter(fit_table(_one_trunk_per_model_study(4, 0), bootstrap=200, seed=0).families.values()))
+    assert fam4.resampling == "runs" and np.isfinite(fam4.optimal_params_parametric.exponent.low)
+    assert fam4.allocation()[0] == "parabola"
+
+
 def test_cooldown_lr_optima_are_redrawn_a_model_at_a_time():
     """A trunk's luck moves its model's lr optimum alike at every budget, so the N slope of the lr
     trend is known from G model values, not G x budgets points: its replicates spread as a
