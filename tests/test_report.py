@@ -245,3 +245,21 @@ def test_fit_json_from_other_analysis_code_is_refitted_not_reused(tmp_path):
         fit, source = sweep_fit(tmp_path, bootstrap=5)
         assert source == "fitted" and fit.families["nfnet"].power_law.a.value != 9.0
         assert json.loads((tmp_path / "fit.json").read_text())["analysis"] == analysis_fingerprint()
+
+
+def test_the_analysis_fingerprint_changes_with_any_analysis_module(tmp_path):
+    import shutil
+
+    import convscale.scaling
+    from convscale.scaling.fit import analysis_fingerprint, source_digest
+
+    pkg = Path(convscale.scaling.__file__).parent
+    copy = tmp_path / "scaling"
+    shutil.copytree(pkg, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    assert source_digest(copy) == analysis_fingerprint()
+    with (copy / "optimal.py").open("a") as f:
+        f.write("\nVERTEX_HALF_WIDTH = 2.0\n")
+    assert source_digest(copy) != analysis_fingerprint()
+    (copy / "optimal.py").write_bytes((pkg / "optimal.py").read_bytes())
+    (copy / "new_method.py").write_text("X = 1\n")  # a module added counts too
+    assert source_digest(copy) != analysis_fingerprint()

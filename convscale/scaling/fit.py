@@ -52,14 +52,19 @@ DEFAULT_BOOTSTRAP = 1000
 FIT_VERSION = 2  # fit.json layout: 2 = run-resampled intervals with their samples
 
 
-@functools.lru_cache(maxsize=1)
-def analysis_fingerprint() -> str:
-    """A digest of the analysis code (every module of ``convscale.scaling``): a fit.json written by
-    other analysis code than the installed one is refitted, never reused as if current."""
+def source_digest(package_dir: str | Path) -> str:
+    """16 hex digits of sha256 over the names and bytes of the ``*.py`` files in ``package_dir``."""
     h = hashlib.sha256()
-    for src in sorted(Path(__file__).parent.glob("*.py")):
+    for src in sorted(Path(package_dir).glob("*.py")):
         h.update(src.name.encode() + b"\0" + src.read_bytes() + b"\0")
     return h.hexdigest()[:16]
+
+
+@functools.lru_cache(maxsize=1)
+def analysis_fingerprint() -> str:
+    """The ``source_digest`` of the analysis code (every module of ``convscale.scaling``): a fit.json
+    written by other analysis code than the installed one is refitted, never reused as if current."""
+    return source_digest(Path(__file__).parent)
 
 # the optional fits of a family (field name -> result class), in report order
 _ITEMS: dict[str, type] = {
@@ -149,10 +154,12 @@ class FamilyFit(Serde):
         prefs = ALLOCATION_PREFERENCE.get(self.design, ALLOCATION_PREFERENCE[GRID])
         fitted = [(m, getattr(self, f"optimal_params_{m}"), getattr(self, f"optimal_images_{m}")) for m in prefs]
         fitted = [(m, n, d) for m, n, d in fitted if n is not None and d is not None]
-        for m, n, d in fitted if self.resampling != "runs" else ():
-            if all(np.isfinite([e.exponent.low, e.exponent.high]).all() for e in (n, d)):
-                return m, n, d
-        return fitted[0] if fitted else (prefs[0], None, None)
+        if not fitted:
+            return prefs[0], None, None
+        if self.resampling == "runs":
+            return fitted[0]
+        with_interval = [f for f in fitted if all(np.isfinite([e.exponent.low, e.exponent.high]).all() for e in f[1:])]
+        return (with_interval or fitted)[0]
 
     def sample_array(self, item: str) -> np.ndarray:
         """The bootstrap samples of ``item`` as an array (0 rows when there are none)."""
@@ -404,8 +411,9 @@ def read_fit(path: str | Path) -> StudyFit | None:
 def sweep_fit(sweep_dir: str | Path, *, bootstrap: int = DEFAULT_BOOTSTRAP, seed: int = 0, refit: bool = False,
               **kwargs: Any) -> tuple[StudyFit, str]:
     """The one fit of a sweep directory: ``SWEEP/fit.json`` when it is newer than the results table
-    and was written by the installed analysis code (``analysis_fingerprint``), else a new fit (``bootstrap``, ``seed``, ``kwargs`` of ``fit_table``) written there. Returns the fit
-    and where it came from ("fit.json" | "fitted"). Every stage after ``fit`` reads this file."""
+    and was written by the installed analysis code (``analysis_fingerprint``), else a new fit
+    (``bootstrap``, ``seed``, ``kwargs`` of ``fit_table``) written there. Returns the fit and where
+    it came from ("fit.json" | "fitted"). Every stage after ``fit`` reads this file."""
     root = Path(sweep_dir)
     results = next((root / n for n in RESULTS_FILES if (root / n).is_file()), None)
     if results is None:
