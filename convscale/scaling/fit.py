@@ -85,6 +85,7 @@ _ITEMS: dict[str, type] = {
 #: the compute-optimal estimate the Findings read, per design, in order of preference
 ALLOCATION_PREFERENCE = {ISOFLOP: ("parabola", "parametric", "frontier_runs"),
                          GRID: ("parametric", "frontier_runs")}
+INTERVAL_FALLBACK = ("parabola", "parametric")  # the methods that may stand in for one without an interval
 ALLOCATION_TEXT = {
     "parabola": "IsoFLOP parabola vertices (approach 2)",
     "parametric": "IsoFLOP slices of the fitted L(N, D) (approach 3)",
@@ -144,9 +145,10 @@ class FamilyFit(Serde):
 
     def allocation(self) -> tuple[str, AllocationFit | None, AllocationFit | None]:
         """The compute-optimal (method, params fit, images fit) valid for the design that was fitted:
-        the first method of ``ALLOCATION_PREFERENCE`` whose exponents both have an interval, else the
-        first that was fitted at all (the first method is returned when none was). A method whose
-        optimum was not found in too many resamples (no interval) gives way to the next one, except
+        the first method of ``INTERVAL_FALLBACK`` in ``ALLOCATION_PREFERENCE`` order whose exponents
+        both have an interval, else the first that was fitted at all (the first method is returned
+        when none was). A method whose optimum was not found in too many resamples (no interval)
+        gives way to the next one (the frontier runs never stand in: not calibrated), except
         where runs are redrawn within budgets (no smooth surface to redraw deviations from): there
         the next method's interval is not to be trusted (4-model cooldown-branch studies: L(N, D)'s
         N_opt interval covered 70 % of 100 planted studies; with 5, 6 and 9 models, redrawn from the
@@ -158,7 +160,9 @@ class FamilyFit(Serde):
             return prefs[0], None, None
         if self.resampling == "runs":
             return fitted[0]
-        with_interval = [f for f in fitted if all(np.isfinite([e.exponent.low, e.exponent.high]).all() for e in f[1:])]
+        # only between the methods whose stand-in was calibrated (the frontier runs' interval was not)
+        with_interval = [f for f in fitted if f[0] in INTERVAL_FALLBACK
+                         and all(np.isfinite([e.exponent.low, e.exponent.high]).all() for e in f[1:])]
         return (with_interval or fitted)[0]
 
     def sample_array(self, item: str) -> np.ndarray:
