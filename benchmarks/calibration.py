@@ -26,6 +26,7 @@ import platform
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Optional
 
@@ -99,12 +100,13 @@ def calibration(studies: int, bootstrap: int, noise: float, trunk_noise: float =
         hits: dict[str, list[float]] = {k: [] for k in ("frontier a", "N_opt exp", "D_opt exp", "lr vs epochs",
                                                          "lr vs size")}
         widths: dict[str, list[float]] = {k: [] for k in hits}
-        method = ""
+        methods: Counter[str] = Counter()  # which allocation method each study used (the fallback included)
         t0 = time.perf_counter()
         for s in range(studies):
             f = one(law, design, noise, s, bootstrap, seeds=seeds, trunk_noise=trunk_noise, lrs_per_cell=lrs_per_cell,
                     sizes=sizes)
             method, n_fit, d_fit = f.allocation()
+            methods[method or "none"] += 1
             pairs = {
                 "frontier a": (f.power_law.a if f.power_law else None, truth["frontier_exponent"]),
                 "N_opt exp": (n_fit.exponent if n_fit else None, truth["n_opt_exponent"]),
@@ -117,6 +119,7 @@ def calibration(studies: int, bootstrap: int, noise: float, trunk_noise: float =
                 if est is not None and np.isfinite(est.high - est.low):
                     widths[k].append(est.high - est.low)
         secs = (time.perf_counter() - t0) / studies
+        method = ", ".join(f"{m} {n}" for m, n in methods.most_common())
         for k in hits:
             h = np.array(hits[k])
             ok = np.isfinite(h)
