@@ -385,6 +385,29 @@ def test_a_parabola_without_interval_gives_way_to_the_surface_slices_unless_runs
     assert fam4.allocation()[0] == "parabola"
 
 
+def test_the_frontier_runs_never_stand_in_for_an_allocation_without_interval():
+    """Only the parabola and the L(N, D) slices were calibrated as stand-ins: when neither has an
+    interval, the allocation stays with the parabola (no interval, "cannot tell") even though the
+    frontier runs' exponents have one."""
+    import dataclasses
+
+    import numpy as np
+
+    from convscale.scaling import fit_table
+    from convscale.scaling.robust import Estimate
+
+    fam = next(iter(fit_table(_one_trunk_per_model_study(6, 0), bootstrap=200, seed=0).families.values()))
+    assert fam.resampling != "runs"
+    for quantity in ("params", "images"):
+        fr = getattr(fam, f"optimal_{quantity}_frontier_runs")
+        setattr(fam, f"optimal_{quantity}_frontier_runs",
+                dataclasses.replace(fr, exponent=Estimate(fr.exponent.value, -1.0, 2.0)))
+        pm = getattr(fam, f"optimal_{quantity}_parametric")
+        setattr(fam, f"optimal_{quantity}_parametric",
+                dataclasses.replace(pm, exponent=Estimate(pm.exponent.value, np.nan, np.nan)))
+    assert not np.isfinite(fam.optimal_params_parabola.exponent.low)
+    assert fam.allocation()[0] == "parabola"
+
 def test_cooldown_lr_optima_are_redrawn_a_model_at_a_time():
     """A trunk's luck moves its model's lr optimum alike at every budget, so the N slope of the lr
     trend is known from G model values, not G x budgets points: its replicates spread as a

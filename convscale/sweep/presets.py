@@ -36,8 +36,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # budgets, so the ladder starts at w0.0234 / w4, and max_epochs (0.4) drops the small models where
     # they would need most of the time and sit far past their optimum. One lr per family (NFNet 1.2,
     # between the medium study's 0.8 and 1.6 optima; ViT 0.008): the lr findings need a grid this
-    # budget cannot pay for (a 3-lr ViT grid decided neither: docs/results/vit-lr-grid). Measured 2026-12-03 on 2 idle AVX2-only cores (AMD EPYC): 6.6 min end to
-    # end (the same design at twice these budgets took 15.3 min there, 6.9 on an avx512_bf16 Xeon).
+    # budget cannot pay for (a 3-lr ViT grid decided neither: docs/results/vit-lr-grid). Measured
+    # 2026-12-03 on 2 idle AVX2-only cores (AMD EPYC): 6.6 min end to end (the same design at twice
+    # these budgets took 15.3 min there, 6.9 on an avx512_bf16 Xeon).
     # Single runs differ by up to ~0.6 nats between neighbouring sizes at a budget, so most findings
     # read "cannot tell" (README).
     "demo": {
