@@ -129,6 +129,9 @@ class TrainConfig:
     eval_batch_size: int = 0  # global held-out batch; 0: one micro-batch (batch_size / grad_accum_steps)
     log_every_steps: int = 10
     divergence_loss_factor: float = 3.0  # stop if loss > factor x first-step loss; 0 = NaN/inf only
+    # stop as diverged a run that learned and then sat back at its first-step loss for this share of
+    # its steps (a collapse: train/divergence.py); 0 = off
+    collapse_patience_fraction: float = 0.05
     # cooldown branches (sweep/planner.py): a trunk trains its schedule's prefix, a branch its cooldown
     stop_at_step: Optional[int] = None  # a trunk: stop after this many steps of the budget's schedule
     keep_checkpoint_steps: list[int] = field(default_factory=list)  # checkpoints never rotated away
@@ -253,6 +256,7 @@ _RANGES = (
     ("momentum", 0.0, 1.0), ("beta2", 0.0, 1.0), ("weight_decay", 0.0, math.inf), ("agc_clip", 0.0, math.inf),
     ("agc_eps", 0.0, math.inf), ("grad_clip_norm", 0.0, math.inf), ("classifier_lr_scale", 0.0, math.inf),
     ("label_smoothing", 0.0, 1.0), ("divergence_loss_factor", 0.0, math.inf),
+    ("collapse_patience_fraction", 0.0, 1.0),
     ("checkpoint_every_seconds", 0.0, math.inf), ("epoch_images", 1, math.inf), ("warmup_steps", 0, math.inf),
     ("eval_every_steps", 0, math.inf), ("eval_batch_size", 0, math.inf), ("log_every_steps", 1, math.inf),
     ("checkpoint_every_steps", 0, math.inf), ("threads", 0, 4096), ("eval_resolution", 8, MAX_RESOLUTION),

@@ -52,6 +52,7 @@ from convscale.train.distributed import (
     shutdown,
     world_size,
 )
+from convscale.train import divergence
 from convscale.train.config import TrainConfig, budget_to_steps, build_schedule
 from convscale.data.repeated import RepeatedAugmentSource
 from convscale.train.evaluate import heldout_sums, means
@@ -375,22 +376,24 @@ def _log(loop: LoopState, row: dict[str, Any]) -> None:
 
 def _log_train_row(plan: RunPlan, loop: LoopState, done: int, lr: float, clock_due: bool) -> bool:
     """Write the log row of the steps since the last one (all ranks' mean loss); mark the run
-    diverged if that loss is not finite or too high. Returns whether rank 0's clock asks for a
+    diverged if that loss is not finite, too high or collapsed back to the start (train/divergence.py). Returns whether rank 0's clock asks for a
     checkpoint (its vote rides on the loss all-reduce: no extra collective)."""
     cfg = plan.cfg
     loss_total, due_votes = all_reduce_sum([float(loop.loss_sum), float(clock_due and is_main_process())])
-    mean_loss = loss_total / world_size() / loop.steps_since_log
+    steps_in_row = loop.steps_since_log
+    mean_loss = loss_total / world_size() / steps_in_row
     now = time.monotonic()
     ips = loop.steps_timed * cfg.batch_size / max(now - loop.t_log, 1e-9)
     _log(loop, {"kind": "train", **_position(plan, loop, done), "loss": mean_loss, "lr": lr, "images_per_second": ips})
     plan.progress.update(done, mean_loss, ips, (now - loop.t_log) / loop.steps_timed)
     loop.t_log, loop.steps_since_log, loop.steps_timed = now, 0, 0
     loop.loss_sum.zero_()
-    factor = cfg.divergence_loss_factor
-    if not math.isfinite(mean_loss) or (factor > 0 and mean_loss > factor * loop.state["first_loss"]):
+    why = divergence.check(loop.state, mean_loss, steps_in_row, factor=cfg.divergence_loss_factor,
+                           collapse_patience_fraction=cfg.collapse_patience_fraction, total_steps=plan.steps,
+                           log_every_steps=cfg.log_every_steps)
+    if why is not None:
         loop.status = "diverged"
-        plan.progress.message(f"{plan.run_dir}: diverged at step {done} (loss {mean_loss:.4g}, "
-                              f"first-step loss {loop.state['first_loss']:.4g}); lower --lr")
+        plan.progress.message(f"{plan.run_dir}: diverged at step {done} ({why}); lower --lr")
     return due_votes > 0
 
 
