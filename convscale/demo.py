@@ -48,6 +48,7 @@ class DemoResult:
     skipped: dict[str, str] = field(default_factory=dict)
     findings: list[Any] = field(default_factory=list)  # convscale.report.findings.Finding
     at_chance: Optional[str] = None  # the report's sentence on cells that ended at chance loss
+    diverged: Optional[str] = None  # ... and on cells that diverged
 
 
 def best_cells(df, families: list[str]) -> dict[str, list[Any]]:
@@ -120,7 +121,7 @@ def run_demo(scale: str = "quick", out: Optional[str] = None, jobs: int = 0, boo
     import os
 
     from convscale.report.build import build_report
-    from convscale.report.content import at_chance_note
+    from convscale.report.content import at_chance_note, diverged_note
     from convscale.scaling import sweep_fit
     from convscale.scaling.fit import ALLOCATION_TEXT
     from convscale.sweep.presets import SCALES, preset
@@ -150,7 +151,7 @@ def run_demo(scale: str = "quick", out: Optional[str] = None, jobs: int = 0, boo
     families = [f.name for f in study.families]
     fit, _ = sweep_fit(root, bootstrap=bootstrap, seed=0, refit=True)  # SWEEP/fit.json, read by the report
     result = DemoResult(root=root, wall_seconds=0.0, sweep_counts=df["status"].value_counts().to_dict(),
-                        at_chance=at_chance_note(df))
+                        at_chance=at_chance_note(df), diverged=diverged_note(df))
     for fam, ff in fit.families.items():
         e: dict[str, Any] = {}
         if ff.power_law is not None:
@@ -174,8 +175,9 @@ def run_demo(scale: str = "quick", out: Optional[str] = None, jobs: int = 0, boo
 def format_summary(r: DemoResult) -> str:
     lines = [f"demo finished in {r.wall_seconds / 60:.1f} min; cells: "
              + ", ".join(f"{v} {k}" for k, v in sorted(r.sweep_counts.items()))]
-    if r.at_chance:
-        lines.append(f"  {r.at_chance}")
+    for note in (r.at_chance, r.diverged):
+        if note:
+            lines.append(f"  {note}")
     for fam, e in r.exponents.items():
         parts = []
         for key, label in (("loss_vs_compute_exponent", "loss ~ C^-a, a"),

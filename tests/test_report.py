@@ -224,6 +224,16 @@ def test_cells_at_chance_loss_are_counted_per_family():
     assert at_chance_note(df.drop(columns="chance_loss")) is None  # sweeps collected before the column
 
 
+def test_diverged_cells_are_counted_and_named():
+    from convscale.report.content import diverged_note
+
+    df = pd.DataFrame({"family": ["nfnet", "nfnet", "nfnet", "vit"], "status": ["diverged", "diverged", "done", "done"],
+                       "model": ["nfnet-w0.046875-d1.1.1"] * 3 + ["vit-w4-d4-p4"], "lr": [1.2, 1.2, 1.2, 0.008]})
+    note = diverged_note(df)
+    assert note.startswith("2 of 4 cells diverged (nfnet 2: nfnet-w0.046875-d1.1.1 at lr 1.2)")
+    assert "lower lr" in note and diverged_note(df.assign(status="done")) is None
+
+
 def test_fit_json_from_other_analysis_code_is_refitted_not_reused(tmp_path):
     # a fit.json newer than the results but written by older analysis code (another fingerprint, or
     # none: written before fingerprints were kept) must not pass for a fit by the installed code

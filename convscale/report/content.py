@@ -225,6 +225,24 @@ def at_chance_note(results: pd.DataFrame) -> str | None:
             f"or an lr past stability without a loss spike, and count in the fits as the bad results they are.")
 
 
+def diverged_note(results: pd.DataFrame) -> str | None:
+    """A sentence counting the diverged cells per family and naming each (model, lr) that diverged
+    (None when none did)."""
+    if "status" not in results:
+        return None
+    hit = results[results["status"] == "diverged"]
+    if hit.empty:
+        return None
+    per_family = ", ".join(f"{fam} {n}" for fam, n in hit["family"].value_counts().sort_index().items())
+    keys = [c for c in ("model", "lr") if c in hit.columns]
+    which = sorted({tuple(r) for r in hit[keys].itertuples(index=False)}, key=str) if keys else []
+    named = "; ".join(" at lr ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in k) for k in which)
+    return (f"{len(hit)} of {len(results)} cells diverged ({per_family}"
+            + (f": {named}" if named else "") + "): a loss that blew up, or learned and collapsed back to its "
+            "start; they are left out of the loss fits (in an lr grid a diverged lr bounds the optimum), so "
+            "rerun those models at a lower lr to measure them.")
+
+
 def build_sections(inputs: SweepInputs, cmp: Comparison | list[Comparison] | None, cmp_error: str | None, hw: Hardware | None,
                    figures: dict[str, str], skipped_figures: dict[str, str],
                    findings: list[Finding] | None = None) -> list[Section]:
@@ -233,9 +251,9 @@ def build_sections(inputs: SweepInputs, cmp: Comparison | list[Comparison] | Non
     counts = ", ".join(f"{v} {k}" for k, v in inputs.results["status"].value_counts().items())
     overview = [f"Study **{inputs.study_name}**: {len(inputs.results)} cells ({counts}), "
                 f"families {', '.join(inputs.families)}."]
-    chance_note = at_chance_note(inputs.results)
-    if chance_note:
-        overview.append(chance_note)
+    for note in (at_chance_note(inputs.results), diverged_note(inputs.results)):
+        if note:
+            overview.append(note)
     if fit is not None:
         overview.append(f"Fits: {'read from fit.json' if inputs.fit_source == 'fit.json' else 'fitted now'}; "
                         f"compute from {fit.compute_source}; {_level(inputs)} bootstrap intervals "
