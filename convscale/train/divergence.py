@@ -21,9 +21,9 @@ from __future__ import annotations
 import math
 from typing import Any, Optional
 
-LEARNED_FRACTION = 0.05  # a log row this far under the first-step loss: the run has learned
+LEARNED_FRACTION = 0.1  # a log row this far under the first-step loss: the run has learned (5 % fired on noise in short test runs)
 BACK_FRACTION = 0.01  # a log row within this of the first-step loss (or above it): back at the start
-COLLAPSE_MIN_ROWS = 3  # the patience is at least this many log rows
+COLLAPSE_MIN_ROWS = 10  # the patience is at least this many log rows
 
 #: keys of the loop state this module keeps
 MIN_KEY, BACK_KEY = "min_logged_loss", "steps_back_at_first_loss"
