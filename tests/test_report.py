@@ -219,7 +219,9 @@ def test_cells_at_chance_loss_are_counted_per_family():
     })
     note = at_chance_note(df)
     assert note.startswith("2 of 4 finished cells ended at chance loss") and "4.605" in note
-    assert "nfnet 1, vit 1" in note
+    assert "nfnet 1, vit 1)" in note and "trained" not in note  # a table without steps_trained
+    note = at_chance_note(df.assign(steps_trained=pd.array([30, 400, 45, 900, 12], dtype="Int64")))
+    assert "nfnet 1, vit 1; they trained 30-45 steps, the cells that learned 400-900)" in note
     assert at_chance_note(df.assign(loss=[3.0, 3.2, 3.1, 2.0, float("nan")])) is None
     assert at_chance_note(df.drop(columns="chance_loss")) is None  # sweeps collected before the column
 

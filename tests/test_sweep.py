@@ -203,6 +203,7 @@ images = cfg["images"]
 json.dump({"status": status, "heldout_loss": 1.5 if status == "done" else None,
            "heldout_top1": 0.25 if status == "done" else None, "heldout_top5": 0.75 if status == "done" else None,
            "images_seen": images, "train_flops": 3.0 * images, "wall_seconds": 36.0,
+           "steps": images // cfg["batch_size"] if status == "done" else 1,
            "threads": os.environ.get("OMP_NUM_THREADS")},
           open(os.path.join(run_dir, "result.json"), "w"))
 sys.exit(3 if status == "diverged" else 0)
@@ -239,6 +240,7 @@ def test_resume_semantics_done_skipped_crashed_rerun_failed_recorded(fake):
     assert out[crash].message == "RuntimeError: boom"  # the last stderr line
     assert json.loads(sweep.failure_path(crash).read_text())["last_stderr_line"] == "RuntimeError: boom"
     assert out[div].status == "diverged" and out[div].exit_code == 3
+    assert out[div].message == "diverged at step 1; rerun it at a lower lr"  # a result without its reason
     assert sum(o.status == "done" for o in out.values()) == 4
     assert sweep.state(crash) == "failed" and sweep.state(div) == "diverged"
 
@@ -279,7 +281,7 @@ def test_parallel_jobs_split_threads_and_run_at_once(fake):
 
 def test_results_table_columns_and_values(fake):
     sweep, ids, cmd, behave, calls = fake
-    behave(**{ids[0]: "crash"})
+    behave(**{ids[0]: "crash", ids[2]: "diverged"})
     LocalExecutor(jobs=1, threads=2, gpus=0, train_command=cmd).run(sweep.root, ids[:3])
     df = collect(sweep.root)
     assert list(df.columns[: len(COLUMNS)]) == list(COLUMNS)
@@ -291,8 +293,13 @@ def test_results_table_columns_and_values(fake):
     assert done["status"] == "done" and done["loss"] == 1.5 and done["top5"] == 0.75
     assert done["wall_hours"] == pytest.approx(0.01) and done["device_hours"] == pytest.approx(0.02)  # 2 cores
     assert done["images_seen"] == done["budget"] == 64 and done["study"] == "t"
-    parquet, csv = write_results(sweep.root, df)
+    assert done["steps_trained"] == done["steps"] == 2  # 64 images at batch 32
+    # a run that diverged says how far it got; the planned steps stay beside it
+    assert by.loc[ids[2], "steps_trained"] == 1 and by.loc[ids[2], "steps"] > 1
     import pandas as pd
+
+    assert pd.isna(by.loc[ids[0], "steps_trained"]) and pd.isna(by.loc[ids[3], "steps_trained"])
+    parquet, csv = write_results(sweep.root, df)
 
     back = pd.read_parquet(parquet)
     assert list(back.columns) == list(df.columns) and len(pd.read_csv(csv)) == 6

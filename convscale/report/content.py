@@ -220,9 +220,21 @@ def at_chance_note(results: pd.DataFrame) -> str | None:
         return None
     chance = ", ".join(sorted({f"{c:.4g}" for c in hit["chance_loss"]}))
     per_family = ", ".join(f"{fam} {n}" for fam, n in hit["family"].value_counts().sort_index().items())
+    steps = ""
+    if "steps_trained" in results:  # how long they trained, against the cells that learned
+        trained = pd.to_numeric(hit["steps_trained"], errors="coerce").dropna()
+        rest = pd.to_numeric(done.drop(hit.index)["steps_trained"], errors="coerce").dropna()
+        if len(trained):
+            steps = f"; they trained {_span(trained)} steps" + (f", the cells that learned {_span(rest)}"
+                                                              if len(rest) else "")
     return (f"{len(hit)} of {len(done)} finished cells ended at chance loss (within {AT_CHANCE_NATS:g} of "
-            f"ln(classes) = {chance}; {per_family}): they learned nothing, from too few steps for their size "
-            f"or an lr past stability without a loss spike, and count in the fits as the bad results they are.")
+            f"ln(classes) = {chance}; {per_family}{steps}): they learned nothing, from too few steps for their "
+            f"size or an lr too high for them to learn at, and count in the fits as the bad results they are.")
+
+
+def _span(values: pd.Series) -> str:
+    lo, hi = int(values.min()), int(values.max())
+    return f"{lo}" if lo == hi else f"{lo}-{hi}"
 
 
 def diverged_note(results: pd.DataFrame) -> str | None:

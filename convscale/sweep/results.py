@@ -7,7 +7,7 @@ FLOPs per image at ``resolution``), resolution, batch_size, images_seen, epochs,
 budget_flops, train_flops, wall_hours, device_hours (wall hours x devices the run used: GPUs,
 or CPU cores), loss / top1 / top5 (final held-out; top-k as fractions), status
 (done / diverged / failed / pending), run_dir; then cell_id, optimizer, budget_kind, budget,
-steps, device_kind, peak_memory_gb, error (last stderr line of a failed cell), chance_loss
+steps (planned), device_kind, peak_memory_gb, error (last stderr line of a failed cell), chance_loss
 (ln(classes): the held-out loss of a model that learned nothing), precision (bf16 | fp32 as
 planned), eval_resolution (px of the
 held-out images behind loss / top1 / top5; empty for sweeps planned before it existed), seed
@@ -16,7 +16,9 @@ empty for sweeps planned before seeds), role (empty for a run of its own; with c
 "trunk" or "branch": a branch's train_flops is the budget it represents, trunk prefix included,
 and the fits leave trunks out), spent_flops (training FLOPs the cell computed itself: a trunk the
 steps it trained, a branch its steps past its cooldown start (none when its trunk diverged before
-it); a run of its own its train_flops).
+it); a run of its own its train_flops), steps_trained (the optimizer steps the cell's run took, a
+branch's counted from step 0 as its trunk's are: ``steps`` less where a run diverged and stopped;
+empty until the cell finishes).
 """
 
 from __future__ import annotations
@@ -35,12 +37,18 @@ COLUMNS = (
     "loss", "top1", "top5", "status", "run_dir",
 )
 EXTRA_COLUMNS = ("cell_id", "optimizer", "budget_kind", "budget", "steps", "device_kind", "peak_memory_gb", "error",
-                 "chance_loss", "eval_resolution", "precision", "seed", "role", "spent_flops")
+                 "chance_loss", "eval_resolution", "precision", "seed", "role", "spent_flops", "steps_trained")
 STATUSES = (DONE, DIVERGED, FAILED, PENDING)
 
 
 def _num(v: Any) -> float:
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else math.nan
+
+
+def _whole(v: Any) -> Any:
+    """An integer count from a result, or None where it is missing or not a number."""
+    n = _num(v)
+    return int(n) if math.isfinite(n) else None
 
 
 def _spent(res: dict[str, Any], cell: Any) -> float:
@@ -111,9 +119,10 @@ def collect(root: str | Path):
             "seed": c.seed if c.seed is not None else pd.NA,
             "role": c.role or "",
             "spent_flops": _spent(res, c) if finished else math.nan,
+            "steps_trained": _whole(res.get("steps")) if finished else None,
         })
     df = pd.DataFrame(rows, columns=[*COLUMNS, *EXTRA_COLUMNS])
-    for col in ("images_seen", "params_without_head", "eval_resolution", "seed"):  # integers that may be missing
+    for col in ("images_seen", "params_without_head", "eval_resolution", "seed", "steps_trained"):  # integers that may be missing
         df[col] = df[col].astype("Int64")
     return df
 

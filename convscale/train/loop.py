@@ -308,8 +308,10 @@ def _start_branch(plan: RunPlan, trainee: Trainee) -> dict[str, Any]:
             _copy_trunk_metrics(trunk, plan.run_dir, at)
         plan.progress.message(f"{plan.run_dir}: its trunk {trunk} diverged at step {at}, before this run's "
                               f"cooldown start {start}: this run diverged there too")
+        why = trunk_result.get("diverged_reason") or f"at step {at}"
         return {"images_seen": at * cfg.batch_size, "wall_seconds": 0.0, "first_loss": None, "step": at,
-                "branch_start_step": start, "trunk_diverged_at": at}
+                "branch_start_step": start, "trunk_diverged_at": at,
+                "diverged_reason": f"its trunk diverged {why}, before this run's cooldown start {start}"}
     if path is None:
         raise UserError(f"branch_from {trunk}: no checkpoint at step {start} (this run's cooldown start) yet; "
                         f"let the trunk reach it, with keep_checkpoint_steps including {start}")
@@ -393,6 +395,7 @@ def _log_train_row(plan: RunPlan, loop: LoopState, done: int, lr: float, clock_d
                            log_every_steps=cfg.log_every_steps)
     if why is not None:
         loop.status = "diverged"
+        loop.state["diverged_reason"] = f"at step {done}: {why}"
         plan.progress.message(f"{plan.run_dir}: diverged at step {done} ({why}); lower --lr")
     return due_votes > 0
 
@@ -502,6 +505,8 @@ def _finish(plan: RunPlan, trainee: Trainee, loop: LoopState, done: int) -> dict
         "device": plan.device.type,
         "processes": world_size(),
     }
+    if loop.status == "diverged":  # what stopped it, for the sweep's log line and `sweep status`
+        result["diverged_reason"] = loop.state.get("diverged_reason", "")
     pretrained = plan.pretrained
     if pretrained is not None:
         result.update(finetune_flops=result["train_flops"], pretrain_run_dir=str(pretrained.run_dir),

@@ -147,6 +147,9 @@ def run_cell(
                 sweep.failure_path(cell_id).unlink(missing_ok=True)
                 loss = res.get("heldout_loss")
                 msg = f"held-out loss {loss:.4f}" if isinstance(loss, (int, float)) else ""
+                if res["status"] == "diverged":
+                    why = res.get("diverged_reason") or f"at step {res.get('steps', '?')}"
+                    msg = f"diverged {why}; rerun it at a lower lr"
                 return CellOutcome(cell_id, res["status"], rc, seconds, msg)
             last = f"exit code {rc} but no finished result.json in {sweep.run_dir(cell_id)}" + (f"; {last}" if last else "")
         if rc < 0 or rc == EXIT_INTERRUPTED:  # killed by a signal / Ctrl-C: not the cell's fault, resumes next time
