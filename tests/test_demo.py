@@ -141,8 +141,8 @@ def test_best_cells_pick_the_best_model_and_lr_by_its_seeds_mean_loss():
 
 
 def test_quick_demo_plan_is_cooldown_branches_bracketing_sizes_over_1p5_decades():
-    """The quick preset as its comment and the README describe it: 72 cells of cooldown branches
-    (12 trunks), 6 budgets over >= 1.5 decades, every cell fp32, about 0.61x the compute of one run
+    """The quick preset as its comment and the README describe it: 68 cells of cooldown branches
+    (11 trunks), 6 budgets over >= 1.5 decades, every cell fp32, about 0.61x the compute of one run
     per budget, and >= 3 sizes per family at every budget (so an optimum can be interior)."""
     import math
 
@@ -154,7 +154,8 @@ def test_quick_demo_plan_is_cooldown_branches_bracketing_sizes_over_1p5_decades(
     plan = plan_study(study)
     trunks = [c for c in plan.cells if c.role == "trunk"]
     branches = [c for c in plan.cells if c.role != "trunk"]
-    assert study.cooldown_branches and len(plan.cells) == 72 and len(trunks) == 12
+    assert study.cooldown_branches and len(plan.cells) == 68 and len(trunks) == 11
+    assert study.data.num_classes == 10  # the 100-class stream's ~10k-image plateau at chance
     budgets = sorted({c.budget for c in branches})
     assert len(budgets) == 6 and math.log10(budgets[-1] / budgets[0]) >= 1.5
     assert {c.precision for c in plan.cells} == {"fp32"}
