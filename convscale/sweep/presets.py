@@ -42,9 +42,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # 10 classes, not 100: every run sits at chance loss until it has seen ~15-30k images of the
     # 100-class stream (measured 2026-12-08: 110-240 steps at batch 128, 570 at batch 32, ~100 for
     # an MLP on pixels; docs/results/demo-10class), so at the smallest budgets the larger models
-    # learned nothing (8 of 72 cells at chance) and the optimum sat at the smallest size. With 10 classes the plateau is ~50
-    # steps: no cell ended at chance, 5 of 6 frontier runs of each family lie inside the ladder (3
-    # and 2 before) and 3 of the 10 findings were decided (2 before). vit-w24 went: it was the worst
+    # learned nothing (8 of 72 cells at chance) and the optimum sat at the smallest size. With 10
+    # classes the plateau is ~50 steps: no cell ended at chance, 5 of 6 frontier runs of each family
+    # lie inside the ladder (3 and 2 before) and 3 of the 10 findings were decided (2 before). vit-w24 went: it was the worst
     # ViT at every budget, never a bracket. Measured on 2 avx512_bf16 EPYC cores: 4.2 min (the
     # 100-class design 3.7 min there). Single runs still differ by ~0.1-0.4 nats between seeds (init
     # alone), so the power laws' curvature and the NFNet allocation read "cannot tell" (README).
