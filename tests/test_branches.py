@@ -293,9 +293,8 @@ def test_a_branch_whose_trunk_diverged_before_its_cooldown_start_diverged_there_
     branch = run(_cfg(tmp_path, "branch", steps=16, lr=1e4, branch_from=str(tmp_path / "trunk")))
     assert branch["status"] == "diverged" and branch["steps"] == trunk["steps"] and branch["heldout_loss"] is None
     assert branch["train_flops"] == trunk["train_flops"]
-    assert trunk["diverged_reason"].startswith(f"at step {trunk['steps']}: loss ")
-    assert branch["diverged_reason"] == (f"its trunk diverged {trunk['diverged_reason']}, before this run's "
-                                         "cooldown start 12")
+    assert trunk["diverged_reason"].startswith(f"at step {trunk['steps']} (loss ")
+    assert branch["diverged_reason"] == f"with its trunk {trunk['diverged_reason']}, before this run's cooldown start 12"
     assert 0 <= branch["wall_seconds"] < 5  # it trained nothing (was: seconds since the machine booted)
     assert [r["step"] for r in read_metrics(tmp_path / "branch")] == [r["step"] for r in read_metrics(tmp_path / "trunk")]
     # finished: a second start reports it and trains nothing

@@ -79,7 +79,7 @@ def test_the_loop_stops_a_collapsed_run_as_diverged_and_a_resume_agrees(tmp_path
     assert full["status"] == "diverged" and 24 + 8 <= full["steps"] < 80 and full["heldout_loss"] is None
     assert json.loads((tmp_path / "full" / "result.json").read_text())["status"] == "diverged"
     # the result says why, for the sweep's log line
-    assert full["diverged_reason"].startswith(f"at step {full['steps']}: collapsed: it learned")
+    assert full["diverged_reason"].startswith(f"at step {full['steps']} (collapsed: it learned")
     off = run(tiny_cfg(tmp_path, "off", **{**common, "collapse_patience_fraction": 0.0}), source=ShuffledAfter(24))
     assert off["status"] == "done" and off["steps"] == 80
     cfg = tiny_cfg(tmp_path, "killed", checkpoint_every_steps=4, **common)

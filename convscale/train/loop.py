@@ -311,7 +311,7 @@ def _start_branch(plan: RunPlan, trainee: Trainee) -> dict[str, Any]:
         why = trunk_result.get("diverged_reason") or f"at step {at}"
         return {"images_seen": at * cfg.batch_size, "wall_seconds": 0.0, "first_loss": None, "step": at,
                 "branch_start_step": start, "trunk_diverged_at": at,
-                "diverged_reason": f"its trunk diverged {why}, before this run's cooldown start {start}"}
+                "diverged_reason": f"with its trunk {why}, before this run's cooldown start {start}"}
     if path is None:
         raise UserError(f"branch_from {trunk}: no checkpoint at step {start} (this run's cooldown start) yet; "
                         f"let the trunk reach it, with keep_checkpoint_steps including {start}")
@@ -395,7 +395,7 @@ def _log_train_row(plan: RunPlan, loop: LoopState, done: int, lr: float, clock_d
                            log_every_steps=cfg.log_every_steps)
     if why is not None:
         loop.status = "diverged"
-        loop.state["diverged_reason"] = f"at step {done}: {why}"
+        loop.state["diverged_reason"] = f"at step {done} ({why})"  # reads after "diverged "
         plan.progress.message(f"{plan.run_dir}: diverged at step {done} ({why}); lower --lr")
     return due_votes > 0
 
