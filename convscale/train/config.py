@@ -56,7 +56,6 @@ class OptimConfig:
     agc_exempt_scalar_gains: bool = False  # True: scalar gains (SkipInit) unclipped; short runs need it
     grad_clip_norm: float = 1.0  # AdamW only: global-norm clipping; 0 disables
     classifier_lr_scale: float = 1.0  # multiplies lr for classifier.weight/bias
-    scalar_gain_lr_scale: float = 1.0  # multiplies lr for the scalar gains agc_exempt_scalar_gains leaves unclipped
     ema_decay: float = 0.0  # 0 = off; else EMA weights are also evaluated
 
 
@@ -256,7 +255,7 @@ class TrainConfig:
 _RANGES = (
     ("momentum", 0.0, 1.0), ("beta2", 0.0, 1.0), ("weight_decay", 0.0, math.inf), ("agc_clip", 0.0, math.inf),
     ("agc_eps", 0.0, math.inf), ("grad_clip_norm", 0.0, math.inf), ("classifier_lr_scale", 0.0, math.inf),
-    ("scalar_gain_lr_scale", 0.0, math.inf), ("label_smoothing", 0.0, 1.0), ("divergence_loss_factor", 0.0, math.inf),
+    ("label_smoothing", 0.0, 1.0), ("divergence_loss_factor", 0.0, math.inf),
     ("collapse_patience_fraction", 0.0, 1.0),
     ("checkpoint_every_seconds", 0.0, math.inf), ("epoch_images", 1, math.inf), ("warmup_steps", 0, math.inf),
     ("eval_every_steps", 0, math.inf), ("eval_batch_size", 0, math.inf), ("log_every_steps", 1, math.inf),

@@ -5,10 +5,7 @@ Parameter groups are decided by parameter NAME, never by position:
     position embeddings, class tokens and the MAP probe (``NO_DECAY_RE``);
   * no AGC: the classifier weight ``classifier.weight`` (always better unclipped, Brock et al. 2021, §4), and,
     with ``agc_exempt_scalar_gains``, every scalar gain (0-dim tensor named ``...gain``: SkipInit);
-  * ``classifier_lr_scale``: ``classifier.weight`` and ``classifier.bias``;
-  * ``scalar_gain_lr_scale``: the scalar gains that ``agc_exempt_scalar_gains`` leaves unclipped (nothing
-    else bounds their steps: at lr 0.5 on 2 CPU cores they swung 0.38 -> 0.92 in 5 steps before a
-    10-class NFNet run blew up).
+  * ``classifier_lr_scale``: ``classifier.weight`` and ``classifier.bias``.
 
 AGC (Brock et al. 2021, §4): unit i of a tensor is one output unit: a conv weight [O, I, kh, kw] has O units
 (norm over I, kh, kw), a linear weight [O, I] has O units (norm over I), a scalar or vector is one
@@ -60,7 +57,6 @@ def parameter_groups(
     agc: bool,
     agc_exempt_scalar_gains: bool,
     classifier_lr_scale: float = 1.0,
-    scalar_gain_lr_scale: float = 1.0,
 ) -> list[dict]:
     """Optimizer param groups keyed by how each parameter (by name) is treated.
 
@@ -70,13 +66,11 @@ def parameter_groups(
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        exempt_gain = agc and agc_exempt_scalar_gains and is_scalar_gain(name, p)
-        clip = agc and name != CLASSIFIER_WEIGHT and not exempt_gain
-        lr_scale = classifier_lr_scale if name.startswith(CLASSIFIER_PREFIX) else 1.0
+        clip = agc and name != CLASSIFIER_WEIGHT and not (agc_exempt_scalar_gains and is_scalar_gain(name, p))
         spec = GroupSpec(
             weight_decay=not no_weight_decay(name),
             agc=clip,
-            lr_scale=lr_scale * (scalar_gain_lr_scale if exempt_gain else 1.0),
+            lr_scale=classifier_lr_scale if name.startswith(CLASSIFIER_PREFIX) else 1.0,
         )
         g = groups.setdefault(
             spec,
@@ -200,7 +194,7 @@ def build_optimizer(model: nn.Module, o: OptimConfig) -> torch.optim.Optimizer:
     """The run's optimizer from a TrainConfig's ``optim`` group (lr is set every step by the schedule)."""
     if o.optimizer == "sgd_agc":
         groups = parameter_groups(model, o.weight_decay, o.agc_clip > 0, o.agc_exempt_scalar_gains,
-                                  o.classifier_lr_scale, o.scalar_gain_lr_scale)
+                                  o.classifier_lr_scale)
         return SGDAGC(groups, lr=o.lr, momentum=o.momentum, nesterov=True, agc_clip=o.agc_clip, agc_eps=o.agc_eps)
     if o.optimizer == "adamw":
         groups = parameter_groups(model, o.weight_decay, False, False, o.classifier_lr_scale)
