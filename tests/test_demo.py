@@ -155,6 +155,7 @@ def test_quick_demo_plan_is_cooldown_branches_bracketing_sizes_over_1p5_decades(
     trunks = [c for c in plan.cells if c.role == "trunk"]
     branches = [c for c in plan.cells if c.role != "trunk"]
     assert study.cooldown_branches and len(plan.cells) == 68 and len(trunks) == 11
+    assert preset("demo")["family"][0]["train"]["agc_clip_classifier"] is True  # 10-class trunks blew up without
     assert study.data.num_classes == 10  # the 100-class stream sits at chance for ~15-30k images
     budgets = sorted({c.budget for c in branches})
     assert len(budgets) == 6 and math.log10(budgets[-1] / budgets[0]) >= 1.5

@@ -222,6 +222,10 @@ def test_parameter_groups_by_name():
     assert where["stages.0.0.conv1.weight"]["weight_decay"] == 1e-5
     assert where["stages.0.0.conv1.gain"]["weight_decay"] == 0.0
     assert where["stages.0.0.se.fc0.weight"]["agc"] is True
+    clipped = {n: g for g in parameter_groups(nf, 1e-5, agc=True, agc_exempt_scalar_gains=True,
+                                              classifier_lr_scale=0.25, clip_classifier=True) for n in g["names"]}
+    assert clipped["classifier.weight"]["agc"] is True and clipped["classifier.weight"]["lr_scale"] == 0.25
+    assert clipped["stages.0.0.skip_gain"]["agc"] is False  # still exempt
     ref = parameter_groups(nf, 1e-5, agc=True, agc_exempt_scalar_gains=False)
     assert {n: g for g in ref for n in g["names"]}["stages.0.0.skip_gain"]["agc"] is True
     vit = get_config("vit-tiny", num_classes=5).build()

@@ -54,6 +54,7 @@ class OptimConfig:
     agc_clip: float = 0.01  # lambda; 0 disables AGC
     agc_eps: float = 1e-3
     agc_exempt_scalar_gains: bool = False  # True: scalar gains (SkipInit) unclipped; short runs need it
+    agc_clip_classifier: bool = False  # True: AGC clips classifier.weight too (the reference leaves it unclipped)
     grad_clip_norm: float = 1.0  # AdamW only: global-norm clipping; 0 disables
     classifier_lr_scale: float = 1.0  # multiplies lr for classifier.weight/bias
     ema_decay: float = 0.0  # 0 = off; else EMA weights are also evaluated

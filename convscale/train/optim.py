@@ -3,8 +3,10 @@
 Parameter groups are decided by parameter NAME, never by position:
   * no weight decay: biases, gains (``...gain``, SkipInit ``...skip_gain``), normalisation layers,
     position embeddings, class tokens and the MAP probe (``NO_DECAY_RE``);
-  * no AGC: the classifier weight ``classifier.weight`` (always better unclipped, Brock et al. 2021, §4), and,
-    with ``agc_exempt_scalar_gains``, every scalar gain (0-dim tensor named ``...gain``: SkipInit);
+  * no AGC: the classifier weight ``classifier.weight`` (better unclipped at ImageNet scale, Brock et al.
+    2021, §4; ``agc_clip_classifier`` clips it: tiny NFNets on 10 classes at lr 0.5-1.2 on CPU blew up
+    with it unclipped, docs/results/demo-10class), and, with ``agc_exempt_scalar_gains``, every scalar
+    gain (0-dim tensor named ``...gain``: SkipInit);
   * ``classifier_lr_scale``: ``classifier.weight`` and ``classifier.bias``.
 
 AGC (Brock et al. 2021, §4): unit i of a tensor is one output unit: a conv weight [O, I, kh, kw] has O units
@@ -57,6 +59,7 @@ def parameter_groups(
     agc: bool,
     agc_exempt_scalar_gains: bool,
     classifier_lr_scale: float = 1.0,
+    clip_classifier: bool = False,
 ) -> list[dict]:
     """Optimizer param groups keyed by how each parameter (by name) is treated.
 
@@ -66,7 +69,8 @@ def parameter_groups(
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        clip = agc and name != CLASSIFIER_WEIGHT and not (agc_exempt_scalar_gains and is_scalar_gain(name, p))
+        clip = (agc and (clip_classifier or name != CLASSIFIER_WEIGHT)
+                and not (agc_exempt_scalar_gains and is_scalar_gain(name, p)))
         spec = GroupSpec(
             weight_decay=not no_weight_decay(name),
             agc=clip,
@@ -194,7 +198,7 @@ def build_optimizer(model: nn.Module, o: OptimConfig) -> torch.optim.Optimizer:
     """The run's optimizer from a TrainConfig's ``optim`` group (lr is set every step by the schedule)."""
     if o.optimizer == "sgd_agc":
         groups = parameter_groups(model, o.weight_decay, o.agc_clip > 0, o.agc_exempt_scalar_gains,
-                                  o.classifier_lr_scale)
+                                  o.classifier_lr_scale, o.agc_clip_classifier)
         return SGDAGC(groups, lr=o.lr, momentum=o.momentum, nesterov=True, agc_clip=o.agc_clip, agc_eps=o.agc_eps)
     if o.optimizer == "adamw":
         groups = parameter_groups(model, o.weight_decay, False, False, o.classifier_lr_scale)
