@@ -12,7 +12,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Pre-train 6 NFNet and 5 ViT sizes at 6 compute budgets over 1.5 decades (cooldown "
         "branches: one constant-lr trunk per model, a short cooldown per budget) on the procedural stream (10 "
         "classes), fit the scaling laws, fine-tune the best of each family on scikit-learn's handwritten digits "
-        "(5 seeds each), set the paper's findings against the runs, and write the report. --scale quick took 4.8 "
+        "(5 seeds each), set the paper's findings against the runs, and write the report. --scale quick took 4.3-4.8 "
         "minutes on 2 avx512_bf16 EPYC cores (2026-12-08; its earlier 100-class design 3.7-6.1 on avx512_bf16 "
         "Xeons and EPYCs, 6.6-8.5 on 2 AVX2 EPYC cores with one fine-tune per family); --scale medium "
         "(7 NFNet and 4 ViT sizes, 7 budgets over 1.7 decades, 3 learning rates, 2 seeds) 51 on the AVX2 cores; "
