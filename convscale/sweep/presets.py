@@ -44,12 +44,14 @@ PRESETS: dict[str, dict[str, Any]] = {
     # an MLP on pixels; docs/results/demo-10class), so at the smallest budgets the larger models
     # learned nothing (8 of 72 cells at chance) and the optimum sat at the smallest size. With 10
     # classes the plateau is ~50 steps: no cell ended at chance, 5 of 6 frontier runs of each family
-    # lie inside the ladder (3 and 2 before) and 3 of the 10 findings were decided (2 before). vit-w24 went: it was the worst
-    # ViT at every budget, never a bracket. AGC clips the NFNets' classifier too: on 10 classes
-    # trunks at lr 0.5-1.2 blew up with it unclipped (13 cells of a 10-class medium run), and all 4
-    # such trunks rerun with it clipped trained on. Measured on 2 avx512_bf16 EPYC cores: 4.8 min
-    # (4.5 without the classifier clipping, back to back; the 100-class design 3.7 min there). Single runs still differ by ~0.1-0.4 nats between seeds (init
-    # alone), so the power laws' curvature and the NFNet allocation read "cannot tell" (README).
+    # lie inside the ladder (3 and 2 before) and 3 of the 10 findings were decided (2 before).
+    # vit-w24 went: it was the worst ViT at every budget, never a bracket. AGC clips the NFNets'
+    # classifier too: on 10 classes trunks at lr 0.5-1.2 blew up with it unclipped (13 cells of a
+    # 10-class medium run), and 4 of those 5 trunks, rerun with it clipped, trained on. Measured on
+    # 2 avx512_bf16 EPYC cores: 4.3-4.8 min (4.5 without the classifier clipping, run back to back
+    # with a 4.8; the 100-class design 3.7 min there). Single runs still differ by ~0.1-0.4 nats
+    # between seeds (init alone), so the power laws' curvature and the NFNet allocation read
+    # "cannot tell" (README).
     "demo": {
         "name": "demo",
         "share_procedural_data": True,
