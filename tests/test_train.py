@@ -226,6 +226,14 @@ def test_parameter_groups_by_name():
                                               classifier_lr_scale=0.25, clip_classifier=True) for n in g["names"]}
     assert clipped["classifier.weight"]["agc"] is True and clipped["classifier.weight"]["lr_scale"] == 0.25
     assert clipped["stages.0.0.skip_gain"]["agc"] is False  # still exempt
+    # the run's config reaches the optimizer (TrainConfig field -> build_optimizer -> the group's agc)
+    from convscale.train.config import OptimConfig
+    from convscale.train.optim import build_optimizer
+
+    for flag in (False, True):
+        opt = build_optimizer(nf, OptimConfig(agc_exempt_scalar_gains=True, agc_clip_classifier=flag))
+        agc_of = {n: g["agc"] for g in opt.param_groups for n in g["names"]}
+        assert agc_of["classifier.weight"] is flag and agc_of["stages.0.0.skip_gain"] is False
     ref = parameter_groups(nf, 1e-5, agc=True, agc_exempt_scalar_gains=False)
     assert {n: g for g in ref for n in g["names"]}["stages.0.0.skip_gain"]["agc"] is True
     vit = get_config("vit-tiny", num_classes=5).build()

@@ -505,7 +505,7 @@ def _finish(plan: RunPlan, trainee: Trainee, loop: LoopState, done: int) -> dict
         "device": plan.device.type,
         "processes": world_size(),
     }
-    if loop.status == "diverged":  # what stopped it, for the sweep's log line and `sweep status`
+    if loop.status == "diverged":  # what stopped it, for the sweep's log line
         result["diverged_reason"] = loop.state.get("diverged_reason", "")
     pretrained = plan.pretrained
     if pretrained is not None:
